@@ -1,0 +1,70 @@
+// Sources and sinks of device state: files, byte streams (fds), the emulated content generator, and null.
+// The engine reads a Source chunk by chunk and writes a Sink strictly in order.
+// Errors throw std::runtime_error/std::system_error whose text names the endpoint and what failed.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+
+#include "io/content.h"
+#include "io/ring.h"
+
+namespace dstx::io {
+
+class Source {
+ public:
+  virtual ~Source() = default;
+  virtual std::string describe() const = 0;
+  // Total bytes, when known before the transfer (files, generators). nullopt for streams.
+  virtual std::optional<uint64_t> size() const = 0;
+  // True: any range can be read at any time, from several threads at once (read_at). False: read_next only.
+  virtual bool random_access() const = 0;
+  // Random access through a file descriptor: when >= 0, logical offset == file offset in this fd and the
+  // engine may queue reads on its own rings (several in flight). -1 otherwise.
+  virtual int read_fd() const { return -1; }
+  // Random access: fills `out` with the bytes at `offset` (out must lie within size()). Thread-safe.
+  virtual void read_at(Ring& ring, uint64_t offset, std::span<std::byte> out);
+  // Sequential: reads the next bytes in order into `out`, filling it unless the stream ends. Returns the byte
+  // count; 0 means end of stream. One caller at a time (the engine serialises).
+  virtual size_t read_next(Ring& ring, std::span<std::byte> out);
+};
+
+class Sink {
+ public:
+  virtual ~Sink() = default;
+  virtual std::string describe() const = 0;
+  // Bytes arrive strictly in order: `offset` is the number of bytes written before. One caller at a time.
+  virtual void write(Ring& ring, uint64_t offset, std::span<const std::byte> data) = 0;
+  // A run of zero bytes (a zero chunk). Default: writes zeros from a static zero page.
+  virtual void write_zero(Ring& ring, uint64_t offset, uint64_t len);
+  // Every byte is written and verified: make the result durable and visible (a file appears under its name
+  // only here). Throws if it cannot; the caller then calls abort().
+  virtual void commit(Ring& ring, uint64_t total_bytes) = 0;
+  // The transfer failed or was cancelled: leave nothing that looks complete. Never throws; idempotent.
+  virtual void abort() noexcept = 0;
+};
+
+// file:PATH as a source: random access through read_fd().
+std::unique_ptr<Source> open_file_source(const std::string& path);
+// fd:N / stdin: as a source: sequential, unknown size. `owned` closes the fd on destruction.
+std::unique_ptr<Source> open_fd_source(int fd, bool owned, std::string name);
+// emu:… as a source: generated content of `size` bytes.
+std::unique_ptr<Source> open_emu_source(const ContentGenerator& gen, uint64_t size);
+
+// file:PATH as a sink: writes PATH.partial (created exclusively, mode 0644), skips zero runs (holes), and at
+// commit truncates to the final size, fsyncs and renames to PATH. abort() unlinks PATH.partial.
+std::unique_ptr<Sink> open_file_sink(const std::string& path);
+// fd:N / stdout: as a sink: bytes written in order; abort() closes the fd so the reader sees the stream end
+// (the engine also never writes unverified bytes). `owned` closes it on destruction.
+std::unique_ptr<Sink> open_fd_sink(int fd, bool owned, std::string name);
+// null: decodes and discards.
+std::unique_ptr<Sink> open_null_sink();
+// emu:… as a sink: checks every byte against the generator and `size` at commit; a mismatch throws naming the
+// first differing offset.
+std::unique_ptr<Sink> open_emu_sink(const ContentGenerator& gen, uint64_t size);
+
+}  // namespace dstx::io

@@ -1,0 +1,55 @@
+// TCP (and loopback) sockets: listen, accept with a time-out, connect with a time-out, liveness options.
+// Errors throw std::system_error whose text names the call and the address.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+namespace dstx::io {
+
+struct HostPort {
+  std::string host;  // name, IPv4, or IPv6 in brackets on input ("[::1]:7000")
+  uint16_t port = 0;
+};
+// Parses "HOST:PORT" / "[V6]:PORT". Throws std::invalid_argument naming the bad part.
+HostPort parse_host_port(std::string_view text);
+std::string to_string(const HostPort& hp);
+
+// Owns a file descriptor; closes it on destruction.
+class Fd {
+ public:
+  Fd() = default;
+  explicit Fd(int fd) : fd_(fd) {}
+  ~Fd();
+  Fd(Fd&& other) noexcept : fd_(other.release()) {}
+  Fd& operator=(Fd&& other) noexcept;
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  int get() const { return fd_; }
+  int release();
+  void reset(int fd = -1);
+  explicit operator bool() const { return fd_ >= 0; }
+
+ private:
+  int fd_ = -1;
+};
+
+struct SocketOptions {
+  int connect_timeout_ms = 10000;
+  int user_timeout_ms = 30000;  // TCP_USER_TIMEOUT: unacknowledged data older than this kills the connection
+  int keepalive_idle_s = 10;    // TCP keepalive: idle before probes, then 3 probes 5 s apart
+  int buffer_bytes = 0;         // SO_SNDBUF/SO_RCVBUF when > 0
+};
+
+// Binds and listens (SO_REUSEADDR). Port 0 picks a free port; bound_port() tells which.
+Fd tcp_listen(const HostPort& where, int backlog = 64);
+uint16_t bound_port(int listen_fd);
+// Accepts one connection; returns an invalid Fd after timeout_ms (-1 = wait forever). Applies options.
+Fd tcp_accept(int listen_fd, int timeout_ms, const SocketOptions& options);
+// Connects (tries each resolved address); applies TCP_NODELAY, keepalive, user timeout, buffers.
+Fd tcp_connect(const HostPort& where, const SocketOptions& options);
+// Applies the liveness options to an already-connected socket (used for fds handed in by a caller too).
+void apply_socket_options(int fd, const SocketOptions& options);
+
+}  // namespace dstx::io
