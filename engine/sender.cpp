@@ -1,1 +1,632 @@
-// placeholder: being written
+// The sending side: handshake every stream, run one worker per stream (own ring, own buffers, several chunks
+// in flight), fold finished chunks into the digest in order, send END, and wait for COMMITTED.
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <bit>
+#include <cassert>
+#include <chrono>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <new>
+#include <thread>
+
+#include "compress/codec.h"
+#include "engine/session.h"
+#include "engine/transfer.h"
+#include "engine/window.h"
+
+namespace dstx::engine {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using wire::Reason;
+
+struct Shared {
+  io::Source& source;
+  const SendOptions& options;
+  std::vector<io::Fd>& conns;
+  Stats& stats;
+  const Cancel* cancel;
+  io::Backend backend;
+  compress::EncodeOptions encode;
+  uint32_t chunk_bytes;
+  SendSequencer sequencer;
+  Failure failure;
+  std::mutex source_mu;      // sequential sources: claim and read under one lock keep bytes in order
+  uint64_t next_offset = 0;  // sequential sources: offset of the next chunk (under source_mu)
+  std::atomic<unsigned> workers_running{0};
+  // Return path (stream 0), filled by the control thread.
+  std::mutex control_mu;
+  std::condition_variable control_cv;
+  bool committed = false;
+  wire::Header committed_header;
+
+  Shared(io::Source& s, const SendOptions& o, std::vector<io::Fd>& c, Stats& st, const Cancel* ca,
+         io::Backend b, uint32_t window)
+      : source(s), options(o), conns(c), stats(st), cancel(ca), backend(b), chunk_bytes(o.chunk_bytes),
+        sequencer(window) {}
+};
+
+// One worker: one stream, one ring, `depth` slots. A slot goes free → reading → read → encoded → sending →
+// free; sends leave in claim order, so each stream carries increasing sequence numbers.
+class Worker {
+ public:
+  Worker(Shared& shared, unsigned index) : sh_(shared), index_(index), fd_(shared.conns[index].get()) {}
+
+  void run() {
+    try {
+      setup();
+      loop();
+    } catch (const std::exception& e) {
+      sh_.failure.set(Reason::source, e.what());
+    }
+    drain();
+  }
+
+ private:
+  enum class State : uint8_t { free, reading, read, encoded, sending };
+  struct Slot {
+    State state = State::free;
+    uint64_t seq = 0;
+    uint64_t offset = 0;
+    uint32_t len = 0;
+    std::byte* in = nullptr;   // header room + raw bytes
+    std::byte* out = nullptr;  // header room + encoded bytes
+    io::Completion io;
+    const std::byte* frame = nullptr;
+    size_t frame_len = 0;
+    size_t sent = 0;
+    compress::EncodeResult enc;
+  };
+
+  void setup() {
+    const unsigned depth = std::max(1u, sh_.options.depth);
+    ring_ = io::make_ring(sh_.backend, io::RingOptions{.entries = std::bit_ceil(2 * depth + 4)});
+    // Synchronous source reads (sequential sources, generated content, finishing a short read) get their own
+    // ring: the synchronous helpers need a ring with nothing else in flight.
+    src_ring_ = io::make_ring(sh_.backend, io::RingOptions{.entries = 4});
+    in_bytes_ = wire::kHeaderBytes + sh_.chunk_bytes;
+    out_bytes_ = wire::kHeaderBytes + compress::encode_bound(sh_.encode.codec, sh_.chunk_bytes);
+    const size_t per_slot = round_up(in_bytes_) + round_up(out_bytes_);
+    memory_ = static_cast<std::byte*>(::operator new(per_slot * depth, std::align_val_t(4096)));
+    slots_.resize(depth);
+    for (unsigned i = 0; i < depth; ++i) {
+      slots_[i].in = memory_ + i * per_slot;
+      slots_[i].out = slots_[i].in + round_up(in_bytes_);
+    }
+  }
+
+  static size_t round_up(size_t n) { return (n + 4095) & ~size_t(4095); }
+
+  bool stopping() const {
+    return sh_.failure.failed() || (sh_.cancel && sh_.cancel->requested());
+  }
+
+  void loop() {
+    for (;;) {
+      if (stopping()) return;
+      const bool window_full = start_reads();
+      encode_ready();
+      start_send();
+      if (exhausted_ && fifo_.empty()) return;  // all our chunks are on the wire
+      if (ring_->in_flight() == 0) {
+        // Nothing in the kernel: either we wait for other workers to move the window, or there is CPU work.
+        if (window_full && !has_state(State::read)) sh_.sequencer.wait_for_progress(std::chrono::milliseconds(20));
+        continue;
+      }
+      const int rc = ring_->submit(has_state(State::read) ? 0 : 1);
+      if (rc < 0) throw std::runtime_error("stream " + std::to_string(index_) + ": io ring: " + errno_text(rc));
+      reap();
+      if (stopping()) return;
+      complete_ops();
+    }
+  }
+
+  bool has_state(State s) const {
+    return std::any_of(slots_.begin(), slots_.end(), [&](const Slot& x) { return x.state == s; });
+  }
+
+  // Claims chunks into free slots and starts reading them. Returns true if the window stopped us.
+  bool start_reads() {
+    for (Slot& slot : slots_) {
+      if (exhausted_) return false;
+      if (slot.state != State::free) continue;
+      const SendSequencer::Claim claim = claim_into(slot);
+      if (claim == SendSequencer::Claim::window_full) return true;
+      if (claim == SendSequencer::Claim::exhausted) {
+        exhausted_ = true;
+        return false;
+      }
+    }
+    return false;
+  }
+
+  SendSequencer::Claim claim_into(Slot& slot) {
+    io::Source& src = sh_.source;
+    std::byte* data = slot.in + wire::kHeaderBytes;
+    if (!src.random_access()) {
+      std::lock_guard lock(sh_.source_mu);
+      uint64_t seq = 0;
+      const auto claim = sh_.sequencer.try_claim(&seq);
+      if (claim != SendSequencer::Claim::ok) return claim;
+      const size_t n = src.read_next(*src_ring_, std::span<std::byte>(data, sh_.chunk_bytes));
+      if (n == 0) {
+        sh_.sequencer.set_total(seq - 1);
+        return SendSequencer::Claim::exhausted;
+      }
+      slot.seq = seq;
+      slot.offset = sh_.next_offset;
+      slot.len = uint32_t(n);
+      sh_.next_offset += n;
+      slot.state = State::read;
+      fifo_.push_back(&slot);
+      return claim;
+    }
+    uint64_t seq = 0;
+    const auto claim = sh_.sequencer.try_claim(&seq);
+    if (claim != SendSequencer::Claim::ok) return claim;
+    const uint64_t size = *src.size();
+    slot.seq = seq;
+    slot.offset = (seq - 1) * sh_.chunk_bytes;
+    slot.len = uint32_t(std::min<uint64_t>(sh_.chunk_bytes, size - slot.offset));
+    fifo_.push_back(&slot);
+    if (src.read_fd() >= 0) {
+      slot.io = io::Completion{.op = io::Op::read, .fd = src.read_fd(), .buf = data, .len = slot.len,
+                               .offset = int64_t(slot.offset)};
+      slot.state = State::reading;
+      if (!ring_->queue(&slot.io)) {
+        ring_->submit(0);
+        if (!ring_->queue(&slot.io)) throw std::runtime_error("io ring full");
+      }
+    } else {
+      src.read_at(*src_ring_, slot.offset, std::span<std::byte>(data, slot.len));
+      slot.state = State::read;
+    }
+    return claim;
+  }
+
+  void encode_ready() {
+    for (Slot* slot : fifo_) {
+      if (slot->state != State::read) continue;
+      const std::span<const std::byte> raw(slot->in + wire::kHeaderBytes, slot->len);
+      slot->enc = compress::encode_chunk(sh_.encode, raw,
+                                         std::span<std::byte>(slot->out + wire::kHeaderBytes,
+                                                              out_bytes_ - wire::kHeaderBytes));
+      wire::Header h{.type = wire::FrameType::data,
+                     .codec = uint8_t(slot->enc.codec),
+                     .flags = uint16_t(slot->enc.zero ? wire::kFlagZero : 0),
+                     .seq = slot->seq,
+                     .offset = slot->offset,
+                     .raw_len = slot->len,
+                     .payload_len = slot->enc.encoded_len,
+                     .hash = slot->enc.hash};
+      std::byte* frame = slot->enc.codec == compress::Codec::none ? slot->in : slot->out;
+      wire::encode_header(h, std::span<std::byte, wire::kHeaderBytes>(frame, wire::kHeaderBytes));
+      slot->frame = frame;
+      slot->frame_len = wire::kHeaderBytes + slot->enc.encoded_len;
+      slot->sent = 0;
+      slot->state = State::encoded;
+      // Encoding is the CPU-heavy step: do one, then let the ring make progress.
+      return;
+    }
+  }
+
+  void start_send() {
+    if (sending_ || fifo_.empty() || fifo_.front()->state != State::encoded) return;
+    Slot& slot = *fifo_.front();
+    queue_send(slot);
+    slot.state = State::sending;
+  }
+
+  void queue_send(Slot& slot) {
+    const size_t left = slot.frame_len - slot.sent;
+    send_io_ = io::Completion{.op = io::Op::send, .fd = fd_, .buf = const_cast<std::byte*>(slot.frame + slot.sent),
+                              .len = uint32_t(std::min(left, io::kMaxIoBytes))};
+    if (!ring_->queue(&send_io_)) {
+      ring_->submit(0);
+      if (!ring_->queue(&send_io_)) throw std::runtime_error("io ring full");
+    }
+    sending_ = true;
+  }
+
+  void reap() {
+    io::Completion* done[32];
+    while (ring_->reap(done) > 0) {
+    }
+  }
+
+  // Completion state is read from each Completion's `done` flag rather than from what reap() returned.
+  void complete_ops() {
+    for (Slot& slot : slots_) {
+      if (slot.state != State::reading || !slot.io.done) continue;
+      if (slot.io.result < 0) {
+        throw std::runtime_error(sh_.source.describe() + ": read at offset " + std::to_string(slot.offset) + ": " +
+                                 errno_text(slot.io.result));
+      }
+      if (uint32_t(slot.io.result) != slot.len) {
+        // A short read of a regular file: finish it synchronously.
+        const int64_t more = io::read_full(*src_ring_, slot.io.fd, slot.in + wire::kHeaderBytes + slot.io.result,
+                                           slot.len - slot.io.result, int64_t(slot.offset) + slot.io.result);
+        if (more != int64_t(slot.len - slot.io.result)) {
+          throw std::runtime_error(sh_.source.describe() + ": short read at offset " + std::to_string(slot.offset) +
+                                   " (file changed during transfer?)");
+        }
+      }
+      slot.state = State::read;
+    }
+    if (sending_ && send_io_.done) {
+      sending_ = false;
+      Slot& slot = *fifo_.front();
+      if (send_io_.result <= 0) {
+        const int err = send_io_.result == 0 ? EPIPE : -send_io_.result;
+        sh_.failure.set(Reason::connection, "stream " + std::to_string(index_) + ": send: " + errno_text(err));
+        return;
+      }
+      slot.sent += size_t(send_io_.result);
+      if (slot.sent < slot.frame_len) {
+        queue_send(slot);
+        return;
+      }
+      finish(slot);
+    }
+  }
+
+  void finish(Slot& slot) {
+    Stats& st = sh_.stats;
+    st.bytes.fetch_add(slot.len, std::memory_order_relaxed);
+    st.wire_bytes.fetch_add(slot.frame_len, std::memory_order_relaxed);
+    st.chunks.fetch_add(1, std::memory_order_relaxed);
+    if (slot.enc.zero) st.zero_chunks.fetch_add(1, std::memory_order_relaxed);
+    else if (slot.enc.codec == compress::Codec::none) st.raw_chunks.fetch_add(1, std::memory_order_relaxed);
+    else st.compressed_chunks.fetch_add(1, std::memory_order_relaxed);
+    sh_.sequencer.complete(slot.seq, slot.len, slot.enc.hash);
+    slot.state = State::free;
+    fifo_.pop_front();
+  }
+
+  // No buffer may be freed while the kernel still uses it.
+  void drain() {
+    if (!ring_) return;
+    while (ring_->in_flight() > 0) {
+      if (ring_->submit(1) < 0) break;
+      reap();
+    }
+    ring_.reset();
+    if (memory_) ::operator delete(memory_, std::align_val_t(4096));
+    memory_ = nullptr;
+  }
+
+  Shared& sh_;
+  const unsigned index_;
+  const int fd_;
+  std::unique_ptr<io::Ring> ring_;
+  std::unique_ptr<io::Ring> src_ring_;
+  std::byte* memory_ = nullptr;
+  size_t in_bytes_ = 0;
+  size_t out_bytes_ = 0;
+  std::vector<Slot> slots_;
+  std::deque<Slot*> fifo_;
+  io::Completion send_io_;
+  bool sending_ = false;
+  bool exhausted_ = false;
+};
+
+// Reads the return path on stream 0: ACKs, then COMMITTED or ABORTED.
+void control_loop(Shared& sh, const std::atomic<bool>& stop) {
+  std::unique_ptr<io::Ring> ring;
+  try {
+    ring = io::make_ring(sh.backend, io::RingOptions{.entries = 4});
+  } catch (const std::exception& e) {
+    sh.failure.set(Reason::internal, e.what());
+    return;
+  }
+  const int fd = sh.conns[0].get();
+  while (!stop.load()) {
+    const int r = wait_readable(fd, 50);
+    if (r == 0) continue;
+    if (r < 0) {
+      sh.failure.set(Reason::connection, "stream 0: poll: " + errno_text(r));
+      return;
+    }
+    const HeaderRead hr = recv_header(*ring, fd, sh.chunk_bytes);
+    if (stop.load()) return;
+    if (hr.kind == HeaderRead::eof || hr.kind == HeaderRead::io_error) {
+      sh.failure.set(Reason::connection, "connection to receiver lost (stream 0): " +
+                                             (hr.kind == HeaderRead::eof ? std::string("closed by peer")
+                                                                         : errno_text(hr.err)));
+      return;
+    }
+    if (hr.kind == HeaderRead::bad) {
+      sh.failure.set(Reason::protocol, std::string("receiver sent a bad frame: ") + wire::error_text(hr.wire_error));
+      return;
+    }
+    const wire::Header& h = hr.header;
+    switch (h.type) {
+      case wire::FrameType::ack:
+        sh.stats.acked_chunks.store(h.seq, std::memory_order_relaxed);
+        break;
+      case wire::FrameType::committed: {
+        std::lock_guard lock(sh.control_mu);
+        sh.committed = true;
+        sh.committed_header = h;
+        sh.control_cv.notify_all();
+        return;
+      }
+      case wire::FrameType::aborted: {
+        const std::string text = recv_abort_text(*ring, fd, h);
+        sh.failure.set(Reason(h.aux), std::string("receiver aborted (") + wire::reason_name(Reason(h.aux)) +
+                                          "): " + text,
+                       true);
+        sh.control_cv.notify_all();
+        return;
+      }
+      default:
+        sh.failure.set(Reason::protocol, "receiver sent an unexpected frame type " + std::to_string(int(h.type)));
+        return;
+    }
+  }
+}
+
+// Handshake on one connection. Returns an empty string or the error.
+std::string handshake(io::Ring& ring, int fd, const wire::Hello& hello, int timeout_ms, uint64_t* caps_out) {
+  std::byte payload[wire::kHelloBytes];
+  wire::encode_hello(hello, std::span<std::byte, wire::kHelloBytes>(payload));
+  wire::Header h{.type = wire::FrameType::hello, .payload_len = wire::kHelloBytes};
+  int rc = send_frame(ring, fd, h, payload);
+  if (rc < 0) return "send HELLO: " + errno_text(rc);
+  rc = wait_readable(fd, timeout_ms);
+  if (rc == 0) return "no answer to HELLO within " + std::to_string(timeout_ms) + " ms";
+  if (rc < 0) return "poll: " + errno_text(rc);
+  const HeaderRead hr = recv_header(ring, fd, wire::kMaxChunkBytes);
+  if (hr.kind == HeaderRead::eof) return "receiver closed the connection during the handshake";
+  if (hr.kind == HeaderRead::io_error) return "handshake: " + errno_text(hr.err);
+  if (hr.kind == HeaderRead::bad) return std::string("handshake: ") + wire::error_text(hr.wire_error);
+  if (hr.header.type == wire::FrameType::aborted) {
+    return std::string("receiver refused (") + wire::reason_name(Reason(hr.header.aux)) +
+           "): " + recv_abort_text(ring, fd, hr.header);
+  }
+  if (hr.header.type != wire::FrameType::hello_ack) return "handshake: unexpected frame type";
+  std::byte ack[wire::kHelloBytes];
+  if (io::recv_full(ring, fd, ack, sizeof ack) != int64_t(sizeof ack)) return "handshake: truncated HELLO_ACK";
+  wire::Hello reply;
+  if (wire::decode_hello(std::span<const std::byte, wire::kHelloBytes>(ack), &reply) != wire::Error::ok ||
+      reply.session_id != hello.session_id || reply.stream_index != hello.stream_index) {
+    return "handshake: HELLO_ACK does not match our HELLO";
+  }
+  if (reply.version != wire::kVersion) return "handshake: receiver speaks protocol " + std::to_string(reply.version);
+  *caps_out = reply.capabilities;
+  return {};
+}
+
+uint64_t our_capabilities() { return wire::kCapLz4 | wire::kCapZstd; }
+
+// Chooses the codec from the mode and what the receiver accepts.
+std::string pick_codec(const SendOptions& o, uint64_t caps, compress::EncodeOptions* enc) {
+  enc->level = o.zstd_level;
+  switch (o.codec) {
+    case CodecMode::none:
+      enc->codec = compress::Codec::none;
+      enc->probe_incompressible = false;
+      return {};
+    case CodecMode::auto_select:
+      enc->codec = (caps & wire::kCapLz4) ? compress::Codec::lz4 : compress::Codec::none;
+      enc->probe_incompressible = true;
+      return {};
+    case CodecMode::lz4:
+      if (!(caps & wire::kCapLz4)) return "the receiver does not accept lz4";
+      enc->codec = compress::Codec::lz4;
+      enc->probe_incompressible = false;
+      return {};
+    case CodecMode::zstd:
+      if (!(caps & wire::kCapZstd)) return "the receiver does not accept zstd";
+      enc->codec = compress::Codec::zstd;
+      enc->probe_incompressible = false;
+      return {};
+  }
+  return "unknown codec mode";
+}
+
+void shutdown_all(std::vector<io::Fd>& conns) {
+  for (io::Fd& c : conns) ::shutdown(c.get(), SHUT_RDWR);
+}
+
+}  // namespace
+
+const char* codec_mode_name(CodecMode mode) {
+  switch (mode) {
+    case CodecMode::auto_select: return "auto";
+    case CodecMode::none: return "none";
+    case CodecMode::lz4: return "lz4";
+    case CodecMode::zstd: return "zstd";
+  }
+  return "?";
+}
+
+bool codec_mode_from_name(std::string_view name, CodecMode* out) {
+  for (CodecMode m : {CodecMode::auto_select, CodecMode::none, CodecMode::lz4, CodecMode::zstd}) {
+    if (name == codec_mode_name(m)) {
+      *out = m;
+      return true;
+    }
+  }
+  return false;
+}
+
+unsigned default_streams() {
+  return std::clamp(std::thread::hardware_concurrency(), 1u, unsigned(wire::kMaxStreams));
+}
+
+std::vector<io::Fd> connect_streams(const io::HostPort& to, unsigned count, const io::SocketOptions& options) {
+  std::vector<io::Fd> conns;
+  for (unsigned i = 0; i < count; ++i) conns.push_back(io::tcp_connect(to, options));
+  return conns;
+}
+
+Result send_to(io::Source& source, const io::HostPort& to, const SendOptions& options, Stats* stats,
+               const Cancel* cancel) {
+  const unsigned streams = options.streams ? options.streams : default_streams();
+  std::vector<io::Fd> conns;
+  try {
+    conns = connect_streams(to, streams, options.socket);
+  } catch (const std::exception& e) {
+    Result r;
+    r.reason = Reason::connection;
+    r.error = e.what();
+    return r;
+  }
+  return send(source, std::move(conns), options, stats, cancel);
+}
+
+Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& options, Stats* stats_in,
+            const Cancel* cancel) {
+  const auto started = Clock::now();
+  Stats local_stats;
+  Stats& stats = stats_in ? *stats_in : local_stats;
+  Result result;
+  result.streams = unsigned(conns.size());
+  auto fail = [&](Reason reason, std::string text) {
+    result.reason = reason;
+    result.error = std::move(text);
+    result.seconds = std::chrono::duration<double>(Clock::now() - started).count();
+    return result;
+  };
+  if (conns.empty() || conns.size() > wire::kMaxStreams) {
+    return fail(Reason::stream, "stream count must be 1.." + std::to_string(wire::kMaxStreams));
+  }
+  if (options.chunk_bytes < wire::kMinChunkBytes || options.chunk_bytes > wire::kMaxChunkBytes) {
+    return fail(Reason::chunk_size, "chunk size must be between 4 KiB and 16 MiB");
+  }
+  io::Backend backend;
+  std::string why;
+  std::unique_ptr<io::Ring> ring;
+  try {
+    backend = io::choose_backend(&why);
+    ring = io::make_ring(backend, io::RingOptions{.entries = 8});
+  } catch (const std::exception& e) {
+    return fail(Reason::internal, e.what());
+  }
+  result.io_backend = why;
+  const std::optional<uint64_t> size = source.size();
+  stats.total_bytes.store(size.value_or(0));
+  const unsigned depth = std::max(1u, options.depth);
+  const uint32_t window = options.window_chunks ? options.window_chunks : uint32_t(conns.size() * depth * 2);
+  Shared sh(source, options, conns, stats, cancel, backend, window);
+  if (size) sh.sequencer.set_total((*size + options.chunk_bytes - 1) / options.chunk_bytes);
+
+  // Handshake on every stream, then agree on a codec.
+  wire::Hello hello{.stream_count = uint16_t(conns.size()),
+                    .max_chunk_bytes = options.chunk_bytes,
+                    .session_id = random_session_id(),
+                    .capabilities = our_capabilities(),
+                    .total_bytes = size.value_or(wire::kUnknownSize)};
+  uint64_t caps = our_capabilities();
+  for (size_t i = 0; i < conns.size(); ++i) {
+    hello.stream_index = uint16_t(i);
+    uint64_t stream_caps = 0;
+    const std::string err = handshake(*ring, conns[i].get(), hello, options.handshake_timeout_ms, &stream_caps);
+    if (!err.empty()) return fail(Reason::protocol, "stream " + std::to_string(i) + ": " + err);
+    caps &= stream_caps;
+  }
+  if (std::string err = pick_codec(options, caps, &sh.encode); !err.empty()) {
+    send_frame(*ring, conns[0].get(), wire::make_aborted(Reason::capability, err.size()),
+               std::as_bytes(std::span(err)));
+    return fail(Reason::capability, err);
+  }
+
+  std::atomic<bool> control_stop{false};
+  std::thread control([&] { control_loop(sh, control_stop); });
+  std::vector<std::thread> workers;
+  sh.workers_running = unsigned(conns.size());
+  std::mutex done_mu;
+  std::condition_variable done_cv;
+  for (unsigned i = 0; i < conns.size(); ++i) {
+    workers.emplace_back([&, i] {
+      Worker(sh, i).run();
+      std::lock_guard lock(done_mu);
+      --sh.workers_running;
+      done_cv.notify_all();
+    });
+  }
+
+  // Supervise: wait for the workers, watching for cancel and failure.
+  auto watch_until = [&](auto done) {
+    std::unique_lock lock(done_mu);
+    while (!done()) {
+      if (cancel && cancel->requested()) sh.failure.set(Reason::cancelled, "cancelled");
+      if (sh.failure.failed()) return false;
+      done_cv.wait_for(lock, std::chrono::milliseconds(20));
+    }
+    return true;
+  };
+  watch_until([&] { return sh.workers_running == 0; });
+  if (sh.failure.failed()) {
+    // Give workers a moment to stop on their own; a send blocked on a stalled peer needs the socket shut.
+    sh.sequencer.wake_all();
+    const bool stopped = [&] {
+      std::unique_lock lock(done_mu);
+      return done_cv.wait_for(lock, std::chrono::seconds(2), [&] { return sh.workers_running == 0; });
+    }();
+    if (!stopped) shutdown_all(conns);
+  }
+  for (auto& w : workers) w.join();
+
+  if (!sh.failure.failed()) {
+    // Every chunk is on the wire: END on every stream.
+    const uint64_t chunks = sh.sequencer.completed();
+    if (size && chunks != sh.sequencer.total()) {
+      sh.failure.set(Reason::internal, "sent " + std::to_string(chunks) + " of " +
+                                           std::to_string(sh.sequencer.total()) + " chunks");
+    }
+    result.chunks = chunks;
+    result.bytes = stats.bytes.load();
+    result.digest = sh.sequencer.digest();
+    for (size_t i = 0; i < conns.size() && !sh.failure.failed(); ++i) {
+      const int rc = send_frame(*ring, conns[i].get(), wire::make_end(chunks, result.bytes, result.digest));
+      if (rc < 0) sh.failure.set(Reason::connection, "stream " + std::to_string(i) + ": send END: " + errno_text(rc));
+    }
+    stats.wire_bytes.fetch_add(conns.size() * wire::kHeaderBytes);
+    // Wait for COMMITTED (or a failure) within the commit time-out.
+    const auto deadline = Clock::now() + std::chrono::milliseconds(options.commit_timeout_ms);
+    std::unique_lock lock(sh.control_mu);
+    while (!sh.committed && !sh.failure.failed()) {
+      if (cancel && cancel->requested()) sh.failure.set(Reason::cancelled, "cancelled");
+      else if (Clock::now() > deadline)
+        sh.failure.set(Reason::timeout, "no COMMITTED from the receiver within " +
+                                            std::to_string(options.commit_timeout_ms) + " ms");
+      else sh.control_cv.wait_for(lock, std::chrono::milliseconds(20));
+    }
+    if (sh.committed) {
+      const wire::Header& c = sh.committed_header;
+      if (c.seq != chunks || c.offset != result.bytes || c.hash != result.digest) {
+        sh.committed = false;
+        lock.unlock();
+        sh.failure.set(Reason::digest, "receiver committed a different stream (digest or counts differ)");
+      }
+    }
+  }
+
+  if (sh.failure.failed() && !sh.failure.from_peer()) {
+    // Tell the receiver why, so it aborts with our reason rather than a broken connection.
+    const std::string text = sh.failure.text();
+    send_frame(*ring, conns[0].get(), wire::make_aborted(sh.failure.reason(), text.size()),
+               std::as_bytes(std::span(text.data(), std::min<size_t>(text.size(), wire::kMaxTextBytes))));
+  }
+  control_stop = true;
+  shutdown_all(conns);
+  control.join();
+
+  result.seconds = std::chrono::duration<double>(Clock::now() - started).count();
+  result.wire_bytes = stats.wire_bytes.load();
+  result.bytes = stats.bytes.load();
+  if (sh.failure.failed()) {
+    result.reason = sh.failure.reason();
+    result.error = sh.failure.text();
+    return result;
+  }
+  result.committed = true;
+  return result;
+}
+
+}  // namespace dstx::engine

@@ -1,1 +1,144 @@
-// placeholder: being written
+#include "engine/window.h"
+
+#include <cassert>
+#include <cstdlib>
+#include <new>
+
+namespace dstx::engine {
+
+SendSequencer::SendSequencer(uint32_t window_chunks) : window_(window_chunks), entries_(window_chunks) {
+  assert(window_chunks > 0);
+}
+
+SendSequencer::Claim SendSequencer::try_claim(uint64_t* seq) {
+  std::lock_guard lock(mu_);
+  if (cursor_ > total_) return Claim::exhausted;
+  if (cursor_ >= next_ + window_) return Claim::window_full;
+  *seq = cursor_++;
+  return Claim::ok;
+}
+
+void SendSequencer::set_total(uint64_t chunks) {
+  {
+    std::lock_guard lock(mu_);
+    total_ = chunks;
+  }
+  cv_.notify_all();
+}
+
+uint64_t SendSequencer::total() const {
+  std::lock_guard lock(mu_);
+  return total_;
+}
+
+void SendSequencer::complete(uint64_t seq, uint32_t raw_len, uint64_t hash) {
+  bool moved = false;
+  {
+    std::lock_guard lock(mu_);
+    assert(seq >= next_ && seq < next_ + window_);
+    entries_[seq % window_] = Entry{true, raw_len, hash};
+    while (entries_[next_ % window_].ready) {
+      Entry& e = entries_[next_ % window_];
+      digest_.add(next_, e.raw_len, e.hash);
+      e.ready = false;
+      ++next_;
+      moved = true;
+    }
+  }
+  if (moved) cv_.notify_all();
+}
+
+void SendSequencer::wait_for_progress(std::chrono::milliseconds timeout) {
+  std::unique_lock lock(mu_);
+  const uint64_t seen = next_;
+  cv_.wait_for(lock, timeout, [&] { return next_ != seen; });
+}
+
+void SendSequencer::wake_all() { cv_.notify_all(); }
+
+uint64_t SendSequencer::completed() const {
+  std::lock_guard lock(mu_);
+  return next_ - 1;
+}
+
+uint64_t SendSequencer::digest() const {
+  std::lock_guard lock(mu_);
+  return digest_.value();
+}
+
+ReorderWindow::ReorderWindow(uint32_t slots, size_t slot_bytes)
+    : slots_(slots), slot_bytes_(slot_bytes), table_(slots) {
+  assert(slots > 0);
+  if (slot_bytes > 0) {
+    memory_ = static_cast<std::byte*>(::operator new(size_t(slots) * slot_bytes, std::align_val_t(4096)));
+  }
+}
+
+ReorderWindow::~ReorderWindow() {
+  if (memory_) ::operator delete(memory_, std::align_val_t(4096));
+}
+
+ReorderWindow::Admit ReorderWindow::admit(uint64_t seq, std::span<std::byte>* buf) {
+  std::unique_lock lock(mu_);
+  admit_cv_.wait(lock, [&] { return closed_ || seq < next_ + slots_; });
+  if (closed_) return Admit::closed;
+  if (seq < next_) return Admit::duplicate;
+  Slot& slot = table_[seq % slots_];
+  if (slot.state != State::free) return Admit::duplicate;
+  slot.state = State::filling;
+  slot.meta.seq = seq;
+  if (buf) *buf = std::span<std::byte>(memory_ + (seq % slots_) * slot_bytes_, slot_bytes_);
+  return Admit::ok;
+}
+
+void ReorderWindow::publish(const ChunkMeta& meta) {
+  bool wake = false;
+  {
+    std::lock_guard lock(mu_);
+    Slot& slot = table_[meta.seq % slots_];
+    assert(slot.state == State::filling && slot.meta.seq == meta.seq);
+    slot.meta = meta;
+    slot.state = State::ready;
+    wake = meta.seq == next_;
+  }
+  if (wake) ready_cv_.notify_all();
+}
+
+ReorderWindow::Wait ReorderWindow::wait_next(std::chrono::milliseconds timeout, ChunkMeta* meta,
+                                             std::span<const std::byte>* data) {
+  std::unique_lock lock(mu_);
+  const bool ok = ready_cv_.wait_for(lock, timeout, [&] {
+    return closed_ || table_[next_ % slots_].state == State::ready;
+  });
+  if (closed_) return Wait::closed;
+  if (!ok) return Wait::timeout;
+  const Slot& slot = table_[next_ % slots_];
+  *meta = slot.meta;
+  *data = std::span<const std::byte>(memory_ + (next_ % slots_) * slot_bytes_, slot.meta.raw_len);
+  return Wait::ready;
+}
+
+void ReorderWindow::release_next() {
+  {
+    std::lock_guard lock(mu_);
+    table_[next_ % slots_].state = State::free;
+    ++next_;
+  }
+  admit_cv_.notify_all();
+}
+
+void ReorderWindow::close() {
+  {
+    std::lock_guard lock(mu_);
+    closed_ = true;
+  }
+  admit_cv_.notify_all();
+  ready_cv_.notify_all();
+}
+
+uint64_t ReorderWindow::next() const {
+  std::lock_guard lock(mu_);
+  return next_;
+}
+
+}  // namespace dstx::engine

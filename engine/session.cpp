@@ -1,0 +1,102 @@
+#include "engine/session.h"
+
+#include <poll.h>
+#include <sys/random.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <vector>
+
+namespace dstx::engine {
+
+bool Failure::set(wire::Reason reason, std::string text, bool from_peer) {
+  std::lock_guard lock(mu_);
+  if (failed_.load(std::memory_order_relaxed)) return false;
+  reason_ = reason;
+  text_ = std::move(text);
+  from_peer_ = from_peer;
+  failed_.store(true, std::memory_order_release);
+  return true;
+}
+
+wire::Reason Failure::reason() const {
+  std::lock_guard lock(mu_);
+  return reason_;
+}
+
+std::string Failure::text() const {
+  std::lock_guard lock(mu_);
+  return text_;
+}
+
+bool Failure::from_peer() const {
+  std::lock_guard lock(mu_);
+  return from_peer_;
+}
+
+int send_frame(io::Ring& ring, int fd, const wire::Header& header, std::span<const std::byte> payload) {
+  std::vector<std::byte> frame(wire::kHeaderBytes + payload.size());
+  wire::encode_header(header, std::span<std::byte, wire::kHeaderBytes>(frame.data(), wire::kHeaderBytes));
+  if (!payload.empty()) std::memcpy(frame.data() + wire::kHeaderBytes, payload.data(), payload.size());
+  const int64_t n = io::send_full(ring, fd, frame.data(), frame.size());
+  return n < 0 ? int(n) : 0;
+}
+
+int wait_readable(int fd, int timeout_ms) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  for (;;) {
+    pollfd p{.fd = fd, .events = POLLIN, .revents = 0};
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    const int r = ::poll(&p, 1, timeout_ms < 0 ? -1 : int(std::max<int64_t>(0, left.count())));
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) return -errno;
+    return r > 0 ? 1 : 0;
+  }
+}
+
+HeaderRead recv_header(io::Ring& ring, int fd, uint32_t max_chunk_bytes) {
+  HeaderRead out;
+  std::byte buf[wire::kHeaderBytes];
+  const int64_t n = io::recv_full(ring, fd, buf, sizeof buf);
+  if (n == 0) {
+    out.kind = HeaderRead::eof;
+  } else if (n < 0) {
+    out.kind = HeaderRead::io_error;
+    out.err = int(n);
+  } else {
+    out.wire_error = wire::decode_header(std::span<const std::byte, wire::kHeaderBytes>(buf), max_chunk_bytes,
+                                         &out.header);
+    if (out.wire_error != wire::Error::ok) out.kind = HeaderRead::bad;
+  }
+  return out;
+}
+
+std::string recv_abort_text(io::Ring& ring, int fd, const wire::Header& header) {
+  std::string text(header.payload_len, '\0');
+  if (header.payload_len == 0) return text;
+  const int64_t n = io::recv_full(ring, fd, text.data(), text.size());
+  if (n != int64_t(text.size())) return "(reason text lost: connection closed)";
+  for (char& c : text) {
+    if (static_cast<unsigned char>(c) < 0x20 && c != '\n') c = '?';  // never print a peer's control bytes
+  }
+  return text;
+}
+
+std::string errno_text(int err) {
+  if (err < 0) err = -err;
+  if (err == EPIPE) return "connection closed by peer";
+  return std::strerror(err);
+}
+
+uint64_t random_session_id() {
+  uint64_t id = 0;
+  while (id == 0) {
+    if (::getrandom(&id, sizeof id, 0) != sizeof id) {
+      id = uint64_t(std::chrono::steady_clock::now().time_since_epoch().count()) * 0x9e3779b97f4a7c15ull;
+    }
+  }
+  return id;
+}
+
+}  // namespace dstx::engine

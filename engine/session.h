@@ -1,0 +1,55 @@
+// Pieces both ends of a transfer share: the first-failure record, frame I/O on a ring, and waiting with a
+// time-out. Internal to engine/.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <mutex>
+#include <span>
+#include <string>
+
+#include "engine/wire.h"
+#include "io/ring.h"
+
+namespace dstx::engine {
+
+// The first failure of a transfer wins; later ones are consequences and are dropped.
+class Failure {
+ public:
+  // Returns true when this call recorded the failure.
+  bool set(wire::Reason reason, std::string text, bool from_peer = false);
+  bool failed() const { return failed_.load(std::memory_order_acquire); }
+  wire::Reason reason() const;
+  std::string text() const;
+  bool from_peer() const;
+
+ private:
+  std::atomic<bool> failed_{false};
+  mutable std::mutex mu_;
+  wire::Reason reason_ = wire::Reason::unspecified;
+  std::string text_;
+  bool from_peer_ = false;
+};
+
+// Sends a header (and payload) with send_full. Returns 0 or -errno.
+int send_frame(io::Ring& ring, int fd, const wire::Header& header, std::span<const std::byte> payload = {});
+
+// Waits until fd is readable. Returns 1 readable (or hung up), 0 on time-out, -errno on error.
+int wait_readable(int fd, int timeout_ms);
+
+// Outcome of reading one frame header.
+struct HeaderRead {
+  enum Kind { ok, eof, io_error, bad } kind = ok;
+  int err = 0;              // -errno for io_error
+  wire::Error wire_error{};  // for bad
+  wire::Header header;
+};
+HeaderRead recv_header(io::Ring& ring, int fd, uint32_t max_chunk_bytes);
+
+// Reads an ABORTED frame's text (payload_len is already bounded by decode_header).
+std::string recv_abort_text(io::Ring& ring, int fd, const wire::Header& header);
+
+std::string errno_text(int err);  // "Connection reset by peer" for ECONNRESET, etc.
+uint64_t random_session_id();
+
+}  // namespace dstx::engine

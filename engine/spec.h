@@ -1,0 +1,35 @@
+// Parsing of endpoint specs ("file:PATH", "emu:size=1G,profile=mixed,seed=7", "null:", "stdin:", "stdout:",
+// "fd:N") and sizes ("64K", "1.5G"). Errors throw std::invalid_argument naming the bad part.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "io/content.h"
+#include "io/endpoints.h"
+
+namespace dstx::engine {
+
+// Bytes from "N", "N[KMGT]", "N[KMGT]iB" (binary multiples), decimals allowed with a suffix ("1.5G").
+uint64_t parse_size(std::string_view text);
+// "1.50 GiB" style, for humans.
+std::string format_bytes(double bytes);
+
+struct EmuSpec {
+  uint64_t size = 256ull << 20;
+  io::Profile profile = io::Profile::mixed;
+  uint64_t seed = 1;
+};
+// Parses the part after "emu:" ("size=…,profile=…,seed=…"; every key optional).
+EmuSpec parse_emu(std::string_view params);
+
+std::unique_ptr<io::Source> open_source(std::string_view spec);
+std::unique_ptr<io::Sink> open_sink(std::string_view spec);
+
+// The spec kinds, for --help.
+inline constexpr const char* kSourceKinds = "file:PATH, emu:size=SIZE,profile=NAME,seed=N, stdin:, fd:N";
+inline constexpr const char* kSinkKinds = "file:PATH, emu:size=SIZE,profile=NAME,seed=N, null:, stdout:, fd:N";
+
+}  // namespace dstx::engine

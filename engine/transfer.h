@@ -1,0 +1,94 @@
+// Sending and receiving one device-state transfer over N connected streams.
+// The sender reports success only after the receiver said COMMITTED with the same digest.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "engine/wire.h"
+#include "io/endpoints.h"
+#include "io/socket.h"
+
+namespace dstx::engine {
+
+enum class CodecMode : uint8_t { auto_select, none, lz4, zstd };
+const char* codec_mode_name(CodecMode mode);
+bool codec_mode_from_name(std::string_view name, CodecMode* out);  // "auto", "none", "lz4", "zstd"
+
+inline constexpr uint32_t kDefaultChunkBytes = 1u << 20;
+
+struct SendOptions {
+  unsigned streams = 0;  // 0: one per core
+  uint32_t chunk_bytes = kDefaultChunkBytes;
+  CodecMode codec = CodecMode::auto_select;
+  int zstd_level = 1;
+  unsigned depth = 4;              // chunks in flight per stream (reads, encodes, sends)
+  uint32_t window_chunks = 0;      // 0: streams * depth * 2; bounds how far streams may run ahead
+  io::SocketOptions socket;
+  int handshake_timeout_ms = 10000;
+  int commit_timeout_ms = 120000;  // after END, how long to wait for COMMITTED
+};
+
+struct RecvOptions {
+  unsigned max_streams = wire::kMaxStreams;
+  uint32_t max_chunk_bytes = wire::kMaxChunkBytes;
+  uint64_t memory_budget_bytes = 64ull << 20;  // reorder window + per-stream decode buffers
+  int accept_timeout_ms = 60000;               // for the first connection; later ones get handshake_timeout_ms
+  int handshake_timeout_ms = 10000;
+  io::SocketOptions socket;
+};
+
+// Live counters, readable from any thread while a transfer runs.
+struct Stats {
+  std::atomic<uint64_t> total_bytes{0};  // 0 when the source size is unknown
+  std::atomic<uint64_t> bytes{0};        // sender: bytes handed to the network; receiver: bytes written
+  std::atomic<uint64_t> wire_bytes{0};   // frame bytes including headers
+  std::atomic<uint64_t> chunks{0};
+  std::atomic<uint64_t> zero_chunks{0};
+  std::atomic<uint64_t> raw_chunks{0};
+  std::atomic<uint64_t> compressed_chunks{0};
+  std::atomic<uint64_t> acked_chunks{0};  // sender: receiver's watermark
+};
+
+struct Result {
+  bool committed = false;
+  wire::Reason reason = wire::Reason::unspecified;
+  std::string error;  // empty when committed
+  uint64_t bytes = 0;
+  uint64_t wire_bytes = 0;
+  uint64_t chunks = 0;
+  uint64_t digest = 0;
+  double seconds = 0;
+  unsigned streams = 0;
+  std::string io_backend;  // "io_uring" or "syscall", with the reason
+};
+
+// Set from any thread (a signal handler may call request()): the transfer stops and fails with reason
+// cancelled, both sides cleanly.
+class Cancel {
+ public:
+  void request() { flag_.store(true, std::memory_order_relaxed); }
+  bool requested() const { return flag_.load(std::memory_order_relaxed); }
+
+ private:
+  std::atomic<bool> flag_{false};
+};
+
+// Connects `count` streams to `to`. Throws std::system_error naming the address.
+std::vector<io::Fd> connect_streams(const io::HostPort& to, unsigned count, const io::SocketOptions& options);
+
+// Sends `source` over already-connected sockets (one stream each). Never throws.
+Result send(io::Source& source, std::vector<io::Fd> connections, const SendOptions& options, Stats* stats,
+            const Cancel* cancel);
+// Connects options.streams streams and sends. Never throws.
+Result send_to(io::Source& source, const io::HostPort& to, const SendOptions& options, Stats* stats,
+               const Cancel* cancel);
+
+// Accepts the streams of one transfer on `listen_fd` and receives it into `sink`. Never throws.
+Result receive(io::Sink& sink, int listen_fd, const RecvOptions& options, Stats* stats, const Cancel* cancel);
+
+unsigned default_streams();  // one per core, at least 1, at most wire::kMaxStreams
+
+}  // namespace dstx::engine
