@@ -1,1 +1,287 @@
-// placeholder: being written
+#include "compress/codec.h"
+
+#include <lz4.h>
+#include <zstd.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstring>
+#include <new>
+#include <stdexcept>
+
+#include "compress/hash.h"
+
+namespace dstx::compress {
+namespace {
+
+// The probe compresses a few samples of this size; below kProbeMinBytes compressing the whole chunk costs
+// about as much as the probe, so it is skipped.
+constexpr size_t kProbeSampleBytes = 4096;
+constexpr size_t kProbeSamples = 3;
+constexpr size_t kProbeMinBytes = 32 * 1024;
+
+// Anything bigger than LZ4's own input limit is never lz4-compressed; the limit also keeps every size that
+// crosses LZ4's int-based API representable.
+constexpr size_t kLz4MaxRawBytes = LZ4_MAX_INPUT_SIZE;
+static_assert(kLz4MaxRawBytes <= INT_MAX);
+
+size_t lz4_bound(size_t raw_len) {
+  // LZ4_COMPRESSBOUND casts to unsigned, which would wrap a size_t above 4 GiB: range-check first.
+  if (raw_len > kLz4MaxRawBytes) return 0;
+  return raw_len + raw_len / 255 + 16;
+}
+
+// One compression and one decompression context per thread: creating them per chunk costs more than
+// compressing a small chunk, and a context is not safe to share between threads.
+struct ZstdContexts {
+  ZSTD_CCtx* cctx = nullptr;
+  ZSTD_DCtx* dctx = nullptr;
+  ZstdContexts() = default;
+  ZstdContexts(const ZstdContexts&) = delete;
+  ZstdContexts& operator=(const ZstdContexts&) = delete;
+  ~ZstdContexts() {
+    ZSTD_freeCCtx(cctx);
+    ZSTD_freeDCtx(dctx);
+  }
+};
+thread_local ZstdContexts tls_zstd;
+
+ZSTD_CCtx* zstd_cctx() {
+  if (tls_zstd.cctx == nullptr) tls_zstd.cctx = ZSTD_createCCtx();
+  if (tls_zstd.cctx == nullptr) throw std::bad_alloc();
+  return tls_zstd.cctx;
+}
+
+ZSTD_DCtx* zstd_dctx() {
+  if (tls_zstd.dctx == nullptr) tls_zstd.dctx = ZSTD_createDCtx();
+  if (tls_zstd.dctx == nullptr) throw std::bad_alloc();
+  return tls_zstd.dctx;
+}
+
+// Returns the compressed size, or 0 when the output would not fit in `capacity` (the caller then sends raw).
+size_t compress_lz4(std::span<const std::byte> raw, std::byte* out, size_t capacity) {
+  if (raw.size() > kLz4MaxRawBytes) return 0;
+  const int n = LZ4_compress_default(reinterpret_cast<const char*>(raw.data()), reinterpret_cast<char*>(out),
+                                     static_cast<int>(raw.size()),
+                                     static_cast<int>(std::min<size_t>(capacity, INT_MAX)));
+  return n > 0 ? static_cast<size_t>(n) : 0;
+}
+
+size_t compress_zstd(std::span<const std::byte> raw, std::byte* out, size_t capacity, int level) {
+  const size_t n = ZSTD_compressCCtx(zstd_cctx(), out, capacity, raw.data(), raw.size(), level);
+  return ZSTD_isError(n) ? 0 : n;
+}
+
+DecodeError decode_lz4(std::span<const std::byte> enc, std::span<std::byte> raw_out) {
+  const size_t raw_len = raw_out.size();
+  if (raw_len == 0 || raw_len > kLz4MaxRawBytes) return DecodeError::bad_length;
+  if (enc.empty() || enc.size() > lz4_bound(raw_len)) return DecodeError::bad_length;
+  // Both sizes are now <= LZ4_MAX_INPUT_SIZE + bound slack < INT_MAX, so the int casts are exact.
+  const int n =
+      LZ4_decompress_safe(reinterpret_cast<const char*>(enc.data()), reinterpret_cast<char*>(raw_out.data()),
+                          static_cast<int>(enc.size()), static_cast<int>(raw_len));
+  if (n < 0 || static_cast<size_t>(n) != raw_len) return DecodeError::corrupt;
+  return DecodeError::ok;
+}
+
+DecodeError decode_zstd(std::span<const std::byte> enc, std::span<std::byte> raw_out) {
+  const size_t raw_len = raw_out.size();
+  if (raw_len == 0) return DecodeError::bad_length;
+  if (enc.empty() || enc.size() > encode_bound(Codec::zstd, raw_len)) return DecodeError::bad_length;
+  // Our encoder always records the content size in the frame header: a different one is a length error
+  // caught before any decompression work.
+  const unsigned long long declared = ZSTD_getFrameContentSize(enc.data(), enc.size());
+  if (declared == ZSTD_CONTENTSIZE_ERROR) return DecodeError::corrupt;
+  if (declared != ZSTD_CONTENTSIZE_UNKNOWN && declared != raw_len) return DecodeError::bad_length;
+  const size_t n = ZSTD_decompressDCtx(zstd_dctx(), raw_out.data(), raw_len, enc.data(), enc.size());
+  if (ZSTD_isError(n) || n != raw_len) return DecodeError::corrupt;
+  return DecodeError::ok;
+}
+
+// A 16-byte GCC/Clang vector: one SSE2 register on the x86-64 baseline (a wider type would change the
+// calling convention without -mavx and draws -Wpsabi), NEON on arm64.
+typedef uint64_t Vec16 __attribute__((vector_size(16)));
+
+inline Vec16 load16(const unsigned char* p) {
+  Vec16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline bool vec_zero(Vec16 v) {
+  return (v[0] | v[1]) == 0;
+}
+
+}  // namespace
+
+std::string_view codec_name(Codec codec) {
+  switch (codec) {
+    case Codec::none:
+      return "none";
+    case Codec::lz4:
+      return "lz4";
+    case Codec::zstd:
+      return "zstd";
+  }
+  return "unknown";
+}
+
+bool codec_from_name(std::string_view name, Codec* out) {
+  for (uint8_t value = 0; value < kCodecCount; ++value) {
+    const auto codec = static_cast<Codec>(value);
+    if (name == codec_name(codec)) {
+      *out = codec;
+      return true;
+    }
+  }
+  return false;
+}
+
+bool codec_valid(uint8_t value) {
+  return value < kCodecCount;
+}
+
+size_t encode_bound(Codec codec, size_t raw_len) {
+  switch (codec) {
+    case Codec::none:
+      return raw_len;
+    case Codec::lz4:
+      return lz4_bound(raw_len);  // 0 beyond LZ4's input limit: such a chunk can only go raw
+    case Codec::zstd: {
+      const size_t bound = ZSTD_compressBound(raw_len);
+      return ZSTD_isError(bound) ? 0 : bound;
+    }
+  }
+  return 0;
+}
+
+bool is_zero(const void* data, size_t len) {
+  const auto* p = static_cast<const unsigned char*>(data);
+  if (len < 16) {
+    unsigned char acc = 0;
+    for (size_t i = 0; i < len; ++i) acc |= p[i];
+    return acc == 0;
+  }
+  // Most non-zero chunks show it in their first bytes: settle those before streaming through the bulk.
+  if (!vec_zero(load16(p))) return false;
+  size_t i = 16;
+  // 256 bytes per early-exit test keeps many independent loads in flight per branch.
+  for (; i + 256 <= len; i += 256) {
+    const unsigned char* b = p + i;
+    Vec16 acc = load16(b);
+    for (size_t k = 16; k < 256; k += 16) acc |= load16(b + k);
+    if (!vec_zero(acc)) return false;
+  }
+  for (; i + 16 <= len; i += 16) {
+    if (!vec_zero(load16(p + i))) return false;
+  }
+  // The last 16 bytes overlap what was already checked; cheaper than a byte loop for the remainder.
+  return vec_zero(load16(p + len - 16));
+}
+
+bool looks_incompressible(std::span<const std::byte> raw) {
+  if (raw.empty()) return false;
+  char scratch[LZ4_COMPRESSBOUND(kProbeSampleBytes)];
+  size_t in_bytes = 0;
+  size_t out_bytes = 0;
+  auto sample = [&](size_t offset, size_t len) {
+    const int n = LZ4_compress_default(reinterpret_cast<const char*>(raw.data()) + offset, scratch,
+                                       static_cast<int>(len), static_cast<int>(sizeof(scratch)));
+    in_bytes += len;
+    out_bytes += n > 0 ? static_cast<size_t>(n) : len;
+  };
+  if (raw.size() <= kProbeSamples * kProbeSampleBytes) {
+    for (size_t offset = 0; offset < raw.size(); offset += kProbeSampleBytes) {
+      sample(offset, std::min(kProbeSampleBytes, raw.size() - offset));
+    }
+  } else {
+    // Start, middle and end, page-aligned where possible: device state tends to change character at page
+    // boundaries.
+    const size_t middle = (raw.size() / 2) & ~(kProbeSampleBytes - 1);
+    sample(0, kProbeSampleBytes);
+    sample(middle, kProbeSampleBytes);
+    sample(raw.size() - kProbeSampleBytes, kProbeSampleBytes);
+  }
+  return out_bytes * 100 > in_bytes * 97;
+}
+
+EncodeResult encode_chunk(const EncodeOptions& opts, std::span<const std::byte> raw,
+                          std::span<std::byte> out) {
+  if (raw.size() > UINT32_MAX) throw std::length_error("dstx: chunk larger than 4 GiB");
+  EncodeResult result;
+  if (opts.detect_zero && is_zero(raw.data(), raw.size())) {
+    result.zero = true;
+    return result;
+  }
+  result.codec = Codec::none;
+  result.encoded_len = static_cast<uint32_t>(raw.size());
+  result.hash = hash64(raw.data(), raw.size());
+  if (opts.codec == Codec::none || raw.size() < 2) return result;
+  if (opts.probe_incompressible && raw.size() >= kProbeMinBytes && looks_incompressible(raw)) return result;
+
+  // Capping the output below raw.size() lets the compressor give up as soon as the chunk cannot shrink,
+  // and makes "does not fit" and "did not shrink" the same answer: send raw.
+  const size_t capacity = std::min(out.size(), raw.size() - 1);
+  if (capacity == 0) return result;
+  size_t n = 0;
+  switch (opts.codec) {
+    case Codec::lz4:
+      n = compress_lz4(raw, out.data(), capacity);
+      break;
+    case Codec::zstd:
+      n = compress_zstd(raw, out.data(), capacity, opts.level);
+      break;
+    case Codec::none:
+      break;
+  }
+  if (n == 0 || n >= raw.size()) return result;
+  result.codec = opts.codec;
+  result.encoded_len = static_cast<uint32_t>(n);
+  return result;
+}
+
+const char* decode_error_text(DecodeError err) {
+  switch (err) {
+    case DecodeError::ok:
+      return "ok";
+    case DecodeError::unknown_codec:
+      return "unknown codec";
+    case DecodeError::bad_length:
+      return "encoded length impossible for this codec and raw length";
+    case DecodeError::corrupt:
+      return "corrupt compressed payload";
+    case DecodeError::hash_mismatch:
+      return "decoded bytes do not match their XXH3-64";
+  }
+  return "unknown decode error";
+}
+
+DecodeError decode_chunk(Codec codec, bool zero, std::span<const std::byte> enc, std::span<std::byte> raw_out,
+                         uint64_t expect_hash) {
+  if (!codec_valid(static_cast<uint8_t>(codec))) return DecodeError::unknown_codec;
+  if (zero) {
+    if (!enc.empty()) return DecodeError::bad_length;
+    if (expect_hash != 0) return DecodeError::hash_mismatch;
+    std::memset(raw_out.data(), 0, raw_out.size());
+    return DecodeError::ok;
+  }
+  DecodeError err = DecodeError::ok;
+  switch (codec) {
+    case Codec::none:
+      if (enc.size() != raw_out.size()) return DecodeError::bad_length;
+      // memmove: the caller may hand in overlapping views of one buffer; identical views need no copy.
+      if (enc.data() != raw_out.data() && !enc.empty()) std::memmove(raw_out.data(), enc.data(), enc.size());
+      break;
+    case Codec::lz4:
+      err = decode_lz4(enc, raw_out);
+      break;
+    case Codec::zstd:
+      err = decode_zstd(enc, raw_out);
+      break;
+  }
+  if (err != DecodeError::ok) return err;
+  if (hash64(raw_out.data(), raw_out.size()) != expect_hash) return DecodeError::hash_mismatch;
+  return DecodeError::ok;
+}
+
+}  // namespace dstx::compress

@@ -100,8 +100,9 @@ class Worker {
 
   static size_t round_up(size_t n) { return (n + 4095) & ~size_t(4095); }
 
-  bool stopping() const {
-    return sh_.failure.failed() || (sh_.cancel && sh_.cancel->requested());
+  bool stopping() {
+    if (sh_.cancel && sh_.cancel->requested()) sh_.failure.set(Reason::cancelled, "cancelled");
+    return sh_.failure.failed();
   }
 
   void loop() {
@@ -369,14 +370,19 @@ void control_loop(Shared& sh, const std::atomic<bool>& stop) {
   }
 }
 
-// Handshake on one connection. Returns an empty string or the error.
-std::string handshake(io::Ring& ring, int fd, const wire::Hello& hello, int timeout_ms, uint64_t* caps_out) {
+// Handshake, first half: HELLO on one connection. The receiver answers only when every stream is in, so all
+// HELLOs go out before any answer is awaited.
+std::string send_hello(io::Ring& ring, int fd, const wire::Hello& hello) {
   std::byte payload[wire::kHelloBytes];
   wire::encode_hello(hello, std::span<std::byte, wire::kHelloBytes>(payload));
-  wire::Header h{.type = wire::FrameType::hello, .payload_len = wire::kHelloBytes};
-  int rc = send_frame(ring, fd, h, payload);
-  if (rc < 0) return "send HELLO: " + errno_text(rc);
-  rc = wait_readable(fd, timeout_ms);
+  const int rc = send_frame(ring, fd, wire::Header{.type = wire::FrameType::hello, .payload_len = wire::kHelloBytes},
+                            payload);
+  return rc < 0 ? "send HELLO: " + errno_text(rc) : std::string();
+}
+
+// Handshake, second half: the receiver's HELLO_ACK (or its refusal). Returns an empty string or the error.
+std::string await_hello_ack(io::Ring& ring, int fd, const wire::Hello& hello, int timeout_ms, uint64_t* caps_out) {
+  const int rc = wait_readable(fd, timeout_ms);
   if (rc == 0) return "no answer to HELLO within " + std::to_string(timeout_ms) + " ms";
   if (rc < 0) return "poll: " + errno_text(rc);
   const HeaderRead hr = recv_header(ring, fd, wire::kMaxChunkBytes);
@@ -391,8 +397,9 @@ std::string handshake(io::Ring& ring, int fd, const wire::Hello& hello, int time
   std::byte ack[wire::kHelloBytes];
   if (io::recv_full(ring, fd, ack, sizeof ack) != int64_t(sizeof ack)) return "handshake: truncated HELLO_ACK";
   wire::Hello reply;
-  if (wire::decode_hello(std::span<const std::byte, wire::kHelloBytes>(ack), &reply) != wire::Error::ok ||
-      reply.session_id != hello.session_id || reply.stream_index != hello.stream_index) {
+  const wire::Error err = wire::decode_hello(std::span<const std::byte, wire::kHelloBytes>(ack), &reply);
+  if (err != wire::Error::ok) return std::string("handshake: HELLO_ACK: ") + wire::error_text(err);
+  if (reply.session_id != hello.session_id || reply.stream_index != hello.stream_index) {
     return "handshake: HELLO_ACK does not match our HELLO";
   }
   if (reply.version != wire::kVersion) return "handshake: receiver speaks protocol " + std::to_string(reply.version);
@@ -524,8 +531,14 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
   uint64_t caps = our_capabilities();
   for (size_t i = 0; i < conns.size(); ++i) {
     hello.stream_index = uint16_t(i);
+    const std::string err = send_hello(*ring, conns[i].get(), hello);
+    if (!err.empty()) return fail(Reason::connection, "stream " + std::to_string(i) + ": " + err);
+  }
+  for (size_t i = 0; i < conns.size(); ++i) {
+    hello.stream_index = uint16_t(i);
     uint64_t stream_caps = 0;
-    const std::string err = handshake(*ring, conns[i].get(), hello, options.handshake_timeout_ms, &stream_caps);
+    const std::string err =
+        await_hello_ack(*ring, conns[i].get(), hello, options.handshake_timeout_ms, &stream_caps);
     if (!err.empty()) return fail(Reason::protocol, "stream " + std::to_string(i) + ": " + err);
     caps &= stream_caps;
   }
@@ -608,10 +621,13 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
   }
 
   if (sh.failure.failed() && !sh.failure.from_peer()) {
-    // Tell the receiver why, so it aborts with our reason rather than a broken connection.
+    // Tell the receiver why, on every stream, so whichever it reads first carries our reason rather than a
+    // broken connection. Best effort: the workers are gone, so no frame is interleaved.
     const std::string text = sh.failure.text();
-    send_frame(*ring, conns[0].get(), wire::make_aborted(sh.failure.reason(), text.size()),
-               std::as_bytes(std::span(text.data(), std::min<size_t>(text.size(), wire::kMaxTextBytes))));
+    for (io::Fd& c : conns) {
+      send_frame(*ring, c.get(), wire::make_aborted(sh.failure.reason(), text.size()),
+                 std::as_bytes(std::span(text.data(), std::min<size_t>(text.size(), wire::kMaxTextBytes))));
+    }
   }
   control_stop = true;
   shutdown_all(conns);

@@ -1,6 +1,8 @@
 // The I/O ring: one interface, two backends. The io_uring backend queues SQEs and reaps CQEs; the syscall
 // backend performs each queued operation with a plain syscall when submit() runs and reports it the same way.
-// A ring belongs to one thread. The caller owns each Completion until the ring hands it back from reap().
+// A ring belongs to one thread, and must be made on that thread (io_uring is set up SINGLE_ISSUER: a submit
+// from any other thread fails with -EEXIST). The caller owns each Completion until the ring hands it back
+// from reap().
 #pragma once
 
 #include <sys/uio.h>

@@ -1,1 +1,262 @@
+// The dstx command as a user runs it: exit codes, messages, JSON, a 1 GiB file transfer, a killed sender, Ctrl-C.
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <gtest/gtest.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "engine/spec.h"
+#include "io/content.h"
+
+extern char** environ;
+
+namespace {
+
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+
+// A child process running dstx with stdout and stderr captured through pipes.
+class Proc {
+ public:
+  explicit Proc(std::vector<std::string> args) {
+    int out[2], err[2];
+    if (pipe2(out, O_CLOEXEC) != 0 || pipe2(err, O_CLOEXEC) != 0) throw std::runtime_error("pipe");
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_adddup2(&fa, out[1], 1);
+    posix_spawn_file_actions_adddup2(&fa, err[1], 2);
+    args.insert(args.begin(), DSTX_BINARY);
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    if (posix_spawn(&pid_, DSTX_BINARY, &fa, nullptr, argv.data(), environ) != 0) {
+      throw std::runtime_error("spawn dstx");
+    }
+    posix_spawn_file_actions_destroy(&fa);
+    close(out[1]);
+    close(err[1]);
+    out_fd_ = out[0];
+    err_fd_ = err[0];
+  }
+  ~Proc() {
+    if (pid_ > 0) {
+      kill(pid_, SIGKILL);
+      wait();
+    }
+    close(out_fd_);
+    close(err_fd_);
+  }
+  // Reads stderr until a line containing `needle` appears (or the time-out); returns that line.
+  std::string wait_stderr_line(const std::string& needle, std::chrono::milliseconds timeout = 10s) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (std::chrono::steady_clock::now() < deadline) {
+      size_t pos = err_.find(needle);
+      if (pos != std::string::npos) {
+        const size_t end = err_.find('\n', pos);
+        if (end != std::string::npos) return err_.substr(err_.rfind('\n', pos) + 1, end - err_.rfind('\n', pos) - 1);
+      }
+      if (!pump(50)) break;
+    }
+    return {};
+  }
+  int wait() {
+    while (pump(20)) {
+    }
+    int status = 0;
+    waitpid(pid_, &status, 0);
+    pid_ = -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  }
+  void signal(int sig) { kill(pid_, sig); }
+  const std::string& out() const { return out_; }
+  const std::string& err() const { return err_; }
+
+ private:
+  // Moves what is available from the pipes into the buffers; false once both are at EOF.
+  bool pump(int timeout_ms) {
+    pollfd p[2] = {{out_fd_, POLLIN, 0}, {err_fd_, POLLIN, 0}};
+    if (poll(p, 2, timeout_ms) <= 0) return true;
+    bool open = false;
+    char buf[4096];
+    for (int i = 0; i < 2; ++i) {
+      if (p[i].revents == 0) {
+        open = true;
+        continue;
+      }
+      const ssize_t n = read(p[i].fd, buf, sizeof buf);
+      if (n > 0) {
+        (i == 0 ? out_ : err_).append(buf, size_t(n));
+        open = true;
+      }
+    }
+    return open;
+  }
+  pid_t pid_ = -1;
+  int out_fd_ = -1, err_fd_ = -1;
+  std::string out_, err_;
+};
+
+int run(std::vector<std::string> args, std::string* out = nullptr, std::string* err = nullptr) {
+  Proc p(std::move(args));
+  const int rc = p.wait();
+  if (out) *out = p.out();
+  if (err) *err = p.err();
+  return rc;
+}
+
+// Starts `dstx recv` on an ephemeral port and returns the port it printed.
+uint16_t start_recv(Proc& recv) {
+  const std::string line = recv.wait_stderr_line("listening on");
+  const size_t colon = line.rfind(':');
+  if (colon == std::string::npos) return 0;
+  return uint16_t(std::stoi(line.substr(colon + 1)));
+}
+
+int run_cmp(const fs::path& a, const fs::path& b) {
+  return std::system(("cmp -s '" + a.string() + "' '" + b.string() + "'").c_str());
+}
+
+class CliTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() / ("dstx-cli-" + std::to_string(getpid()) + "-" +
+                                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::create_directories(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+  fs::path dir_;
+};
+
+TEST_F(CliTest, UsageErrorsExitTwoAndNameWhatWasWrong) {
+  std::string err;
+  EXPECT_EQ(run({}, nullptr, &err), 2);
+  EXPECT_EQ(run({"frobnicate"}, nullptr, &err), 2);
+  EXPECT_NE(err.find("unknown command 'frobnicate'"), std::string::npos) << err;
+  EXPECT_EQ(run({"send", "--bogus", "1"}, nullptr, &err), 2);
+  EXPECT_NE(err.find("--bogus"), std::string::npos) << err;
+  EXPECT_EQ(run({"send", "--source", "emu:", "--to", "127.0.0.1:1", "--chunk-size", "3Q"}, nullptr, &err), 2);
+  EXPECT_NE(err.find("3Q"), std::string::npos) << err;
+  EXPECT_EQ(run({"send", "--source", "emu:", "--to", "127.0.0.1:1", "--chunk-size", "32M"}, nullptr, &err), 2);
+  EXPECT_NE(err.find("--chunk-size"), std::string::npos) << err;
+  EXPECT_EQ(run({"send", "--source", "nope:x", "--to", "127.0.0.1:1"}, nullptr, &err), 2);
+  EXPECT_NE(err.find("unknown source kind 'nope'"), std::string::npos) << err;
+  EXPECT_EQ(run({"send", "--source", "emu:profile=plaid", "--to", "127.0.0.1:1"}, nullptr, &err), 2);
+  EXPECT_NE(err.find("plaid"), std::string::npos) << err;
+  EXPECT_EQ(run({"recv", "--listen", "127.0.0.1:99999", "--sink", "null:"}, nullptr, &err), 2);
+  EXPECT_NE(err.find("99999"), std::string::npos) << err;
+  EXPECT_EQ(run({"recv", "--listen", "127.0.0.1:0"}, nullptr, &err), 2);
+  EXPECT_NE(err.find("missing --sink"), std::string::npos) << err;
+  EXPECT_EQ(run({"send", "--source", "emu:", "--to", "127.0.0.1:1", "--codec", "gzip"}, nullptr, &err), 2);
+  EXPECT_NE(err.find("gzip"), std::string::npos) << err;
+}
+
+TEST_F(CliTest, HelpOnEveryCommand) {
+  for (const char* cmd : {"send", "recv", "demo"}) {
+    std::string out;
+    EXPECT_EQ(run({cmd, "--help"}, &out), 0) << cmd;
+    EXPECT_NE(out.find("usage: dstx"), std::string::npos) << cmd;
+  }
+  std::string out;
+  EXPECT_EQ(run({"--help"}, &out), 0);
+  EXPECT_NE(out.find("exit codes"), std::string::npos);
+}
+
+TEST_F(CliTest, ConnectionRefusedFailsWithTheAddress) {
+  std::string out;
+  // Port 1 on loopback: nothing listens there.
+  EXPECT_EQ(run({"send", "--source", "emu:size=1M", "--to", "127.0.0.1:1", "--json"}, &out), 1);
+  EXPECT_NE(out.find("\"status\":\"failed\""), std::string::npos) << out;
+  EXPECT_NE(out.find("127.0.0.1:1"), std::string::npos) << out;
+}
+
+TEST_F(CliTest, DemoCommitsAndVerifies) {
+  std::string out;
+  ASSERT_EQ(run({"demo", "--size", "64M", "--json"}, &out), 0) << out;
+  EXPECT_NE(out.find("\"role\":\"send\""), std::string::npos);
+  EXPECT_NE(out.find("\"role\":\"recv\""), std::string::npos);
+  EXPECT_EQ(out.find("failed"), std::string::npos) << out;
+  ASSERT_EQ(run({"demo", "--size", "16M", "--profile", "text", "--quiet"}, &out), 0) << out;
+  EXPECT_NE(out.find("byte-exact"), std::string::npos) << out;
+}
+
+// The "done when" of the core issue: a 1 GiB file through send and recv arrives identical.
+TEST_F(CliTest, OneGibFileArrivesIdentical) {
+  const fs::path in = dir_ / "state.bin", out = dir_ / "copy.bin";
+  {
+    const dstx::io::ContentGenerator gen(dstx::io::Profile::mixed, 2024);
+    std::vector<std::byte> buf(4 << 20);
+    std::ofstream f(in, std::ios::binary);
+    for (uint64_t off = 0; off < (1ull << 30); off += buf.size()) {
+      gen.fill(off, buf);
+      f.write(reinterpret_cast<const char*>(buf.data()), std::streamsize(buf.size()));
+    }
+  }
+  Proc recv({"recv", "--listen", "127.0.0.1:0", "--sink", "file:" + out.string(), "--json"});
+  const uint16_t port = start_recv(recv);
+  ASSERT_NE(port, 0) << recv.err();
+  std::string send_out;
+  const int send_rc = run({"send", "--source", "file:" + in.string(), "--to", "127.0.0.1:" + std::to_string(port),
+                           "--json"},
+                          &send_out);
+  const int recv_rc = recv.wait();
+  ASSERT_EQ(send_rc, 0) << send_out;
+  ASSERT_EQ(recv_rc, 0) << recv.out() << recv.err();
+  EXPECT_NE(send_out.find("\"status\":\"committed\""), std::string::npos);
+  EXPECT_NE(send_out.find("\"bytes\":1073741824"), std::string::npos) << send_out;
+  EXPECT_NE(recv.out().find("\"status\":\"committed\""), std::string::npos);
+  ASSERT_EQ(fs::file_size(out), 1ull << 30);
+  EXPECT_EQ(run_cmp(in, out), 0);
+}
+
+TEST_F(CliTest, KilledSenderLeavesNothingAtTheDestination) {
+  const fs::path out = dir_ / "copy.bin";
+  Proc recv({"recv", "--listen", "127.0.0.1:0", "--sink", "file:" + out.string(), "--json"});
+  const uint16_t port = start_recv(recv);
+  ASSERT_NE(port, 0) << recv.err();
+  Proc send({"send", "--source", "emu:size=64G,profile=random", "--to", "127.0.0.1:" + std::to_string(port),
+             "--streams", "2"});
+  // Wait until data is flowing: the .partial file exists and grows.
+  const fs::path partial = out.string() + ".partial";
+  for (int i = 0; i < 200 && !(fs::exists(partial) && fs::file_size(partial) > (8 << 20)); ++i) {
+    std::this_thread::sleep_for(25ms);
+  }
+  ASSERT_TRUE(fs::exists(partial));
+  send.signal(SIGKILL);
+  EXPECT_EQ(send.wait(), 128 + SIGKILL);
+  EXPECT_EQ(recv.wait(), 1) << recv.out();
+  EXPECT_NE(recv.out().find("\"status\":\"failed\""), std::string::npos) << recv.out();
+  EXPECT_FALSE(fs::exists(out));
+  EXPECT_FALSE(fs::exists(partial));
+}
+
+TEST_F(CliTest, CtrlCCancelsBothSidesCleanly) {
+  const fs::path out = dir_ / "copy.bin";
+  Proc recv({"recv", "--listen", "127.0.0.1:0", "--sink", "file:" + out.string(), "--json"});
+  const uint16_t port = start_recv(recv);
+  ASSERT_NE(port, 0) << recv.err();
+  Proc send({"send", "--source", "emu:size=64G,profile=random", "--to", "127.0.0.1:" + std::to_string(port),
+             "--json"});
+  const fs::path partial = out.string() + ".partial";
+  for (int i = 0; i < 200 && !(fs::exists(partial) && fs::file_size(partial) > (8 << 20)); ++i) {
+    std::this_thread::sleep_for(25ms);
+  }
+  send.signal(SIGINT);
+  EXPECT_EQ(send.wait(), 1);
+  EXPECT_NE(send.out().find("\"reason\":\"cancelled\""), std::string::npos) << send.out();
+  EXPECT_EQ(recv.wait(), 1);
+  EXPECT_NE(recv.out().find("cancelled"), std::string::npos) << recv.out();
+  EXPECT_FALSE(fs::exists(out));
+  EXPECT_FALSE(fs::exists(partial));
+}
+
+}  // namespace

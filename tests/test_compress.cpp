@@ -1,1 +1,485 @@
 #include <gtest/gtest.h>
+
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "compress/codec.h"
+#include "compress/hash.h"
+
+namespace dstx::compress {
+namespace {
+
+using Bytes = std::vector<std::byte>;
+
+uint64_t splitmix64(uint64_t& state) {
+  uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+Bytes random_bytes(size_t len, uint64_t seed) {
+  Bytes out(len);
+  for (size_t i = 0; i < len; i += 8) {
+    const uint64_t v = splitmix64(seed);
+    std::memcpy(out.data() + i, &v, std::min<size_t>(8, len - i));
+  }
+  return out;
+}
+
+// Words from a small vocabulary: compresses well with every codec, and never happens to be all zero.
+Bytes text_bytes(size_t len, uint64_t seed) {
+  static const char* const kWords[] = {"state ", "device ", "migration ", "page ",   "dirty ",
+                                       "copy ",  "vfio ",   "region ",    "buffer ", "stream "};
+  Bytes out;
+  out.reserve(len + 16);
+  while (out.size() < len) {
+    const char* w = kWords[splitmix64(seed) % 10];
+    for (; *w != '\0'; ++w) out.push_back(static_cast<std::byte>(*w));
+  }
+  out.resize(len);
+  return out;
+}
+
+Bytes as_bytes(std::string_view s) {
+  Bytes out(s.size());
+  std::memcpy(out.data(), s.data(), s.size());
+  return out;
+}
+
+struct Encoded {
+  EncodeResult result;
+  Bytes payload;  // what goes on the wire: out, or the raw bytes themselves for codec none
+};
+
+Encoded encode(const Bytes& raw, Codec codec, bool detect_zero = true, bool probe = true) {
+  EncodeOptions opts;
+  opts.codec = codec;
+  opts.detect_zero = detect_zero;
+  opts.probe_incompressible = probe;
+  Bytes out(encode_bound(codec, raw.size()));
+  Encoded e;
+  e.result = encode_chunk(opts, raw, out);
+  if (e.result.zero) return e;
+  if (e.result.codec == Codec::none) {
+    e.payload = raw;
+  } else {
+    e.payload.assign(out.begin(), out.begin() + e.result.encoded_len);
+  }
+  return e;
+}
+
+DecodeError decode(const Encoded& e, Bytes& raw_out) {
+  return decode_chunk(e.result.codec, e.result.zero, e.payload, raw_out, e.result.hash);
+}
+
+// --- names and bounds ------------------------------------------------------------------------------------
+
+TEST(Codec, NamesRoundTrip) {
+  for (uint8_t v = 0; v < kCodecCount; ++v) {
+    const auto codec = static_cast<Codec>(v);
+    Codec parsed = Codec::none;
+    ASSERT_TRUE(codec_from_name(codec_name(codec), &parsed)) << int(v);
+    EXPECT_EQ(parsed, codec);
+    EXPECT_TRUE(codec_valid(v));
+  }
+  EXPECT_EQ(codec_name(Codec::lz4), "lz4");
+  EXPECT_EQ(codec_name(Codec::zstd), "zstd");
+  Codec parsed = Codec::zstd;
+  EXPECT_FALSE(codec_from_name("LZ4", &parsed));
+  EXPECT_FALSE(codec_from_name("", &parsed));
+  EXPECT_FALSE(codec_from_name("gzip", &parsed));
+  EXPECT_EQ(parsed, Codec::zstd);
+  EXPECT_FALSE(codec_valid(kCodecCount));
+  EXPECT_FALSE(codec_valid(255));
+}
+
+TEST(Codec, EncodeBound) {
+  EXPECT_EQ(encode_bound(Codec::none, 4096), 4096u);
+  EXPECT_GT(encode_bound(Codec::lz4, 4096), 4096u);
+  EXPECT_GT(encode_bound(Codec::zstd, 4096), 4096u);
+  EXPECT_EQ(encode_bound(static_cast<Codec>(7), 4096), 0u);
+  // Beyond LZ4's input limit (and past 4 GiB, where a cast to unsigned would wrap) lz4 cannot encode.
+  EXPECT_EQ(encode_bound(Codec::lz4, size_t{0x7E000001}), 0u);
+  EXPECT_EQ(encode_bound(Codec::lz4, (size_t{1} << 32) + 5), 0u);
+}
+
+// --- round trips -----------------------------------------------------------------------------------------
+
+class RoundTrip : public ::testing::TestWithParam<std::tuple<Codec, size_t>> {};
+
+TEST_P(RoundTrip, CompressibleRandomAndZero) {
+  const auto [codec, size] = GetParam();
+  const Bytes inputs[] = {text_bytes(size, size), random_bytes(size, size + 1), Bytes(size)};
+  for (size_t k = 0; k < std::size(inputs); ++k) {
+    SCOPED_TRACE(k);
+    const Bytes& raw = inputs[k];
+    const Encoded e = encode(raw, codec);
+    if (k == 2) {
+      EXPECT_TRUE(e.result.zero);
+      EXPECT_EQ(e.result.encoded_len, 0u);
+      EXPECT_EQ(e.result.hash, 0u);
+    } else {
+      EXPECT_FALSE(e.result.zero);
+      EXPECT_EQ(e.result.hash, hash64(raw.data(), raw.size()));
+      EXPECT_EQ(e.result.encoded_len, e.payload.size());
+      EXPECT_LE(e.result.encoded_len, raw.size());
+      if (e.result.codec != Codec::none) {
+        EXPECT_LT(e.result.encoded_len, raw.size());
+      }
+    }
+    // Text of a page or more shrinks with every real codec; random data never does.
+    if (k == 0 && size >= 4096) {
+      EXPECT_EQ(e.result.codec, codec);
+    }
+    if (k == 1) {
+      EXPECT_EQ(e.result.codec, Codec::none);
+    }
+    Bytes back(size, std::byte{0x5a});
+    ASSERT_EQ(decode(e, back), DecodeError::ok);
+    EXPECT_TRUE(back == raw);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllCodecs, RoundTrip,
+                         ::testing::Combine(::testing::Values(Codec::none, Codec::lz4, Codec::zstd),
+                                            ::testing::Values(size_t{1}, size_t{4095}, size_t{4096},
+                                                              size_t{1} << 20, size_t{16} << 20)),
+                         [](const auto& test_param) {
+                           return std::string(codec_name(std::get<0>(test_param.param))) + "_" +
+                                  std::to_string(std::get<1>(test_param.param));
+                         });
+
+TEST(Encode, ZeroChunkWithoutDetectionIsCompressed) {
+  const Bytes raw(64 * 1024);
+  for (Codec codec : {Codec::lz4, Codec::zstd}) {
+    const Encoded e = encode(raw, codec, /*detect_zero=*/false);
+    EXPECT_FALSE(e.result.zero);
+    EXPECT_EQ(e.result.codec, codec);
+    EXPECT_LT(e.result.encoded_len, 1024u);
+    Bytes back(raw.size(), std::byte{1});
+    ASSERT_EQ(decode(e, back), DecodeError::ok);
+    EXPECT_TRUE(back == raw);
+  }
+}
+
+TEST(Encode, ZstdLevelsAllRoundTrip) {
+  const Bytes raw = text_bytes(256 * 1024, 3);
+  for (int level : {-5, 1, 3, 9}) {
+    EncodeOptions opts;
+    opts.codec = Codec::zstd;
+    opts.level = level;
+    Bytes out(encode_bound(Codec::zstd, raw.size()));
+    const EncodeResult r = encode_chunk(opts, raw, out);
+    ASSERT_EQ(r.codec, Codec::zstd) << level;
+    Bytes back(raw.size());
+    ASSERT_EQ(decode_chunk(r.codec, r.zero, std::span(out).first(r.encoded_len), back, r.hash),
+              DecodeError::ok);
+    EXPECT_TRUE(back == raw);
+  }
+}
+
+TEST(Encode, SmallOutputBufferFallsBackToRaw) {
+  // A buffer below the bound is not an error: whatever does not fit is sent raw.
+  const Bytes raw = text_bytes(64 * 1024, 9);
+  for (Codec codec : {Codec::lz4, Codec::zstd}) {
+    Bytes out(16);
+    const EncodeResult r = encode_chunk(EncodeOptions{.codec = codec}, raw, out);
+    EXPECT_EQ(r.codec, Codec::none);
+    EXPECT_EQ(r.encoded_len, raw.size());
+  }
+}
+
+// --- incompressible data ---------------------------------------------------------------------------------
+
+TEST(Incompressible, RandomGoesRawWithoutTouchingOut) {
+  const Bytes raw = random_bytes(1 << 20, 77);
+  EXPECT_TRUE(looks_incompressible(raw));
+  for (Codec codec : {Codec::lz4, Codec::zstd}) {
+    for (bool probe : {true, false}) {
+      Bytes out(encode_bound(codec, raw.size()), std::byte{0xa5});
+      const EncodeResult r =
+          encode_chunk(EncodeOptions{.codec = codec, .probe_incompressible = probe}, raw, out);
+      EXPECT_EQ(r.codec, Codec::none);
+      EXPECT_FALSE(r.zero);
+      EXPECT_EQ(r.encoded_len, raw.size());
+      EXPECT_EQ(r.hash, hash64(raw.data(), raw.size()));
+      if (probe) {
+        // The probe decided: nothing may have been written to out.
+        bool untouched = true;
+        for (std::byte b : out) untouched = untouched && b == std::byte{0xa5};
+        EXPECT_TRUE(untouched) << codec_name(codec);
+      }
+    }
+  }
+}
+
+TEST(Incompressible, CompressibleAndSmallInputs) {
+  EXPECT_FALSE(looks_incompressible(text_bytes(1 << 20, 1)));
+  EXPECT_FALSE(looks_incompressible(Bytes(1 << 20)));
+  EXPECT_FALSE(looks_incompressible(text_bytes(5000, 2)));
+  EXPECT_TRUE(looks_incompressible(random_bytes(5000, 2)));
+  EXPECT_FALSE(looks_incompressible({}));
+  // Random start, middle and end with compressible data between: the probe only sees its samples.
+  Bytes mixed = text_bytes(1 << 20, 4);
+  const Bytes noise = random_bytes(8192, 5);
+  for (size_t at : {size_t{0}, size_t{1} << 19, (size_t{1} << 20) - 8192}) {
+    std::memcpy(mixed.data() + at, noise.data(), noise.size());
+  }
+  EXPECT_TRUE(looks_incompressible(mixed));
+}
+
+// --- zero detection --------------------------------------------------------------------------------------
+
+TEST(IsZero, EmptyAndAllZero) {
+  EXPECT_TRUE(is_zero(nullptr, 0));
+  std::vector<std::byte> zeros((1 << 20) + 64);
+  for (size_t len : {size_t{1}, size_t{31}, size_t{32}, size_t{33}, size_t{255}, size_t{256}, size_t{257},
+                     size_t{4096}, size_t{1} << 20}) {
+    for (size_t start = 0; start < 8; ++start) EXPECT_TRUE(is_zero(zeros.data() + start, len)) << len;
+  }
+}
+
+TEST(IsZero, OneNonZeroByteAnywhereInSmallBuffers) {
+  // Every length up to a few blocks, every position, several misalignments: covers the head check, the
+  // 256-byte blocks, the 32-byte loop and the overlapping tail.
+  std::vector<std::byte> buf(700 + 8);
+  for (size_t start = 0; start < 4; ++start) {
+    for (size_t len = 1; len <= 700; ++len) {
+      for (size_t pos = 0; pos < len; ++pos) {
+        std::byte* p = buf.data() + start;
+        p[pos] = std::byte{0x80};
+        const bool z = is_zero(p, len);
+        p[pos] = std::byte{0};
+        if (z) FAIL() << "missed byte at " << pos << " of " << len << " (start " << start << ")";
+      }
+      ASSERT_TRUE(is_zero(buf.data() + start, len));
+    }
+  }
+}
+
+TEST(IsZero, OneNonZeroByteInLargeBuffers) {
+  std::vector<std::byte> buf((16 << 20) + 16);
+  for (size_t len : {size_t{4096}, size_t{4097}, size_t{1} << 20, (size_t{1} << 20) + 3, size_t{16} << 20}) {
+    for (size_t start : {size_t{0}, size_t{1}, size_t{7}}) {
+      std::byte* p = buf.data() + start;
+      for (size_t pos : {size_t{0}, size_t{1}, size_t{31}, size_t{32}, len / 2, len / 2 + 3, len - 33,
+                         len - 32, len - 2, len - 1}) {
+        p[pos] = std::byte{1};
+        EXPECT_FALSE(is_zero(p, len)) << "pos " << pos << " len " << len << " start " << start;
+        p[pos] = std::byte{0};
+      }
+      EXPECT_TRUE(is_zero(p, len));
+    }
+  }
+}
+
+// --- decode errors ---------------------------------------------------------------------------------------
+
+TEST(DecodeErrors, UnknownCodec) {
+  const Bytes raw = text_bytes(100, 1);
+  Bytes out(raw.size());
+  for (uint8_t v : {uint8_t{3}, uint8_t{200}, uint8_t{255}}) {
+    EXPECT_EQ(decode_chunk(static_cast<Codec>(v), false, raw, out, hash64(raw.data(), raw.size())),
+              DecodeError::unknown_codec);
+    EXPECT_EQ(decode_chunk(static_cast<Codec>(v), true, {}, out, 0), DecodeError::unknown_codec);
+  }
+}
+
+TEST(DecodeErrors, NoneLengths) {
+  const Bytes raw = text_bytes(4096, 1);
+  const uint64_t h = hash64(raw.data(), raw.size());
+  Bytes out_short(4095), out_long(4097), out(4096);
+  EXPECT_EQ(decode_chunk(Codec::none, false, raw, out_short, h), DecodeError::bad_length);  // enc too long
+  EXPECT_EQ(decode_chunk(Codec::none, false, raw, out_long, h), DecodeError::bad_length);   // enc too short
+  EXPECT_EQ(decode_chunk(Codec::none, false, std::span(raw).first(10), out, h), DecodeError::bad_length);
+  EXPECT_EQ(decode_chunk(Codec::none, false, raw, out, h), DecodeError::ok);
+}
+
+TEST(DecodeErrors, NoneInPlace) {
+  Bytes buf = text_bytes(4096, 8);
+  const Bytes copy = buf;
+  EXPECT_EQ(decode_chunk(Codec::none, false, buf, buf, hash64(buf.data(), buf.size())), DecodeError::ok);
+  EXPECT_TRUE(buf == copy);
+}
+
+TEST(DecodeErrors, Lz4Lengths) {
+  const Bytes raw = text_bytes(64 * 1024, 2);
+  const Encoded e = encode(raw, Codec::lz4);
+  ASSERT_EQ(e.result.codec, Codec::lz4);
+  const uint64_t h = e.result.hash;
+  Bytes out(raw.size());
+  // enc too short: nothing at all.
+  EXPECT_EQ(decode_chunk(Codec::lz4, false, {}, out, h), DecodeError::bad_length);
+  // enc too long: past the bound for this raw length.
+  Bytes too_long(encode_bound(Codec::lz4, raw.size()) + 1, std::byte{0});
+  EXPECT_EQ(decode_chunk(Codec::lz4, false, too_long, out, h), DecodeError::bad_length);
+  // raw_len mismatch that makes the payload impossible: a raw length whose bound is below the payload size.
+  Bytes tiny(16);
+  EXPECT_EQ(decode_chunk(Codec::lz4, false, e.payload, tiny, h), DecodeError::bad_length);
+  Bytes empty;
+  EXPECT_EQ(decode_chunk(Codec::lz4, false, e.payload, empty, h), DecodeError::bad_length);
+  // raw_len mismatch that only decoding reveals: the payload yields fewer or more bytes than promised.
+  Bytes bigger(raw.size() + 1), smaller(raw.size() - 1);
+  EXPECT_EQ(decode_chunk(Codec::lz4, false, e.payload, bigger, h), DecodeError::corrupt);
+  EXPECT_EQ(decode_chunk(Codec::lz4, false, e.payload, smaller, h), DecodeError::corrupt);
+  EXPECT_EQ(decode_chunk(Codec::lz4, false, e.payload, out, h), DecodeError::ok);
+}
+
+TEST(DecodeErrors, ZstdLengths) {
+  const Bytes raw = text_bytes(64 * 1024, 3);
+  const Encoded e = encode(raw, Codec::zstd);
+  ASSERT_EQ(e.result.codec, Codec::zstd);
+  const uint64_t h = e.result.hash;
+  Bytes out(raw.size());
+  EXPECT_EQ(decode_chunk(Codec::zstd, false, {}, out, h), DecodeError::bad_length);
+  Bytes too_long(encode_bound(Codec::zstd, raw.size()) + 1, std::byte{0});
+  EXPECT_EQ(decode_chunk(Codec::zstd, false, too_long, out, h), DecodeError::bad_length);
+  // The frame header records the content size: any other raw length is rejected before decompressing.
+  Bytes bigger(raw.size() + 1), smaller(raw.size() - 1), empty;
+  EXPECT_EQ(decode_chunk(Codec::zstd, false, e.payload, bigger, h), DecodeError::bad_length);
+  EXPECT_EQ(decode_chunk(Codec::zstd, false, e.payload, smaller, h), DecodeError::bad_length);
+  EXPECT_EQ(decode_chunk(Codec::zstd, false, e.payload, empty, h), DecodeError::bad_length);
+  EXPECT_EQ(decode_chunk(Codec::zstd, false, e.payload, out, h), DecodeError::ok);
+}
+
+TEST(DecodeErrors, CorruptLz4) {
+  const Bytes raw = text_bytes(64 * 1024, 4);
+  const Encoded e = encode(raw, Codec::lz4);
+  ASSERT_EQ(e.result.codec, Codec::lz4);
+  Bytes out(raw.size());
+  // Truncated: the last sequence runs past the input.
+  EXPECT_EQ(
+      decode_chunk(Codec::lz4, false, std::span(e.payload).first(e.payload.size() - 1), out, e.result.hash),
+      DecodeError::corrupt);
+  // A literal-length run of 0xff extensions that overruns the input.
+  Bytes garbage(100, std::byte{0xff});
+  EXPECT_EQ(decode_chunk(Codec::lz4, false, garbage, out, e.result.hash), DecodeError::corrupt);
+  // A match reaching before the start of the output: one literal, then offset 256.
+  const Bytes before_start = {std::byte{0x10}, std::byte{'a'}, std::byte{0x00}, std::byte{0x01},
+                              std::byte{0x00}};
+  Bytes small(64);
+  EXPECT_EQ(decode_chunk(Codec::lz4, false, before_start, small, 0), DecodeError::corrupt);
+}
+
+TEST(DecodeErrors, CorruptZstd) {
+  const Bytes raw = text_bytes(64 * 1024, 5);
+  const Encoded e = encode(raw, Codec::zstd);
+  ASSERT_EQ(e.result.codec, Codec::zstd);
+  Bytes out(raw.size());
+  EXPECT_EQ(
+      decode_chunk(Codec::zstd, false, std::span(e.payload).first(e.payload.size() - 1), out, e.result.hash),
+      DecodeError::corrupt);
+  Bytes bad_magic = e.payload;
+  bad_magic[0] ^= std::byte{0x01};
+  EXPECT_EQ(decode_chunk(Codec::zstd, false, bad_magic, out, e.result.hash), DecodeError::corrupt);
+  // Trailing bytes after the frame are not a second frame.
+  Bytes trailing = e.payload;
+  trailing.push_back(std::byte{0});
+  trailing.push_back(std::byte{0});
+  EXPECT_EQ(decode_chunk(Codec::zstd, false, trailing, out, e.result.hash), DecodeError::corrupt);
+  Bytes garbage(100, std::byte{0xff});
+  EXPECT_EQ(decode_chunk(Codec::zstd, false, garbage, out, e.result.hash), DecodeError::corrupt);
+}
+
+TEST(DecodeErrors, HashMismatchOneFlippedBit) {
+  const Bytes raw = text_bytes(64 * 1024, 6);
+  for (Codec codec : {Codec::none, Codec::lz4, Codec::zstd}) {
+    const Encoded e = encode(raw, codec);
+    ASSERT_EQ(e.result.codec, codec);
+    Bytes out(raw.size());
+    for (int bit : {0, 31, 63}) {
+      EXPECT_EQ(decode_chunk(codec, false, e.payload, out, e.result.hash ^ (uint64_t{1} << bit)),
+                DecodeError::hash_mismatch)
+          << codec_name(codec) << " bit " << bit;
+    }
+  }
+  // A flipped bit in a raw payload decodes "fine" and only the hash catches it.
+  Bytes flipped = raw;
+  flipped[12345] ^= std::byte{0x04};
+  Bytes out(raw.size());
+  EXPECT_EQ(decode_chunk(Codec::none, false, flipped, out, hash64(raw.data(), raw.size())),
+            DecodeError::hash_mismatch);
+}
+
+TEST(DecodeErrors, ZeroChunk) {
+  Bytes out(4096, std::byte{7});
+  const Bytes one(1);
+  EXPECT_EQ(decode_chunk(Codec::none, true, one, out, 0), DecodeError::bad_length);
+  EXPECT_EQ(decode_chunk(Codec::none, true, {}, out, 1), DecodeError::hash_mismatch);
+  EXPECT_EQ(decode_chunk(Codec::none, true, {}, out, 0), DecodeError::ok);
+  EXPECT_TRUE(is_zero(out.data(), out.size()));
+}
+
+TEST(DecodeErrors, TextsAreDistinct) {
+  const DecodeError all[] = {DecodeError::ok, DecodeError::unknown_codec, DecodeError::bad_length,
+                             DecodeError::corrupt, DecodeError::hash_mismatch};
+  for (size_t i = 0; i < std::size(all); ++i) {
+    ASSERT_NE(decode_error_text(all[i]), nullptr);
+    EXPECT_GT(std::strlen(decode_error_text(all[i])), 0u);
+    for (size_t j = 0; j < i; ++j) EXPECT_STRNE(decode_error_text(all[i]), decode_error_text(all[j]));
+  }
+}
+
+// --- hashing ---------------------------------------------------------------------------------------------
+
+// Expected values from xxhsum 0.8.1 (Debian package xxhash):
+//   printf 'The quick brown fox jumps over the lazy dog' | xxhsum -H2   (XXH3-128) and -H3 (XXH3-64)
+//   python3 -c "import sys; sys.stdout.buffer.write(bytes((i*7+3)&255 for i in range(1000)))" | xxhsum -H2
+//   printf '' | xxhsum -H2
+TEST(Hash, KnownValues) {
+  const Bytes fox = as_bytes("The quick brown fox jumps over the lazy dog");
+  EXPECT_EQ(hash128(fox.data(), fox.size()).hex(), "ddd650205ca3e7fa24a1cc2e3a8a7651");
+  EXPECT_EQ(hash64(fox.data(), fox.size()), 0xce7d19a5418fb365ull);
+  const Hash128 h = hash128(fox.data(), fox.size());
+  EXPECT_EQ(h.high, 0xddd650205ca3e7faull);
+  EXPECT_EQ(h.low, 0x24a1cc2e3a8a7651ull);
+
+  Bytes seq(1000);
+  for (size_t i = 0; i < seq.size(); ++i) seq[i] = static_cast<std::byte>((i * 7 + 3) & 255);
+  EXPECT_EQ(hash128(seq.data(), seq.size()).hex(), "6bcc7eff62da44c26c4f14bd97bd9e82");
+  EXPECT_EQ(hash64(seq.data(), seq.size()), 0x6c4f14bd97bd9e82ull);
+
+  EXPECT_EQ(hash128(nullptr, 0).hex(), "99aa06d3014798d86001c324468d497f");
+  EXPECT_EQ(hash64(nullptr, 0), 0x2d06800538d394c2ull);
+}
+
+TEST(Hash, HexIsCanonical) {
+  EXPECT_EQ((Hash128{.high = 0x0123456789abcdefull, .low = 0xfedcba9876543210ull}).hex(),
+            "0123456789abcdeffedcba9876543210");
+  EXPECT_EQ(Hash128{}.hex(), std::string(32, '0'));
+}
+
+TEST(Hash, StreamingEqualsOneShot) {
+  const Bytes data = random_bytes(3 * 1024 * 1024 + 17, 11);
+  const uint64_t want64 = hash64(data.data(), data.size());
+  const Hash128 want128 = hash128(data.data(), data.size());
+  Hasher64 h64;
+  Hasher128 h128;
+  EXPECT_EQ(h64.digest(), hash64(nullptr, 0));
+  EXPECT_EQ(h128.digest(), hash128(nullptr, 0));
+  // Uneven pieces cross XXH3's internal stripe and block boundaries at many different points.
+  for (size_t step : {size_t{1}, size_t{63}, size_t{240}, size_t{4096}, size_t{1000003}}) {
+    h64.reset();
+    h128.reset();
+    const size_t limit = step == 1 ? 20000 : data.size();
+    for (size_t at = 0; at < limit; at += step) {
+      const size_t n = std::min(step, limit - at);
+      h64.update(data.data() + at, n);
+      h128.update(data.data() + at, n);
+    }
+    EXPECT_EQ(h64.digest(), hash64(data.data(), limit)) << step;
+    EXPECT_EQ(h128.digest(), hash128(data.data(), limit)) << step;
+  }
+  h64.reset();
+  h64.update(data.data(), data.size());
+  EXPECT_EQ(h64.digest(), want64);
+  EXPECT_EQ(h64.digest(), want64);  // digest does not consume the state
+  h128.reset();
+  h128.update(data.data(), data.size());
+  EXPECT_EQ(h128.digest(), want128);
+}
+
+}  // namespace
+}  // namespace dstx::compress

@@ -251,30 +251,41 @@ TEST(Transfer, ThroughAnHonestProxy) {
 TEST(Transfer, AFlippedByteOnTheWireIsAlwaysCaught) {
   const fs::path dir = fs::temp_directory_path() / ("dstx-flip-" + std::to_string(getpid()));
   fs::create_directories(dir);
-  std::mt19937_64 rng(1234);
   constexpr uint64_t size = 4 << 20;
-  std::vector<int64_t> positions = {0, 5, 47, 50, 95, 96, 100, 143, 150, 1000};  // handshake and first frames
-  for (int i = 0; i < 30; ++i) positions.push_back(int64_t(rng() % (size / 2)));
+  const io::ContentGenerator gen(io::Profile::mixed, 77);
+  SendOptions so{.streams = 1, .chunk_bytes = 64 << 10};
+  so.handshake_timeout_ms = 3000;
+  so.commit_timeout_ms = 5000;
+  RecvOptions ro;
+  ro.handshake_timeout_ms = 3000;
+  // An honest run tells how many bytes the sender puts on stream 0, so every flip lands inside the stream.
+  uint64_t wire_bytes = 0;
+  {
+    auto src = io::open_emu_source(gen, size);
+    auto sink = io::open_null_sink();
+    const Outcome o = transfer(*src, *sink, so, ro);
+    ASSERT_TRUE(o.send.committed) << o.send.error;
+    wire_bytes = o.send.wire_bytes + 96;  // + HELLO
+  }
+  std::mt19937_64 rng(1234);
+  std::vector<int64_t> positions = {0, 5, 47, 50, 95, 96, 100, 143, 150, 1000, int64_t(wire_bytes) - 1,
+                                    int64_t(wire_bytes) - 30};  // handshake, first frames, END
+  for (int i = 0; i < 30; ++i) positions.push_back(int64_t(rng() % wire_bytes));
   for (const int64_t pos : positions) {
-    const io::ContentGenerator gen(io::Profile::mixed, 77);
     auto src = io::open_emu_source(gen, size);
     const fs::path out = dir / "out.bin";
     auto sink = open_sink("file:" + out.string());
     std::unique_ptr<Proxy> proxy;
-    SendOptions so{.streams = 1, .chunk_bytes = 64 << 10};
-    so.handshake_timeout_ms = 3000;
-    so.commit_timeout_ms = 5000;
-    RecvOptions ro;
-    ro.handshake_timeout_ms = 3000;
     const Outcome o = transfer(*src, *sink, so, ro, [&](uint16_t port) {
       proxy = std::make_unique<Proxy>(port, pos);
       return proxy->port();
     });
-    EXPECT_FALSE(o.send.committed) << "flip at " << pos << " went unnoticed by the sender";
+    EXPECT_FALSE(o.send.committed) << "flip at " << pos << " of " << wire_bytes << " went unnoticed by the sender";
     EXPECT_FALSE(o.recv.committed) << "flip at " << pos << " went unnoticed by the receiver";
     EXPECT_FALSE(o.send.error.empty());
     EXPECT_FALSE(fs::exists(out)) << "flip at " << pos;
     EXPECT_FALSE(fs::exists(out.string() + ".partial")) << "flip at " << pos;
+    fs::remove(out);
   }
   fs::remove_all(dir);
 }
