@@ -25,7 +25,7 @@ using wire::Reason;
 inline constexpr uint64_t kAckEveryChunks = 16;
 inline constexpr auto kAckEvery = std::chrono::milliseconds(100);
 
-uint64_t our_capabilities() { return wire::kCapLz4 | wire::kCapZstd; }
+uint64_t our_capabilities() { return wire::kCapLz4 | wire::kCapZstd | wire::kCapTransactions; }
 
 struct Shared {
   io::Sink& sink;
@@ -215,6 +215,7 @@ void writer(Shared& sh) {
       }
       if (meta.flags & wire::kFlagZero) sh.sink.write_zero(*ring, bytes, meta.raw_len);
       else sh.sink.write(*ring, bytes, data);
+      if (meta.flags & wire::kFlagEndOfTransaction) sh.sink.end_transaction(*ring);
       digest.add(meta.seq, meta.raw_len, meta.hash);
       bytes += meta.raw_len;
       applied = meta.seq;

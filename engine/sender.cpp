@@ -75,9 +75,19 @@ class Worker {
     std::byte* in = nullptr;   // header room + raw bytes
     std::byte* out = nullptr;  // header room + encoded bytes
     io::Completion io;
-    const std::byte* frame = nullptr;
+    bool end_of_transaction = false;
+    const std::byte* view = nullptr;  // zero-copy source bytes (a mapped data section), released after sending
+    uint64_t view_token = 0;
+    // What goes on the wire: the header, then the payload; one segment when they are contiguous.
+    struct Segment {
+      const std::byte* data = nullptr;
+      size_t len = 0;
+    };
+    Segment seg[2];
+    unsigned seg_count = 0;
+    unsigned seg_index = 0;
+    size_t seg_sent = 0;
     size_t frame_len = 0;
-    size_t sent = 0;
     compress::EncodeResult enc;
   };
 
@@ -148,15 +158,24 @@ class Worker {
     io::Source& src = sh_.source;
     std::byte* data = slot.in + wire::kHeaderBytes;
     if (!src.random_access()) {
+      // Sequential claims happen only here, under the source lock: check for room, read, then claim.
       std::lock_guard lock(sh_.source_mu);
+      const auto room = sh_.sequencer.peek();
+      if (room != SendSequencer::Claim::ok) return room;
+      io::ReadInfo info;
+      const size_t n = src.read_next(*src_ring_, std::span<std::byte>(data, sh_.chunk_bytes), &info);
+      if (n == io::kReadAgain) return SendSequencer::Claim::window_full;
       uint64_t seq = 0;
       const auto claim = sh_.sequencer.try_claim(&seq);
-      if (claim != SendSequencer::Claim::ok) return claim;
-      const size_t n = src.read_next(*src_ring_, std::span<std::byte>(data, sh_.chunk_bytes));
+      if (claim != SendSequencer::Claim::ok) throw std::logic_error("sequencer changed under the source lock");
       if (n == 0) {
         sh_.sequencer.set_total(seq - 1);
         return SendSequencer::Claim::exhausted;
       }
+      if (n > sh_.chunk_bytes) throw std::logic_error(src.describe() + ": read_next returned more than asked");
+      slot.end_of_transaction = info.end_of_transaction;
+      slot.view = info.view;
+      slot.view_token = info.view_token;
       slot.seq = seq;
       slot.offset = sh_.next_offset;
       slot.len = uint32_t(n);
@@ -170,6 +189,8 @@ class Worker {
     if (claim != SendSequencer::Claim::ok) return claim;
     const uint64_t size = *src.size();
     slot.seq = seq;
+    slot.end_of_transaction = false;
+    slot.view = nullptr;
     slot.offset = (seq - 1) * sh_.chunk_bytes;
     slot.len = uint32_t(std::min<uint64_t>(sh_.chunk_bytes, size - slot.offset));
     fifo_.push_back(&slot);
@@ -191,23 +212,37 @@ class Worker {
   void encode_ready() {
     for (Slot* slot : fifo_) {
       if (slot->state != State::read) continue;
-      const std::span<const std::byte> raw(slot->in + wire::kHeaderBytes, slot->len);
+      const std::span<const std::byte> raw(slot->view ? slot->view : slot->in + wire::kHeaderBytes, slot->len);
       slot->enc = compress::encode_chunk(sh_.encode, raw,
                                          std::span<std::byte>(slot->out + wire::kHeaderBytes,
                                                               out_bytes_ - wire::kHeaderBytes));
+      const uint16_t flags = uint16_t((slot->enc.zero ? wire::kFlagZero : 0) |
+                                      (slot->end_of_transaction ? wire::kFlagEndOfTransaction : 0));
       wire::Header h{.type = wire::FrameType::data,
                      .codec = uint8_t(slot->enc.codec),
-                     .flags = uint16_t(slot->enc.zero ? wire::kFlagZero : 0),
+                     .flags = flags,
                      .seq = slot->seq,
                      .offset = slot->offset,
                      .raw_len = slot->len,
                      .payload_len = slot->enc.encoded_len,
                      .hash = slot->enc.hash};
-      std::byte* frame = slot->enc.codec == compress::Codec::none ? slot->in : slot->out;
-      wire::encode_header(h, std::span<std::byte, wire::kHeaderBytes>(frame, wire::kHeaderBytes));
-      slot->frame = frame;
+      // Raw and zero chunks go out from the input buffer (header room in front), compressed ones from the
+      // output buffer; raw bytes still in a source's mapping go out from there, after a separate header.
+      const bool raw_chunk = slot->enc.codec == compress::Codec::none;
+      std::byte* header = raw_chunk ? slot->in : slot->out;
+      wire::encode_header(h, std::span<std::byte, wire::kHeaderBytes>(header, wire::kHeaderBytes));
       slot->frame_len = wire::kHeaderBytes + slot->enc.encoded_len;
-      slot->sent = 0;
+      if (raw_chunk && slot->view && !slot->enc.zero) {
+        slot->seg[0] = {header, wire::kHeaderBytes};
+        slot->seg[1] = {slot->view, slot->enc.encoded_len};
+        slot->seg_count = 2;
+      } else {
+        slot->seg[0] = {header, slot->frame_len};
+        slot->seg_count = 1;
+      }
+      if (slot->view && !(raw_chunk && !slot->enc.zero)) release_view(*slot);  // encoded: mapping no longer needed
+      slot->seg_index = 0;
+      slot->seg_sent = 0;
       slot->state = State::encoded;
       // Encoding is the CPU-heavy step: do one, then let the ring make progress.
       return;
@@ -221,9 +256,16 @@ class Worker {
     slot.state = State::sending;
   }
 
+  void release_view(Slot& slot) {
+    if (!slot.view) return;
+    sh_.source.release_view(slot.view_token);
+    slot.view = nullptr;
+  }
+
   void queue_send(Slot& slot) {
-    const size_t left = slot.frame_len - slot.sent;
-    send_io_ = io::Completion{.op = io::Op::send, .fd = fd_, .buf = const_cast<std::byte*>(slot.frame + slot.sent),
+    const Slot::Segment& seg = slot.seg[slot.seg_index];
+    const size_t left = seg.len - slot.seg_sent;
+    send_io_ = io::Completion{.op = io::Op::send, .fd = fd_, .buf = const_cast<std::byte*>(seg.data + slot.seg_sent),
                               .len = uint32_t(std::min(left, io::kMaxIoBytes))};
     if (!ring_->queue(&send_io_)) {
       ring_->submit(0);
@@ -265,8 +307,12 @@ class Worker {
         sh_.failure.set(Reason::connection, "stream " + std::to_string(index_) + ": send: " + errno_text(err));
         return;
       }
-      slot.sent += size_t(send_io_.result);
-      if (slot.sent < slot.frame_len) {
+      slot.seg_sent += size_t(send_io_.result);
+      if (slot.seg_sent == slot.seg[slot.seg_index].len && slot.seg_index + 1 < slot.seg_count) {
+        ++slot.seg_index;
+        slot.seg_sent = 0;
+      }
+      if (slot.seg_sent < slot.seg[slot.seg_index].len) {
         queue_send(slot);
         return;
       }
@@ -282,6 +328,7 @@ class Worker {
     if (slot.enc.zero) st.zero_chunks.fetch_add(1, std::memory_order_relaxed);
     else if (slot.enc.codec == compress::Codec::none) st.raw_chunks.fetch_add(1, std::memory_order_relaxed);
     else st.compressed_chunks.fetch_add(1, std::memory_order_relaxed);
+    release_view(slot);
     sh_.sequencer.complete(slot.seq, slot.len, slot.enc.hash);
     slot.state = State::free;
     fifo_.pop_front();
@@ -294,6 +341,7 @@ class Worker {
       if (ring_->submit(1) < 0) break;
       reap();
     }
+    for (Slot& slot : slots_) release_view(slot);
     ring_.reset();
     if (memory_) ::operator delete(memory_, std::align_val_t(4096));
     memory_ = nullptr;
@@ -407,7 +455,7 @@ std::string await_hello_ack(io::Ring& ring, int fd, const wire::Hello& hello, in
   return {};
 }
 
-uint64_t our_capabilities() { return wire::kCapLz4 | wire::kCapZstd; }
+uint64_t our_capabilities() { return wire::kCapLz4 | wire::kCapZstd | wire::kCapTransactions; }
 
 // Chooses the codec from the mode and what the receiver accepts.
 std::string pick_codec(const SendOptions& o, uint64_t caps, compress::EncodeOptions* enc) {

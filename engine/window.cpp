@@ -18,6 +18,13 @@ SendSequencer::Claim SendSequencer::try_claim(uint64_t* seq) {
   return Claim::ok;
 }
 
+SendSequencer::Claim SendSequencer::peek() const {
+  std::lock_guard lock(mu_);
+  if (cursor_ > total_) return Claim::exhausted;
+  if (cursor_ >= next_ + window_) return Claim::window_full;
+  return Claim::ok;
+}
+
 void SendSequencer::set_total(uint64_t chunks) {
   {
     std::lock_guard lock(mu_);

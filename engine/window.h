@@ -26,6 +26,8 @@ class SendSequencer {
   enum class Claim { ok, window_full, exhausted };
   // Claims the next sequence number if it lies within the window and below the total.
   Claim try_claim(uint64_t* seq);
+  // What try_claim would answer now, without claiming.
+  Claim peek() const;
   // Sets the number of chunks (known up front, or when a sequential source hits its end).
   void set_total(uint64_t chunks);
   uint64_t total() const;

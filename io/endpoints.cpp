@@ -106,7 +106,7 @@ class FdSource final : public Source {
   std::optional<uint64_t> size() const override { return std::nullopt; }
   bool random_access() const override { return false; }
 
-  size_t read_next(Ring& ring, std::span<std::byte> out) override {
+  size_t read_next(Ring& ring, std::span<std::byte> out, ReadInfo* /*info*/) override {
     // Once a stream has ended we never read again: a tty would otherwise hand out more bytes after Ctrl-D.
     if (eof_ || out.empty()) return 0;
     int64_t got = read_full(ring, fd_, out.data(), out.size(), -1);
@@ -444,9 +444,13 @@ void Source::read_at(Ring&, uint64_t, std::span<std::byte>) {
   throw std::logic_error(describe() + ": not a random-access source");
 }
 
-size_t Source::read_next(Ring&, std::span<std::byte>) {
+size_t Source::read_next(Ring&, std::span<std::byte>, ReadInfo*) {
   throw std::logic_error(describe() + ": not a sequential source");
 }
+
+void Source::release_view(uint64_t) {}
+
+void Sink::end_transaction(Ring&) {}
 
 void Sink::write_zero(Ring& ring, uint64_t offset, uint64_t len) {
   uint64_t done = 0;

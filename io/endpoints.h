@@ -15,6 +15,19 @@
 
 namespace dstx::io {
 
+// What a sequential read returned besides the bytes.
+struct ReadInfo {
+  bool end_of_transaction = false;  // these bytes end a source transaction (VFIO v1 migration region)
+  // Zero copy: when set, the bytes are at `view` (e.g. a mapped device data section) and `out` was not written.
+  // The view stays valid until release_view(view_token); the source does not move on past it before then.
+  const std::byte* view = nullptr;
+  uint64_t view_token = 0;
+};
+
+// read_next's answer when it cannot move on now because views it handed out are still held (a VFIO v1 section
+// is refilled only at the next transaction): the caller releases what it holds and asks again.
+inline constexpr size_t kReadAgain = SIZE_MAX;
+
 class Source {
  public:
   virtual ~Source() = default;
@@ -28,9 +41,12 @@ class Source {
   virtual int read_fd() const { return -1; }
   // Random access: fills `out` with the bytes at `offset` (out must lie within size()). Thread-safe.
   virtual void read_at(Ring& ring, uint64_t offset, std::span<std::byte> out);
-  // Sequential: reads the next bytes in order into `out`, filling it unless the stream ends. Returns the byte
-  // count; 0 means end of stream. One caller at a time (the engine serialises).
-  virtual size_t read_next(Ring& ring, std::span<std::byte> out);
+  // Sequential: reads the next bytes in order into `out` (at most out.size()), filling it unless the stream or
+  // a transaction ends. Returns the byte count; 0 means end of stream. One caller at a time (the engine
+  // serialises). `info` (never null) reports a transaction end or a zero-copy view. kReadAgain: see above.
+  virtual size_t read_next(Ring& ring, std::span<std::byte> out, ReadInfo* info);
+  // Releases a view returned through ReadInfo. Thread-safe; called once per view.
+  virtual void release_view(uint64_t view_token);
 };
 
 class Sink {
@@ -41,6 +57,9 @@ class Sink {
   virtual void write(Ring& ring, uint64_t offset, std::span<const std::byte> data) = 0;
   // A run of zero bytes (a zero chunk). Default: writes zeros from a static zero page.
   virtual void write_zero(Ring& ring, uint64_t offset, uint64_t len);
+  // The bytes written since the previous call complete one source transaction (VFIO v1: write data_size).
+  // Default: nothing.
+  virtual void end_transaction(Ring& ring);
   // Every byte is written and verified: make the result durable and visible (a file appears under its name
   // only here). Throws if it cannot; the caller then calls abort().
   virtual void commit(Ring& ring, uint64_t total_bytes) = 0;

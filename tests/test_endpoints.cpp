@@ -109,6 +109,7 @@ class Endpoints : public ::testing::TestWithParam<Backend> {
   }
   std::string path(const std::string& name) const { return dir_ + "/" + name; }
   Ring& ring() { return *ring_; }
+  ReadInfo info_;
 
   std::unique_ptr<Ring> ring_;
   std::string dir_;
@@ -141,7 +142,7 @@ TEST_P(Endpoints, FileSourceReadsAnyRange) {
   }
   Bytes past(10);
   EXPECT_THROW(src->read_at(ring(), size - 5, past), std::out_of_range);
-  EXPECT_THROW(src->read_next(ring(), past), std::logic_error);
+  EXPECT_THROW(src->read_next(ring(), past, &info_), std::logic_error);
 }
 
 TEST_P(Endpoints, FileSourceShortReadNamesTheOffset) {
@@ -192,7 +193,7 @@ TEST_P(Endpoints, FdSourceFillsEveryChunkUntilEof) {
   Bytes received;
   Bytes chunk(256 * 1024);
   for (;;) {
-    size_t n = src->read_next(ring(), chunk);
+    size_t n = src->read_next(ring(), chunk, &info_);
     if (n == 0) break;
     received.insert(received.end(), chunk.begin(), chunk.begin() + static_cast<ptrdiff_t>(n));
     if (received.size() < size) {
@@ -202,7 +203,7 @@ TEST_P(Endpoints, FdSourceFillsEveryChunkUntilEof) {
   writer.join();
   EXPECT_EQ(received.size(), size);
   EXPECT_TRUE(received == content);
-  EXPECT_EQ(src->read_next(ring(), chunk), 0u);
+  EXPECT_EQ(src->read_next(ring(), chunk, &info_), 0u);
   EXPECT_THROW(src->read_at(ring(), 0, chunk), std::logic_error);
 }
 
@@ -215,7 +216,7 @@ TEST_P(Endpoints, EmuSourceGeneratesContent) {
   src->read_at(ring(), 77777, out);
   EXPECT_TRUE(out == generate(gen, 77777, out.size()));
   EXPECT_THROW(src->read_at(ring(), (1 << 20) - 100, out), std::out_of_range);
-  EXPECT_THROW(src->read_next(ring(), out), std::logic_error);
+  EXPECT_THROW(src->read_next(ring(), out, &info_), std::logic_error);
 }
 
 // --- file sink ---------------------------------------------------------------------------------------------
