@@ -102,6 +102,60 @@ DecodeError decode_zstd(std::span<const std::byte> enc, std::span<std::byte> raw
 // calling convention without -mavx and draws -Wpsabi), NEON on arm64.
 typedef uint64_t Vec16 __attribute__((vector_size(16)));
 
+size_t sparse_pages(size_t raw_len) { return (raw_len + kSparsePageBytes - 1) / kSparsePageBytes; }
+size_t sparse_bitmap_bytes(size_t raw_len) { return (sparse_pages(raw_len) + 7) / 8; }
+
+// Returns the payload size, or 0 when the chunk has no zero page or the payload does not fit.
+size_t compress_sparse(std::span<const std::byte> raw, std::byte* out, size_t capacity) {
+  const size_t pages = sparse_pages(raw.size());
+  const size_t bitmap = sparse_bitmap_bytes(raw.size());
+  if (capacity < bitmap) return 0;
+  std::memset(out, 0, bitmap);
+  size_t n = bitmap;
+  bool any_zero = false;
+  for (size_t i = 0; i < pages; ++i) {
+    const size_t off = i * kSparsePageBytes;
+    const size_t len = std::min(kSparsePageBytes, raw.size() - off);
+    if (is_zero(raw.data() + off, len)) {
+      any_zero = true;
+      continue;
+    }
+    if (n + len > capacity) return 0;
+    out[i / 8] |= std::byte(1u << (i % 8));
+    std::memcpy(out + n, raw.data() + off, len);
+    n += len;
+  }
+  return any_zero ? n : 0;
+}
+
+DecodeError decode_sparse(std::span<const std::byte> enc, std::span<std::byte> raw_out) {
+  const size_t pages = sparse_pages(raw_out.size());
+  const size_t bitmap = sparse_bitmap_bytes(raw_out.size());
+  if (enc.size() < bitmap) return DecodeError::bad_length;
+  // Check the whole layout before writing anything: bits past the last page must be clear and the present
+  // pages must account for the payload exactly.
+  size_t expect = bitmap;
+  for (size_t i = 0; i < bitmap * 8; ++i) {
+    const bool present = (std::to_integer<unsigned>(enc[i / 8]) >> (i % 8)) & 1u;
+    if (!present) continue;
+    if (i >= pages) return DecodeError::corrupt;
+    expect += std::min(kSparsePageBytes, raw_out.size() - i * kSparsePageBytes);
+  }
+  if (expect != enc.size()) return DecodeError::bad_length;
+  size_t n = bitmap;
+  for (size_t i = 0; i < pages; ++i) {
+    const size_t off = i * kSparsePageBytes;
+    const size_t len = std::min(kSparsePageBytes, raw_out.size() - off);
+    if ((std::to_integer<unsigned>(enc[i / 8]) >> (i % 8)) & 1u) {
+      std::memcpy(raw_out.data() + off, enc.data() + n, len);
+      n += len;
+    } else {
+      std::memset(raw_out.data() + off, 0, len);
+    }
+  }
+  return DecodeError::ok;
+}
+
 inline Vec16 load16(const unsigned char* p) {
   Vec16 v;
   std::memcpy(&v, p, sizeof(v));
@@ -122,6 +176,8 @@ std::string_view codec_name(Codec codec) {
       return "lz4";
     case Codec::zstd:
       return "zstd";
+    case Codec::sparse:
+      return "sparse";
   }
   return "unknown";
 }
@@ -151,6 +207,8 @@ size_t encode_bound(Codec codec, size_t raw_len) {
       const size_t bound = ZSTD_compressBound(raw_len);
       return ZSTD_isError(bound) ? 0 : bound;
     }
+    case Codec::sparse:
+      return sparse_bitmap_bytes(raw_len) + raw_len;
   }
   return 0;
 }
@@ -216,8 +274,19 @@ EncodeResult encode_chunk(const EncodeOptions& opts, std::span<const std::byte> 
   result.codec = Codec::none;
   result.encoded_len = static_cast<uint32_t>(raw.size());
   result.hash = hash64(raw.data(), raw.size());
-  if (opts.codec == Codec::none || raw.size() < 2) return result;
-  if (opts.probe_incompressible && raw.size() >= kProbeMinBytes && looks_incompressible(raw)) return result;
+  // Raw after all: still worth dropping the zero pages when the caller allows it.
+  auto raw_result = [&] {
+    if (opts.sparse_fallback && raw.size() > kSparsePageBytes) {
+      const size_t n = compress_sparse(raw, out.data(), std::min(out.size(), raw.size() - 1));
+      if (n > 0) {
+        result.codec = Codec::sparse;
+        result.encoded_len = static_cast<uint32_t>(n);
+      }
+    }
+    return result;
+  };
+  if (opts.codec == Codec::none || raw.size() < 2) return raw_result();
+  if (opts.probe_incompressible && raw.size() >= kProbeMinBytes && looks_incompressible(raw)) return raw_result();
 
   // Capping the output below raw.size() lets the compressor give up as soon as the chunk cannot shrink,
   // and makes "does not fit" and "did not shrink" the same answer: send raw.
@@ -231,10 +300,13 @@ EncodeResult encode_chunk(const EncodeOptions& opts, std::span<const std::byte> 
     case Codec::zstd:
       n = compress_zstd(raw, out.data(), capacity, opts.level);
       break;
+    case Codec::sparse:
+      n = compress_sparse(raw, out.data(), capacity);
+      break;
     case Codec::none:
       break;
   }
-  if (n == 0 || n >= raw.size()) return result;
+  if (n == 0 || n >= raw.size()) return raw_result();
   result.codec = opts.codec;
   result.encoded_len = static_cast<uint32_t>(n);
   return result;
@@ -277,6 +349,10 @@ DecodeError decode_chunk(Codec codec, bool zero, std::span<const std::byte> enc,
       break;
     case Codec::zstd:
       err = decode_zstd(enc, raw_out);
+      break;
+    case Codec::sparse:
+      if (enc.size() > encode_bound(Codec::sparse, raw_out.size())) return DecodeError::bad_length;
+      err = decode_sparse(enc, raw_out);
       break;
   }
   if (err != DecodeError::ok) return err;

@@ -10,11 +10,14 @@
 namespace dstx::compress {
 
 // Numbers are part of the wire format: never renumber.
-enum class Codec : uint8_t { none = 0, lz4 = 1, zstd = 2 };
-inline constexpr unsigned kCodecCount = 3;
+// sparse: zero-page elision without compression, for chunks that go out uncompressed: a bitmap of the
+// chunk's 4 KiB pages (bit set = page present), then the present pages in order.
+enum class Codec : uint8_t { none = 0, lz4 = 1, zstd = 2, sparse = 3 };
+inline constexpr unsigned kCodecCount = 4;
+inline constexpr size_t kSparsePageBytes = 4096;
 
 std::string_view codec_name(Codec codec);
-// Accepts "none", "lz4", "zstd". Returns false for anything else.
+// Accepts "none", "lz4", "zstd", "sparse". Returns false for anything else.
 bool codec_from_name(std::string_view name, Codec* out);
 bool codec_valid(uint8_t value);
 
@@ -33,6 +36,7 @@ struct EncodeOptions {
   int level = 1;             // zstd level (lz4: acceleration is fixed at 1)
   bool detect_zero = true;
   bool probe_incompressible = true;  // use looks_incompressible() to skip hopeless compressions
+  bool sparse_fallback = false;      // a chunk that would go raw goes sparse instead when it has zero pages
 };
 
 struct EncodeResult {

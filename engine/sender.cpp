@@ -213,7 +213,7 @@ class Worker {
     for (Slot* slot : fifo_) {
       if (slot->state != State::read) continue;
       const std::span<const std::byte> raw(slot->view ? slot->view : slot->in + wire::kHeaderBytes, slot->len);
-      slot->enc = compress::encode_chunk(sh_.encode, raw,
+      slot->enc = compress::encode_chunk(choose_encoding(), raw,
                                          std::span<std::byte>(slot->out + wire::kHeaderBytes,
                                                               out_bytes_ - wire::kHeaderBytes));
       const uint16_t flags = uint16_t((slot->enc.zero ? wire::kFlagZero : 0) |
@@ -247,6 +247,28 @@ class Worker {
       // Encoding is the CPU-heavy step: do one, then let the ring make progress.
       return;
     }
+  }
+
+  // --codec auto: compress a share of the chunks, the rest go raw (zero chunks are skipped either way). The
+  // share follows the bottleneck: when a finished send finds the next frame already waiting, the link is the
+  // bottleneck and compressing more pays; when the link has to wait for the encoder, the CPU is, and more
+  // chunks go raw. Fixed codecs compress every chunk.
+  compress::EncodeOptions choose_encoding() {
+    compress::EncodeOptions opts = sh_.encode;
+    if (sh_.options.codec != CodecMode::auto_select || opts.codec == compress::Codec::none) return opts;
+    credit_ += compress_share_;
+    if (credit_ >= 1.0) {
+      credit_ -= 1.0;
+    } else {
+      opts.codec = compress::Codec::none;
+    }
+    return opts;
+  }
+
+  void adapt_after_send() {
+    if (sh_.options.codec != CodecMode::auto_select) return;
+    const bool link_bound = fifo_.size() > 1 && fifo_[1]->state == State::encoded;
+    compress_share_ = std::clamp(compress_share_ + (link_bound ? kShareStep : -kShareStep), kShareMin, 1.0);
   }
 
   void start_send() {
@@ -316,6 +338,7 @@ class Worker {
         queue_send(slot);
         return;
       }
+      adapt_after_send();
       finish(slot);
     }
   }
@@ -360,6 +383,10 @@ class Worker {
   io::Completion send_io_;
   bool sending_ = false;
   bool exhausted_ = false;
+  static constexpr double kShareStep = 0.05;
+  static constexpr double kShareMin = 0.0;
+  double compress_share_ = 1.0;  // start compressing everything: right for every link slower than the CPU
+  double credit_ = 0.0;
 };
 
 // Reads the return path on stream 0: ACKs, then COMMITTED or ABORTED.
@@ -468,6 +495,7 @@ std::string pick_codec(const SendOptions& o, uint64_t caps, compress::EncodeOpti
     case CodecMode::auto_select:
       enc->codec = (caps & wire::kCapLz4) ? compress::Codec::lz4 : compress::Codec::none;
       enc->probe_incompressible = true;
+      enc->sparse_fallback = true;
       return {};
     case CodecMode::lz4:
       if (!(caps & wire::kCapLz4)) return "the receiver does not accept lz4";

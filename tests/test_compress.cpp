@@ -280,7 +280,7 @@ TEST(IsZero, OneNonZeroByteInLargeBuffers) {
 TEST(DecodeErrors, UnknownCodec) {
   const Bytes raw = text_bytes(100, 1);
   Bytes out(raw.size());
-  for (uint8_t v : {uint8_t{3}, uint8_t{200}, uint8_t{255}}) {
+  for (uint8_t v : {uint8_t{kCodecCount}, uint8_t{200}, uint8_t{255}}) {
     EXPECT_EQ(decode_chunk(static_cast<Codec>(v), false, raw, out, hash64(raw.data(), raw.size())),
               DecodeError::unknown_codec);
     EXPECT_EQ(decode_chunk(static_cast<Codec>(v), true, {}, out, 0), DecodeError::unknown_codec);
@@ -479,6 +479,78 @@ TEST(Hash, StreamingEqualsOneShot) {
   h128.reset();
   h128.update(data.data(), data.size());
   EXPECT_EQ(h128.digest(), want128);
+}
+
+// Sparse: zero pages elided, the rest raw. Random pages with every other page zero, and a short tail page.
+TEST(Sparse, RoundTripsAndShrinksByTheZeroPages) {
+  for (size_t len : {size_t{8192}, size_t{(1 << 20)}, size_t{(1 << 20) + 100}, size_t{5 * 4096 - 1}}) {
+    Bytes raw = random_bytes(len, 3);
+    size_t zero_bytes = 0;
+    for (size_t page = 0; page * 4096 < len; page += 2) {
+      const size_t n = std::min<size_t>(4096, len - page * 4096);
+      std::memset(raw.data() + page * 4096, 0, n);
+      zero_bytes += n;
+    }
+    EncodeOptions opts;
+    opts.codec = Codec::sparse;
+    Bytes out(encode_bound(Codec::sparse, len));
+    const EncodeResult r = encode_chunk(opts, raw, out);
+    ASSERT_EQ(r.codec, Codec::sparse) << len;
+    const size_t pages = (len + 4095) / 4096;
+    EXPECT_EQ(r.encoded_len, (pages + 7) / 8 + len - zero_bytes) << len;
+    Bytes back(len, std::byte{0x5a});
+    EXPECT_EQ(decode_chunk(Codec::sparse, false, std::span(out.data(), r.encoded_len), back, r.hash),
+              DecodeError::ok);
+    EXPECT_EQ(back, raw);
+  }
+}
+
+TEST(Sparse, IsTheFallbackForChunksThatGoRaw) {
+  Bytes raw = random_bytes(64 << 10, 4);
+  std::memset(raw.data() + 4096, 0, 8192);
+  EncodeOptions opts;
+  opts.codec = Codec::none;
+  Bytes out(encode_bound(Codec::lz4, raw.size()));
+  EXPECT_EQ(encode_chunk(opts, raw, out).codec, Codec::none);  // not asked for: raw stays raw
+  opts.sparse_fallback = true;
+  EXPECT_EQ(encode_chunk(opts, raw, out).codec, Codec::sparse);
+  opts.codec = Codec::lz4;  // random pages: lz4 cannot shrink them, the zero pages still go
+  const EncodeResult r = encode_chunk(opts, raw, out);
+  EXPECT_EQ(r.codec, Codec::sparse);
+  EXPECT_EQ(r.encoded_len, 2 + raw.size() - 8192);
+  Bytes none_zero = random_bytes(64 << 10, 5);
+  EXPECT_EQ(encode_chunk(opts, none_zero, out).codec, Codec::none);  // no zero page: nothing to gain
+}
+
+TEST(Sparse, RejectsMalformedPayloads) {
+  Bytes raw = random_bytes(3 * 4096 + 10, 6);
+  std::memset(raw.data() + 4096, 0, 4096);
+  EncodeOptions opts;
+  opts.codec = Codec::sparse;
+  Bytes out(encode_bound(Codec::sparse, raw.size()));
+  const EncodeResult r = encode_chunk(opts, raw, out);
+  ASSERT_EQ(r.codec, Codec::sparse);
+  Bytes back(raw.size());
+  Bytes enc(out.begin(), out.begin() + r.encoded_len);
+  // Truncated and over-long payloads.
+  EXPECT_EQ(decode_chunk(Codec::sparse, false, std::span(enc.data(), enc.size() - 1), back, r.hash),
+            DecodeError::bad_length);
+  Bytes longer = enc;
+  longer.push_back(std::byte{0});
+  EXPECT_EQ(decode_chunk(Codec::sparse, false, longer, back, r.hash), DecodeError::bad_length);
+  // A bitmap claiming a page past the end (4 pages: bit 4 is beyond).
+  Bytes beyond = enc;
+  beyond[0] |= std::byte{1u << 4};
+  EXPECT_EQ(decode_chunk(Codec::sparse, false, beyond, back, r.hash), DecodeError::corrupt);
+  // A bitmap that marks the zero page present: lengths no longer add up.
+  Bytes flipped = enc;
+  flipped[0] |= std::byte{1u << 1};
+  EXPECT_EQ(decode_chunk(Codec::sparse, false, flipped, back, r.hash), DecodeError::bad_length);
+  // Payload bytes changed: the hash catches it.
+  Bytes changed = enc;
+  changed[5] ^= std::byte{1};
+  EXPECT_EQ(decode_chunk(Codec::sparse, false, changed, back, r.hash), DecodeError::hash_mismatch);
+  EXPECT_EQ(decode_chunk(Codec::sparse, false, std::span(enc.data(), 0), back, r.hash), DecodeError::bad_length);
 }
 
 }  // namespace
