@@ -9,8 +9,13 @@ namespace {
 
 using namespace dstx::engine::wire;
 
-const Header kData{.type = FrameType::data, .codec = 1, .seq = 42, .offset = 42 << 20, .raw_len = 1 << 20,
-                   .payload_len = 400000, .hash = 0x1234};
+const Header kData{.type = FrameType::data,
+                   .codec = 1,
+                   .seq = 42,
+                   .offset = 42 << 20,
+                   .raw_len = 1 << 20,
+                   .payload_len = 400000,
+                   .hash = 0x1234};
 
 void BM_EncodeHeader(benchmark::State& state) {
   std::array<std::byte, kHeaderBytes> buf;

@@ -50,8 +50,8 @@ int Args::get_int(const std::string& name, int fallback, int min, int max) const
   int n = 0;
   const auto [end, ec] = std::from_chars(v->data(), v->data() + v->size(), n);
   if (ec != std::errc() || end != v->data() + v->size() || n < min || n > max) {
-    throw UsageError("--" + name + " '" + *v + "': expected a whole number from " + std::to_string(min) + " to " +
-                     std::to_string(max));
+    throw UsageError("--" + name + " '" + *v + "': expected a whole number from " + std::to_string(min) +
+                     " to " + std::to_string(max));
   }
   return n;
 }

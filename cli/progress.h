@@ -26,7 +26,8 @@ class ProgressLine {
   bool drew_ = false;
 };
 
-void print_summary(std::FILE* out, const char* role, const engine::Result& result, const engine::Stats& stats);
+void print_summary(std::FILE* out, const char* role, const engine::Result& result,
+                   const engine::Stats& stats);
 void print_json(std::FILE* out, const char* role, const engine::Result& result, const engine::Stats& stats,
                 const std::string& extra_fields = "");
 std::string json_escape(const std::string& text);

@@ -102,8 +102,12 @@ DecodeError decode_zstd(std::span<const std::byte> enc, std::span<std::byte> raw
 // calling convention without -mavx and draws -Wpsabi), NEON on arm64.
 typedef uint64_t Vec16 __attribute__((vector_size(16)));
 
-size_t sparse_pages(size_t raw_len) { return (raw_len + kSparsePageBytes - 1) / kSparsePageBytes; }
-size_t sparse_bitmap_bytes(size_t raw_len) { return (sparse_pages(raw_len) + 7) / 8; }
+size_t sparse_pages(size_t raw_len) {
+  return (raw_len + kSparsePageBytes - 1) / kSparsePageBytes;
+}
+size_t sparse_bitmap_bytes(size_t raw_len) {
+  return (sparse_pages(raw_len) + 7) / 8;
+}
 
 // Returns the payload size, or 0 when the chunk has no zero page or the payload does not fit.
 size_t compress_sparse(std::span<const std::byte> raw, std::byte* out, size_t capacity) {
@@ -286,7 +290,8 @@ EncodeResult encode_chunk(const EncodeOptions& opts, std::span<const std::byte> 
     return result;
   };
   if (opts.codec == Codec::none || raw.size() < 2) return raw_result();
-  if (opts.probe_incompressible && raw.size() >= kProbeMinBytes && looks_incompressible(raw)) return raw_result();
+  if (opts.probe_incompressible && raw.size() >= kProbeMinBytes && looks_incompressible(raw))
+    return raw_result();
 
   // Capping the output below raw.size() lets the compressor give up as soon as the chunk cannot shrink,
   // and makes "does not fit" and "did not shrink" the same answer: send raw.

@@ -48,7 +48,8 @@ struct EncodeResult {
 
 // Encodes `raw` into `out` (out.size() >= encode_bound(opts.codec, raw.size())).
 // When the result's codec is none the payload is `raw` itself: nothing is copied into `out`.
-EncodeResult encode_chunk(const EncodeOptions& opts, std::span<const std::byte> raw, std::span<std::byte> out);
+EncodeResult encode_chunk(const EncodeOptions& opts, std::span<const std::byte> raw,
+                          std::span<std::byte> out);
 
 enum class DecodeError : uint8_t {
   ok = 0,

@@ -25,7 +25,9 @@ using wire::Reason;
 inline constexpr uint64_t kAckEveryChunks = 16;
 inline constexpr auto kAckEvery = std::chrono::milliseconds(100);
 
-uint64_t our_capabilities() { return wire::kCapLz4 | wire::kCapZstd | wire::kCapTransactions; }
+uint64_t our_capabilities() {
+  return wire::kCapLz4 | wire::kCapZstd | wire::kCapTransactions;
+}
 
 struct Shared {
   io::Sink& sink;
@@ -145,8 +147,8 @@ void stream_worker(Shared& sh, unsigned index) {
         (h.codec == uint8_t(compress::Codec::none) ? sh.stats.raw_chunks : sh.stats.compressed_chunks)
             .fetch_add(1, std::memory_order_relaxed);
       }
-      sh.window.publish(ChunkMeta{.seq = h.seq, .offset = h.offset, .raw_len = h.raw_len, .hash = h.hash,
-                                  .flags = h.flags});
+      sh.window.publish(ChunkMeta{
+          .seq = h.seq, .offset = h.offset, .raw_len = h.raw_len, .hash = h.hash, .flags = h.flags});
     } else if (h.type == wire::FrameType::end) {
       std::lock_guard lock(sh.end_mu);
       if (sh.end_seen && (sh.end.seq != h.seq || sh.end.offset != h.offset || sh.end.hash != h.hash)) {
@@ -165,8 +167,8 @@ void stream_worker(Shared& sh, unsigned index) {
       break;
     } else if (h.type == wire::FrameType::aborted) {
       const std::string text = recv_abort_text(*ring, fd, h);
-      sh.fail(Reason(h.aux), std::string("sender aborted (") + wire::reason_name(Reason(h.aux)) + "): " + text,
-              true);
+      sh.fail(Reason(h.aux),
+              std::string("sender aborted (") + wire::reason_name(Reason(h.aux)) + "): " + text, true);
       break;
     } else {
       sh.fail(Reason::protocol, name + ": unexpected frame type " + std::to_string(int(h.type)));
@@ -213,8 +215,10 @@ void writer(Shared& sh) {
                                       std::to_string(meta.offset) + ", expected " + std::to_string(bytes));
         return;
       }
-      if (meta.flags & wire::kFlagZero) sh.sink.write_zero(*ring, bytes, meta.raw_len);
-      else sh.sink.write(*ring, bytes, data);
+      if (meta.flags & wire::kFlagZero)
+        sh.sink.write_zero(*ring, bytes, meta.raw_len);
+      else
+        sh.sink.write(*ring, bytes, data);
       if (meta.flags & wire::kFlagEndOfTransaction) sh.sink.end_transaction(*ring);
       digest.add(meta.seq, meta.raw_len, meta.hash);
       bytes += meta.raw_len;
@@ -224,7 +228,8 @@ void writer(Shared& sh) {
       sh.stats.chunks.fetch_add(1, std::memory_order_relaxed);
       if (meta.flags & wire::kFlagZero) sh.stats.zero_chunks.fetch_add(1, std::memory_order_relaxed);
       if (applied - acked >= kAckEveryChunks || Clock::now() - last_ack > kAckEvery) {
-        sh.control_send(*ring, wire::make_ack(applied));  // a lost ACK only delays the sender's progress display
+        sh.control_send(*ring,
+                        wire::make_ack(applied));  // a lost ACK only delays the sender's progress display
         acked = applied;
         last_ack = Clock::now();
       }
@@ -234,12 +239,13 @@ void writer(Shared& sh) {
       return sh.end;
     }();
     if (end.offset != bytes) {
-      sh.fail(Reason::digest, "END says " + std::to_string(end.offset) + " bytes, received " + std::to_string(bytes));
+      sh.fail(Reason::digest,
+              "END says " + std::to_string(end.offset) + " bytes, received " + std::to_string(bytes));
       return;
     }
     if (end.hash != digest.value()) {
-      sh.fail(Reason::digest, "whole-stream digest mismatch: sender " + std::to_string(end.hash) + ", received " +
-                                  std::to_string(digest.value()));
+      sh.fail(Reason::digest, "whole-stream digest mismatch: sender " + std::to_string(end.hash) +
+                                  ", received " + std::to_string(digest.value()));
       return;
     }
     sh.sink.commit(*ring, bytes);
@@ -262,13 +268,15 @@ struct Refusal {
 };
 
 // Reads one HELLO. Returns the refusal, if any.
-std::optional<Refusal> read_hello(io::Ring& ring, int fd, int timeout_ms, const RecvOptions& o, wire::Hello* out) {
+std::optional<Refusal> read_hello(io::Ring& ring, int fd, int timeout_ms, const RecvOptions& o,
+                                  wire::Hello* out) {
   const int r = wait_readable(fd, timeout_ms);
   if (r == 0) return Refusal{Reason::timeout, "no HELLO within " + std::to_string(timeout_ms) + " ms"};
   if (r < 0) return Refusal{Reason::connection, "poll: " + errno_text(r)};
   const HeaderRead hr = recv_header(ring, fd, wire::kMaxChunkBytes);
   if (hr.kind == HeaderRead::eof) return Refusal{Reason::connection, "peer closed before HELLO"};
-  if (hr.kind == HeaderRead::io_error) return Refusal{Reason::connection, "receive HELLO: " + errno_text(hr.err)};
+  if (hr.kind == HeaderRead::io_error)
+    return Refusal{Reason::connection, "receive HELLO: " + errno_text(hr.err)};
   if (hr.kind == HeaderRead::bad) {
     return Refusal{Reason::protocol, std::string("not a dstx HELLO: ") + wire::error_text(hr.wire_error)};
   }
@@ -283,7 +291,8 @@ std::optional<Refusal> read_hello(io::Ring& ring, int fd, int timeout_ms, const 
   const wire::Hello& h = *out;
   if (h.version != wire::kVersion) {
     return Refusal{Reason::version, "protocol version " + std::to_string(h.version) +
-                                        " not supported (this receiver speaks " + std::to_string(wire::kVersion) + ")"};
+                                        " not supported (this receiver speaks " +
+                                        std::to_string(wire::kVersion) + ")"};
   }
   if (h.stream_count == 0 || h.stream_count > o.max_streams) {
     return Refusal{Reason::stream, "stream count " + std::to_string(h.stream_count) + " outside 1.." +
@@ -308,7 +317,8 @@ void refuse(io::Ring& ring, int fd, const Refusal& r) {
 
 }  // namespace
 
-Result receive(io::Sink& sink, int listen_fd, const RecvOptions& options, Stats* stats_in, const Cancel* cancel) {
+Result receive(io::Sink& sink, int listen_fd, const RecvOptions& options, Stats* stats_in,
+               const Cancel* cancel) {
   const auto started = Clock::now();
   Stats local_stats;
   Stats& stats = stats_in ? *stats_in : local_stats;
@@ -339,11 +349,13 @@ Result receive(io::Sink& sink, int listen_fd, const RecvOptions& options, Stats*
     const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
     try {
       while (!c) {
-        if (cancel && cancel->requested()) return fail(Reason::cancelled, "cancelled while waiting for the sender");
+        if (cancel && cancel->requested())
+          return fail(Reason::cancelled, "cancelled while waiting for the sender");
         if (timeout_ms >= 0 && Clock::now() > deadline) {
-          return fail(Reason::timeout, conns.empty() ? "no sender connected within " + std::to_string(timeout_ms) + " ms"
-                                                     : "only " + std::to_string(conns.size()) + " of " +
-                                                           std::to_string(first.stream_count) + " streams connected");
+          return fail(Reason::timeout,
+                      conns.empty() ? "no sender connected within " + std::to_string(timeout_ms) + " ms"
+                                    : "only " + std::to_string(conns.size()) + " of " +
+                                          std::to_string(first.stream_count) + " streams connected");
         }
         c = io::tcp_accept(listen_fd, 100, options.socket);
       }
@@ -351,7 +363,8 @@ Result receive(io::Sink& sink, int listen_fd, const RecvOptions& options, Stats*
       return fail(Reason::connection, e.what());
     }
     wire::Hello hello;
-    std::optional<Refusal> refusal = read_hello(*ring, c.get(), options.handshake_timeout_ms, options, &hello);
+    std::optional<Refusal> refusal =
+        read_hello(*ring, c.get(), options.handshake_timeout_ms, options, &hello);
     if (!refusal && !conns.empty()) {
       if (hello.session_id != first.session_id || hello.stream_count != first.stream_count ||
           hello.max_chunk_bytes != first.max_chunk_bytes) {
@@ -365,7 +378,8 @@ Result receive(io::Sink& sink, int listen_fd, const RecvOptions& options, Stats*
         conns.resize(hello.stream_count);
       }
       if (conns[hello.stream_index]) {
-        refusal = Refusal{Reason::stream, "stream " + std::to_string(hello.stream_index) + " connected twice"};
+        refusal =
+            Refusal{Reason::stream, "stream " + std::to_string(hello.stream_index) + " connected twice"};
       }
     }
     if (refusal) {
@@ -396,10 +410,11 @@ Result receive(io::Sink& sink, int listen_fd, const RecvOptions& options, Stats*
     ack.stream_index = uint16_t(i);
     std::byte payload[wire::kHelloBytes];
     wire::encode_hello(ack, std::span<std::byte, wire::kHelloBytes>(payload));
-    const int rc = send_frame(*ring, conns[i].get(),
-                              wire::Header{.type = wire::FrameType::hello_ack, .payload_len = wire::kHelloBytes},
-                              payload);
-    if (rc < 0) return fail(Reason::connection, "stream " + std::to_string(i) + ": send HELLO_ACK: " + errno_text(rc));
+    const int rc = send_frame(
+        *ring, conns[i].get(),
+        wire::Header{.type = wire::FrameType::hello_ack, .payload_len = wire::kHelloBytes}, payload);
+    if (rc < 0)
+      return fail(Reason::connection, "stream " + std::to_string(i) + ": send HELLO_ACK: " + errno_text(rc));
   }
 
   std::vector<std::thread> threads;
@@ -428,8 +443,9 @@ Result receive(io::Sink& sink, int listen_fd, const RecvOptions& options, Stats*
     sink.abort();
     if (!sh.failure.from_peer()) {
       const std::string text = sh.failure.text();
-      sh.control_send(*ring, wire::make_aborted(sh.failure.reason(), text.size()),
-                      std::as_bytes(std::span(text.data(), std::min<size_t>(text.size(), wire::kMaxTextBytes))));
+      sh.control_send(
+          *ring, wire::make_aborted(sh.failure.reason(), text.size()),
+          std::as_bytes(std::span(text.data(), std::min<size_t>(text.size(), wire::kMaxTextBytes))));
     }
     for (io::Fd& c : conns) ::shutdown(c.get(), SHUT_RDWR);
   } else {

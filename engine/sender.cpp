@@ -45,7 +45,13 @@ struct Shared {
 
   Shared(io::Source& s, const SendOptions& o, std::vector<io::Fd>& c, Stats& st, const Cancel* ca,
          io::Backend b, uint32_t window)
-      : source(s), options(o), conns(c), stats(st), cancel(ca), backend(b), chunk_bytes(o.chunk_bytes),
+      : source(s),
+        options(o),
+        conns(c),
+        stats(st),
+        cancel(ca),
+        backend(b),
+        chunk_bytes(o.chunk_bytes),
         sequencer(window) {}
 };
 
@@ -76,7 +82,8 @@ class Worker {
     std::byte* out = nullptr;  // header room + encoded bytes
     io::Completion io;
     bool end_of_transaction = false;
-    const std::byte* view = nullptr;  // zero-copy source bytes (a mapped data section), released after sending
+    const std::byte* view =
+        nullptr;  // zero-copy source bytes (a mapped data section), released after sending
     uint64_t view_token = 0;
     // What goes on the wire: the header, then the payload; one segment when they are contiguous.
     struct Segment {
@@ -100,7 +107,7 @@ class Worker {
     in_bytes_ = wire::kHeaderBytes + sh_.chunk_bytes;
     out_bytes_ = wire::kHeaderBytes + compress::encode_bound(sh_.encode.codec, sh_.chunk_bytes);
     const size_t per_slot = round_up(in_bytes_) + round_up(out_bytes_);
-    memory_ = static_cast<std::byte*>(::operator new(per_slot * depth, std::align_val_t(4096)));
+    memory_ = static_cast<std::byte*>(::operator new(per_slot* depth, std::align_val_t(4096)));
     slots_.resize(depth);
     for (unsigned i = 0; i < depth; ++i) {
       slots_[i].in = memory_ + i * per_slot;
@@ -124,11 +131,13 @@ class Worker {
       if (exhausted_ && fifo_.empty()) return;  // all our chunks are on the wire
       if (ring_->in_flight() == 0) {
         // Nothing in the kernel: either we wait for other workers to move the window, or there is CPU work.
-        if (window_full && !has_state(State::read)) sh_.sequencer.wait_for_progress(std::chrono::milliseconds(20));
+        if (window_full && !has_state(State::read))
+          sh_.sequencer.wait_for_progress(std::chrono::milliseconds(20));
         continue;
       }
       const int rc = ring_->submit(has_state(State::read) ? 0 : 1);
-      if (rc < 0) throw std::runtime_error("stream " + std::to_string(index_) + ": io ring: " + errno_text(rc));
+      if (rc < 0)
+        throw std::runtime_error("stream " + std::to_string(index_) + ": io ring: " + errno_text(rc));
       reap();
       if (stopping()) return;
       complete_ops();
@@ -167,12 +176,14 @@ class Worker {
       if (n == io::kReadAgain) return SendSequencer::Claim::window_full;
       uint64_t seq = 0;
       const auto claim = sh_.sequencer.try_claim(&seq);
-      if (claim != SendSequencer::Claim::ok) throw std::logic_error("sequencer changed under the source lock");
+      if (claim != SendSequencer::Claim::ok)
+        throw std::logic_error("sequencer changed under the source lock");
       if (n == 0) {
         sh_.sequencer.set_total(seq - 1);
         return SendSequencer::Claim::exhausted;
       }
-      if (n > sh_.chunk_bytes) throw std::logic_error(src.describe() + ": read_next returned more than asked");
+      if (n > sh_.chunk_bytes)
+        throw std::logic_error(src.describe() + ": read_next returned more than asked");
       slot.end_of_transaction = info.end_of_transaction;
       slot.view = info.view;
       slot.view_token = info.view_token;
@@ -195,7 +206,10 @@ class Worker {
     slot.len = uint32_t(std::min<uint64_t>(sh_.chunk_bytes, size - slot.offset));
     fifo_.push_back(&slot);
     if (src.read_fd() >= 0) {
-      slot.io = io::Completion{.op = io::Op::read, .fd = src.read_fd(), .buf = data, .len = slot.len,
+      slot.io = io::Completion{.op = io::Op::read,
+                               .fd = src.read_fd(),
+                               .buf = data,
+                               .len = slot.len,
                                .offset = int64_t(slot.offset)};
       slot.state = State::reading;
       if (!ring_->queue(&slot.io)) {
@@ -212,10 +226,11 @@ class Worker {
   void encode_ready() {
     for (Slot* slot : fifo_) {
       if (slot->state != State::read) continue;
-      const std::span<const std::byte> raw(slot->view ? slot->view : slot->in + wire::kHeaderBytes, slot->len);
-      slot->enc = compress::encode_chunk(choose_encoding(), raw,
-                                         std::span<std::byte>(slot->out + wire::kHeaderBytes,
-                                                              out_bytes_ - wire::kHeaderBytes));
+      const std::span<const std::byte> raw(slot->view ? slot->view : slot->in + wire::kHeaderBytes,
+                                           slot->len);
+      slot->enc = compress::encode_chunk(
+          choose_encoding(), raw,
+          std::span<std::byte>(slot->out + wire::kHeaderBytes, out_bytes_ - wire::kHeaderBytes));
       const uint16_t flags = uint16_t((slot->enc.zero ? wire::kFlagZero : 0) |
                                       (slot->end_of_transaction ? wire::kFlagEndOfTransaction : 0));
       wire::Header h{.type = wire::FrameType::data,
@@ -240,7 +255,8 @@ class Worker {
         slot->seg[0] = {header, slot->frame_len};
         slot->seg_count = 1;
       }
-      if (slot->view && !(raw_chunk && !slot->enc.zero)) release_view(*slot);  // encoded: mapping no longer needed
+      if (slot->view && !(raw_chunk && !slot->enc.zero))
+        release_view(*slot);  // encoded: mapping no longer needed
       slot->seg_index = 0;
       slot->seg_sent = 0;
       slot->state = State::encoded;
@@ -287,7 +303,9 @@ class Worker {
   void queue_send(Slot& slot) {
     const Slot::Segment& seg = slot.seg[slot.seg_index];
     const size_t left = seg.len - slot.seg_sent;
-    send_io_ = io::Completion{.op = io::Op::send, .fd = fd_, .buf = const_cast<std::byte*>(seg.data + slot.seg_sent),
+    send_io_ = io::Completion{.op = io::Op::send,
+                              .fd = fd_,
+                              .buf = const_cast<std::byte*>(seg.data + slot.seg_sent),
                               .len = uint32_t(std::min(left, io::kMaxIoBytes))};
     if (!ring_->queue(&send_io_)) {
       ring_->submit(0);
@@ -307,16 +325,17 @@ class Worker {
     for (Slot& slot : slots_) {
       if (slot.state != State::reading || !slot.io.done) continue;
       if (slot.io.result < 0) {
-        throw std::runtime_error(sh_.source.describe() + ": read at offset " + std::to_string(slot.offset) + ": " +
-                                 errno_text(slot.io.result));
+        throw std::runtime_error(sh_.source.describe() + ": read at offset " + std::to_string(slot.offset) +
+                                 ": " + errno_text(slot.io.result));
       }
       if (uint32_t(slot.io.result) != slot.len) {
         // A short read of a regular file: finish it synchronously.
-        const int64_t more = io::read_full(*src_ring_, slot.io.fd, slot.in + wire::kHeaderBytes + slot.io.result,
-                                           slot.len - slot.io.result, int64_t(slot.offset) + slot.io.result);
+        const int64_t more =
+            io::read_full(*src_ring_, slot.io.fd, slot.in + wire::kHeaderBytes + slot.io.result,
+                          slot.len - slot.io.result, int64_t(slot.offset) + slot.io.result);
         if (more != int64_t(slot.len - slot.io.result)) {
-          throw std::runtime_error(sh_.source.describe() + ": short read at offset " + std::to_string(slot.offset) +
-                                   " (file changed during transfer?)");
+          throw std::runtime_error(sh_.source.describe() + ": short read at offset " +
+                                   std::to_string(slot.offset) + " (file changed during transfer?)");
         }
       }
       slot.state = State::read;
@@ -326,7 +345,8 @@ class Worker {
       Slot& slot = *fifo_.front();
       if (send_io_.result <= 0) {
         const int err = send_io_.result == 0 ? EPIPE : -send_io_.result;
-        sh_.failure.set(Reason::connection, "stream " + std::to_string(index_) + ": send: " + errno_text(err));
+        sh_.failure.set(Reason::connection,
+                        "stream " + std::to_string(index_) + ": send: " + errno_text(err));
         return;
       }
       slot.seg_sent += size_t(send_io_.result);
@@ -348,9 +368,12 @@ class Worker {
     st.bytes.fetch_add(slot.len, std::memory_order_relaxed);
     st.wire_bytes.fetch_add(slot.frame_len, std::memory_order_relaxed);
     st.chunks.fetch_add(1, std::memory_order_relaxed);
-    if (slot.enc.zero) st.zero_chunks.fetch_add(1, std::memory_order_relaxed);
-    else if (slot.enc.codec == compress::Codec::none) st.raw_chunks.fetch_add(1, std::memory_order_relaxed);
-    else st.compressed_chunks.fetch_add(1, std::memory_order_relaxed);
+    if (slot.enc.zero)
+      st.zero_chunks.fetch_add(1, std::memory_order_relaxed);
+    else if (slot.enc.codec == compress::Codec::none)
+      st.raw_chunks.fetch_add(1, std::memory_order_relaxed);
+    else
+      st.compressed_chunks.fetch_add(1, std::memory_order_relaxed);
     release_view(slot);
     sh_.sequencer.complete(slot.seq, slot.len, slot.enc.hash);
     slot.state = State::free;
@@ -409,13 +432,14 @@ void control_loop(Shared& sh, const std::atomic<bool>& stop) {
     const HeaderRead hr = recv_header(*ring, fd, sh.chunk_bytes);
     if (stop.load()) return;
     if (hr.kind == HeaderRead::eof || hr.kind == HeaderRead::io_error) {
-      sh.failure.set(Reason::connection, "connection to receiver lost (stream 0): " +
-                                             (hr.kind == HeaderRead::eof ? std::string("closed by peer")
-                                                                         : errno_text(hr.err)));
+      sh.failure.set(Reason::connection,
+                     "connection to receiver lost (stream 0): " +
+                         (hr.kind == HeaderRead::eof ? std::string("closed by peer") : errno_text(hr.err)));
       return;
     }
     if (hr.kind == HeaderRead::bad) {
-      sh.failure.set(Reason::protocol, std::string("receiver sent a bad frame: ") + wire::error_text(hr.wire_error));
+      sh.failure.set(Reason::protocol,
+                     std::string("receiver sent a bad frame: ") + wire::error_text(hr.wire_error));
       return;
     }
     const wire::Header& h = hr.header;
@@ -432,14 +456,15 @@ void control_loop(Shared& sh, const std::atomic<bool>& stop) {
       }
       case wire::FrameType::aborted: {
         const std::string text = recv_abort_text(*ring, fd, h);
-        sh.failure.set(Reason(h.aux), std::string("receiver aborted (") + wire::reason_name(Reason(h.aux)) +
-                                          "): " + text,
+        sh.failure.set(Reason(h.aux),
+                       std::string("receiver aborted (") + wire::reason_name(Reason(h.aux)) + "): " + text,
                        true);
         sh.control_cv.notify_all();
         return;
       }
       default:
-        sh.failure.set(Reason::protocol, "receiver sent an unexpected frame type " + std::to_string(int(h.type)));
+        sh.failure.set(Reason::protocol,
+                       "receiver sent an unexpected frame type " + std::to_string(int(h.type)));
         return;
     }
   }
@@ -450,13 +475,14 @@ void control_loop(Shared& sh, const std::atomic<bool>& stop) {
 std::string send_hello(io::Ring& ring, int fd, const wire::Hello& hello) {
   std::byte payload[wire::kHelloBytes];
   wire::encode_hello(hello, std::span<std::byte, wire::kHelloBytes>(payload));
-  const int rc = send_frame(ring, fd, wire::Header{.type = wire::FrameType::hello, .payload_len = wire::kHelloBytes},
-                            payload);
+  const int rc = send_frame(
+      ring, fd, wire::Header{.type = wire::FrameType::hello, .payload_len = wire::kHelloBytes}, payload);
   return rc < 0 ? "send HELLO: " + errno_text(rc) : std::string();
 }
 
 // Handshake, second half: the receiver's HELLO_ACK (or its refusal). Returns an empty string or the error.
-std::string await_hello_ack(io::Ring& ring, int fd, const wire::Hello& hello, int timeout_ms, uint64_t* caps_out) {
+std::string await_hello_ack(io::Ring& ring, int fd, const wire::Hello& hello, int timeout_ms,
+                            uint64_t* caps_out) {
   const int rc = wait_readable(fd, timeout_ms);
   if (rc == 0) return "no answer to HELLO within " + std::to_string(timeout_ms) + " ms";
   if (rc < 0) return "poll: " + errno_text(rc);
@@ -470,19 +496,23 @@ std::string await_hello_ack(io::Ring& ring, int fd, const wire::Hello& hello, in
   }
   if (hr.header.type != wire::FrameType::hello_ack) return "handshake: unexpected frame type";
   std::byte ack[wire::kHelloBytes];
-  if (io::recv_full(ring, fd, ack, sizeof ack) != int64_t(sizeof ack)) return "handshake: truncated HELLO_ACK";
+  if (io::recv_full(ring, fd, ack, sizeof ack) != int64_t(sizeof ack))
+    return "handshake: truncated HELLO_ACK";
   wire::Hello reply;
   const wire::Error err = wire::decode_hello(std::span<const std::byte, wire::kHelloBytes>(ack), &reply);
   if (err != wire::Error::ok) return std::string("handshake: HELLO_ACK: ") + wire::error_text(err);
   if (reply.session_id != hello.session_id || reply.stream_index != hello.stream_index) {
     return "handshake: HELLO_ACK does not match our HELLO";
   }
-  if (reply.version != wire::kVersion) return "handshake: receiver speaks protocol " + std::to_string(reply.version);
+  if (reply.version != wire::kVersion)
+    return "handshake: receiver speaks protocol " + std::to_string(reply.version);
   *caps_out = reply.capabilities;
   return {};
 }
 
-uint64_t our_capabilities() { return wire::kCapLz4 | wire::kCapZstd | wire::kCapTransactions; }
+uint64_t our_capabilities() {
+  return wire::kCapLz4 | wire::kCapZstd | wire::kCapTransactions;
+}
 
 // Chooses the codec from the mode and what the receiver accepts.
 std::string pick_codec(const SendOptions& o, uint64_t caps, compress::EncodeOptions* enc) {
@@ -519,10 +549,14 @@ void shutdown_all(std::vector<io::Fd>& conns) {
 
 const char* codec_mode_name(CodecMode mode) {
   switch (mode) {
-    case CodecMode::auto_select: return "auto";
-    case CodecMode::none: return "none";
-    case CodecMode::lz4: return "lz4";
-    case CodecMode::zstd: return "zstd";
+    case CodecMode::auto_select:
+      return "auto";
+    case CodecMode::none:
+      return "none";
+    case CodecMode::lz4:
+      return "lz4";
+    case CodecMode::zstd:
+      return "zstd";
   }
   return "?";
 }
@@ -541,7 +575,8 @@ unsigned default_streams() {
   return std::clamp(std::thread::hardware_concurrency(), 1u, unsigned(wire::kMaxStreams));
 }
 
-std::vector<io::Fd> connect_streams(const io::HostPort& to, unsigned count, const io::SocketOptions& options) {
+std::vector<io::Fd> connect_streams(const io::HostPort& to, unsigned count,
+                                    const io::SocketOptions& options) {
   std::vector<io::Fd> conns;
   for (unsigned i = 0; i < count; ++i) conns.push_back(io::tcp_connect(to, options));
   return conns;
@@ -673,18 +708,21 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
     result.digest = sh.sequencer.digest();
     for (size_t i = 0; i < conns.size() && !sh.failure.failed(); ++i) {
       const int rc = send_frame(*ring, conns[i].get(), wire::make_end(chunks, result.bytes, result.digest));
-      if (rc < 0) sh.failure.set(Reason::connection, "stream " + std::to_string(i) + ": send END: " + errno_text(rc));
+      if (rc < 0)
+        sh.failure.set(Reason::connection, "stream " + std::to_string(i) + ": send END: " + errno_text(rc));
     }
     stats.wire_bytes.fetch_add(conns.size() * wire::kHeaderBytes);
     // Wait for COMMITTED (or a failure) within the commit time-out.
     const auto deadline = Clock::now() + std::chrono::milliseconds(options.commit_timeout_ms);
     std::unique_lock lock(sh.control_mu);
     while (!sh.committed && !sh.failure.failed()) {
-      if (cancel && cancel->requested()) sh.failure.set(Reason::cancelled, "cancelled");
+      if (cancel && cancel->requested())
+        sh.failure.set(Reason::cancelled, "cancelled");
       else if (Clock::now() > deadline)
         sh.failure.set(Reason::timeout, "no COMMITTED from the receiver within " +
                                             std::to_string(options.commit_timeout_ms) + " ms");
-      else sh.control_cv.wait_for(lock, std::chrono::milliseconds(20));
+      else
+        sh.control_cv.wait_for(lock, std::chrono::milliseconds(20));
     }
     if (sh.committed) {
       const wire::Header& c = sh.committed_header;

@@ -47,7 +47,8 @@ int wait_readable(int fd, int timeout_ms) {
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
   for (;;) {
     pollfd p{.fd = fd, .events = POLLIN, .revents = 0};
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    const auto left =
+        std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
     const int r = ::poll(&p, 1, timeout_ms < 0 ? -1 : int(std::max<int64_t>(0, left.count())));
     if (r < 0 && errno == EINTR) continue;
     if (r < 0) return -errno;

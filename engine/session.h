@@ -40,7 +40,7 @@ int wait_readable(int fd, int timeout_ms);
 // Outcome of reading one frame header.
 struct HeaderRead {
   enum Kind { ok, eof, io_error, bad } kind = ok;
-  int err = 0;              // -errno for io_error
+  int err = 0;               // -errno for io_error
   wire::Error wire_error{};  // for bad
   wire::Header header;
 };

@@ -30,6 +30,7 @@ std::unique_ptr<io::Sink> open_sink(std::string_view spec);
 
 // The spec kinds, for --help.
 inline constexpr const char* kSourceKinds = "file:PATH, emu:size=SIZE,profile=NAME,seed=N, stdin:, fd:N";
-inline constexpr const char* kSinkKinds = "file:PATH, emu:size=SIZE,profile=NAME,seed=N, null:, stdout:, fd:N";
+inline constexpr const char* kSinkKinds =
+    "file:PATH, emu:size=SIZE,profile=NAME,seed=N, null:, stdout:, fd:N";
 
 }  // namespace dstx::engine

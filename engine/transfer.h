@@ -24,8 +24,8 @@ struct SendOptions {
   uint32_t chunk_bytes = kDefaultChunkBytes;
   CodecMode codec = CodecMode::auto_select;
   int zstd_level = 1;
-  unsigned depth = 4;              // chunks in flight per stream (reads, encodes, sends)
-  uint32_t window_chunks = 0;      // 0: streams * depth * 2; bounds how far streams may run ahead
+  unsigned depth = 4;          // chunks in flight per stream (reads, encodes, sends)
+  uint32_t window_chunks = 0;  // 0: streams * depth * 2; bounds how far streams may run ahead
   io::SocketOptions socket;
   int handshake_timeout_ms = 10000;
   int commit_timeout_ms = 120000;  // after END, how long to wait for COMMITTED
@@ -35,7 +35,7 @@ struct RecvOptions {
   unsigned max_streams = wire::kMaxStreams;
   uint32_t max_chunk_bytes = wire::kMaxChunkBytes;
   uint64_t memory_budget_bytes = 64ull << 20;  // reorder window + per-stream decode buffers
-  int accept_timeout_ms = 60000;               // for the first connection; later ones get handshake_timeout_ms
+  int accept_timeout_ms = 60000;  // for the first connection; later ones get handshake_timeout_ms
   int handshake_timeout_ms = 10000;
   io::SocketOptions socket;
 };

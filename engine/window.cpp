@@ -61,7 +61,9 @@ void SendSequencer::wait_for_progress(std::chrono::milliseconds timeout) {
   cv_.wait_for(lock, timeout, [&] { return next_ != seen; });
 }
 
-void SendSequencer::wake_all() { cv_.notify_all(); }
+void SendSequencer::wake_all() {
+  cv_.notify_all();
+}
 
 uint64_t SendSequencer::completed() const {
   std::lock_guard lock(mu_);
@@ -114,9 +116,8 @@ void ReorderWindow::publish(const ChunkMeta& meta) {
 ReorderWindow::Wait ReorderWindow::wait_next(std::chrono::milliseconds timeout, ChunkMeta* meta,
                                              std::span<const std::byte>* data) {
   std::unique_lock lock(mu_);
-  const bool ok = ready_cv_.wait_for(lock, timeout, [&] {
-    return closed_ || table_[next_ % slots_].state == State::ready;
-  });
+  const bool ok = ready_cv_.wait_for(lock, timeout,
+                                     [&] { return closed_ || table_[next_ % slots_].state == State::ready; });
   if (closed_) return Wait::closed;
   if (!ok) return Wait::timeout;
   const Slot& slot = table_[next_ % slots_];

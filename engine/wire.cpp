@@ -17,7 +17,9 @@ void put32(std::byte* p, uint32_t v) {
 void put64(std::byte* p, uint64_t v) {
   for (int i = 0; i < 8; ++i) p[i] = std::byte(v >> (8 * i));
 }
-uint16_t get16(const std::byte* p) { return uint16_t(uint16_t(p[0]) | uint16_t(p[1]) << 8); }
+uint16_t get16(const std::byte* p) {
+  return uint16_t(uint16_t(p[0]) | uint16_t(p[1]) << 8);
+}
 uint32_t get32(const std::byte* p) {
   uint32_t v = 0;
   for (int i = 3; i >= 0; --i) v = v << 8 | uint32_t(p[i]);
@@ -32,7 +34,9 @@ uint64_t get64(const std::byte* p) {
 constexpr size_t kCheckedBytes = 44;       // the header checksum covers bytes [0, 44)
 constexpr size_t kHelloCheckedBytes = 40;  // the HELLO checksum covers bytes [0, 40)
 
-uint32_t header_check(const std::byte* p) { return uint32_t(compress::hash64(p, kCheckedBytes)); }
+uint32_t header_check(const std::byte* p) {
+  return uint32_t(compress::hash64(p, kCheckedBytes));
+}
 
 Error check_data(const Header& h, uint32_t max_chunk_bytes) {
   if (!compress::codec_valid(h.codec)) return Error::bad_codec;
@@ -40,7 +44,8 @@ Error check_data(const Header& h, uint32_t max_chunk_bytes) {
   if (h.raw_len == 0 || h.raw_len > max_chunk_bytes) return Error::bad_length;
   if (h.seq == 0 || h.aux != 0) return Error::bad_field;
   if (h.flags & kFlagZero) {
-    if (h.payload_len != 0 || h.codec != uint8_t(compress::Codec::none) || h.hash != 0) return Error::bad_field;
+    if (h.payload_len != 0 || h.codec != uint8_t(compress::Codec::none) || h.hash != 0)
+      return Error::bad_field;
     return Error::ok;
   }
   const size_t bound = compress::encode_bound(compress::Codec(h.codec), h.raw_len);
@@ -53,36 +58,60 @@ Error check_data(const Header& h, uint32_t max_chunk_bytes) {
 
 const char* reason_name(Reason reason) {
   switch (reason) {
-    case Reason::unspecified: return "unspecified";
-    case Reason::version: return "version";
-    case Reason::session: return "session";
-    case Reason::stream: return "stream";
-    case Reason::chunk_size: return "chunk-size";
-    case Reason::protocol: return "protocol";
-    case Reason::checksum: return "checksum";
-    case Reason::digest: return "digest";
-    case Reason::sink: return "sink";
-    case Reason::source: return "source";
-    case Reason::cancelled: return "cancelled";
-    case Reason::timeout: return "timeout";
-    case Reason::connection: return "connection";
-    case Reason::internal: return "internal";
-    case Reason::capability: return "capability";
+    case Reason::unspecified:
+      return "unspecified";
+    case Reason::version:
+      return "version";
+    case Reason::session:
+      return "session";
+    case Reason::stream:
+      return "stream";
+    case Reason::chunk_size:
+      return "chunk-size";
+    case Reason::protocol:
+      return "protocol";
+    case Reason::checksum:
+      return "checksum";
+    case Reason::digest:
+      return "digest";
+    case Reason::sink:
+      return "sink";
+    case Reason::source:
+      return "source";
+    case Reason::cancelled:
+      return "cancelled";
+    case Reason::timeout:
+      return "timeout";
+    case Reason::connection:
+      return "connection";
+    case Reason::internal:
+      return "internal";
+    case Reason::capability:
+      return "capability";
   }
   return "unknown";
 }
 
 const char* error_text(Error err) {
   switch (err) {
-    case Error::ok: return "ok";
-    case Error::bad_magic: return "bad frame magic";
-    case Error::bad_header_checksum: return "frame header checksum mismatch";
-    case Error::unknown_type: return "unknown frame type";
-    case Error::bad_codec: return "unknown codec";
-    case Error::bad_flags: return "unknown frame flags";
-    case Error::bad_length: return "frame length out of bounds";
-    case Error::bad_field: return "frame field has an impossible value";
-    case Error::bad_version: return "unsupported protocol version";
+    case Error::ok:
+      return "ok";
+    case Error::bad_magic:
+      return "bad frame magic";
+    case Error::bad_header_checksum:
+      return "frame header checksum mismatch";
+    case Error::unknown_type:
+      return "unknown frame type";
+    case Error::bad_codec:
+      return "unknown codec";
+    case Error::bad_flags:
+      return "unknown frame flags";
+    case Error::bad_length:
+      return "frame length out of bounds";
+    case Error::bad_field:
+      return "frame field has an impossible value";
+    case Error::bad_version:
+      return "unsupported protocol version";
   }
   return "unknown wire error";
 }
@@ -123,19 +152,26 @@ Error decode_header(std::span<const std::byte, kHeaderBytes> in, uint32_t max_ch
       break;
     case FrameType::hello:
     case FrameType::hello_ack:
-      if (h.payload_len != kHelloBytes) err = Error::bad_length;
-      else if (h.codec || h.flags || h.seq || h.offset || h.raw_len || h.hash || h.aux) err = Error::bad_field;
+      if (h.payload_len != kHelloBytes)
+        err = Error::bad_length;
+      else if (h.codec || h.flags || h.seq || h.offset || h.raw_len || h.hash || h.aux)
+        err = Error::bad_field;
       break;
     case FrameType::end:
     case FrameType::committed:
     case FrameType::ack:
-      if (h.payload_len != 0) err = Error::bad_length;
-      else if (h.codec || h.flags || h.raw_len || h.aux) err = Error::bad_field;
-      else if (h.type == FrameType::ack && (h.offset || h.hash)) err = Error::bad_field;
+      if (h.payload_len != 0)
+        err = Error::bad_length;
+      else if (h.codec || h.flags || h.raw_len || h.aux)
+        err = Error::bad_field;
+      else if (h.type == FrameType::ack && (h.offset || h.hash))
+        err = Error::bad_field;
       break;
     case FrameType::aborted:
-      if (h.payload_len > kMaxTextBytes) err = Error::bad_length;
-      else if (h.codec || h.flags || h.seq || h.offset || h.raw_len || h.hash) err = Error::bad_field;
+      if (h.payload_len > kMaxTextBytes)
+        err = Error::bad_length;
+      else if (h.codec || h.flags || h.seq || h.offset || h.raw_len || h.hash)
+        err = Error::bad_field;
       break;
     default:
       err = Error::unknown_type;
@@ -178,7 +214,9 @@ Error decode_hello(std::span<const std::byte, kHelloBytes> in, Hello* out) {
 Header make_end(uint64_t chunk_count, uint64_t byte_count, uint64_t digest) {
   return Header{.type = FrameType::end, .seq = chunk_count, .offset = byte_count, .hash = digest};
 }
-Header make_ack(uint64_t watermark) { return Header{.type = FrameType::ack, .seq = watermark}; }
+Header make_ack(uint64_t watermark) {
+  return Header{.type = FrameType::ack, .seq = watermark};
+}
 Header make_committed(uint64_t chunk_count, uint64_t byte_count, uint64_t digest) {
   return Header{.type = FrameType::committed, .seq = chunk_count, .offset = byte_count, .hash = digest};
 }

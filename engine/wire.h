@@ -47,20 +47,20 @@ inline constexpr uint64_t kCapsKnown = kCapLz4 | kCapZstd | kCapTransactions;
 // Reason codes of ABORTED. Numbers are pinned: only ever append.
 enum class Reason : uint32_t {
   unspecified = 0,
-  version = 1,       // protocol version not supported
-  session = 2,       // session id or stream count does not match the other connections
-  stream = 3,        // bad stream index, duplicate stream, or too many streams
-  chunk_size = 4,    // chunk size outside the receiver's limits
-  protocol = 5,      // malformed frame (bad magic, header checksum, length, type, flags, sequence)
-  checksum = 6,      // a chunk's XXH3-64 did not match its bytes, or the payload did not decode
-  digest = 7,        // END counts or whole-stream digest do not match what was received
-  sink = 8,          // the destination could not write or commit
-  source = 9,        // the source failed to read
-  cancelled = 10,    // a user or the embedding program cancelled
-  timeout = 11,      // a peer or a phase took longer than its time-out
-  connection = 12,   // a connection broke
+  version = 1,      // protocol version not supported
+  session = 2,      // session id or stream count does not match the other connections
+  stream = 3,       // bad stream index, duplicate stream, or too many streams
+  chunk_size = 4,   // chunk size outside the receiver's limits
+  protocol = 5,     // malformed frame (bad magic, header checksum, length, type, flags, sequence)
+  checksum = 6,     // a chunk's XXH3-64 did not match its bytes, or the payload did not decode
+  digest = 7,       // END counts or whole-stream digest do not match what was received
+  sink = 8,         // the destination could not write or commit
+  source = 9,       // the source failed to read
+  cancelled = 10,   // a user or the embedding program cancelled
+  timeout = 11,     // a peer or a phase took longer than its time-out
+  connection = 12,  // a connection broke
   internal = 13,
-  capability = 14,   // a codec or feature the peer does not support
+  capability = 14,  // a codec or feature the peer does not support
 };
 const char* reason_name(Reason reason);
 
@@ -95,8 +95,8 @@ enum class Error : uint8_t {
   unknown_type,
   bad_codec,
   bad_flags,
-  bad_length,     // a length outside its bound for this frame type
-  bad_field,      // a reserved or derived field that must hold a fixed value does not
+  bad_length,  // a length outside its bound for this frame type
+  bad_field,   // a reserved or derived field that must hold a fixed value does not
   bad_version,
 };
 const char* error_text(Error err);

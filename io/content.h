@@ -1,6 +1,6 @@
-// Deterministic synthetic device state: the emulated source generates it, the emulated sink checks against it,
-// and the emulated VFIO devices use it for their state. Content depends only on (profile, seed, offset), in
-// 4 KiB pages, so any range can be generated independently and in parallel.
+// Deterministic synthetic device state: the emulated source generates it, the emulated sink checks against
+// it, and the emulated VFIO devices use it for their state. Content depends only on (profile, seed, offset),
+// in 4 KiB pages, so any range can be generated independently and in parallel.
 #pragma once
 
 #include <cstddef>

@@ -34,12 +34,12 @@ struct Completion {
   void* buf = nullptr;
   uint32_t len = 0;
   int64_t offset = -1;
-  int buf_index = -1;     // registered buffer index for read_fixed/write_fixed/send_zc from a registered buffer
-  uint64_t user = 0;      // caller's tag, untouched by the ring
+  int buf_index = -1;  // registered buffer index for read_fixed/write_fixed/send_zc from a registered buffer
+  uint64_t user = 0;   // caller's tag, untouched by the ring
   // Filled in by the ring:
-  int32_t result = 0;     // bytes transferred (>= 0) or -errno
-  bool done = false;      // the result is valid
-  bool notified = true;   // send_zc: the kernel no longer references buf (always true for other ops)
+  int32_t result = 0;    // bytes transferred (>= 0) or -errno
+  bool done = false;     // the result is valid
+  bool notified = true;  // send_zc: the kernel no longer references buf (always true for other ops)
 };
 
 struct RingOptions {
@@ -51,7 +51,8 @@ const char* backend_name(Backend backend);
 
 struct ProbeResult {
   bool uring_available = false;
-  std::string uring_unavailable_reason;  // e.g. "io_uring_setup: Operation not permitted (kernel.io_uring_disabled=2)"
+  std::string uring_unavailable_reason;  // e.g. "io_uring_setup: Operation not permitted
+                                         // (kernel.io_uring_disabled=2)"
   bool send_zc = false;                  // IORING_OP_SEND_ZC supported
   bool read_fixed = false;               // IORING_OP_READ_FIXED supported
 };

@@ -8,6 +8,7 @@ packages=(
   liburing-dev liblz4-dev libxxhash-dev libzstd-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   xxhash  # xxhsum: the wire-format golden vectors' independent check
+  abigail-tools  # abidw/abidiff: the C ABI baseline check (tests/capi)
 )
 
 missing=()

@@ -1,4 +1,5 @@
-// The dstx command as a user runs it: exit codes, messages, JSON, a 1 GiB file transfer, a killed sender, Ctrl-C.
+// The dstx command as a user runs it: exit codes, messages, JSON, a 1 GiB file transfer, a killed sender,
+// Ctrl-C.
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -63,7 +64,8 @@ class Proc {
       size_t pos = err_.find(needle);
       if (pos != std::string::npos) {
         const size_t end = err_.find('\n', pos);
-        if (end != std::string::npos) return err_.substr(err_.rfind('\n', pos) + 1, end - err_.rfind('\n', pos) - 1);
+        if (end != std::string::npos)
+          return err_.substr(err_.rfind('\n', pos) + 1, end - err_.rfind('\n', pos) - 1);
       }
       if (!pump(50)) break;
     }
@@ -146,7 +148,8 @@ TEST_F(CliTest, UsageErrorsExitTwoAndNameWhatWasWrong) {
   EXPECT_NE(err.find("--bogus"), std::string::npos) << err;
   EXPECT_EQ(run({"send", "--source", "emu:", "--to", "127.0.0.1:1", "--chunk-size", "3Q"}, nullptr, &err), 2);
   EXPECT_NE(err.find("3Q"), std::string::npos) << err;
-  EXPECT_EQ(run({"send", "--source", "emu:", "--to", "127.0.0.1:1", "--chunk-size", "32M"}, nullptr, &err), 2);
+  EXPECT_EQ(run({"send", "--source", "emu:", "--to", "127.0.0.1:1", "--chunk-size", "32M"}, nullptr, &err),
+            2);
   EXPECT_NE(err.find("--chunk-size"), std::string::npos) << err;
   EXPECT_EQ(run({"send", "--source", "nope:x", "--to", "127.0.0.1:1"}, nullptr, &err), 2);
   EXPECT_NE(err.find("unknown source kind 'nope'"), std::string::npos) << err;
@@ -205,9 +208,9 @@ TEST_F(CliTest, OneGibFileArrivesIdentical) {
   const uint16_t port = start_recv(recv);
   ASSERT_NE(port, 0) << recv.err();
   std::string send_out;
-  const int send_rc = run({"send", "--source", "file:" + in.string(), "--to", "127.0.0.1:" + std::to_string(port),
-                           "--json"},
-                          &send_out);
+  const int send_rc =
+      run({"send", "--source", "file:" + in.string(), "--to", "127.0.0.1:" + std::to_string(port), "--json"},
+          &send_out);
   const int recv_rc = recv.wait();
   ASSERT_EQ(send_rc, 0) << send_out;
   ASSERT_EQ(recv_rc, 0) << recv.out() << recv.err();

@@ -178,7 +178,8 @@ TEST_P(BackendTest, SequentialSourceFromAPipe) {
 // section" (as a VFIO v1 region read through its mapping does), refusing to move on while a view is out.
 class TransactionSource final : public io::Source {
  public:
-  TransactionSource(std::vector<uint32_t> sizes, const io::ContentGenerator& gen) : sizes_(std::move(sizes)), gen_(gen) {}
+  TransactionSource(std::vector<uint32_t> sizes, const io::ContentGenerator& gen)
+      : sizes_(std::move(sizes)), gen_(gen) {}
   std::string describe() const override { return "test:transactions"; }
   std::optional<uint64_t> size() const override { return std::nullopt; }
   bool random_access() const override { return false; }
@@ -361,7 +362,17 @@ TEST(Transfer, AFlippedByteOnTheWireIsAlwaysCaught) {
     wire_bytes = o.send.wire_bytes + 96;  // + HELLO
   }
   std::mt19937_64 rng(1234);
-  std::vector<int64_t> positions = {0, 5, 47, 50, 95, 96, 100, 143, 150, 1000, int64_t(wire_bytes) - 1,
+  std::vector<int64_t> positions = {0,
+                                    5,
+                                    47,
+                                    50,
+                                    95,
+                                    96,
+                                    100,
+                                    143,
+                                    150,
+                                    1000,
+                                    int64_t(wire_bytes) - 1,
                                     int64_t(wire_bytes) - 30};  // handshake, first frames, END
   for (int i = 0; i < 30; ++i) positions.push_back(int64_t(rng() % wire_bytes));
   for (const int64_t pos : positions) {
@@ -373,7 +384,8 @@ TEST(Transfer, AFlippedByteOnTheWireIsAlwaysCaught) {
       proxy = std::make_unique<Proxy>(port, pos);
       return proxy->port();
     });
-    EXPECT_FALSE(o.send.committed) << "flip at " << pos << " of " << wire_bytes << " went unnoticed by the sender";
+    EXPECT_FALSE(o.send.committed) << "flip at " << pos << " of " << wire_bytes
+                                   << " went unnoticed by the sender";
     EXPECT_FALSE(o.recv.committed) << "flip at " << pos << " went unnoticed by the receiver";
     EXPECT_FALSE(o.send.error.empty());
     EXPECT_FALSE(fs::exists(out)) << "flip at " << pos;
