@@ -263,3 +263,27 @@ TEST_F(CliTest, CtrlCCancelsBothSidesCleanly) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST_F(CliTest, CtrlCOnTheReceiverCancelsBothSides) {
+  const fs::path out = dir_ / "copy.bin";
+  Proc recv({"recv", "--listen", "127.0.0.1:0", "--sink", "file:" + out.string(), "--json"});
+  const uint16_t port = start_recv(recv);
+  ASSERT_NE(port, 0) << recv.err();
+  Proc send({"send", "--source", "emu:size=64G,profile=random", "--to", "127.0.0.1:" + std::to_string(port),
+             "--json"});
+  const fs::path partial = out.string() + ".partial";
+  for (int i = 0; i < 200 && !(fs::exists(partial) && fs::file_size(partial) > (8 << 20)); ++i) {
+    std::this_thread::sleep_for(25ms);
+  }
+  recv.signal(SIGINT);
+  EXPECT_EQ(recv.wait(), 1);
+  EXPECT_NE(recv.out().find("\"reason\":\"cancelled\""), std::string::npos) << recv.out();
+  EXPECT_EQ(send.wait(), 1);
+  EXPECT_NE(send.out().find("receiver aborted (cancelled)"), std::string::npos) << send.out();
+  EXPECT_FALSE(fs::exists(out));
+  EXPECT_FALSE(fs::exists(partial));
+}
+
+}  // namespace
