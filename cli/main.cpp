@@ -57,6 +57,7 @@ const char* kSendHelp =
     "  --chunk-size SIZE   4K..16M (default 1M)\n"
     "  --depth N           chunks in flight per stream (default 4)\n"
     "  --connect-timeout MS, --commit-timeout MS\n"
+    "  --idle-timeout MS   fail when nothing moves for this long (default 30000; 0: never)\n"
     "  --json              print one JSON object instead of the summary\n"
     "  --quiet             no progress line\n";
 
@@ -69,6 +70,7 @@ const char* kRecvHelp =
     "  --max-chunk-size SIZE  largest chunk accepted (default 16M)\n"
     "  --memory SIZE       memory budget for buffers (default 64M)\n"
     "  --accept-timeout MS how long to wait for a sender (default 60000)\n"
+    "  --idle-timeout MS   fail when nothing arrives for this long (default 30000; 0: never)\n"
     "  --json, --quiet\n";
 
 const char* kDemoHelp =
@@ -102,6 +104,7 @@ engine::SendOptions send_options(const Args& args) {
   o.depth = args.get_unsigned("depth", 4, 1, 64);
   o.socket.connect_timeout_ms = args.get_int("connect-timeout", 10000, 1, 3600000);
   o.commit_timeout_ms = args.get_int("commit-timeout", 120000, 1, 86400000);
+  o.idle_timeout_ms = args.get_int("idle-timeout", o.idle_timeout_ms, 0, 86400000);
   return o;
 }
 
@@ -117,7 +120,7 @@ int cmd_send(const std::vector<std::string>& argv) {
     return kExitOk;
   }
   const Args args(argv, {"source", "to", "streams", "codec", "zstd-level", "chunk-size", "depth", "connect-timeout",
-                         "commit-timeout"},
+                         "commit-timeout", "idle-timeout"},
                   {"json", "quiet"});
   const engine::SendOptions options = send_options(args);
   io::HostPort to;
@@ -150,7 +153,7 @@ int cmd_recv(const std::vector<std::string>& argv) {
     std::fputs(kRecvHelp, stdout);
     return kExitOk;
   }
-  const Args args(argv, {"listen", "sink", "streams", "max-chunk-size", "memory", "accept-timeout"},
+  const Args args(argv, {"listen", "sink", "streams", "max-chunk-size", "memory", "accept-timeout", "idle-timeout"},
                   {"json", "quiet"});
   engine::RecvOptions o;
   o.max_streams = args.get_unsigned("streams", engine::wire::kMaxStreams, 1, engine::wire::kMaxStreams);
@@ -161,6 +164,7 @@ int cmd_recv(const std::vector<std::string>& argv) {
   o.max_chunk_bytes = uint32_t(max_chunk);
   o.memory_budget_bytes = args.get_size("memory", o.memory_budget_bytes);
   o.accept_timeout_ms = args.get_int("accept-timeout", o.accept_timeout_ms, 1, 86400000);
+  o.idle_timeout_ms = args.get_int("idle-timeout", o.idle_timeout_ms, 0, 86400000);
   io::HostPort where;
   try {
     where = io::parse_host_port(args.require("listen"));

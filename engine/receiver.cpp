@@ -430,9 +430,14 @@ Result receive(io::Sink& sink, int listen_fd, const RecvOptions& options, Stats*
     sh.thread_done();
   });
   {
+    IdleWatch idle(options.idle_timeout_ms);
     std::unique_lock lock(sh.done_mu);
     while (sh.running > 0) {
       if (cancel && cancel->requested()) sh.fail(Reason::cancelled, "cancelled");
+      if (idle.expired(stats.wire_bytes.load() + stats.bytes.load())) {
+        sh.fail(Reason::timeout, "nothing arrived from the sender for " + std::to_string(options.idle_timeout_ms) +
+                                     " ms (stalled sender?)");
+      }
       if (sh.failure.failed()) break;
       sh.done_cv.wait_for(lock, std::chrono::milliseconds(20));
     }

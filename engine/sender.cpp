@@ -675,10 +675,15 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
   }
 
   // Supervise: wait for the workers, watching for cancel and failure.
+  IdleWatch idle(options.idle_timeout_ms);
   auto watch_until = [&](auto done) {
     std::unique_lock lock(done_mu);
     while (!done()) {
       if (cancel && cancel->requested()) sh.failure.set(Reason::cancelled, "cancelled");
+      if (idle.expired(stats.bytes.load() + stats.acked_chunks.load())) {
+        sh.failure.set(Reason::timeout, "nothing moved for " + std::to_string(options.idle_timeout_ms) +
+                                            " ms (stalled receiver or link?)");
+      }
       if (sh.failure.failed()) return false;
       done_cv.wait_for(lock, std::chrono::milliseconds(20));
     }

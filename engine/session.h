@@ -3,6 +3,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <mutex>
 #include <span>
@@ -29,6 +30,28 @@ class Failure {
   wire::Reason reason_ = wire::Reason::unspecified;
   std::string text_;
   bool from_peer_ = false;
+};
+
+// Notices a transfer that stopped moving: the supervisor feeds it a progress counter; it expires once the
+// counter has not changed for the idle time-out (a stalled peer whose kernel still acknowledges, which TCP
+// keepalive cannot see).
+class IdleWatch {
+ public:
+  explicit IdleWatch(int timeout_ms) : timeout_(timeout_ms) {}
+  bool expired(uint64_t progress) {
+    const auto now = std::chrono::steady_clock::now();
+    if (progress != last_ || last_change_ == std::chrono::steady_clock::time_point{}) {
+      last_ = progress;
+      last_change_ = now;
+      return false;
+    }
+    return timeout_.count() > 0 && now - last_change_ > timeout_;
+  }
+
+ private:
+  std::chrono::milliseconds timeout_;
+  uint64_t last_ = 0;
+  std::chrono::steady_clock::time_point last_change_{};
 };
 
 // Sends a header (and payload) with send_full. Returns 0 or -errno.

@@ -29,6 +29,7 @@ struct SendOptions {
   io::SocketOptions socket;
   int handshake_timeout_ms = 10000;
   int commit_timeout_ms = 120000;  // after END, how long to wait for COMMITTED
+  int idle_timeout_ms = 30000;     // fail when nothing moves (no byte sent, no ACK) for this long; 0: never
 };
 
 struct RecvOptions {
@@ -37,6 +38,7 @@ struct RecvOptions {
   uint64_t memory_budget_bytes = 64ull << 20;  // reorder window + per-stream decode buffers
   int accept_timeout_ms = 60000;  // for the first connection; later ones get handshake_timeout_ms
   int handshake_timeout_ms = 10000;
+  int idle_timeout_ms = 30000;  // fail when nothing arrives and nothing is written for this long; 0: never
   io::SocketOptions socket;
 };
 

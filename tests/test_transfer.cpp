@@ -7,6 +7,7 @@
 
 #include <gtest/gtest.h>
 
+#include <array>
 #include <atomic>
 #include <cstdlib>
 #include <filesystem>
@@ -465,6 +466,66 @@ TEST(Transfer, ReceiverMemoryIsBoundedIndependentOfStateSize) {
   const Outcome o = transfer(*src, *sink, SendOptions{.streams = 4}, ro);
   EXPECT_TRUE(o.send.committed) << o.send.error;
   EXPECT_TRUE(o.recv.committed) << o.recv.error;
+}
+
+}  // namespace
+}  // namespace dstx::engine
+
+namespace dstx::engine {
+namespace {
+
+// A peer that completes the handshake and then goes silent (a stopped process: its kernel still ACKs).
+TEST(Transfer, AStalledSenderIsNoticedByTheIdleTimeOut) {
+  io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
+  const uint16_t port = io::bound_port(listener.get());
+  auto sink = io::open_null_sink();
+  RecvOptions ro;
+  ro.idle_timeout_ms = 300;
+  Result r;
+  std::thread receiver([&] { r = receive(*sink, listener.get(), ro, nullptr, nullptr); });
+  io::Fd c = io::tcp_connect(io::HostPort{"127.0.0.1", port}, {});
+  std::array<std::byte, wire::kHeaderBytes + wire::kHelloBytes> hello;
+  wire::encode_header(wire::Header{.type = wire::FrameType::hello, .payload_len = wire::kHelloBytes},
+                      std::span<std::byte, wire::kHeaderBytes>(hello.data(), wire::kHeaderBytes));
+  wire::encode_hello(wire::Hello{.max_chunk_bytes = 1 << 20, .session_id = 9},
+                     std::span<std::byte, wire::kHelloBytes>(hello.data() + wire::kHeaderBytes, wire::kHelloBytes));
+  ASSERT_EQ(send(c.get(), hello.data(), hello.size(), MSG_NOSIGNAL), ssize_t(hello.size()));
+  receiver.join();  // returns only because the idle time-out fired
+  EXPECT_FALSE(r.committed);
+  EXPECT_EQ(r.reason, wire::Reason::timeout);
+  EXPECT_NE(r.error.find("stalled sender"), std::string::npos) << r.error;
+}
+
+TEST(Transfer, AStalledReceiverIsNoticedByTheIdleTimeOut) {
+  io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
+  const uint16_t port = io::bound_port(listener.get());
+  std::atomic<bool> done{false};
+  std::thread fake([&] {
+    io::Fd c;
+    while (!c) c = io::tcp_accept(listener.get(), 100, {});
+    std::array<std::byte, wire::kHeaderBytes + wire::kHelloBytes> buf;
+    ASSERT_EQ(recv(c.get(), buf.data(), buf.size(), MSG_WAITALL), ssize_t(buf.size()));
+    wire::Hello h;
+    ASSERT_EQ(wire::decode_hello(std::span<const std::byte, wire::kHelloBytes>(buf.data() + wire::kHeaderBytes,
+                                                                              wire::kHelloBytes),
+                                 &h),
+              wire::Error::ok);
+    h.capabilities &= wire::kCapLz4;
+    wire::encode_header(wire::Header{.type = wire::FrameType::hello_ack, .payload_len = wire::kHelloBytes},
+                        std::span<std::byte, wire::kHeaderBytes>(buf.data(), wire::kHeaderBytes));
+    wire::encode_hello(h, std::span<std::byte, wire::kHelloBytes>(buf.data() + wire::kHeaderBytes, wire::kHelloBytes));
+    ASSERT_EQ(send(c.get(), buf.data(), buf.size(), MSG_NOSIGNAL), ssize_t(buf.size()));
+    while (!done) std::this_thread::sleep_for(std::chrono::milliseconds(10));  // never reads again
+  });
+  auto src = io::open_emu_source(io::ContentGenerator(io::Profile::random, 1), 1ull << 30);
+  SendOptions so{.streams = 1};
+  so.idle_timeout_ms = 300;
+  const Result r = send_to(*src, io::HostPort{"127.0.0.1", port}, so, nullptr, nullptr);
+  done = true;
+  fake.join();
+  EXPECT_FALSE(r.committed);
+  EXPECT_EQ(r.reason, wire::Reason::timeout);
+  EXPECT_NE(r.error.find("stalled receiver"), std::string::npos) << r.error;
 }
 
 }  // namespace
