@@ -16,6 +16,7 @@
 #include <random>
 #include <thread>
 
+#include "compress/hash.h"
 #include "engine/spec.h"
 #include "engine/transfer.h"
 #include "io/ring.h"
@@ -487,8 +488,9 @@ TEST(Transfer, AStalledSenderIsNoticedByTheIdleTimeOut) {
   std::array<std::byte, wire::kHeaderBytes + wire::kHelloBytes> hello;
   wire::encode_header(wire::Header{.type = wire::FrameType::hello, .payload_len = wire::kHelloBytes},
                       std::span<std::byte, wire::kHeaderBytes>(hello.data(), wire::kHeaderBytes));
-  wire::encode_hello(wire::Hello{.max_chunk_bytes = 1 << 20, .session_id = 9},
-                     std::span<std::byte, wire::kHelloBytes>(hello.data() + wire::kHeaderBytes, wire::kHelloBytes));
+  wire::encode_hello(
+      wire::Hello{.max_chunk_bytes = 1 << 20, .session_id = 9},
+      std::span<std::byte, wire::kHelloBytes>(hello.data() + wire::kHeaderBytes, wire::kHelloBytes));
   ASSERT_EQ(send(c.get(), hello.data(), hello.size(), MSG_NOSIGNAL), ssize_t(hello.size()));
   receiver.join();  // returns only because the idle time-out fired
   EXPECT_FALSE(r.committed);
@@ -506,14 +508,15 @@ TEST(Transfer, AStalledReceiverIsNoticedByTheIdleTimeOut) {
     std::array<std::byte, wire::kHeaderBytes + wire::kHelloBytes> buf;
     ASSERT_EQ(recv(c.get(), buf.data(), buf.size(), MSG_WAITALL), ssize_t(buf.size()));
     wire::Hello h;
-    ASSERT_EQ(wire::decode_hello(std::span<const std::byte, wire::kHelloBytes>(buf.data() + wire::kHeaderBytes,
-                                                                              wire::kHelloBytes),
+    ASSERT_EQ(wire::decode_hello(std::span<const std::byte, wire::kHelloBytes>(
+                                     buf.data() + wire::kHeaderBytes, wire::kHelloBytes),
                                  &h),
               wire::Error::ok);
     h.capabilities &= wire::kCapLz4;
     wire::encode_header(wire::Header{.type = wire::FrameType::hello_ack, .payload_len = wire::kHelloBytes},
                         std::span<std::byte, wire::kHeaderBytes>(buf.data(), wire::kHeaderBytes));
-    wire::encode_hello(h, std::span<std::byte, wire::kHelloBytes>(buf.data() + wire::kHeaderBytes, wire::kHelloBytes));
+    wire::encode_hello(
+        h, std::span<std::byte, wire::kHelloBytes>(buf.data() + wire::kHeaderBytes, wire::kHelloBytes));
     ASSERT_EQ(send(c.get(), buf.data(), buf.size(), MSG_NOSIGNAL), ssize_t(buf.size()));
     while (!done) std::this_thread::sleep_for(std::chrono::milliseconds(10));  // never reads again
   });
@@ -526,6 +529,178 @@ TEST(Transfer, AStalledReceiverIsNoticedByTheIdleTimeOut) {
   EXPECT_FALSE(r.committed);
   EXPECT_EQ(r.reason, wire::Reason::timeout);
   EXPECT_NE(r.error.find("stalled receiver"), std::string::npos) << r.error;
+}
+
+}  // namespace
+}  // namespace dstx::engine
+
+namespace dstx::engine {
+namespace {
+
+// A hand-driven sender: handshake on one stream, then whatever frames a test crafts.
+class RawSender {
+ public:
+  explicit RawSender(uint16_t port, uint32_t chunk = 4096) : chunk_(chunk) {
+    fd_ = io::tcp_connect(io::HostPort{"127.0.0.1", port}, {});
+    std::vector<std::byte> hello(wire::kHelloBytes);
+    wire::encode_hello(wire::Hello{.max_chunk_bytes = chunk, .session_id = 77, .capabilities = wire::kCapLz4},
+                       std::span<std::byte, wire::kHelloBytes>(hello.data(), wire::kHelloBytes));
+    frame(wire::Header{.type = wire::FrameType::hello, .payload_len = wire::kHelloBytes}, hello);
+    std::array<std::byte, wire::kHeaderBytes + wire::kHelloBytes> ack;
+    ok_ = recv(fd_.get(), ack.data(), ack.size(), MSG_WAITALL) == ssize_t(ack.size());
+  }
+  bool ok() const { return ok_; }
+  void frame(const wire::Header& h, std::span<const std::byte> payload = {}) {
+    std::vector<std::byte> buf(wire::kHeaderBytes);
+    wire::encode_header(h, std::span<std::byte, wire::kHeaderBytes>(buf.data(), wire::kHeaderBytes));
+    buf.insert(buf.end(), payload.begin(), payload.end());
+    send(fd_.get(), buf.data(), buf.size(), MSG_NOSIGNAL);
+  }
+  // A raw DATA frame for `data`, with the right hash unless told otherwise.
+  void data(uint64_t seq, uint64_t offset, std::span<const std::byte> bytes, bool send_payload = true) {
+    const wire::Header h{.type = wire::FrameType::data,
+                         .seq = seq,
+                         .offset = offset,
+                         .raw_len = uint32_t(bytes.size()),
+                         .payload_len = uint32_t(bytes.size()),
+                         .hash = compress::hash64(bytes.data(), bytes.size())};
+    frame(h, send_payload ? bytes : std::span<const std::byte>());
+  }
+  void close() { fd_.reset(); }
+
+ private:
+  uint32_t chunk_;
+  io::Fd fd_;
+  bool ok_ = false;
+};
+
+// Runs a receiver and lets `script` drive a RawSender; returns the receiver's result.
+Result against_receiver(const std::function<void(RawSender&)>& script) {
+  io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
+  const uint16_t port = io::bound_port(listener.get());
+  auto sink = io::open_null_sink();
+  RecvOptions ro;
+  ro.idle_timeout_ms = 5000;
+  Result r;
+  std::thread receiver([&] { r = receive(*sink, listener.get(), ro, nullptr, nullptr); });
+  {
+    RawSender s(port);
+    EXPECT_TRUE(s.ok());
+    script(s);
+    receiver.join();
+  }
+  return r;
+}
+
+std::vector<std::byte> page(uint8_t fill) {
+  return std::vector<std::byte>(4096, std::byte{fill});
+}
+
+TEST(ReceiverStateMachine, AcceptsAWellFormedHandDrivenStream) {
+  const auto a = page(1), b = page(2);
+  const Result r = against_receiver([&](RawSender& s) {
+    s.data(1, 0, a);
+    s.data(2, 4096, b);
+    wire::StreamDigest d;
+    d.add(1, 4096, compress::hash64(a.data(), a.size()));
+    d.add(2, 4096, compress::hash64(b.data(), b.size()));
+    s.frame(wire::make_end(2, 8192, d.value()));
+  });
+  EXPECT_TRUE(r.committed) << r.error;
+}
+
+TEST(ReceiverStateMachine, RejectsADuplicateOrReorderedSequenceNumberOnAStream) {
+  const auto a = page(1);
+  const Result r = against_receiver([&](RawSender& s) {
+    s.data(1, 0, a);
+    s.data(1, 0, a);
+  });
+  EXPECT_EQ(r.reason, wire::Reason::protocol);
+  EXPECT_NE(r.error.find("duplicate or out of order"), std::string::npos) << r.error;
+}
+
+TEST(ReceiverStateMachine, NoticesASequenceGap) {
+  const auto a = page(1);
+  const Result r = against_receiver([&](RawSender& s) {
+    s.data(1, 0, a);
+    s.data(3, 8192, a);
+    s.frame(wire::make_end(3, 12288, 0));
+  });
+  EXPECT_EQ(r.reason, wire::Reason::protocol);
+  EXPECT_NE(r.error.find("chunk 2 never arrived"), std::string::npos) << r.error;
+}
+
+TEST(ReceiverStateMachine, RejectsAChunkAtTheWrongOffset) {
+  const auto a = page(1);
+  const Result r = against_receiver([&](RawSender& s) {
+    s.data(1, 0, a);
+    s.data(2, 5000, a);
+  });
+  EXPECT_EQ(r.reason, wire::Reason::protocol);
+  EXPECT_NE(r.error.find("claims offset 5000, expected 4096"), std::string::npos) << r.error;
+}
+
+TEST(ReceiverStateMachine, RejectsAWrongDigestAndWrongCounts) {
+  const auto a = page(1);
+  Result r = against_receiver([&](RawSender& s) {
+    s.data(1, 0, a);
+    s.frame(wire::make_end(1, 4096, 12345));
+  });
+  EXPECT_EQ(r.reason, wire::Reason::digest);
+  EXPECT_NE(r.error.find("digest mismatch"), std::string::npos) << r.error;
+  r = against_receiver([&](RawSender& s) {
+    s.data(1, 0, a);
+    s.frame(wire::make_end(1, 9999, 0));
+  });
+  EXPECT_EQ(r.reason, wire::Reason::digest);
+  EXPECT_NE(r.error.find("END says 9999 bytes"), std::string::npos) << r.error;
+  r = against_receiver([&](RawSender& s) {
+    s.data(1, 0, a);
+    s.data(2, 4096, a);
+    s.frame(wire::make_end(1, 4096, 0));  // fewer chunks than were sent
+  });
+  EXPECT_EQ(r.reason, wire::Reason::protocol);
+  EXPECT_NE(r.error.find("beyond END"), std::string::npos) << r.error;
+}
+
+TEST(ReceiverStateMachine, RejectsAChunkWhoseBytesDoNotMatchItsHash) {
+  auto a = page(1);
+  const Result r = against_receiver([&](RawSender& s) {
+    const wire::Header h{.type = wire::FrameType::data,
+                         .seq = 1,
+                         .raw_len = 4096,
+                         .payload_len = 4096,
+                         .hash = compress::hash64(a.data(), a.size()) ^ 1};
+    s.frame(h, a);
+  });
+  EXPECT_EQ(r.reason, wire::Reason::checksum);
+  EXPECT_NE(r.error.find("do not match their XXH3-64"), std::string::npos) << r.error;
+}
+
+TEST(ReceiverStateMachine, RejectsAChunkLargerThanNegotiated) {
+  const std::vector<std::byte> big(8192, std::byte{3});  // negotiated 4096
+  const Result r = against_receiver([&](RawSender& s) { s.data(1, 0, big); });
+  EXPECT_EQ(r.reason, wire::Reason::protocol);
+  EXPECT_NE(r.error.find("frame length out of bounds"), std::string::npos) << r.error;
+}
+
+TEST(ReceiverStateMachine, ATruncatedFrameIsAConnectionFailure) {
+  const auto a = page(1);
+  const Result r = against_receiver([&](RawSender& s) {
+    s.data(1, 0, a, /*send_payload=*/false);
+    s.close();
+  });
+  EXPECT_EQ(r.reason, wire::Reason::connection);
+  EXPECT_NE(r.error.find("inside chunk 1"), std::string::npos) << r.error;
+}
+
+TEST(ReceiverStateMachine, ASenderAbortCarriesItsReason) {
+  const std::string why = "source device fell over";
+  const Result r = against_receiver([&](RawSender& s) {
+    s.frame(wire::make_aborted(wire::Reason::source, why.size()), std::as_bytes(std::span(why)));
+  });
+  EXPECT_EQ(r.reason, wire::Reason::source);
+  EXPECT_NE(r.error.find("sender aborted (source): source device fell over"), std::string::npos) << r.error;
 }
 
 }  // namespace
