@@ -1,11 +1,16 @@
 // The sending side: handshake every stream, run one worker per stream (own ring, own buffers, several chunks
 // in flight), fold finished chunks into the digest in order, send END, and wait for COMMITTED.
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <cassert>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <mutex>
@@ -23,6 +28,101 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using wire::Reason;
 
+// --codec auto walks a ladder of encodings, cheapest first: raw (zero pages dropped), lz4, zstd. The effort
+// in [0, top] says where the sender stands: its integer part picks the lower rung, its fraction the share of
+// chunks that take the rung above. Which effort is best depends on the link, the data and the CPU left over
+// (on loopback the "link" is the CPU itself), so no model of them is trusted: the controller measures the
+// logical throughput of each effort level it runs at (a grid of quarter steps, smoothed per level) and moves
+// to the best-looking neighbour. An unexplored or forgotten neighbour looks slightly better than where it
+// stands, so it is tried, once, and measurements are forgotten now and then so the controller follows a
+// change of link or data. It opens with one period on each pure rung (lz4, raw, zstd) and starts from the
+// fastest: links much faster or much slower than the compressor, the common cases, are settled right there.
+class EffortController {
+ public:
+  explicit EffortController(double top) : levels_(int(top * kLevelsPerRung) + 1) {
+    estimate_.fill(-1);
+    opening_ = {kLevelsPerRung, 0, levels_ - 1};
+    effort_.store(level_effort(opening_[0]), std::memory_order_relaxed);
+    current_ = opening_[0];
+  }
+  double effort() const { return effort_.load(std::memory_order_relaxed); }
+  double top() const { return level_effort(levels_ - 1); }
+
+  // Called after each chunk with the total logical bytes sent so far.
+  void observe(uint64_t bytes_total) {
+    const auto now = Clock::now();
+    std::unique_lock lock(mu_, std::try_to_lock);
+    if (!lock.owns_lock()) return;
+    if (period_start_ == Clock::time_point{}) {
+      period_start_ = now;
+      period_bytes_ = bytes_total;
+      return;
+    }
+    const double dt = std::chrono::duration<double>(now - period_start_).count();
+    if (dt < kPeriodSeconds) return;
+    const double rate = double(bytes_total - period_bytes_) / dt;
+    period_start_ = now;
+    period_bytes_ = bytes_total;
+    if (!warmed_up_) {
+      warmed_up_ = true;  // the first period measures socket buffers and slow start filling, not the link
+      return;
+    }
+    double& est = estimate_[size_t(current_)];
+    est = est < 0 ? rate : (1 - kSmoothing) * est + kSmoothing * rate;
+
+    int next = current_;
+    if (opened_ + 1 < opening_.size()) {
+      next = opening_[++opened_];
+    } else {
+      if (opened_ + 1 == opening_.size()) {
+        ++opened_;
+        for (int l = 0; l < levels_; ++l) {
+          if (estimate_[size_t(l)] > estimate_[size_t(next)]) next = l;
+        }
+      } else {
+        if (++periods_ % kForgetPeriods == 0) {
+          for (int l = 0; l < levels_; ++l) {
+            if (l != current_) estimate_[size_t(l)] = -1;
+          }
+        }
+        double best = est;
+        for (int l : {current_ - 1, current_ + 1}) {
+          if (l < 0 || l >= levels_) continue;
+          const double score = estimate_[size_t(l)] < 0 ? est * (1 + kExplore) : estimate_[size_t(l)];
+          if (score > best) {
+            best = score;
+            next = l;
+          }
+        }
+      }
+    }
+    if (std::getenv("DSTX_TRACE_CODEC"))
+      std::fprintf(stderr, "effort %.2f: %.3f GB/s\n", level_effort(current_), rate / 1e9);
+    current_ = next;
+    effort_.store(level_effort(next), std::memory_order_relaxed);
+  }
+
+ private:
+  static constexpr int kLevelsPerRung = 4;
+  static constexpr double kPeriodSeconds = 0.1;
+  static constexpr double kSmoothing = 0.5;
+  static constexpr double kExplore = 0.03;
+  static constexpr unsigned kForgetPeriods = 10;
+  static double level_effort(int level) { return double(level) / kLevelsPerRung; }
+
+  const int levels_;
+  std::array<double, 2 * kLevelsPerRung + 1> estimate_;
+  std::array<int, 3> opening_;
+  size_t opened_ = 0;
+  bool warmed_up_ = false;
+  unsigned periods_ = 0;
+  int current_ = 0;
+  std::atomic<double> effort_{1.0};
+  std::mutex mu_;
+  Clock::time_point period_start_{};
+  uint64_t period_bytes_ = 0;
+};
+
 struct Shared {
   io::Source& source;
   const SendOptions& options;
@@ -31,6 +131,8 @@ struct Shared {
   const Cancel* cancel;
   io::Backend backend;
   compress::EncodeOptions encode;
+  bool zstd_in_auto = false;                 // the auto ladder may climb to zstd (the receiver accepts it)
+  std::unique_ptr<EffortController> effort;  // --codec auto only
   uint32_t chunk_bytes;
   SendSequencer sequencer;
   Failure failure;
@@ -105,7 +207,11 @@ class Worker {
     // ring: the synchronous helpers need a ring with nothing else in flight.
     src_ring_ = io::make_ring(sh_.backend, io::RingOptions{.entries = 4});
     in_bytes_ = wire::kHeaderBytes + sh_.chunk_bytes;
-    out_bytes_ = wire::kHeaderBytes + compress::encode_bound(sh_.encode.codec, sh_.chunk_bytes);
+    // Room for any codec the auto ladder may pick (encode_chunk never writes past raw size - 1 anyway).
+    out_bytes_ =
+        wire::kHeaderBytes + std::max({compress::encode_bound(compress::Codec::lz4, sh_.chunk_bytes),
+                                       compress::encode_bound(compress::Codec::zstd, sh_.chunk_bytes),
+                                       compress::encode_bound(compress::Codec::sparse, sh_.chunk_bytes)});
     const size_t per_slot = round_up(in_bytes_) + round_up(out_bytes_);
     memory_ = static_cast<std::byte*>(::operator new(per_slot* depth, std::align_val_t(4096)));
     slots_.resize(depth);
@@ -265,26 +371,22 @@ class Worker {
     }
   }
 
-  // --codec auto: compress a share of the chunks, the rest go raw (zero chunks are skipped either way). The
-  // share follows the bottleneck: when a finished send finds the next frame already waiting, the link is the
-  // bottleneck and compressing more pays; when the link has to wait for the encoder, the CPU is, and more
-  // chunks go raw. Fixed codecs compress every chunk.
+  // --codec auto: this stream's share of chunks on each rung follows the controller's effort.
   compress::EncodeOptions choose_encoding() {
     compress::EncodeOptions opts = sh_.encode;
-    if (sh_.options.codec != CodecMode::auto_select || opts.codec == compress::Codec::none) return opts;
-    credit_ += compress_share_;
+    if (!sh_.effort) return opts;
+    static constexpr compress::Codec kLadder[] = {compress::Codec::none, compress::Codec::lz4,
+                                                  compress::Codec::zstd};
+    const double effort = sh_.effort->effort();
+    const int rung = std::min(int(effort), int(sh_.effort->top()) - 1);
+    credit_ += effort - rung;
+    int pick = rung;
     if (credit_ >= 1.0) {
       credit_ -= 1.0;
-    } else {
-      opts.codec = compress::Codec::none;
+      pick = rung + 1;
     }
+    opts.codec = kLadder[std::min(pick, 2)];
     return opts;
-  }
-
-  void adapt_after_send() {
-    if (sh_.options.codec != CodecMode::auto_select) return;
-    const bool link_bound = fifo_.size() > 1 && fifo_[1]->state == State::encoded;
-    compress_share_ = std::clamp(compress_share_ + (link_bound ? kShareStep : -kShareStep), kShareMin, 1.0);
   }
 
   void start_send() {
@@ -358,7 +460,6 @@ class Worker {
         queue_send(slot);
         return;
       }
-      adapt_after_send();
       finish(slot);
     }
   }
@@ -375,6 +476,7 @@ class Worker {
     else
       st.compressed_chunks.fetch_add(1, std::memory_order_relaxed);
     release_view(slot);
+    if (sh_.effort) sh_.effort->observe(st.bytes.load(std::memory_order_relaxed));
     sh_.sequencer.complete(slot.seq, slot.len, slot.enc.hash);
     slot.state = State::free;
     fifo_.pop_front();
@@ -406,9 +508,6 @@ class Worker {
   io::Completion send_io_;
   bool sending_ = false;
   bool exhausted_ = false;
-  static constexpr double kShareStep = 0.05;
-  static constexpr double kShareMin = 0.0;
-  double compress_share_ = 1.0;  // start compressing everything: right for every link slower than the CPU
   double credit_ = 0.0;
 };
 
@@ -515,7 +614,8 @@ uint64_t our_capabilities() {
 }
 
 // Chooses the codec from the mode and what the receiver accepts.
-std::string pick_codec(const SendOptions& o, uint64_t caps, compress::EncodeOptions* enc) {
+std::string pick_codec(const SendOptions& o, uint64_t caps, compress::EncodeOptions* enc,
+                       bool* zstd_in_auto) {
   enc->level = o.zstd_level;
   switch (o.codec) {
     case CodecMode::none:
@@ -526,6 +626,7 @@ std::string pick_codec(const SendOptions& o, uint64_t caps, compress::EncodeOpti
       enc->codec = (caps & wire::kCapLz4) ? compress::Codec::lz4 : compress::Codec::none;
       enc->probe_incompressible = true;
       enc->sparse_fallback = true;
+      *zstd_in_auto = (caps & wire::kCapLz4) && (caps & wire::kCapZstd);
       return {};
     case CodecMode::lz4:
       if (!(caps & wire::kCapLz4)) return "the receiver does not accept lz4";
@@ -653,10 +754,22 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
     if (!err.empty()) return fail(Reason::protocol, "stream " + std::to_string(i) + ": " + err);
     caps &= stream_caps;
   }
-  if (std::string err = pick_codec(options, caps, &sh.encode); !err.empty()) {
+  std::string codec_err = pick_codec(options, caps, &sh.encode, &sh.zstd_in_auto);
+  if (codec_err.empty() && options.codec == CodecMode::auto_select &&
+      sh.encode.codec != compress::Codec::none) {
+    sh.effort = std::make_unique<EffortController>(sh.zstd_in_auto ? 2.0 : 1.0);
+  }
+  if (std::string err = codec_err; !err.empty()) {
     send_frame(*ring, conns[0].get(), wire::make_aborted(Reason::capability, err.size()),
                std::as_bytes(std::span(err)));
     return fail(Reason::capability, err);
+  }
+
+  // Keep little unsent data queued in the kernel: the throughput the codec controller measures is then close
+  // to what the link carries, not what the socket buffers swallow. Not a TCP socket (UNIX): nothing to do.
+  for (io::Fd& c : conns) {
+    const int lowat = int(options.chunk_bytes);
+    (void)::setsockopt(c.get(), IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, sizeof lowat);
   }
 
   std::atomic<bool> control_stop{false};
