@@ -58,6 +58,7 @@ const char* kSendHelp =
     "  --depth N           chunks in flight per stream (default 4)\n"
     "  --connect-timeout MS, --commit-timeout MS\n"
     "  --idle-timeout MS   fail when nothing moves for this long (default 30000; 0: never)\n"
+    "  --bandwidth RATE    cap on the wire rate, e.g. 500M (bytes/s) or 1gbit\n"
     "  --json              print one JSON object instead of the summary\n"
     "  --quiet             no progress line\n";
 
@@ -105,6 +106,13 @@ engine::SendOptions send_options(const Args& args) {
   o.socket.connect_timeout_ms = args.get_int("connect-timeout", 10000, 1, 3600000);
   o.commit_timeout_ms = args.get_int("commit-timeout", 120000, 1, 86400000);
   o.idle_timeout_ms = args.get_int("idle-timeout", o.idle_timeout_ms, 0, 86400000);
+  if (auto rate = args.get("bandwidth")) {
+    try {
+      o.bandwidth_bytes_per_second = engine::parse_rate(*rate);
+    } catch (const std::exception& e) {
+      throw UsageError(std::string("--bandwidth: ") + e.what());
+    }
+  }
   return o;
 }
 
@@ -120,7 +128,7 @@ int cmd_send(const std::vector<std::string>& argv) {
     return kExitOk;
   }
   const Args args(argv, {"source", "to", "streams", "codec", "zstd-level", "chunk-size", "depth", "connect-timeout",
-                         "commit-timeout", "idle-timeout"},
+                         "commit-timeout", "idle-timeout", "bandwidth"},
                   {"json", "quiet"});
   const engine::SendOptions options = send_options(args);
   io::HostPort to;
@@ -207,7 +215,7 @@ int cmd_demo(const std::vector<std::string>& argv) {
     std::fputs(kDemoHelp, stdout);
     return kExitOk;
   }
-  const Args args(argv, {"size", "profile", "seed", "streams", "codec", "chunk-size"}, {"json", "quiet"});
+  const Args args(argv, {"size", "profile", "seed", "streams", "codec", "chunk-size", "bandwidth"}, {"json", "quiet"});
   engine::EmuSpec spec;
   spec.size = args.get_size("size", 1ull << 30);
   if (auto p = args.get("profile")) {

@@ -123,6 +123,31 @@ class EffortController {
   uint64_t period_bytes_ = 0;
 };
 
+// --bandwidth: a token bucket shared by all streams, on wire bytes. A frame waits until the bucket allows it;
+// up to kBurst of credit builds up while idle.
+class Pacer {
+ public:
+  explicit Pacer(uint64_t bytes_per_second) : rate_(double(bytes_per_second)) {}
+  void wait(size_t bytes) {
+    Clock::time_point start;
+    {
+      std::lock_guard lock(mu_);
+      const auto now = Clock::now();
+      if (next_ < now - kBurst) next_ = now - kBurst;
+      start = next_;
+      next_ +=
+          std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(double(bytes) / rate_));
+    }
+    std::this_thread::sleep_until(start);
+  }
+
+ private:
+  static constexpr auto kBurst = std::chrono::milliseconds(5);
+  const double rate_;
+  std::mutex mu_;
+  Clock::time_point next_{};
+};
+
 struct Shared {
   io::Source& source;
   const SendOptions& options;
@@ -133,6 +158,7 @@ struct Shared {
   compress::EncodeOptions encode;
   bool zstd_in_auto = false;                 // the auto ladder may climb to zstd (the receiver accepts it)
   std::unique_ptr<EffortController> effort;  // --codec auto only
+  std::unique_ptr<Pacer> pacer;              // --bandwidth only
   uint32_t chunk_bytes;
   SendSequencer sequencer;
   Failure failure;
@@ -392,6 +418,7 @@ class Worker {
   void start_send() {
     if (sending_ || fifo_.empty() || fifo_.front()->state != State::encoded) return;
     Slot& slot = *fifo_.front();
+    if (sh_.pacer) sh_.pacer->wait(slot.frame_len);
     queue_send(slot);
     slot.state = State::sending;
   }
@@ -771,6 +798,9 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
     const int lowat = int(options.chunk_bytes);
     (void)::setsockopt(c.get(), IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, sizeof lowat);
   }
+
+  if (options.bandwidth_bytes_per_second > 0)
+    sh.pacer = std::make_unique<Pacer>(options.bandwidth_bytes_per_second);
 
   std::atomic<bool> control_stop{false};
   std::thread control([&] { control_loop(sh, control_stop); });

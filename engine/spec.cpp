@@ -62,6 +62,31 @@ uint64_t parse_size(std::string_view text) {
   return whole * mult + uint64_t(std::llround(frac * double(mult)));
 }
 
+uint64_t parse_rate(std::string_view text) {
+  if (text.ends_with("bit")) {
+    std::string_view n = text.substr(0, text.size() - 3);
+    uint64_t mult = 1;
+    if (!n.empty()) {
+      switch (n.back()) {
+        case 'k': case 'K': mult = 1000; break;
+        case 'm': case 'M': mult = 1000 * 1000; break;
+        case 'g': case 'G': mult = 1000 * 1000 * 1000; break;
+        default: break;
+      }
+      if (mult != 1) n.remove_suffix(1);
+    }
+    uint64_t v = 0;
+    const auto [end, ec] = std::from_chars(n.data(), n.data() + n.size(), v);
+    if (n.empty() || ec != std::errc() || end != n.data() + n.size() || v == 0) {
+      throw bad("bad rate '" + std::string(text) + "': expected e.g. 500M (bytes/s) or 1gbit");
+    }
+    return v * mult / 8;
+  }
+  const uint64_t v = parse_size(text);
+  if (v == 0) throw bad("bad rate '" + std::string(text) + "': must be above zero");
+  return v;
+}
+
 std::string format_bytes(double bytes) {
   const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
   int u = 0;

@@ -14,6 +14,9 @@ namespace dstx::engine {
 
 // Bytes from "N", "N[KMGT]", "N[KMGT]iB" (binary multiples), decimals allowed with a suffix ("1.5G").
 uint64_t parse_size(std::string_view text);
+// A rate in bytes per second: "500M" (bytes, powers of 1024, like sizes) or tc-style bits "1gbit", "100mbit",
+// "800kbit" (powers of 1000).
+uint64_t parse_rate(std::string_view text);
 // "1.50 GiB" style, for humans.
 std::string format_bytes(double bytes);
 

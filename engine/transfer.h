@@ -30,6 +30,7 @@ struct SendOptions {
   int handshake_timeout_ms = 10000;
   int commit_timeout_ms = 120000;  // after END, how long to wait for COMMITTED
   int idle_timeout_ms = 30000;     // fail when nothing moves (no byte sent, no ACK) for this long; 0: never
+  uint64_t bandwidth_bytes_per_second = 0;  // cap on wire bytes per second, all streams together; 0: none
 };
 
 struct RecvOptions {

@@ -457,6 +457,21 @@ TEST(Transfer, CancelStopsBothSidesAndLeavesNoFile) {
   fs::remove_all(dir);
 }
 
+// The cap is a lower bound on duration (a token bucket cannot send faster than its rate plus its burst), so
+// this cannot fail on a slow machine.
+TEST(Transfer, BandwidthCapHoldsTheRate) {
+  const io::ContentGenerator gen(io::Profile::random, 5);
+  auto src = io::open_emu_source(gen, 32 << 20);
+  auto sink = io::open_emu_sink(gen, 32 << 20);
+  SendOptions so{.streams = 2};
+  so.bandwidth_bytes_per_second = 64 << 20;
+  const auto start = std::chrono::steady_clock::now();
+  const Outcome o = transfer(*src, *sink, so);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  ASSERT_TRUE(o.send.committed) << o.send.error;
+  EXPECT_GE(seconds, 0.45);  // 32 MiB at 64 MiB/s is 0.5 s, less the 5 ms burst
+}
+
 TEST(Transfer, ReceiverMemoryIsBoundedIndependentOfStateSize) {
   // The reorder window is sized from the budget, not from the transfer.
   const io::ContentGenerator gen(io::Profile::random, 5);

@@ -1,0 +1,79 @@
+// Endpoint specs, sizes and rates: what users type.
+#include <gtest/gtest.h>
+
+#include "engine/spec.h"
+
+namespace dstx::engine {
+namespace {
+
+TEST(Spec, Sizes) {
+  EXPECT_EQ(parse_size("0"), 0u);
+  EXPECT_EQ(parse_size("4096"), 4096u);
+  EXPECT_EQ(parse_size("64K"), 64u << 10);
+  EXPECT_EQ(parse_size("1M"), 1u << 20);
+  EXPECT_EQ(parse_size("1MiB"), 1u << 20);
+  EXPECT_EQ(parse_size("2g"), 2ull << 30);
+  EXPECT_EQ(parse_size("1.5G"), 3ull << 29);
+  EXPECT_EQ(parse_size("1T"), 1ull << 40);
+  for (const char* bad : {"", "K", "1.5", "12Q", "-1", "1..5G", "99999999999999999999", "20000000000T"}) {
+    EXPECT_THROW(parse_size(bad), std::invalid_argument) << bad;
+  }
+  try {
+    parse_size("12Q");
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("'12Q'"), std::string::npos);
+  }
+}
+
+TEST(Spec, Rates) {
+  EXPECT_EQ(parse_rate("1gbit"), 125000000u);
+  EXPECT_EQ(parse_rate("100mbit"), 12500000u);
+  EXPECT_EQ(parse_rate("800kbit"), 100000u);
+  EXPECT_EQ(parse_rate("500M"), 500u << 20);
+  for (const char* bad : {"0", "bit", "0gbit", "fastbit", "1.5gbit", "x"}) {
+    EXPECT_THROW(parse_rate(bad), std::invalid_argument) << bad;
+  }
+}
+
+TEST(Spec, EmuParameters) {
+  const EmuSpec d = parse_emu("");
+  EXPECT_EQ(d.size, 256ull << 20);
+  EXPECT_EQ(d.profile, io::Profile::mixed);
+  const EmuSpec e = parse_emu("size=1G,profile=zero-heavy,seed=42");
+  EXPECT_EQ(e.size, 1ull << 30);
+  EXPECT_EQ(e.profile, io::Profile::zero_heavy);
+  EXPECT_EQ(e.seed, 42u);
+  EXPECT_THROW(parse_emu("colour=blue"), std::invalid_argument);
+  EXPECT_THROW(parse_emu("profile=plaid"), std::invalid_argument);
+  EXPECT_THROW(parse_emu("seed=x"), std::invalid_argument);
+  EXPECT_THROW(parse_emu("size"), std::invalid_argument);
+}
+
+TEST(Spec, SourcesAndSinksByKind) {
+  EXPECT_NE(open_source("emu:size=1M")->describe().find("emu"), std::string::npos);
+  EXPECT_TRUE(open_sink("null:"));
+  EXPECT_FALSE(open_source("stdin:")->random_access());
+  for (const char* bad : {"nokind", "bogus:x", "file:", "fd:abc", "fd:-1"}) {
+    EXPECT_THROW(open_source(bad), std::invalid_argument) << bad;
+  }
+  for (const char* bad : {"nokind", "bogus:x", "file:", "fd:12x"}) {
+    EXPECT_THROW(open_sink(bad), std::invalid_argument) << bad;
+  }
+  try {
+    open_source("bogus:x");
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("unknown source kind 'bogus'"), std::string::npos) << e.what();
+  }
+  // A missing file is a runtime error naming the path, not a usage error.
+  try {
+    open_source("file:/nonexistent/dstx-state");
+    ADD_FAILURE() << "opened a missing file";
+  } catch (const std::invalid_argument&) {
+    ADD_FAILURE() << "a missing file is not a usage error";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("/nonexistent/dstx-state"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace dstx::engine
