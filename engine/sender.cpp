@@ -245,6 +245,12 @@ class Worker {
       slots_[i].in = memory_ + i * per_slot;
       slots_[i].out = slots_[i].in + round_up(in_bytes_);
     }
+    // Registered once, the buffers spare the kernel a page walk on every read (READ_FIXED). Where the kernel
+    // refuses (RLIMIT_MEMLOCK, an old kernel), plain reads do the same job.
+    if (sh_.backend == io::Backend::uring && io::probe().read_fixed) {
+      const iovec whole{memory_, per_slot * depth};
+      fixed_buffers_ = ring_->register_buffers(std::span(&whole, 1)) == 0;
+    }
   }
 
   static size_t round_up(size_t n) { return (n + 4095) & ~size_t(4095); }
@@ -338,11 +344,12 @@ class Worker {
     slot.len = uint32_t(std::min<uint64_t>(sh_.chunk_bytes, size - slot.offset));
     fifo_.push_back(&slot);
     if (src.read_fd() >= 0) {
-      slot.io = io::Completion{.op = io::Op::read,
+      slot.io = io::Completion{.op = fixed_buffers_ ? io::Op::read_fixed : io::Op::read,
                                .fd = src.read_fd(),
                                .buf = data,
                                .len = slot.len,
-                               .offset = int64_t(slot.offset)};
+                               .offset = int64_t(slot.offset),
+                               .buf_index = fixed_buffers_ ? 0 : -1};
       slot.state = State::reading;
       if (!ring_->queue(&slot.io)) {
         ring_->submit(0);
@@ -528,6 +535,7 @@ class Worker {
   std::unique_ptr<io::Ring> ring_;
   std::unique_ptr<io::Ring> src_ring_;
   std::byte* memory_ = nullptr;
+  bool fixed_buffers_ = false;
   size_t in_bytes_ = 0;
   size_t out_bytes_ = 0;
   std::vector<Slot> slots_;
