@@ -35,18 +35,25 @@ using wire::Reason;
 // logical throughput of each effort level it runs at (a grid of quarter steps, smoothed per level) and moves
 // to the best-looking neighbour. An unexplored or forgotten neighbour looks slightly better than where it
 // stands, so it is tried, once, and measurements are forgotten now and then so the controller follows a
-// change of link or data. It opens with one period on each pure rung (lz4, raw, zstd) and starts from the
-// fastest: links much faster or much slower than the compressor, the common cases, are settled right there.
+// change of link or data. It opens with one period on each pure rung, raw, then lz4, then zstd only if lz4
+// beat raw (a link that outruns lz4 outruns zstd too), and starts from the fastest: links much faster or much
+// slower than the compressor, the common cases, are settled right there.
 class EffortController {
  public:
   explicit EffortController(double top) : levels_(int(top * kLevelsPerRung) + 1) {
     estimate_.fill(-1);
-    opening_ = {kLevelsPerRung, 0, levels_ - 1};
+    opening_ = {0, kLevelsPerRung, levels_ - 1};
     effort_.store(level_effort(opening_[0]), std::memory_order_relaxed);
     current_ = opening_[0];
   }
   double effort() const { return effort_.load(std::memory_order_relaxed); }
   double top() const { return level_effort(levels_ - 1); }
+
+  // Called when a send finishes: was the stream's next frame already waiting for the link?
+  void note_send(bool backlogged) {
+    sends_.fetch_add(1, std::memory_order_relaxed);
+    if (backlogged) backlogged_.fetch_add(1, std::memory_order_relaxed);
+  }
 
   // Called after each chunk with the total logical bytes sent so far.
   void observe(uint64_t bytes_total) {
@@ -71,9 +78,15 @@ class EffortController {
     est = est < 0 ? rate : (1 - kSmoothing) * est + kSmoothing * rate;
 
     int next = current_;
-    if (opened_ + 1 < opening_.size()) {
+    // Raw frames that never queued up behind the link mean the link outruns even raw sending: no codec can
+    // help, so the rest of the opening is skipped. lz4 slower than raw: zstd would be slower still.
+    const uint64_t sends = sends_.exchange(0), backlogged = backlogged_.exchange(0);
+    const bool link_idle = opened_ == 0 && sends >= kMinSendsToJudge && backlogged * 4 < sends;
+    const bool lz4_lost = opened_ == 1 && estimate_[size_t(kLevelsPerRung)] <= estimate_[0];
+    if (opened_ + 1 < opening_.size() && !lz4_lost && !link_idle) {
       next = opening_[++opened_];
     } else {
+      if (lz4_lost || link_idle) opened_ = opening_.size() - 1;
       if (opened_ + 1 == opening_.size()) {
         ++opened_;
         for (int l = 0; l < levels_; ++l) {
@@ -104,6 +117,7 @@ class EffortController {
 
  private:
   static constexpr int kLevelsPerRung = 4;
+  static constexpr uint64_t kMinSendsToJudge = 8;
   static constexpr double kPeriodSeconds = 0.1;
   static constexpr double kSmoothing = 0.5;
   static constexpr double kExplore = 0.03;
@@ -118,6 +132,8 @@ class EffortController {
   unsigned periods_ = 0;
   int current_ = 0;
   std::atomic<double> effort_{1.0};
+  std::atomic<uint64_t> sends_{0};
+  std::atomic<uint64_t> backlogged_{0};
   std::mutex mu_;
   Clock::time_point period_start_{};
   uint64_t period_bytes_ = 0;
@@ -494,6 +510,7 @@ class Worker {
         queue_send(slot);
         return;
       }
+      if (sh_.effort) sh_.effort->note_send(fifo_.size() > 1 && fifo_[1]->state == State::encoded);
       finish(slot);
     }
   }
