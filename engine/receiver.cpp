@@ -8,6 +8,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
+#include <functional>
 #include <mutex>
 #include <thread>
 
@@ -317,8 +318,14 @@ void refuse(io::Ring& ring, int fd, const Refusal& r) {
 
 }  // namespace
 
-Result receive(io::Sink& sink, int listen_fd, const RecvOptions& options, Stats* stats_in,
-               const Cancel* cancel) {
+namespace {
+
+// Where the streams' connections come from: accepted on a listener, or handed in already connected. Returns
+// an invalid Fd when none comes within the time-out (or none is left); throws for a broken listener.
+using NextConnection = std::function<io::Fd(int timeout_ms)>;
+
+Result receive_impl(io::Sink& sink, const NextConnection& next_connection, const RecvOptions& options,
+                    Stats* stats_in, const Cancel* cancel) {
   const auto started = Clock::now();
   Stats local_stats;
   Stats& stats = stats_in ? *stats_in : local_stats;
@@ -344,7 +351,7 @@ Result receive(io::Sink& sink, int listen_fd, const RecvOptions& options, Stats*
   wire::Hello first;
   for (unsigned accepted = 0; conns.empty() || accepted < first.stream_count; ++accepted) {
     io::Fd c;
-    // Accept in short slices so a cancel is noticed.
+    // Wait in short slices so a cancel is noticed.
     const int timeout_ms = conns.empty() ? options.accept_timeout_ms : options.handshake_timeout_ms;
     const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
     try {
@@ -352,12 +359,14 @@ Result receive(io::Sink& sink, int listen_fd, const RecvOptions& options, Stats*
         if (cancel && cancel->requested())
           return fail(Reason::cancelled, "cancelled while waiting for the sender");
         if (timeout_ms >= 0 && Clock::now() > deadline) {
+          const size_t have =
+              size_t(std::count_if(conns.begin(), conns.end(), [](const io::Fd& f) { return bool(f); }));
           return fail(Reason::timeout,
                       conns.empty() ? "no sender connected within " + std::to_string(timeout_ms) + " ms"
-                                    : "only " + std::to_string(conns.size()) + " of " +
+                                    : "only " + std::to_string(have) + " of " +
                                           std::to_string(first.stream_count) + " streams connected");
         }
-        c = io::tcp_accept(listen_fd, 100, options.socket);
+        c = next_connection(100);
       }
     } catch (const std::exception& e) {
       return fail(Reason::connection, e.what());
@@ -435,8 +444,8 @@ Result receive(io::Sink& sink, int listen_fd, const RecvOptions& options, Stats*
     while (sh.running > 0) {
       if (cancel && cancel->requested()) sh.fail(Reason::cancelled, "cancelled");
       if (idle.expired(stats.wire_bytes.load() + stats.bytes.load())) {
-        sh.fail(Reason::timeout, "nothing arrived from the sender for " + std::to_string(options.idle_timeout_ms) +
-                                     " ms (stalled sender?)");
+        sh.fail(Reason::timeout, "nothing arrived from the sender for " +
+                                     std::to_string(options.idle_timeout_ms) + " ms (stalled sender?)");
       }
       if (sh.failure.failed()) break;
       sh.done_cv.wait_for(lock, std::chrono::milliseconds(20));
@@ -472,6 +481,32 @@ Result receive(io::Sink& sink, int listen_fd, const RecvOptions& options, Stats*
   result.digest = sh.end.hash;
   result.committed = true;
   return result;
+}
+
+}  // namespace
+
+Result receive(io::Sink& sink, int listen_fd, const RecvOptions& options, Stats* stats,
+               const Cancel* cancel) {
+  return receive_impl(
+      sink, [&](int timeout_ms) { return io::tcp_accept(listen_fd, timeout_ms, options.socket); }, options,
+      stats, cancel);
+}
+
+Result receive_accepted(io::Sink& sink, std::vector<io::Fd> connections, const RecvOptions& options,
+                        Stats* stats, const Cancel* cancel) {
+  size_t next = 0;
+  return receive_impl(
+      sink,
+      [&](int timeout_ms) {
+        if (next < connections.size()) {
+          io::apply_socket_options(connections[next].get(), options.socket);
+          return std::move(connections[next++]);
+        }
+        // Nothing more was handed in: wait out the slice so the time-out reports the missing streams.
+        std::this_thread::sleep_for(std::chrono::milliseconds(timeout_ms));
+        return io::Fd();
+      },
+      options, stats, cancel);
 }
 
 }  // namespace dstx::engine

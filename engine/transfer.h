@@ -92,6 +92,11 @@ Result send_to(io::Source& source, const io::HostPort& to, const SendOptions& op
 // Accepts the streams of one transfer on `listen_fd` and receives it into `sink`. Never throws.
 Result receive(io::Sink& sink, int listen_fd, const RecvOptions& options, Stats* stats, const Cancel* cancel);
 
+// Receives over connections the caller already accepted (a VMM that owns its sockets): one per stream, in any
+// order; they are handshaken like accepted ones. Never throws.
+Result receive_accepted(io::Sink& sink, std::vector<io::Fd> connections, const RecvOptions& options, Stats* stats,
+                        const Cancel* cancel);
+
 unsigned default_streams();  // one per core, at least 1, at most wire::kMaxStreams
 
 }  // namespace dstx::engine

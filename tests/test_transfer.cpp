@@ -329,6 +329,29 @@ class Proxy {
   std::thread thread_;
 };
 
+// A VMM hands in connections it made itself: here UNIX socket pairs, two streams, handed in crossed over.
+TEST(Transfer, OverConnectionsTheCallerOwns) {
+  std::vector<io::Fd> send_side, recv_side;
+  for (int i = 0; i < 2; ++i) {
+    int sv[2];
+    ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+    send_side.emplace_back(sv[0]);
+    recv_side.emplace_back(sv[1]);
+  }
+  std::swap(recv_side[0], recv_side[1]);  // the receiver learns each stream's index from its HELLO
+  const io::ContentGenerator gen(io::Profile::mixed, 12);
+  auto src = io::open_emu_source(gen, 24 << 20);
+  auto sink = io::open_emu_sink(gen, 24 << 20);
+  Result recv_result;
+  std::thread receiver(
+      [&] { recv_result = receive_accepted(*sink, std::move(recv_side), RecvOptions{}, nullptr, nullptr); });
+  const Result send_result = send(*src, std::move(send_side), SendOptions{}, nullptr, nullptr);
+  receiver.join();
+  EXPECT_TRUE(send_result.committed) << send_result.error;
+  EXPECT_TRUE(recv_result.committed) << recv_result.error;
+  EXPECT_EQ(recv_result.streams, 2u);
+}
+
 TEST(Transfer, ThroughAnHonestProxy) {
   const io::ContentGenerator gen(io::Profile::mixed, 8);
   auto src = io::open_emu_source(gen, 16 << 20);
