@@ -23,7 +23,9 @@ constexpr int kExitUsage = 2;
 
 engine::Cancel g_cancel;
 
-void on_signal(int) { g_cancel.request(); }
+void on_signal(int) {
+  g_cancel.request();
+}
 
 void install_signals() {
   struct sigaction sa {};
@@ -116,10 +118,18 @@ engine::SendOptions send_options(const Args& args) {
   return o;
 }
 
-int finish(const char* role, const engine::Result& r, const engine::Stats& st, bool json) {
-  if (json) print_json(stdout, role, r, st);
-  else print_summary(r.committed ? stdout : stderr, role, r, st);
+// `out` is stderr when the state itself goes to stdout (a stream sink): nothing may follow the stream there.
+int finish(const char* role, const engine::Result& r, const engine::Stats& st, bool json,
+           std::FILE* out = stdout) {
+  if (json)
+    print_json(out, role, r, st);
+  else
+    print_summary(r.committed ? out : stderr, role, r, st);
   return r.committed ? kExitOk : kExitFailed;
+}
+
+bool writes_stdout(const std::string& spec) {
+  return spec == "stdout:" || spec.rfind("stdout:", 0) == 0 || spec == "fd:1";
 }
 
 int cmd_send(const std::vector<std::string>& argv) {
@@ -127,8 +137,9 @@ int cmd_send(const std::vector<std::string>& argv) {
     std::fputs(kSendHelp, stdout);
     return kExitOk;
   }
-  const Args args(argv, {"source", "to", "streams", "codec", "zstd-level", "chunk-size", "depth", "connect-timeout",
-                         "commit-timeout", "idle-timeout", "bandwidth"},
+  const Args args(argv,
+                  {"source", "to", "streams", "codec", "zstd-level", "chunk-size", "depth", "connect-timeout",
+                   "commit-timeout", "idle-timeout", "bandwidth"},
                   {"json", "quiet"});
   const engine::SendOptions options = send_options(args);
   io::HostPort to;
@@ -161,7 +172,8 @@ int cmd_recv(const std::vector<std::string>& argv) {
     std::fputs(kRecvHelp, stdout);
     return kExitOk;
   }
-  const Args args(argv, {"listen", "sink", "streams", "max-chunk-size", "memory", "accept-timeout", "idle-timeout"},
+  const Args args(argv,
+                  {"listen", "sink", "streams", "max-chunk-size", "memory", "accept-timeout", "idle-timeout"},
                   {"json", "quiet"});
   engine::RecvOptions o;
   o.max_streams = args.get_unsigned("streams", engine::wire::kMaxStreams, 1, engine::wire::kMaxStreams);
@@ -207,7 +219,7 @@ int cmd_recv(const std::vector<std::string>& argv) {
   ProgressLine progress(stats, "recv", !args.has("json") && !args.has("quiet"));
   const engine::Result r = engine::receive(*sink, listener.get(), o, &stats, &g_cancel);
   progress.stop();
-  return finish("recv", r, stats, args.has("json"));
+  return finish("recv", r, stats, args.has("json"), writes_stdout(spec) ? stderr : stdout);
 }
 
 int cmd_demo(const std::vector<std::string>& argv) {
@@ -215,7 +227,8 @@ int cmd_demo(const std::vector<std::string>& argv) {
     std::fputs(kDemoHelp, stdout);
     return kExitOk;
   }
-  const Args args(argv, {"size", "profile", "seed", "streams", "codec", "chunk-size", "bandwidth"}, {"json", "quiet"});
+  const Args args(argv, {"size", "profile", "seed", "streams", "codec", "chunk-size", "bandwidth"},
+                  {"json", "quiet"});
   engine::EmuSpec spec;
   spec.size = args.get_size("size", 1ull << 30);
   if (auto p = args.get("profile")) {
@@ -233,15 +246,16 @@ int cmd_demo(const std::vector<std::string>& argv) {
   const uint16_t port = io::bound_port(listener.get());
   if (!json) {
     std::printf("dstx demo: %s of emulated '%s' state (seed %llu), 127.0.0.1:%u, %u streams, codec %s\n",
-                engine::format_bytes(double(spec.size)).c_str(), std::string(io::profile_name(spec.profile)).c_str(),
-                (unsigned long long)spec.seed, port, so.streams ? so.streams : engine::default_streams(),
-                engine::codec_mode_name(so.codec));
+                engine::format_bytes(double(spec.size)).c_str(),
+                std::string(io::profile_name(spec.profile)).c_str(), (unsigned long long)spec.seed, port,
+                so.streams ? so.streams : engine::default_streams(), engine::codec_mode_name(so.codec));
     std::fflush(stdout);
   }
   engine::Stats recv_stats;
   engine::Result recv_result;
   engine::RecvOptions ro;
-  std::thread receiver([&] { recv_result = engine::receive(*sink, listener.get(), ro, &recv_stats, &g_cancel); });
+  std::thread receiver(
+      [&] { recv_result = engine::receive(*sink, listener.get(), ro, &recv_stats, &g_cancel); });
   engine::Stats send_stats;
   ProgressLine progress(send_stats, "demo", !json && !args.has("quiet"));
   const engine::Result send_result =
@@ -297,4 +311,6 @@ int run(int argc, char** argv) {
 }  // namespace
 }  // namespace dstx::cli
 
-int main(int argc, char** argv) { return dstx::cli::run(argc, argv); }
+int main(int argc, char** argv) {
+  return dstx::cli::run(argc, argv);
+}

@@ -9,6 +9,7 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   xxhash  # xxhsum: the wire-format golden vectors' independent check
   abigail-tools  # abidw/abidiff: the C ABI baseline check (tests/capi)
+  qemu-system-x86 python3  # tests/qemu: QEMU migration through dstx (TCG; ~16 MiB download, ~81 MiB installed)
 )
 
 missing=()

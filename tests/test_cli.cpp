@@ -29,12 +29,18 @@ using namespace std::chrono_literals;
 // A child process running dstx with stdout and stderr captured through pipes.
 class Proc {
  public:
-  explicit Proc(std::vector<std::string> args) {
+  // `stdout_path`: the child's stdout goes to that file instead of a pipe (for output larger than a pipe
+  // holds).
+  explicit Proc(std::vector<std::string> args, const std::string& stdout_path = "") {
     int out[2], err[2];
     if (pipe2(out, O_CLOEXEC) != 0 || pipe2(err, O_CLOEXEC) != 0) throw std::runtime_error("pipe");
     posix_spawn_file_actions_t fa;
     posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_adddup2(&fa, out[1], 1);
+    if (stdout_path.empty()) {
+      posix_spawn_file_actions_adddup2(&fa, out[1], 1);
+    } else {
+      posix_spawn_file_actions_addopen(&fa, 1, stdout_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    }
     posix_spawn_file_actions_adddup2(&fa, err[1], 2);
     args.insert(args.begin(), DSTX_BINARY);
     std::vector<char*> argv;
@@ -284,6 +290,33 @@ TEST_F(CliTest, CtrlCOnTheReceiverCancelsBothSides) {
   EXPECT_NE(send.out().find("receiver aborted (cancelled)"), std::string::npos) << send.out();
   EXPECT_FALSE(fs::exists(out));
   EXPECT_FALSE(fs::exists(partial));
+}
+
+}  // namespace
+
+namespace {
+
+// A stream sink gets the state and nothing else: the summary (or --json) goes to stderr then.
+TEST_F(CliTest, StdoutSinkCarriesOnlyTheState) {
+  const fs::path in = dir_ / "in.bin";
+  {
+    std::ofstream f(in, std::ios::binary);
+    std::vector<std::byte> buf(3'000'001);
+    dstx::io::ContentGenerator(dstx::io::Profile::mixed, 5).fill(0, buf);
+    f.write(reinterpret_cast<const char*>(buf.data()), std::streamsize(buf.size()));
+  }
+  const fs::path got = dir_ / "stdout.bin";
+  Proc recv({"recv", "--listen", "127.0.0.1:0", "--sink", "stdout:", "--json"}, got.string());
+  const uint16_t port = start_recv(recv);
+  ASSERT_NE(port, 0) << recv.err();
+  std::string out;
+  ASSERT_EQ(
+      run({"send", "--source", "file:" + in.string(), "--to", "127.0.0.1:" + std::to_string(port)}, &out), 0)
+      << out;
+  ASSERT_EQ(recv.wait(), 0) << recv.err();
+  EXPECT_EQ(fs::file_size(got), fs::file_size(in));
+  EXPECT_EQ(run_cmp(in, got), 0);
+  EXPECT_NE(recv.err().find("\"status\":\"committed\""), std::string::npos) << recv.err();
 }
 
 }  // namespace
