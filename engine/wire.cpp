@@ -32,7 +32,7 @@ uint64_t get64(const std::byte* p) {
 }
 
 constexpr size_t kCheckedBytes = 44;       // the header checksum covers bytes [0, 44)
-constexpr size_t kHelloCheckedBytes = 40;  // the HELLO checksum covers bytes [0, 40)
+constexpr size_t kHelloCheckedBytes = 48;  // the HELLO checksum covers bytes [0, 48)
 
 uint32_t header_check(const std::byte* p) {
   return uint32_t(compress::hash64(p, kCheckedBytes));
@@ -160,6 +160,7 @@ Error decode_header(std::span<const std::byte, kHeaderBytes> in, uint32_t max_ch
     case FrameType::end:
     case FrameType::committed:
     case FrameType::ack:
+    case FrameType::stream_ack:
       if (h.payload_len != 0)
         err = Error::bad_length;
       else if (h.codec || h.flags || h.raw_len || h.aux)
@@ -187,22 +188,26 @@ void encode_hello(const Hello& hello, std::span<std::byte, kHelloBytes> out) {
   put16(p + 4, hello.version);
   put16(p + 6, hello.stream_index);
   put16(p + 8, hello.stream_count);
+  put16(p + 10, hello.flags);
   put32(p + 12, hello.max_chunk_bytes);
   put64(p + 16, hello.session_id);
   put64(p + 24, hello.capabilities);
   put64(p + 32, hello.total_bytes);
-  put64(p + 40, compress::hash64(p, kHelloCheckedBytes));
+  put64(p + 40, hello.resume_seq);
+  put64(p + 48, compress::hash64(p, kHelloCheckedBytes));
 }
 
 Error decode_hello(std::span<const std::byte, kHelloBytes> in, Hello* out) {
   const std::byte* p = in.data();
   if (get32(p) != kHelloMagic) return Error::bad_magic;
-  if (get64(p + 40) != compress::hash64(p, kHelloCheckedBytes)) return Error::bad_header_checksum;
-  if (get16(p + 10) != 0) return Error::bad_field;
+  if (get64(p + 48) != compress::hash64(p, kHelloCheckedBytes)) return Error::bad_header_checksum;
+  if (get16(p + 10) & ~kHelloResume) return Error::bad_field;
   Hello h;
   h.version = get16(p + 4);
   h.stream_index = get16(p + 6);
   h.stream_count = get16(p + 8);
+  h.flags = get16(p + 10);
+  h.resume_seq = get64(p + 40);
   h.max_chunk_bytes = get32(p + 12);
   h.session_id = get64(p + 16);
   h.capabilities = get64(p + 24);
@@ -216,6 +221,9 @@ Header make_end(uint64_t chunk_count, uint64_t byte_count, uint64_t digest) {
 }
 Header make_ack(uint64_t watermark) {
   return Header{.type = FrameType::ack, .seq = watermark};
+}
+Header make_stream_ack(uint64_t last_received) {
+  return Header{.type = FrameType::stream_ack, .seq = last_received};
 }
 Header make_committed(uint64_t chunk_count, uint64_t byte_count, uint64_t digest) {
   return Header{.type = FrameType::committed, .seq = chunk_count, .offset = byte_count, .hash = digest};

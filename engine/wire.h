@@ -16,7 +16,7 @@ inline constexpr uint32_t kFrameMagic = 0x46585344;  // bytes "DSXF"
 inline constexpr uint32_t kHelloMagic = 0x58545344;  // bytes "DSTX"
 inline constexpr uint16_t kVersion = 1;
 inline constexpr size_t kHeaderBytes = 48;
-inline constexpr size_t kHelloBytes = 48;
+inline constexpr size_t kHelloBytes = 56;
 inline constexpr uint32_t kMinChunkBytes = 4096;
 inline constexpr uint32_t kMaxChunkBytes = 16u << 20;  // protocol ceiling; a receiver may set a lower one
 inline constexpr uint32_t kMaxTextBytes = 1024;        // ABORTED reason text
@@ -27,10 +27,11 @@ enum class FrameType : uint8_t {
   hello = 1,      // sender → receiver, first frame of every connection
   hello_ack = 2,  // receiver → sender: accepted
   data = 3,
-  end = 4,        // sender → receiver, last frame of every stream
-  ack = 5,        // receiver → sender on stream 0: watermark
-  committed = 6,  // receiver → sender on stream 0: everything written, verified and made durable
-  aborted = 7,    // either direction: the transfer failed (also the refusal of a HELLO)
+  end = 4,         // sender → receiver, last frame of every stream
+  ack = 5,         // receiver → sender on stream 0: watermark
+  committed = 6,   // receiver → sender on stream 0: everything written, verified and made durable
+  aborted = 7,     // either direction: the transfer failed (also the refusal of a HELLO)
+  stream_ack = 8,  // receiver → sender on each stream: the last sequence number received on that stream
 };
 
 // DATA flags. Any other bit set is a protocol error.
@@ -42,7 +43,11 @@ inline constexpr uint16_t kDataFlagsMask = kFlagZero | kFlagEndOfTransaction;
 inline constexpr uint64_t kCapLz4 = 1u << 0;
 inline constexpr uint64_t kCapZstd = 1u << 1;
 inline constexpr uint64_t kCapTransactions = 1u << 2;
-inline constexpr uint64_t kCapsKnown = kCapLz4 | kCapZstd | kCapTransactions;
+inline constexpr uint64_t kCapResume = 1u << 3;
+inline constexpr uint64_t kCapsKnown = kCapLz4 | kCapZstd | kCapTransactions | kCapResume;
+
+// HELLO flags.
+inline constexpr uint16_t kHelloResume = 1u << 0;  // reconnecting a broken stream of a running session
 
 // Reason codes of ABORTED. Numbers are pinned: only ever append.
 enum class Reason : uint32_t {
@@ -81,10 +86,12 @@ struct Hello {
   uint16_t version = kVersion;
   uint16_t stream_index = 0;
   uint16_t stream_count = 1;
+  uint16_t flags = 0;            // kHelloResume
   uint32_t max_chunk_bytes = 0;  // sender: its chunk size; receiver: the largest it accepts
   uint64_t session_id = 0;
   uint64_t capabilities = 0;
   uint64_t total_bytes = kUnknownSize;
+  uint64_t resume_seq = 0;  // HELLO_ACK of a resume: the last sequence number received on this stream
   bool operator==(const Hello&) const = default;
 };
 
@@ -115,6 +122,7 @@ Error decode_hello(std::span<const std::byte, kHelloBytes> in, Hello* out);
 // Convenience constructors for control frames.
 Header make_end(uint64_t chunk_count, uint64_t byte_count, uint64_t digest);
 Header make_ack(uint64_t watermark);
+Header make_stream_ack(uint64_t last_received);
 Header make_committed(uint64_t chunk_count, uint64_t byte_count, uint64_t digest);
 Header make_aborted(Reason reason, size_t text_len);
 

@@ -89,7 +89,7 @@ TEST(WireGolden, ControlFrames) {
       "4453584607000000000000000000000000000000000000000000000005000000000000000000000006000000170c4125");
   EXPECT_EQ(
       to_hex(encode(Header{.type = FrameType::hello, .payload_len = kHelloBytes})),
-      "4453584601000000000000000000000000000000000000000000000030000000000000000000000000000000f00cb822");
+      "445358460100000000000000000000000000000000000000000000003800000000000000000000000000000093d372d1");
 }
 
 TEST(WireGolden, HelloPayload) {
@@ -102,12 +102,35 @@ TEST(WireGolden, HelloPayload) {
                 .total_bytes = 1ull << 30};
   std::array<std::byte, kHelloBytes> b;
   encode_hello(h, b);
-  EXPECT_EQ(
-      to_hex(b),
-      "44535458010001000400000000001000efcdab896745230103000000000000000000004000000000d53c5c3f765d11e1");
+  EXPECT_EQ(to_hex(b),
+            "44535458010001000400000000001000efcdab8967452301030000000000000000000040000000000000000000000000"
+            "b08017b5df1525cb");
   Hello back;
   ASSERT_EQ(decode_hello(b, &back), Error::ok);
   EXPECT_EQ(back, h);
+}
+
+TEST(WireGolden, ResumeHelloAndStreamAck) {
+  const Hello h{.version = 1,
+                .stream_index = 2,
+                .stream_count = 4,
+                .flags = kHelloResume,
+                .max_chunk_bytes = 0x100000,
+                .session_id = 0x0123456789abcdef,
+                .capabilities = kCapLz4 | kCapZstd,
+                .total_bytes = 1ull << 30,
+                .resume_seq = 0x1234};
+  std::array<std::byte, kHelloBytes> b;
+  encode_hello(h, b);
+  EXPECT_EQ(to_hex(b),
+            "44535458010002000400010000001000efcdab8967452301030000000000000000000040000000003412000000000000"
+            "47203183a689f801");
+  Hello back;
+  ASSERT_EQ(decode_hello(b, &back), Error::ok);
+  EXPECT_EQ(back, h);
+  EXPECT_EQ(
+      to_hex(encode(make_stream_ack(42))),
+      "44535846080000002a000000000000000000000000000000000000000000000000000000000000000000000050992017");
 }
 
 TEST(WireGolden, DecodesTheGoldenBytes) {
@@ -123,8 +146,8 @@ TEST(WireGolden, DecodesTheGoldenBytes) {
 TEST(Wire, RoundTripsEveryFrameType) {
   for (const Header& h :
        {kData, make_end(3, 12345, 42), make_ack(77), make_committed(3, 12345, 42),
-        make_aborted(Reason::sink, 100), Header{.type = FrameType::hello, .payload_len = 48},
-        Header{.type = FrameType::hello_ack, .payload_len = 48}}) {
+        make_aborted(Reason::sink, 100), Header{.type = FrameType::hello, .payload_len = kHelloBytes},
+        Header{.type = FrameType::hello_ack, .payload_len = kHelloBytes}}) {
     Header back;
     ASSERT_EQ(decode(encode(h), &back), Error::ok) << int(h.type);
     EXPECT_EQ(back, h);
@@ -198,7 +221,7 @@ TEST(Wire, OversizeAndImpossibleLengths) {
   Header a = make_aborted(Reason::sink, 0);
   a.payload_len = kMaxTextBytes + 1;
   EXPECT_EQ(decode(encode(a), &h), Error::bad_length);
-  Header hello{.type = FrameType::hello, .payload_len = 47};
+  Header hello{.type = FrameType::hello, .payload_len = kHelloBytes - 1};
   EXPECT_EQ(decode(encode(hello), &h), Error::bad_length);
   Header end = make_end(1, 1, 1);
   end.payload_len = 1;
