@@ -10,7 +10,10 @@
 #include <vector>
 
 #include "cli/args.h"
+#include "cli/commands.h"
 #include "cli/progress.h"
+#include "cli/tls_args.h"
+#include "engine/migrate.h"
 #include "engine/spec.h"
 #include "engine/transfer.h"
 
@@ -45,6 +48,7 @@ const char* kMainHelp =
     "  send    read state from a source and stream it to a receiver\n"
     "  recv    serve one transfer and write it into a sink\n"
     "  demo    a receiver and a sender over loopback, emulated state, verified byte for byte\n"
+    "  migrate migrate a VFIO device's state to dstx recv: pre-copy, stop-copy, back to RUNNING on failure\n"
     "\n"
     "exit codes: 0 committed, 1 transfer failed, 2 usage error\n";
 
@@ -61,6 +65,9 @@ const char* kSendHelp =
     "  --connect-timeout MS, --commit-timeout MS\n"
     "  --idle-timeout MS   fail when nothing moves for this long (default 30000; 0: never)\n"
     "  --bandwidth RATE    cap on the wire rate, e.g. 500M (bytes/s) or 1gbit\n"
+    "  --reconnect-attempts N  per broken stream before giving up (default 5)\n"
+    "  --replay-buffer SIZE    unacknowledged frames kept for resuming (default 32M)\n"
+    "  --no-resume         fail at the first broken connection instead of resuming\n"
     "  --json              print one JSON object instead of the summary\n"
     "  --quiet             no progress line\n";
 
@@ -69,11 +76,14 @@ const char* kRecvHelp =
     "\n"
     "  --listen HOST:PORT  address to accept the sender on (port 0: any; the port is printed)\n"
     "  --sink SPEC         file:PATH (PATH appears only when committed), emu:…, null:, stdout:, fd:N\n"
+    "                      or a VFIO device to load the state into: vfio:…, vfio-group:…, emu-v1:…, emu-v2:…\n"
+    "                      (see dstx migrate --help)\n"
     "  --streams N         the most streams to accept (default 64)\n"
     "  --max-chunk-size SIZE  largest chunk accepted (default 16M)\n"
     "  --memory SIZE       memory budget for buffers (default 64M)\n"
     "  --accept-timeout MS how long to wait for a sender (default 60000)\n"
     "  --idle-timeout MS   fail when nothing arrives for this long (default 30000; 0: never)\n"
+    "  --resume-timeout MS how long a broken stream may take to reconnect (default 30000)\n"
     "  --json, --quiet\n";
 
 const char* kDemoHelp =
@@ -108,6 +118,9 @@ engine::SendOptions send_options(const Args& args) {
   o.socket.connect_timeout_ms = args.get_int("connect-timeout", 10000, 1, 3600000);
   o.commit_timeout_ms = args.get_int("commit-timeout", 120000, 1, 86400000);
   o.idle_timeout_ms = args.get_int("idle-timeout", o.idle_timeout_ms, 0, 86400000);
+  o.resume = !args.has("no-resume");
+  o.reconnect_attempts = args.get_int("reconnect-attempts", o.reconnect_attempts, 1, 1000);
+  o.replay_bytes = args.get_size("replay-buffer", o.replay_bytes);
   if (auto rate = args.get("bandwidth")) {
     try {
       o.bandwidth_bytes_per_second = engine::parse_rate(*rate);
@@ -115,14 +128,15 @@ engine::SendOptions send_options(const Args& args) {
       throw UsageError(std::string("--bandwidth: ") + e.what());
     }
   }
+  o.tls = tls_options(args);
   return o;
 }
 
 // `out` is stderr when the state itself goes to stdout (a stream sink): nothing may follow the stream there.
 int finish(const char* role, const engine::Result& r, const engine::Stats& st, bool json,
-           std::FILE* out = stdout) {
+           std::FILE* out = stdout, const std::string& extra_json = "") {
   if (json)
-    print_json(out, role, r, st);
+    print_json(out, role, r, st, extra_json);
   else
     print_summary(r.committed ? out : stderr, role, r, st);
   return r.committed ? kExitOk : kExitFailed;
@@ -135,12 +149,14 @@ bool writes_stdout(const std::string& spec) {
 int cmd_send(const std::vector<std::string>& argv) {
   if (wants_help(argv)) {
     std::fputs(kSendHelp, stdout);
+    std::fputs(kTlsHelp, stdout);
     return kExitOk;
   }
   const Args args(argv,
-                  {"source", "to", "streams", "codec", "zstd-level", "chunk-size", "depth", "connect-timeout",
-                   "commit-timeout", "idle-timeout", "bandwidth"},
-                  {"json", "quiet"});
+                  with_tls_options({"source", "to", "streams", "codec", "zstd-level", "chunk-size", "depth",
+                                    "connect-timeout", "commit-timeout", "idle-timeout", "bandwidth",
+                                    "reconnect-attempts", "replay-buffer"}),
+                  {"json", "quiet", "no-resume"});
   const engine::SendOptions options = send_options(args);
   io::HostPort to;
   try {
@@ -170,10 +186,12 @@ int cmd_send(const std::vector<std::string>& argv) {
 int cmd_recv(const std::vector<std::string>& argv) {
   if (wants_help(argv)) {
     std::fputs(kRecvHelp, stdout);
+    std::fputs(kTlsHelp, stdout);
     return kExitOk;
   }
   const Args args(argv,
-                  {"listen", "sink", "streams", "max-chunk-size", "memory", "accept-timeout", "idle-timeout"},
+                  with_tls_options({"listen", "sink", "streams", "max-chunk-size", "memory", "accept-timeout",
+                                    "idle-timeout", "resume-timeout"}),
                   {"json", "quiet"});
   engine::RecvOptions o;
   o.max_streams = args.get_unsigned("streams", engine::wire::kMaxStreams, 1, engine::wire::kMaxStreams);
@@ -185,6 +203,8 @@ int cmd_recv(const std::vector<std::string>& argv) {
   o.memory_budget_bytes = args.get_size("memory", o.memory_budget_bytes);
   o.accept_timeout_ms = args.get_int("accept-timeout", o.accept_timeout_ms, 1, 86400000);
   o.idle_timeout_ms = args.get_int("idle-timeout", o.idle_timeout_ms, 0, 86400000);
+  o.resume_timeout_ms = args.get_int("resume-timeout", o.resume_timeout_ms, 1, 86400000);
+  o.tls = tls_options(args);
   io::HostPort where;
   try {
     where = io::parse_host_port(args.require("listen"));
@@ -219,15 +239,21 @@ int cmd_recv(const std::vector<std::string>& argv) {
   ProgressLine progress(stats, "recv", !args.has("json") && !args.has("quiet"));
   const engine::Result r = engine::receive(*sink, listener.get(), o, &stats, &g_cancel);
   progress.stop();
-  return finish("recv", r, stats, args.has("json"), writes_stdout(spec) ? stderr : stdout);
+  // A device sink adds the device's final state (and, emulated, its state digest).
+  const int rc = finish("recv", r, stats, args.has("json"), writes_stdout(spec) ? stderr : stdout,
+                        engine::device_sink_json_fields(*sink));
+  if (!args.has("json")) print_device_sink(r.committed ? stdout : stderr, *sink);
+  return rc;
 }
 
 int cmd_demo(const std::vector<std::string>& argv) {
   if (wants_help(argv)) {
     std::fputs(kDemoHelp, stdout);
+    std::fputs(kTlsHelp, stdout);
     return kExitOk;
   }
-  const Args args(argv, {"size", "profile", "seed", "streams", "codec", "chunk-size", "bandwidth"},
+  const Args args(argv,
+                  with_tls_options({"size", "profile", "seed", "streams", "codec", "chunk-size", "bandwidth"}),
                   {"json", "quiet"});
   engine::EmuSpec spec;
   spec.size = args.get_size("size", 1ull << 30);
@@ -254,6 +280,7 @@ int cmd_demo(const std::vector<std::string>& argv) {
   engine::Stats recv_stats;
   engine::Result recv_result;
   engine::RecvOptions ro;
+  ro.tls = so.tls;  // one certificate (or key) for both ends of the demo
   std::thread receiver(
       [&] { recv_result = engine::receive(*sink, listener.get(), ro, &recv_stats, &g_cancel); });
   engine::Stats send_stats;
@@ -297,6 +324,7 @@ int run(int argc, char** argv) {
     if (cmd == "send") return cmd_send(rest);
     if (cmd == "recv") return cmd_recv(rest);
     if (cmd == "demo") return cmd_demo(rest);
+    if (cmd == "migrate") return cmd_migrate(rest);
     std::fprintf(stderr, "dstx: unknown command '%s'\n\n%s", cmd.c_str(), kMainHelp);
     return kExitUsage;
   } catch (const UsageError& e) {

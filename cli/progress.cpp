@@ -63,12 +63,13 @@ void print_summary(std::FILE* out, const char* role, const engine::Result& r, co
                  "%s: committed %s in %.2f s (%.2f GB/s), %s on the wire (ratio %.3f)\n"
                  "  %" PRIu64 " chunks: %" PRIu64 " zero, %" PRIu64 " raw, %" PRIu64
                  " compressed; %u streams; %s\n"
+                 "  transport: %s\n"
                  "  verified: every chunk XXH3-64, stream digest %016" PRIx64 " matched on both sides\n",
                  role, format_bytes(double(r.bytes)).c_str(), r.seconds, gbps,
                  format_bytes(double(r.wire_bytes)).c_str(),
                  r.bytes ? double(r.wire_bytes) / double(r.bytes) : 1.0, r.chunks, st.zero_chunks.load(),
                  st.raw_chunks.load(), st.compressed_chunks.load(), r.streams, r.io_backend.c_str(),
-                 r.digest);
+                 r.tls == "none" ? "plain TCP (no TLS)" : r.tls.c_str(), r.digest);
   } else {
     std::fprintf(out, "%s: FAILED (%s): %s\n  after %s in %.2f s; nothing was committed\n", role,
                  engine::wire::reason_name(r.reason), r.error.c_str(), format_bytes(double(r.bytes)).c_str(),
@@ -111,12 +112,12 @@ void print_json(std::FILE* out, const char* role, const engine::Result& r, const
                "{\"status\":\"%s\",\"role\":\"%s\",\"bytes\":%" PRIu64 ",\"wire_bytes\":%" PRIu64
                ",\"seconds\":%.6f,\"gbps\":%.4f,\"ratio\":%.4f,\"chunks\":%" PRIu64
                ",\"zero_chunks\":%" PRIu64 ",\"raw_chunks\":%" PRIu64 ",\"compressed_chunks\":%" PRIu64
-               ",\"streams\":%u,\"io\":\"%s\",\"digest\":\"%016" PRIx64 "\"",
+               ",\"streams\":%u,\"io\":\"%s\",\"tls\":\"%s\",\"digest\":\"%016" PRIx64 "\"",
                r.committed ? "committed" : "failed", role, r.bytes, r.wire_bytes, r.seconds,
                r.seconds > 0 ? double(r.bytes) / r.seconds / 1e9 : 0.0,
                r.bytes ? double(r.wire_bytes) / double(r.bytes) : 1.0, r.chunks, st.zero_chunks.load(),
                st.raw_chunks.load(), st.compressed_chunks.load(), r.streams,
-               json_escape(r.io_backend).c_str(), r.digest);
+               json_escape(r.io_backend).c_str(), json_escape(r.tls).c_str(), r.digest);
   if (!r.committed) {
     std::fprintf(out, ",\"reason\":\"%s\",\"error\":\"%s\"", engine::wire::reason_name(r.reason),
                  json_escape(r.error).c_str());

@@ -25,43 +25,64 @@ using wire::Reason;
 
 inline constexpr uint64_t kAckEveryChunks = 16;
 inline constexpr auto kAckEvery = std::chrono::milliseconds(100);
+inline constexpr uint32_t kStreamAckBytes = 256 << 10;  // STREAM_ACK at least this often (in chunk bytes)
 
 uint64_t our_capabilities() {
-  return wire::kCapLz4 | wire::kCapZstd | wire::kCapTransactions;
+  return wire::kCapLz4 | wire::kCapZstd | wire::kCapTransactions | wire::kCapResume;
 }
+
+// One stream's connection. Its worker owns it; with resume the acceptor hands a reconnection over through
+// `pending` and shuts the old connection so the worker notices.
+struct Link {
+  std::mutex mu;  // guards owner, pending, and every send on this stream
+  std::condition_variable cv;
+  io::Fd owner;
+  io::Fd pending;
+  std::atomic<int> fd{-1};
+};
 
 struct Shared {
   io::Sink& sink;
   const RecvOptions& options;
-  std::vector<io::Fd>& conns;
+  std::vector<Link>& links;
   Stats& stats;
   io::Backend backend;
   uint32_t chunk_bytes;
   ReorderWindow window;
   Failure failure;
-  std::mutex control_mu;  // sends on stream 0 (ACK, COMMITTED, ABORTED) come from more than one thread
+  bool resume = false;  // broken streams may come back (a listener is there to accept them)
+  wire::Hello hello_ack;
   // END bookkeeping.
   std::mutex end_mu;
   unsigned streams_ended = 0;
   bool end_seen = false;
   wire::Header end;
-  bool committed = false;
+  std::atomic<bool> committed{false};
+  std::atomic<bool> done{false};  // the writer is out: committed or failed
   std::atomic<unsigned> running{0};
   std::mutex done_mu;
   std::condition_variable done_cv;
 
-  Shared(io::Sink& s, const RecvOptions& o, std::vector<io::Fd>& c, Stats& st, io::Backend b, uint32_t chunk,
+  Shared(io::Sink& s, const RecvOptions& o, std::vector<Link>& l, Stats& st, io::Backend b, uint32_t chunk,
          uint32_t slots)
-      : sink(s), options(o), conns(c), stats(st), backend(b), chunk_bytes(chunk), window(slots, chunk) {}
+      : sink(s), options(o), links(l), stats(st), backend(b), chunk_bytes(chunk), window(slots, chunk) {}
 
   void fail(Reason reason, std::string text, bool from_peer = false) {
-    if (failure.set(reason, std::move(text), from_peer)) window.close();
+    if (failure.set(reason, std::move(text), from_peer)) {
+      window.close();
+      wake_links();
+    }
+  }
+  void wake_links() {
+    for (Link& l : links) l.cv.notify_all();
   }
 
   // Each caller passes its own ring: a ring belongs to the thread that made it.
-  int control_send(io::Ring& ring, const wire::Header& h, std::span<const std::byte> payload = {}) {
-    std::lock_guard lock(control_mu);
-    return send_frame(ring, conns[0].get(), h, payload);
+  int send_on(io::Ring& ring, unsigned stream, const wire::Header& h,
+              std::span<const std::byte> payload = {}) {
+    Link& l = links[stream];
+    std::lock_guard lock(l.mu);
+    return send_frame(ring, l.fd.load(), h, payload);
   }
 
   void thread_done() {
@@ -71,112 +92,188 @@ struct Shared {
   }
 };
 
-void stream_worker(Shared& sh, unsigned index) {
-  const std::string name = "stream " + std::to_string(index);
-  const int fd = sh.conns[index].get();
-  std::unique_ptr<io::Ring> ring;
-  std::vector<std::byte> scratch;
-  try {
-    ring = io::make_ring(sh.backend, io::RingOptions{.entries = 4});
-    scratch.resize(compress::encode_bound(compress::Codec::zstd, sh.chunk_bytes) +
-                   compress::encode_bound(compress::Codec::lz4, sh.chunk_bytes));
-  } catch (const std::exception& e) {
-    sh.fail(Reason::internal, name + ": " + e.what());
-    return;
-  }
-  uint64_t last_seq = 0;
-  while (!sh.failure.failed()) {
-    const HeaderRead hr = recv_header(*ring, fd, sh.chunk_bytes);
-    if (sh.failure.failed()) break;
-    if (hr.kind == HeaderRead::eof) {
-      sh.fail(Reason::connection, name + ": connection closed by the sender before END");
-      break;
+int send_hello_ack(io::Ring& ring, int fd, wire::Hello ack) {
+  std::byte payload[wire::kHelloBytes];
+  wire::encode_hello(ack, std::span<std::byte, wire::kHelloBytes>(payload));
+  return send_frame(
+      ring, fd, wire::Header{.type = wire::FrameType::hello_ack, .payload_len = wire::kHelloBytes}, payload);
+}
+
+class StreamWorker {
+ public:
+  StreamWorker(Shared& sh, unsigned index)
+      : sh_(sh), index_(index), link_(sh.links[index]), name_("stream " + std::to_string(index)) {}
+
+  void run() {
+    try {
+      ring_ = io::make_ring(sh_.backend, io::RingOptions{.entries = 4});
+      scratch_.resize(compress::encode_bound(compress::Codec::zstd, sh_.chunk_bytes) +
+                      compress::encode_bound(compress::Codec::lz4, sh_.chunk_bytes));
+    } catch (const std::exception& e) {
+      sh_.fail(Reason::internal, name_ + ": " + e.what());
+      return;
     }
-    if (hr.kind == HeaderRead::io_error) {
-      sh.fail(Reason::connection, name + ": receive: " + errno_text(hr.err));
-      break;
+    ack_every_ = std::max<uint32_t>(1, kStreamAckBytes / sh_.chunk_bytes);
+    while (!sh_.failure.failed() && !(sh_.done && ended_)) {
+      if (!next_frame()) break;
+    }
+  }
+
+ private:
+  // Reads and handles one frame. False: this worker is done (END with nothing more to come, or failure).
+  bool next_frame() {
+    const HeaderRead hr = recv_header(*ring_, link_.fd.load(), sh_.chunk_bytes);
+    if (sh_.failure.failed()) return false;
+    if (hr.kind == HeaderRead::eof || hr.kind == HeaderRead::io_error) {
+      if (ended_ && sh_.done) return false;  // the sender closed after COMMITTED
+      return lost(hr.kind == HeaderRead::eof ? "connection closed by the sender before the transfer ended"
+                                             : "receive: " + errno_text(hr.err));
     }
     if (hr.kind == HeaderRead::bad) {
-      sh.fail(Reason::protocol, name + ": " + wire::error_text(hr.wire_error) + " (after chunk " +
-                                    std::to_string(last_seq) + ")");
-      break;
+      sh_.fail(Reason::protocol, name_ + ": " + wire::error_text(hr.wire_error) + " (after chunk " +
+                                     std::to_string(last_seq_) + ")");
+      return false;
     }
     const wire::Header& h = hr.header;
-    if (h.type == wire::FrameType::data) {
-      if (h.seq <= last_seq) {
-        sh.fail(Reason::protocol, name + ": chunk " + std::to_string(h.seq) + " after chunk " +
-                                      std::to_string(last_seq) + " (duplicate or out of order)");
-        break;
+    switch (h.type) {
+      case wire::FrameType::data:
+        return data(h);
+      case wire::FrameType::end:
+        return end(h);
+      case wire::FrameType::aborted: {
+        const std::string text = recv_abort_text(*ring_, link_.fd.load(), h);
+        sh_.fail(Reason(h.aux),
+                 std::string("sender aborted (") + wire::reason_name(Reason(h.aux)) + "): " + text, true);
+        return false;
       }
-      last_seq = h.seq;
-      std::span<std::byte> slot;
-      const auto admit = sh.window.admit(h.seq, &slot);
-      if (admit == ReorderWindow::Admit::closed) break;
-      if (admit == ReorderWindow::Admit::duplicate) {
-        sh.fail(Reason::protocol, name + ": duplicate chunk " + std::to_string(h.seq));
-        break;
-      }
-      const std::span<std::byte> raw = slot.first(h.raw_len);
-      std::span<const std::byte> enc;
-      if (h.flags & wire::kFlagZero) {
-        // nothing on the wire
-      } else if (h.codec == uint8_t(compress::Codec::none)) {
-        if (io::recv_full(*ring, fd, raw.data(), raw.size()) != int64_t(raw.size())) {
-          sh.fail(Reason::connection, name + ": connection lost inside chunk " + std::to_string(h.seq));
-          break;
-        }
-        enc = raw;
-      } else {
-        if (io::recv_full(*ring, fd, scratch.data(), h.payload_len) != int64_t(h.payload_len)) {
-          sh.fail(Reason::connection, name + ": connection lost inside chunk " + std::to_string(h.seq));
-          break;
-        }
-        enc = std::span<const std::byte>(scratch.data(), h.payload_len);
-      }
-      // Zero chunks are never materialised: the sink gets a zero run.
-      if (!(h.flags & wire::kFlagZero)) {
-        const compress::DecodeError de =
-            compress::decode_chunk(compress::Codec(h.codec), false, enc, raw, h.hash);
-        if (de != compress::DecodeError::ok) {
-          sh.fail(Reason::checksum, name + ": chunk " + std::to_string(h.seq) + " at offset " +
-                                        std::to_string(h.offset) + ": " + compress::decode_error_text(de));
-          break;
-        }
-      }
-      sh.stats.wire_bytes.fetch_add(wire::kHeaderBytes + h.payload_len, std::memory_order_relaxed);
-      if (!(h.flags & wire::kFlagZero)) {
-        (h.codec == uint8_t(compress::Codec::none) ? sh.stats.raw_chunks : sh.stats.compressed_chunks)
-            .fetch_add(1, std::memory_order_relaxed);
-      }
-      sh.window.publish(ChunkMeta{
-          .seq = h.seq, .offset = h.offset, .raw_len = h.raw_len, .hash = h.hash, .flags = h.flags});
-    } else if (h.type == wire::FrameType::end) {
-      std::lock_guard lock(sh.end_mu);
-      if (sh.end_seen && (sh.end.seq != h.seq || sh.end.offset != h.offset || sh.end.hash != h.hash)) {
-        sh.fail(Reason::protocol, name + ": END differs from another stream's END");
-        break;
-      }
-      if (last_seq > h.seq) {
-        sh.fail(Reason::protocol, name + ": chunk " + std::to_string(last_seq) + " beyond END's count " +
-                                      std::to_string(h.seq));
-        break;
-      }
-      sh.end_seen = true;
-      sh.end = h;
-      ++sh.streams_ended;
-      sh.stats.wire_bytes.fetch_add(wire::kHeaderBytes, std::memory_order_relaxed);
-      break;
-    } else if (h.type == wire::FrameType::aborted) {
-      const std::string text = recv_abort_text(*ring, fd, h);
-      sh.fail(Reason(h.aux),
-              std::string("sender aborted (") + wire::reason_name(Reason(h.aux)) + "): " + text, true);
-      break;
-    } else {
-      sh.fail(Reason::protocol, name + ": unexpected frame type " + std::to_string(int(h.type)));
-      break;
+      default:
+        sh_.fail(Reason::protocol, name_ + ": unexpected frame type " + std::to_string(int(h.type)));
+        return false;
     }
   }
-}
+
+  bool data(const wire::Header& h) {
+    if (ended_) {
+      sh_.fail(Reason::protocol, name_ + ": chunk " + std::to_string(h.seq) + " after END");
+      return false;
+    }
+    if (h.seq <= last_seq_) {
+      sh_.fail(Reason::protocol, name_ + ": chunk " + std::to_string(h.seq) + " after chunk " +
+                                     std::to_string(last_seq_) + " (duplicate or out of order)");
+      return false;
+    }
+    std::span<std::byte> slot;
+    const auto admit = sh_.window.admit(h.seq, &slot);
+    if (admit == ReorderWindow::Admit::closed) return false;
+    if (admit == ReorderWindow::Admit::duplicate) {
+      sh_.fail(Reason::protocol, name_ + ": duplicate chunk " + std::to_string(h.seq));
+      return false;
+    }
+    const std::span<std::byte> raw = slot.first(h.raw_len);
+    std::span<const std::byte> enc;
+    if (!(h.flags & wire::kFlagZero)) {
+      std::byte* into = h.codec == uint8_t(compress::Codec::none) ? raw.data() : scratch_.data();
+      const int64_t n = io::recv_full(*ring_, link_.fd.load(), into, h.payload_len);
+      if (n != int64_t(h.payload_len)) {
+        // The frame is lost with the connection; the sender sends it again after a resume.
+        sh_.window.cancel(h.seq);
+        return lost("connection lost inside chunk " + std::to_string(h.seq));
+      }
+      enc = std::span<const std::byte>(into, h.payload_len);
+      const compress::DecodeError de =
+          compress::decode_chunk(compress::Codec(h.codec), false, enc, raw, h.hash);
+      if (de != compress::DecodeError::ok) {
+        sh_.fail(Reason::checksum, name_ + ": chunk " + std::to_string(h.seq) + " at offset " +
+                                       std::to_string(h.offset) + ": " + compress::decode_error_text(de));
+        return false;
+      }
+    }
+    // Zero chunks are never materialised: the sink gets a zero run.
+    last_seq_ = h.seq;
+    sh_.stats.wire_bytes.fetch_add(wire::kHeaderBytes + h.payload_len, std::memory_order_relaxed);
+    if (!(h.flags & wire::kFlagZero)) {
+      (h.codec == uint8_t(compress::Codec::none) ? sh_.stats.raw_chunks : sh_.stats.compressed_chunks)
+          .fetch_add(1, std::memory_order_relaxed);
+    }
+    sh_.window.publish(
+        ChunkMeta{.seq = h.seq, .offset = h.offset, .raw_len = h.raw_len, .hash = h.hash, .flags = h.flags});
+    if (++since_ack_ >= ack_every_) stream_ack();
+    return true;
+  }
+
+  bool end(const wire::Header& h) {
+    std::lock_guard lock(sh_.end_mu);
+    if (sh_.end_seen && (sh_.end.seq != h.seq || sh_.end.offset != h.offset || sh_.end.hash != h.hash)) {
+      sh_.fail(Reason::protocol, name_ + ": END differs from another stream's END");
+      return false;
+    }
+    if (last_seq_ > h.seq) {
+      sh_.fail(Reason::protocol, name_ + ": chunk " + std::to_string(last_seq_) + " beyond END's count " +
+                                     std::to_string(h.seq));
+      return false;
+    }
+    sh_.stats.wire_bytes.fetch_add(wire::kHeaderBytes, std::memory_order_relaxed);
+    if (!ended_) {  // after a resume the same END comes again
+      sh_.end_seen = true;
+      sh_.end = h;
+      ++sh_.streams_ended;
+      ended_ = true;
+    }
+    stream_ack();
+    // Without resume nothing more comes on this stream; with it the stream stays until the transfer ends, in
+    // case the sender reconnects it.
+    return sh_.resume;
+  }
+
+  void stream_ack() {
+    since_ack_ = 0;
+    sh_.send_on(*ring_, index_, wire::make_stream_ack(last_seq_));  // a lost one is repeated by the next
+  }
+
+  // The connection broke. With resume: wait (bounded) for the sender to reconnect this stream, answer its
+  // HELLO with the last chunk held here, and carry on. Otherwise the transfer fails.
+  bool lost(const std::string& why) {
+    if (!sh_.resume) {
+      sh_.fail(Reason::connection, name_ + ": " + why);
+      return false;
+    }
+    std::unique_lock lock(link_.mu);
+    const bool back = link_.cv.wait_for(lock, std::chrono::milliseconds(sh_.options.resume_timeout_ms), [&] {
+      return bool(link_.pending) || sh_.failure.failed() || (sh_.done && ended_);
+    });
+    if (sh_.failure.failed() || (sh_.done && ended_)) return false;
+    if (!back) {
+      lock.unlock();
+      sh_.fail(Reason::connection, name_ + ": " + why + "; not resumed within " +
+                                       std::to_string(sh_.options.resume_timeout_ms) + " ms");
+      return false;
+    }
+    link_.owner = std::move(link_.pending);  // closes the broken connection
+    wire::Hello ack = sh_.hello_ack;
+    ack.stream_index = uint16_t(index_);
+    ack.flags = wire::kHelloResume;
+    ack.resume_seq = last_seq_;
+    if (send_hello_ack(*ring_, link_.owner.get(), ack) < 0) {
+      link_.fd.store(link_.owner.get());
+      return true;  // broken again at once: the next read notices and waits for the next attempt
+    }
+    link_.fd.store(link_.owner.get());
+    since_ack_ = 0;
+    sh_.stats.resumes.fetch_add(1, std::memory_order_relaxed);
+    return true;
+  }
+
+  Shared& sh_;
+  const unsigned index_;
+  Link& link_;
+  const std::string name_;
+  std::unique_ptr<io::Ring> ring_;
+  std::vector<std::byte> scratch_;
+  uint64_t last_seq_ = 0;
+  uint32_t ack_every_ = 1;
+  uint32_t since_ack_ = 0;
+  bool ended_ = false;
+};
 
 // Applies chunks to the sink in order, acknowledges, and commits after END.
 void writer(Shared& sh) {
@@ -197,7 +294,7 @@ void writer(Shared& sh) {
       bool all_ended;
       {
         std::lock_guard lock(sh.end_mu);
-        all_ended = sh.streams_ended == sh.conns.size();
+        all_ended = sh.streams_ended == sh.links.size();
         if (all_ended && applied == sh.end.seq) break;
       }
       ChunkMeta meta;
@@ -229,8 +326,8 @@ void writer(Shared& sh) {
       sh.stats.chunks.fetch_add(1, std::memory_order_relaxed);
       if (meta.flags & wire::kFlagZero) sh.stats.zero_chunks.fetch_add(1, std::memory_order_relaxed);
       if (applied - acked >= kAckEveryChunks || Clock::now() - last_ack > kAckEvery) {
-        sh.control_send(*ring,
-                        wire::make_ack(applied));  // a lost ACK only delays the sender's progress display
+        sh.send_on(*ring, 0,
+                   wire::make_ack(applied));  // a lost ACK only delays the sender's progress display
         acked = applied;
         last_ack = Clock::now();
       }
@@ -256,10 +353,18 @@ void writer(Shared& sh) {
   }
   if (sh.failure.failed()) return;
   sh.committed = true;
-  const int rc = sh.control_send(*ring, wire::make_committed(applied, bytes, digest.value()));
-  if (rc < 0) {
-    // The sink is committed but the sender cannot learn it: it will report failure, which is the safe side.
-    sh.fail(Reason::connection, "send COMMITTED: " + errno_text(rc));
+  // COMMITTED goes on stream 0; if that connection is broken, wait (bounded) for the sender to resume it.
+  const auto deadline =
+      Clock::now() + std::chrono::milliseconds(sh.resume ? sh.options.resume_timeout_ms : 0);
+  for (;;) {
+    const int rc = sh.send_on(*ring, 0, wire::make_committed(applied, bytes, digest.value()));
+    if (rc == 0) break;
+    if (!sh.resume || Clock::now() > deadline || sh.failure.failed()) {
+      // The sink is committed but the sender cannot learn it: it will report failure, which is the safe side.
+      sh.fail(Reason::connection, "send COMMITTED: " + errno_text(rc));
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
 }
 
@@ -320,20 +425,61 @@ void refuse(io::Ring& ring, int fd, const Refusal& r) {
 
 namespace {
 
+// With resume: takes reconnections of broken streams while the transfer runs and hands each to its stream's
+// worker. Anything else that connects is refused.
+void acceptor(Shared& sh, const std::function<io::Fd(int)>& next_connection, uint64_t session_id) {
+  std::unique_ptr<io::Ring> ring;
+  try {
+    ring = io::make_ring(sh.backend, io::RingOptions{.entries = 4});
+  } catch (const std::exception& e) {
+    sh.fail(Reason::internal, e.what());
+    return;
+  }
+  while (!sh.done && !sh.failure.failed()) {
+    io::Fd c;
+    try {
+      c = next_connection(50);
+    } catch (const std::exception&) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      continue;
+    }
+    if (!c) continue;
+    wire::Hello hello;
+    std::optional<Refusal> refusal =
+        read_hello(*ring, c.get(), sh.options.handshake_timeout_ms, sh.options, &hello);
+    if (!refusal && !(hello.flags & wire::kHelloResume)) {
+      refusal = Refusal{Reason::session, "busy: this receiver is serving another transfer"};
+    }
+    if (!refusal && (hello.session_id != session_id || hello.stream_index >= sh.links.size())) {
+      refusal = Refusal{Reason::session, "no such session or stream to resume"};
+    }
+    if (refusal) {
+      refuse(*ring, c.get(), *refusal);
+      continue;
+    }
+    Link& l = sh.links[hello.stream_index];
+    std::lock_guard lock(l.mu);
+    l.pending = std::move(c);
+    ::shutdown(l.fd.load(), SHUT_RDWR);  // if the worker still waits on the old connection, it notices now
+    l.cv.notify_all();
+  }
+}
+
 // Where the streams' connections come from: accepted on a listener, or handed in already connected. Returns
 // an invalid Fd when none comes within the time-out (or none is left); throws for a broken listener.
 using NextConnection = std::function<io::Fd(int timeout_ms)>;
 
-Result receive_impl(io::Sink& sink, const NextConnection& next_connection, const RecvOptions& options,
-                    Stats* stats_in, const Cancel* cancel) {
+Result receive_impl(io::Sink& sink, const NextConnection& next_connection, bool can_resume,
+                    const RecvOptions& options, Stats* stats_in, const Cancel* cancel) {
   const auto started = Clock::now();
   Stats local_stats;
   Stats& stats = stats_in ? *stats_in : local_stats;
   Result result;
+  TlsSession tls;  // declared before `fail`, which appends what the TLS relays saw to the error
   auto fail = [&](Reason reason, std::string text) {
     sink.abort();
     result.reason = reason;
-    result.error = std::move(text);
+    result.error = tls.annotate(std::move(text));
     result.seconds = std::chrono::duration<double>(Clock::now() - started).count();
     return result;
   };
@@ -371,6 +517,9 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, const
     } catch (const std::exception& e) {
       return fail(Reason::connection, e.what());
     }
+    // TLS before the HELLO (or, without TLS, the refusal of a TLS client).
+    if (TlsError e = tls.secure_server(c, options.tls, options.handshake_timeout_ms))
+      return fail(e.reason, "refused sender: " + e.text);
     wire::Hello hello;
     std::optional<Refusal> refusal =
         read_hello(*ring, c.get(), options.handshake_timeout_ms, options, &hello);
@@ -402,6 +551,7 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, const
     conns[hello.stream_index] = std::move(c);
   }
 
+  result.tls = tls.describe();
   const uint32_t chunk = first.max_chunk_bytes;
   const unsigned n = first.stream_count;
   const uint64_t scratch = uint64_t(n) * (compress::encode_bound(compress::Codec::zstd, chunk) +
@@ -412,16 +562,21 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, const
   stats.total_bytes.store(first.total_bytes == wire::kUnknownSize ? 0 : first.total_bytes);
   result.streams = n;
 
-  Shared sh(sink, options, conns, stats, backend, chunk, slots);
-  wire::Hello ack = first;
-  ack.capabilities = first.capabilities & our_capabilities();
+  std::vector<Link> links(n);
   for (unsigned i = 0; i < n; ++i) {
+    links[i].owner = std::move(conns[i]);
+    links[i].fd.store(links[i].owner.get());
+  }
+  Shared sh(sink, options, links, stats, backend, chunk, slots);
+  // Resuming needs a listener to take reconnections; TLS sessions are not resumed (yet).
+  sh.resume = can_resume && (first.capabilities & wire::kCapResume) && !options.tls.enabled();
+  sh.hello_ack = first;
+  sh.hello_ack.capabilities =
+      first.capabilities & our_capabilities() & (sh.resume ? ~0ull : ~wire::kCapResume);
+  for (unsigned i = 0; i < n; ++i) {
+    wire::Hello ack = sh.hello_ack;
     ack.stream_index = uint16_t(i);
-    std::byte payload[wire::kHelloBytes];
-    wire::encode_hello(ack, std::span<std::byte, wire::kHelloBytes>(payload));
-    const int rc = send_frame(
-        *ring, conns[i].get(),
-        wire::Header{.type = wire::FrameType::hello_ack, .payload_len = wire::kHelloBytes}, payload);
+    const int rc = send_hello_ack(*ring, links[i].fd.load(), ack);
     if (rc < 0)
       return fail(Reason::connection, "stream " + std::to_string(i) + ": send HELLO_ACK: " + errno_text(rc));
   }
@@ -430,20 +585,28 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, const
   sh.running = n + 1;
   for (unsigned i = 0; i < n; ++i) {
     threads.emplace_back([&sh, i] {
-      stream_worker(sh, i);
+      StreamWorker(sh, i).run();
       sh.thread_done();
     });
   }
   std::thread writer_thread([&sh] {
     writer(sh);
+    sh.done = true;
+    sh.wake_links();
+    if (sh.committed) {
+      // Streams waiting in case of a reconnection can stop now: nothing more is needed from the sender.
+      for (Link& l : sh.links) ::shutdown(l.fd.load(), SHUT_RD);
+    }
     sh.thread_done();
   });
+  std::thread acceptor_thread;
+  if (sh.resume) acceptor_thread = std::thread([&] { acceptor(sh, next_connection, first.session_id); });
   {
     IdleWatch idle(options.idle_timeout_ms);
     std::unique_lock lock(sh.done_mu);
     while (sh.running > 0) {
       if (cancel && cancel->requested()) sh.fail(Reason::cancelled, "cancelled");
-      if (idle.expired(stats.wire_bytes.load() + stats.bytes.load())) {
+      if (idle.expired(stats.wire_bytes.load() + stats.bytes.load() + stats.resumes.load())) {
         sh.fail(Reason::timeout, "nothing arrived from the sender for " +
                                      std::to_string(options.idle_timeout_ms) + " ms (stalled sender?)");
       }
@@ -457,17 +620,19 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, const
     sink.abort();
     if (!sh.failure.from_peer()) {
       const std::string text = sh.failure.text();
-      sh.control_send(
-          *ring, wire::make_aborted(sh.failure.reason(), text.size()),
-          std::as_bytes(std::span(text.data(), std::min<size_t>(text.size(), wire::kMaxTextBytes))));
+      sh.send_on(*ring, 0, wire::make_aborted(sh.failure.reason(), text.size()),
+                 std::as_bytes(std::span(text.data(), std::min<size_t>(text.size(), wire::kMaxTextBytes))));
     }
-    for (io::Fd& c : conns) ::shutdown(c.get(), SHUT_RDWR);
+    for (Link& l : links) ::shutdown(l.fd.load(), SHUT_RDWR);
   } else {
     writer_thread.join();
     // Let the sender read COMMITTED before the connection closes.
-    for (io::Fd& c : conns) ::shutdown(c.get(), SHUT_WR);
+    for (Link& l : links) ::shutdown(l.fd.load(), SHUT_WR);
   }
+  sh.done = true;
+  sh.wake_links();
   for (auto& t : threads) t.join();
+  if (acceptor_thread.joinable()) acceptor_thread.join();
 
   result.seconds = std::chrono::duration<double>(Clock::now() - started).count();
   result.bytes = stats.bytes.load();
@@ -475,7 +640,7 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, const
   result.chunks = stats.chunks.load();
   if (sh.failure.failed() || !sh.committed) {
     result.reason = sh.failure.failed() ? sh.failure.reason() : Reason::internal;
-    result.error = sh.failure.failed() ? sh.failure.text() : "transfer ended without commit";
+    result.error = tls.annotate(sh.failure.failed() ? sh.failure.text() : "transfer ended without commit");
     return result;
   }
   result.digest = sh.end.hash;
@@ -488,8 +653,8 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, const
 Result receive(io::Sink& sink, int listen_fd, const RecvOptions& options, Stats* stats,
                const Cancel* cancel) {
   return receive_impl(
-      sink, [&](int timeout_ms) { return io::tcp_accept(listen_fd, timeout_ms, options.socket); }, options,
-      stats, cancel);
+      sink, [&](int timeout_ms) { return io::tcp_accept(listen_fd, timeout_ms, options.socket); },
+      /*can_resume=*/true, options, stats, cancel);
 }
 
 Result receive_accepted(io::Sink& sink, std::vector<io::Fd> connections, const RecvOptions& options,
@@ -506,7 +671,7 @@ Result receive_accepted(io::Sink& sink, std::vector<io::Fd> connections, const R
         std::this_thread::sleep_for(std::chrono::milliseconds(timeout_ms));
         return io::Fd();
       },
-      options, stats, cancel);
+      /*can_resume=*/false, options, stats, cancel);
 }
 
 }  // namespace dstx::engine

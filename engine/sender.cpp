@@ -2,6 +2,7 @@
 // in flight), fold finished chunks into the digest in order, send END, and wait for COMMITTED.
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -164,15 +165,100 @@ class Pacer {
   Clock::time_point next_{};
 };
 
+// Handshake, first half: HELLO on one connection. The receiver answers only when every stream is in, so all
+// HELLOs go out before any answer is awaited.
+std::string send_hello(io::Ring& ring, int fd, const wire::Hello& hello) {
+  std::byte payload[wire::kHelloBytes];
+  wire::encode_hello(hello, std::span<std::byte, wire::kHelloBytes>(payload));
+  const int rc = send_frame(
+      ring, fd, wire::Header{.type = wire::FrameType::hello, .payload_len = wire::kHelloBytes}, payload);
+  return rc < 0 ? "send HELLO: " + errno_text(rc) : std::string();
+}
+
+// Handshake, second half: the receiver's HELLO_ACK (or its refusal). Returns an empty string or the error.
+std::string await_hello_ack(io::Ring& ring, int fd, const wire::Hello& hello, int timeout_ms,
+                            wire::Hello* reply_out) {
+  const int rc = wait_readable(fd, timeout_ms);
+  if (rc == 0) return "no answer to HELLO within " + std::to_string(timeout_ms) + " ms";
+  if (rc < 0) return "poll: " + errno_text(rc);
+  const HeaderRead hr = recv_header(ring, fd, wire::kMaxChunkBytes);
+  if (hr.kind == HeaderRead::eof) return "receiver closed the connection during the handshake";
+  if (hr.kind == HeaderRead::io_error) return "handshake: " + errno_text(hr.err);
+  if (hr.kind == HeaderRead::bad) return std::string("handshake: ") + wire::error_text(hr.wire_error);
+  if (hr.header.type == wire::FrameType::aborted) {
+    return std::string("receiver refused (") + wire::reason_name(Reason(hr.header.aux)) +
+           "): " + recv_abort_text(ring, fd, hr.header);
+  }
+  if (hr.header.type != wire::FrameType::hello_ack) return "handshake: unexpected frame type";
+  std::byte ack[wire::kHelloBytes];
+  if (io::recv_full(ring, fd, ack, sizeof ack) != int64_t(sizeof ack))
+    return "handshake: truncated HELLO_ACK";
+  wire::Hello reply;
+  const wire::Error err = wire::decode_hello(std::span<const std::byte, wire::kHelloBytes>(ack), &reply);
+  if (err != wire::Error::ok) return std::string("handshake: HELLO_ACK: ") + wire::error_text(err);
+  if (reply.session_id != hello.session_id || reply.stream_index != hello.stream_index) {
+    return "handshake: HELLO_ACK does not match our HELLO";
+  }
+  if (reply.version != wire::kVersion)
+    return "handshake: receiver speaks protocol " + std::to_string(reply.version);
+  *reply_out = reply;
+  return {};
+}
+
+uint64_t our_capabilities() {
+  return wire::kCapLz4 | wire::kCapZstd | wire::kCapTransactions | wire::kCapResume;
+}
+
+// Chooses the codec from the mode and what the receiver accepts.
+std::string pick_codec(const SendOptions& o, uint64_t caps, compress::EncodeOptions* enc,
+                       bool* zstd_in_auto) {
+  enc->level = o.zstd_level;
+  switch (o.codec) {
+    case CodecMode::none:
+      enc->codec = compress::Codec::none;
+      enc->probe_incompressible = false;
+      return {};
+    case CodecMode::auto_select:
+      enc->codec = (caps & wire::kCapLz4) ? compress::Codec::lz4 : compress::Codec::none;
+      enc->probe_incompressible = true;
+      enc->sparse_fallback = true;
+      *zstd_in_auto = (caps & wire::kCapLz4) && (caps & wire::kCapZstd);
+      return {};
+    case CodecMode::lz4:
+      if (!(caps & wire::kCapLz4)) return "the receiver does not accept lz4";
+      enc->codec = compress::Codec::lz4;
+      enc->probe_incompressible = false;
+      return {};
+    case CodecMode::zstd:
+      if (!(caps & wire::kCapZstd)) return "the receiver does not accept zstd";
+      enc->codec = compress::Codec::zstd;
+      enc->probe_incompressible = false;
+      return {};
+  }
+  return "unknown codec mode";
+}
+
+// One stream's connection. The fd changes when a broken stream is reconnected; -1 while it is being replaced,
+// so the control thread never reads a handshake meant for the worker.
+struct Link {
+  std::atomic<int> fd{-1};
+  io::Fd owner;                        // touched only by the stream's worker (and at setup/teardown)
+  std::atomic<uint64_t> acked_seq{0};  // STREAM_ACK: the receiver holds every chunk of this stream up to here
+  std::atomic<bool> broken{false};     // the control thread saw the return path fail
+};
+
 struct Shared {
   io::Source& source;
   const SendOptions& options;
-  std::vector<io::Fd>& conns;
+  std::vector<Link>& links;
   Stats& stats;
   const Cancel* cancel;
   io::Backend backend;
   compress::EncodeOptions encode;
   bool zstd_in_auto = false;                 // the auto ladder may climb to zstd (the receiver accepts it)
+  bool resume = false;                       // broken streams are reconnected (both sides can)
+  wire::Hello hello;                         // the session's HELLO, for reconnections
+  TlsSession* tls = nullptr;                 // the streams' TLS, for reconnections
   std::unique_ptr<EffortController> effort;  // --codec auto only
   std::unique_ptr<Pacer> pacer;              // --bandwidth only
   uint32_t chunk_bytes;
@@ -180,38 +266,48 @@ struct Shared {
   Failure failure;
   std::mutex source_mu;      // sequential sources: claim and read under one lock keep bytes in order
   uint64_t next_offset = 0;  // sequential sources: offset of the next chunk (under source_mu)
-  std::atomic<unsigned> workers_running{0};
-  // Return path (stream 0), filled by the control thread.
+  // Filled by the control thread; workers and the supervisor wait on it.
   std::mutex control_mu;
   std::condition_variable control_cv;
   bool committed = false;
   wire::Header committed_header;
 
-  Shared(io::Source& s, const SendOptions& o, std::vector<io::Fd>& c, Stats& st, const Cancel* ca,
+  Shared(io::Source& s, const SendOptions& o, std::vector<Link>& l, Stats& st, const Cancel* ca,
          io::Backend b, uint32_t window)
       : source(s),
         options(o),
-        conns(c),
+        links(l),
         stats(st),
         cancel(ca),
         backend(b),
         chunk_bytes(o.chunk_bytes),
         sequencer(window) {}
+
+  bool finished() {
+    std::lock_guard lock(control_mu);
+    return committed || failure.failed();
+  }
+  void wake() { control_cv.notify_all(); }
 };
 
-// One worker: one stream, one ring, `depth` slots. A slot goes free → reading → read → encoded → sending →
-// free; sends leave in claim order, so each stream carries increasing sequence numbers.
+// One worker: one stream, one ring, `depth` slots drawing on a pool of frame buffers. A slot goes free →
+// reading → read → encoded → sending → free; sends leave in claim order, so each stream carries increasing
+// sequence numbers. With resume, a sent frame's buffer moves to the replay list until the receiver
+// acknowledges it, and after a reconnection the list is sent again from the receiver's resume point. After
+// its last chunk the worker sends END (kept for replay too) and stays until the receiver commits.
 class Worker {
  public:
-  Worker(Shared& shared, unsigned index) : sh_(shared), index_(index), fd_(shared.conns[index].get()) {}
+  Worker(Shared& shared, unsigned index) : sh_(shared), index_(index), link_(shared.links[index]) {}
 
   void run() {
     try {
       setup();
       loop();
+      if (!stopping()) finish_stream();
     } catch (const std::exception& e) {
       sh_.failure.set(Reason::source, e.what());
     }
+    sh_.wake();
     drain();
   }
 
@@ -222,12 +318,11 @@ class Worker {
     uint64_t seq = 0;
     uint64_t offset = 0;
     uint32_t len = 0;
-    std::byte* in = nullptr;   // header room + raw bytes
-    std::byte* out = nullptr;  // header room + encoded bytes
+    int in = -1;   // pool buffer: header room + raw bytes
+    int out = -1;  // pool buffer: header room + encoded bytes
     io::Completion io;
     bool end_of_transaction = false;
-    const std::byte* view =
-        nullptr;  // zero-copy source bytes (a mapped data section), released after sending
+    const std::byte* view = nullptr;  // zero-copy source bytes (a mapped data section)
     uint64_t view_token = 0;
     // What goes on the wire: the header, then the payload; one segment when they are contiguous.
     struct Segment {
@@ -239,37 +334,46 @@ class Worker {
     unsigned seg_index = 0;
     size_t seg_sent = 0;
     size_t frame_len = 0;
+    int frame_buf = -1;  // the buffer holding the whole frame (for replay)
     compress::EncodeResult enc;
+  };
+  struct Replay {
+    uint64_t seq;
+    int buf;
+    size_t len;
   };
 
   void setup() {
     const unsigned depth = std::max(1u, sh_.options.depth);
     ring_ = io::make_ring(sh_.backend, io::RingOptions{.entries = std::bit_ceil(2 * depth + 4)});
-    // Synchronous source reads (sequential sources, generated content, finishing a short read) get their own
-    // ring: the synchronous helpers need a ring with nothing else in flight.
-    src_ring_ = io::make_ring(sh_.backend, io::RingOptions{.entries = 4});
-    in_bytes_ = wire::kHeaderBytes + sh_.chunk_bytes;
+    // Synchronous source reads (sequential sources, generated content, finishing a short read) and
+    // replays get their own ring: the synchronous helpers need a ring with nothing else in flight.
+    sync_ring_ = io::make_ring(sh_.backend, io::RingOptions{.entries = 4});
     // Room for any codec the auto ladder may pick (encode_chunk never writes past raw size - 1 anyway).
-    out_bytes_ =
-        wire::kHeaderBytes + std::max({compress::encode_bound(compress::Codec::lz4, sh_.chunk_bytes),
-                                       compress::encode_bound(compress::Codec::zstd, sh_.chunk_bytes),
-                                       compress::encode_bound(compress::Codec::sparse, sh_.chunk_bytes)});
-    const size_t per_slot = round_up(in_bytes_) + round_up(out_bytes_);
-    memory_ = static_cast<std::byte*>(::operator new(per_slot* depth, std::align_val_t(4096)));
-    slots_.resize(depth);
-    for (unsigned i = 0; i < depth; ++i) {
-      slots_[i].in = memory_ + i * per_slot;
-      slots_[i].out = slots_[i].in + round_up(in_bytes_);
+    buf_bytes_ = round_up(
+        wire::kHeaderBytes +
+        std::max({size_t(sh_.chunk_bytes), compress::encode_bound(compress::Codec::lz4, sh_.chunk_bytes),
+                  compress::encode_bound(compress::Codec::zstd, sh_.chunk_bytes),
+                  compress::encode_bound(compress::Codec::sparse, sh_.chunk_bytes)}));
+    size_t replay_buffers = 0;
+    if (sh_.resume) {
+      replay_buffers = std::max<size_t>(4, sh_.options.replay_bytes / sh_.links.size() / buf_bytes_);
     }
+    const size_t count = 2 * depth + replay_buffers;
+    memory_ = static_cast<std::byte*>(::operator new(buf_bytes_* count, std::align_val_t(4096)));
+    for (size_t i = count; i-- > 0;) free_.push_back(int(i));
+    slots_.resize(depth);
     // Registered once, the buffers spare the kernel a page walk on every read (READ_FIXED). Where the kernel
     // refuses (RLIMIT_MEMLOCK, an old kernel), plain reads do the same job.
     if (sh_.backend == io::Backend::uring && io::probe().read_fixed) {
-      const iovec whole{memory_, per_slot * depth};
+      const iovec whole{memory_, buf_bytes_ * count};
       fixed_buffers_ = ring_->register_buffers(std::span(&whole, 1)) == 0;
     }
   }
 
   static size_t round_up(size_t n) { return (n + 4095) & ~size_t(4095); }
+  std::byte* buf(int i) const { return memory_ + size_t(i) * buf_bytes_; }
+  int fd() const { return link_.fd.load(std::memory_order_acquire); }
 
   bool stopping() {
     if (sh_.cancel && sh_.cancel->requested()) sh_.failure.set(Reason::cancelled, "cancelled");
@@ -279,14 +383,25 @@ class Worker {
   void loop() {
     for (;;) {
       if (stopping()) return;
-      const bool window_full = start_reads();
+      if (link_.broken.load()) {
+        reconnect("the receiver's side of the connection closed");
+        continue;
+      }
+      release_acked();
+      complete_ops();  // also picks up reads that finished while a reconnection drained the ring
+      const bool blocked = start_reads();
       encode_ready();
       start_send();
       if (exhausted_ && fifo_.empty()) return;  // all our chunks are on the wire
       if (ring_->in_flight() == 0) {
-        // Nothing in the kernel: either we wait for other workers to move the window, or there is CPU work.
-        if (window_full && !has_state(State::read))
-          sh_.sequencer.wait_for_progress(std::chrono::milliseconds(20));
+        // Nothing in the kernel: wait for other workers to move the window, or for acknowledgements to free
+        // replay buffers, unless there is CPU work.
+        if (blocked && !has_state(State::read)) {
+          if (sh_.resume && free_.size() < 2)
+            wait_for_ack();
+          else
+            sh_.sequencer.wait_for_progress(std::chrono::milliseconds(20));
+        }
         continue;
       }
       const int rc = ring_->submit(has_state(State::read) ? 0 : 1);
@@ -298,15 +413,31 @@ class Worker {
     }
   }
 
+  void wait_for_ack() {
+    std::unique_lock lock(sh_.control_mu);
+    sh_.control_cv.wait_for(lock, std::chrono::milliseconds(10));
+  }
+
   bool has_state(State s) const {
     return std::any_of(slots_.begin(), slots_.end(), [&](const Slot& x) { return x.state == s; });
   }
 
-  // Claims chunks into free slots and starts reading them. Returns true if the window stopped us.
+  // Frees the replay buffers of every frame the receiver holds.
+  void release_acked() {
+    const uint64_t acked = link_.acked_seq.load(std::memory_order_acquire);
+    while (!replay_.empty() && replay_.front().seq <= acked) {
+      free_.push_back(replay_.front().buf);
+      replay_.pop_front();
+    }
+  }
+
+  // Claims chunks into free slots and starts reading them. Returns true if the window or the buffer pool
+  // stopped us.
   bool start_reads() {
     for (Slot& slot : slots_) {
       if (exhausted_) return false;
       if (slot.state != State::free) continue;
+      if (free_.size() < 2) return true;
       const SendSequencer::Claim claim = claim_into(slot);
       if (claim == SendSequencer::Claim::window_full) return true;
       if (claim == SendSequencer::Claim::exhausted) {
@@ -319,14 +450,15 @@ class Worker {
 
   SendSequencer::Claim claim_into(Slot& slot) {
     io::Source& src = sh_.source;
-    std::byte* data = slot.in + wire::kHeaderBytes;
+    const int in = free_.back();
+    std::byte* data = buf(in) + wire::kHeaderBytes;
     if (!src.random_access()) {
       // Sequential claims happen only here, under the source lock: check for room, read, then claim.
       std::lock_guard lock(sh_.source_mu);
       const auto room = sh_.sequencer.peek();
       if (room != SendSequencer::Claim::ok) return room;
       io::ReadInfo info;
-      const size_t n = src.read_next(*src_ring_, std::span<std::byte>(data, sh_.chunk_bytes), &info);
+      const size_t n = src.read_next(*sync_ring_, std::span<std::byte>(data, sh_.chunk_bytes), &info);
       if (n == io::kReadAgain) return SendSequencer::Claim::window_full;
       uint64_t seq = 0;
       const auto claim = sh_.sequencer.try_claim(&seq);
@@ -338,6 +470,7 @@ class Worker {
       }
       if (n > sh_.chunk_bytes)
         throw std::logic_error(src.describe() + ": read_next returned more than asked");
+      take_buffers(slot);
       slot.end_of_transaction = info.end_of_transaction;
       slot.view = info.view;
       slot.view_token = info.view_token;
@@ -352,6 +485,7 @@ class Worker {
     uint64_t seq = 0;
     const auto claim = sh_.sequencer.try_claim(&seq);
     if (claim != SendSequencer::Claim::ok) return claim;
+    take_buffers(slot);
     const uint64_t size = *src.size();
     slot.seq = seq;
     slot.end_of_transaction = false;
@@ -372,20 +506,28 @@ class Worker {
         if (!ring_->queue(&slot.io)) throw std::runtime_error("io ring full");
       }
     } else {
-      src.read_at(*src_ring_, slot.offset, std::span<std::byte>(data, slot.len));
+      src.read_at(*sync_ring_, slot.offset, std::span<std::byte>(data, slot.len));
       slot.state = State::read;
     }
     return claim;
   }
 
+  void take_buffers(Slot& slot) {
+    slot.in = free_.back();
+    free_.pop_back();
+    slot.out = free_.back();
+    free_.pop_back();
+  }
+
   void encode_ready() {
     for (Slot* slot : fifo_) {
       if (slot->state != State::read) continue;
-      const std::span<const std::byte> raw(slot->view ? slot->view : slot->in + wire::kHeaderBytes,
-                                           slot->len);
+      std::byte* in = buf(slot->in);
+      std::byte* out = buf(slot->out);
+      const std::span<const std::byte> raw(slot->view ? slot->view : in + wire::kHeaderBytes, slot->len);
       slot->enc = compress::encode_chunk(
           choose_encoding(), raw,
-          std::span<std::byte>(slot->out + wire::kHeaderBytes, out_bytes_ - wire::kHeaderBytes));
+          std::span<std::byte>(out + wire::kHeaderBytes, buf_bytes_ - wire::kHeaderBytes));
       const uint16_t flags = uint16_t((slot->enc.zero ? wire::kFlagZero : 0) |
                                       (slot->end_of_transaction ? wire::kFlagEndOfTransaction : 0));
       wire::Header h{.type = wire::FrameType::data,
@@ -399,7 +541,8 @@ class Worker {
       // Raw and zero chunks go out from the input buffer (header room in front), compressed ones from the
       // output buffer; raw bytes still in a source's mapping go out from there, after a separate header.
       const bool raw_chunk = slot->enc.codec == compress::Codec::none;
-      std::byte* header = raw_chunk ? slot->in : slot->out;
+      slot->frame_buf = raw_chunk ? slot->in : slot->out;
+      std::byte* header = buf(slot->frame_buf);
       wire::encode_header(h, std::span<std::byte, wire::kHeaderBytes>(header, wire::kHeaderBytes));
       slot->frame_len = wire::kHeaderBytes + slot->enc.encoded_len;
       if (raw_chunk && slot->view && !slot->enc.zero) {
@@ -409,9 +552,8 @@ class Worker {
       } else {
         slot->seg[0] = {header, slot->frame_len};
         slot->seg_count = 1;
+        release_view(*slot);  // encoded (or zero): the mapping is no longer needed
       }
-      if (slot->view && !(raw_chunk && !slot->enc.zero))
-        release_view(*slot);  // encoded: mapping no longer needed
       slot->seg_index = 0;
       slot->seg_sent = 0;
       slot->state = State::encoded;
@@ -456,7 +598,7 @@ class Worker {
     const Slot::Segment& seg = slot.seg[slot.seg_index];
     const size_t left = seg.len - slot.seg_sent;
     send_io_ = io::Completion{.op = io::Op::send,
-                              .fd = fd_,
+                              .fd = fd(),
                               .buf = const_cast<std::byte*>(seg.data + slot.seg_sent),
                               .len = uint32_t(std::min(left, io::kMaxIoBytes))};
     if (!ring_->queue(&send_io_)) {
@@ -483,7 +625,7 @@ class Worker {
       if (uint32_t(slot.io.result) != slot.len) {
         // A short read of a regular file: finish it synchronously.
         const int64_t more =
-            io::read_full(*src_ring_, slot.io.fd, slot.in + wire::kHeaderBytes + slot.io.result,
+            io::read_full(*sync_ring_, slot.io.fd, buf(slot.in) + wire::kHeaderBytes + slot.io.result,
                           slot.len - slot.io.result, int64_t(slot.offset) + slot.io.result);
         if (more != int64_t(slot.len - slot.io.result)) {
           throw std::runtime_error(sh_.source.describe() + ": short read at offset " +
@@ -497,8 +639,7 @@ class Worker {
       Slot& slot = *fifo_.front();
       if (send_io_.result <= 0) {
         const int err = send_io_.result == 0 ? EPIPE : -send_io_.result;
-        sh_.failure.set(Reason::connection,
-                        "stream " + std::to_string(index_) + ": send: " + errno_text(err));
+        reconnect("send: " + errno_text(err));
         return;
       }
       slot.seg_sent += size_t(send_io_.result);
@@ -526,11 +667,157 @@ class Worker {
       st.raw_chunks.fetch_add(1, std::memory_order_relaxed);
     else
       st.compressed_chunks.fetch_add(1, std::memory_order_relaxed);
+    if (sh_.resume) {
+      // Keep the frame, whole and contiguous, until the receiver acknowledges it.
+      if (slot.seg_count == 2) {
+        std::memcpy(buf(slot.frame_buf) + wire::kHeaderBytes, slot.seg[1].data, slot.seg[1].len);
+      }
+      replay_.push_back(Replay{slot.seq, slot.frame_buf, slot.frame_len});
+      free_.push_back(slot.frame_buf == slot.in ? slot.out : slot.in);
+    } else {
+      free_.push_back(slot.in);
+      free_.push_back(slot.out);
+    }
+    slot.in = slot.out = slot.frame_buf = -1;
     release_view(slot);
     if (sh_.effort) sh_.effort->observe(st.bytes.load(std::memory_order_relaxed));
     sh_.sequencer.complete(slot.seq, slot.len, slot.enc.hash);
     slot.state = State::free;
     fifo_.pop_front();
+  }
+
+  // After the last chunk: END once every stream's chunks are out (the digest is then final), then wait for
+  // the receiver's verdict, reconnecting if the stream breaks meanwhile.
+  void finish_stream() {
+    while (sh_.sequencer.completed() != sh_.sequencer.total()) {
+      if (stopping()) return;
+      sh_.sequencer.wait_for_progress(std::chrono::milliseconds(20));
+    }
+    const uint64_t chunks = sh_.sequencer.completed();
+    end_ = wire::make_end(chunks, sh_.stats.bytes.load(), sh_.sequencer.digest());
+    end_pending_ = true;
+    while (!sh_.finished()) {
+      if (stopping()) return;
+      if (end_pending_) {
+        const int rc = send_frame(*sync_ring_, fd(), end_);
+        if (rc < 0) {
+          reconnect("send END: " + errno_text(rc));
+          continue;
+        }
+        end_pending_ = false;
+        sh_.stats.wire_bytes.fetch_add(wire::kHeaderBytes, std::memory_order_relaxed);
+      }
+      if (link_.broken.load()) {
+        reconnect("the receiver's side of the connection closed");
+        continue;
+      }
+      release_acked();
+      std::unique_lock lock(sh_.control_mu);
+      sh_.control_cv.wait_for(lock, std::chrono::milliseconds(20));
+    }
+  }
+
+  // The stream broke. With resume: reconnect (bounded attempts with back-off), learn from the receiver the
+  // last chunk it holds on this stream, send the rest of the replay list again, and carry on. Without it, or
+  // when every attempt fails, the transfer fails.
+  void reconnect(const std::string& why) {
+    const std::string name = "stream " + std::to_string(index_);
+    if (sh_.finished()) return;
+    if (!sh_.resume) {
+      sh_.failure.set(Reason::connection, name + ": " + why);
+      return;
+    }
+    // No operation may use the old connection any more: let the kernel finish what is in flight.
+    ::shutdown(fd(), SHUT_RDWR);
+    while (ring_->in_flight() > 0) {
+      if (ring_->submit(1) < 0) break;
+      reap();
+    }
+    sending_ = false;
+    link_.fd.store(-1, std::memory_order_release);
+    link_.owner.reset();
+    std::string last_error = why;
+    int backoff_ms = std::max(1, sh_.options.reconnect_backoff_ms);
+    for (int attempt = 0; attempt < std::max(1, sh_.options.reconnect_attempts); ++attempt) {
+      if (attempt > 0) {
+        const auto until = Clock::now() + std::chrono::milliseconds(backoff_ms);
+        while (Clock::now() < until && !stopping())
+          std::this_thread::sleep_for(std::chrono::milliseconds(10));
+        backoff_ms = std::min(backoff_ms * 2, 5000);
+      }
+      if (stopping() || sh_.finished()) return;
+      io::Fd c;
+      try {
+        c = sh_.options.reconnect();
+      } catch (const std::exception& e) {
+        last_error = e.what();
+        continue;
+      }
+      if (sh_.options.tls.enabled()) {
+        std::vector<io::Fd> one;
+        one.push_back(std::move(c));
+        const TlsError e =
+            sh_.tls->secure_client(one, sh_.options.tls, sh_.options.handshake_timeout_ms, nullptr);
+        c = std::move(one[0]);
+        if (e) {
+          last_error = e.text;
+          continue;
+        }
+      }
+      wire::Hello hello = sh_.hello;
+      hello.stream_index = uint16_t(index_);
+      hello.flags = wire::kHelloResume;
+      std::string err = send_hello(*sync_ring_, c.get(), hello);
+      wire::Hello reply;
+      if (err.empty())
+        err = await_hello_ack(*sync_ring_, c.get(), hello, sh_.options.handshake_timeout_ms, &reply);
+      if (!err.empty()) {
+        last_error = err;
+        if (err.find("receiver refused") != std::string::npos) break;  // the receiver will not take us back
+        continue;
+      }
+      if (!resend_from(c.get(), reply.resume_seq, &last_error)) continue;
+      const int lowat = int(sh_.chunk_bytes);
+      (void)::setsockopt(c.get(), IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, sizeof lowat);
+      link_.owner = std::move(c);
+      link_.broken.store(false);
+      link_.fd.store(link_.owner.get(), std::memory_order_release);
+      sh_.stats.resumes.fetch_add(1, std::memory_order_relaxed);
+      sh_.wake();
+      return;
+    }
+    sh_.failure.set(Reason::connection, name + ": connection lost (" + why + ") and not resumed after " +
+                                            std::to_string(sh_.options.reconnect_attempts) +
+                                            " attempts: " + last_error);
+  }
+
+  // Sends, on a fresh connection, every frame of this stream after `resume_seq`: the replay list, the frame
+  // that was on its way, and END if it had been sent.
+  bool resend_from(int new_fd, uint64_t resume_seq, std::string* error) {
+    uint64_t acked = link_.acked_seq.load();
+    while (acked < resume_seq && !link_.acked_seq.compare_exchange_weak(acked, resume_seq)) {
+    }
+    release_acked();
+    for (const Replay& r : replay_) {
+      if (r.seq <= resume_seq) continue;
+      const int64_t n = io::send_full(*sync_ring_, new_fd, buf(r.buf), r.len);
+      if (n < 0) {
+        *error = "resend: " + errno_text(int(n));
+        return false;
+      }
+    }
+    if (!fifo_.empty() && fifo_.front()->state == State::sending) {
+      Slot& slot = *fifo_.front();
+      if (slot.seq <= resume_seq) {
+        finish(slot);  // it arrived whole before the break
+      } else {
+        slot.seg_index = 0;
+        slot.seg_sent = 0;
+        slot.state = State::encoded;  // goes out again, first, from start_send
+      }
+    }
+    if (end_.type == wire::FrameType::end) end_pending_ = true;
+    return true;
   }
 
   // No buffer may be freed while the kernel still uses it.
@@ -548,22 +835,27 @@ class Worker {
 
   Shared& sh_;
   const unsigned index_;
-  const int fd_;
+  Link& link_;
   std::unique_ptr<io::Ring> ring_;
-  std::unique_ptr<io::Ring> src_ring_;
+  std::unique_ptr<io::Ring> sync_ring_;
   std::byte* memory_ = nullptr;
+  size_t buf_bytes_ = 0;
   bool fixed_buffers_ = false;
-  size_t in_bytes_ = 0;
-  size_t out_bytes_ = 0;
+  std::vector<int> free_;
+  std::deque<Replay> replay_;
   std::vector<Slot> slots_;
   std::deque<Slot*> fifo_;
   io::Completion send_io_;
   bool sending_ = false;
   bool exhausted_ = false;
+  wire::Header end_{};  // type data until END is built
+  bool end_pending_ = false;
   double credit_ = 0.0;
 };
 
-// Reads the return path on stream 0: ACKs, then COMMITTED or ABORTED.
+// Reads the return path of every stream: STREAM_ACKs, ACKs, then COMMITTED or ABORTED. A stream whose
+// connection fails is marked broken for its worker to reconnect (with resume) instead of failing the
+// transfer.
 void control_loop(Shared& sh, const std::atomic<bool>& stop) {
   std::unique_ptr<io::Ring> ring;
   try {
@@ -572,130 +864,90 @@ void control_loop(Shared& sh, const std::atomic<bool>& stop) {
     sh.failure.set(Reason::internal, e.what());
     return;
   }
-  const int fd = sh.conns[0].get();
+  std::vector<pollfd> pfds;
+  std::vector<unsigned> which;
   while (!stop.load()) {
-    const int r = wait_readable(fd, 50);
-    if (r == 0) continue;
-    if (r < 0) {
-      sh.failure.set(Reason::connection, "stream 0: poll: " + errno_text(r));
-      return;
+    pfds.clear();
+    which.clear();
+    for (unsigned i = 0; i < sh.links.size(); ++i) {
+      const int fd = sh.links[i].fd.load(std::memory_order_acquire);
+      if (fd < 0 || sh.links[i].broken.load()) continue;
+      pfds.push_back(pollfd{.fd = fd, .events = POLLIN, .revents = 0});
+      which.push_back(i);
     }
-    const HeaderRead hr = recv_header(*ring, fd, sh.chunk_bytes);
-    if (stop.load()) return;
-    if (hr.kind == HeaderRead::eof || hr.kind == HeaderRead::io_error) {
-      sh.failure.set(Reason::connection,
-                     "connection to receiver lost (stream 0): " +
-                         (hr.kind == HeaderRead::eof ? std::string("closed by peer") : errno_text(hr.err)));
-      return;
+    if (pfds.empty()) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      continue;
     }
-    if (hr.kind == HeaderRead::bad) {
-      sh.failure.set(Reason::protocol,
-                     std::string("receiver sent a bad frame: ") + wire::error_text(hr.wire_error));
-      return;
-    }
-    const wire::Header& h = hr.header;
-    switch (h.type) {
-      case wire::FrameType::ack:
-        sh.stats.acked_chunks.store(h.seq, std::memory_order_relaxed);
-        break;
-      case wire::FrameType::committed: {
-        std::lock_guard lock(sh.control_mu);
-        sh.committed = true;
-        sh.committed_header = h;
-        sh.control_cv.notify_all();
+    const int r = ::poll(pfds.data(), pfds.size(), 50);
+    if (r <= 0) continue;
+    for (size_t k = 0; k < pfds.size() && !stop.load(); ++k) {
+      if (!pfds[k].revents) continue;
+      const unsigned i = which[k];
+      Link& link = sh.links[i];
+      const int fd = pfds[k].fd;
+      if (link.fd.load() != fd) continue;  // replaced meanwhile
+      const std::string name = "stream " + std::to_string(i);
+      const HeaderRead hr = recv_header(*ring, fd, sh.chunk_bytes);
+      if (stop.load()) return;
+      if (hr.kind == HeaderRead::eof || hr.kind == HeaderRead::io_error) {
+        if (link.fd.load() != fd) continue;
+        if (sh.resume && !sh.finished()) {
+          link.broken.store(true);
+          ::shutdown(fd, SHUT_RDWR);  // wakes the worker's send, if one is waiting
+          sh.wake();
+          continue;
+        }
+        if (!sh.finished()) {
+          sh.failure.set(
+              Reason::connection,
+              "connection to receiver lost (" + name +
+                  "): " + (hr.kind == HeaderRead::eof ? std::string("closed by peer") : errno_text(hr.err)));
+          sh.wake();
+        }
         return;
       }
-      case wire::FrameType::aborted: {
-        const std::string text = recv_abort_text(*ring, fd, h);
-        sh.failure.set(Reason(h.aux),
-                       std::string("receiver aborted (") + wire::reason_name(Reason(h.aux)) + "): " + text,
-                       true);
-        sh.control_cv.notify_all();
-        return;
-      }
-      default:
+      if (hr.kind == HeaderRead::bad) {
         sh.failure.set(Reason::protocol,
-                       "receiver sent an unexpected frame type " + std::to_string(int(h.type)));
+                       "receiver sent a bad frame on " + name + ": " + wire::error_text(hr.wire_error));
+        sh.wake();
         return;
+      }
+      const wire::Header& h = hr.header;
+      switch (h.type) {
+        case wire::FrameType::stream_ack: {
+          uint64_t cur = link.acked_seq.load();
+          while (cur < h.seq && !link.acked_seq.compare_exchange_weak(cur, h.seq)) {
+          }
+          sh.wake();
+          break;
+        }
+        case wire::FrameType::ack:
+          sh.stats.acked_chunks.store(h.seq, std::memory_order_relaxed);
+          break;
+        case wire::FrameType::committed: {
+          std::lock_guard lock(sh.control_mu);
+          sh.committed = true;
+          sh.committed_header = h;
+          sh.control_cv.notify_all();
+          return;
+        }
+        case wire::FrameType::aborted: {
+          const std::string text = recv_abort_text(*ring, fd, h);
+          sh.failure.set(Reason(h.aux),
+                         std::string("receiver aborted (") + wire::reason_name(Reason(h.aux)) + "): " + text,
+                         true);
+          sh.wake();
+          return;
+        }
+        default:
+          sh.failure.set(Reason::protocol,
+                         "receiver sent an unexpected frame type " + std::to_string(int(h.type)));
+          sh.wake();
+          return;
+      }
     }
   }
-}
-
-// Handshake, first half: HELLO on one connection. The receiver answers only when every stream is in, so all
-// HELLOs go out before any answer is awaited.
-std::string send_hello(io::Ring& ring, int fd, const wire::Hello& hello) {
-  std::byte payload[wire::kHelloBytes];
-  wire::encode_hello(hello, std::span<std::byte, wire::kHelloBytes>(payload));
-  const int rc = send_frame(
-      ring, fd, wire::Header{.type = wire::FrameType::hello, .payload_len = wire::kHelloBytes}, payload);
-  return rc < 0 ? "send HELLO: " + errno_text(rc) : std::string();
-}
-
-// Handshake, second half: the receiver's HELLO_ACK (or its refusal). Returns an empty string or the error.
-std::string await_hello_ack(io::Ring& ring, int fd, const wire::Hello& hello, int timeout_ms,
-                            uint64_t* caps_out) {
-  const int rc = wait_readable(fd, timeout_ms);
-  if (rc == 0) return "no answer to HELLO within " + std::to_string(timeout_ms) + " ms";
-  if (rc < 0) return "poll: " + errno_text(rc);
-  const HeaderRead hr = recv_header(ring, fd, wire::kMaxChunkBytes);
-  if (hr.kind == HeaderRead::eof) return "receiver closed the connection during the handshake";
-  if (hr.kind == HeaderRead::io_error) return "handshake: " + errno_text(hr.err);
-  if (hr.kind == HeaderRead::bad) return std::string("handshake: ") + wire::error_text(hr.wire_error);
-  if (hr.header.type == wire::FrameType::aborted) {
-    return std::string("receiver refused (") + wire::reason_name(Reason(hr.header.aux)) +
-           "): " + recv_abort_text(ring, fd, hr.header);
-  }
-  if (hr.header.type != wire::FrameType::hello_ack) return "handshake: unexpected frame type";
-  std::byte ack[wire::kHelloBytes];
-  if (io::recv_full(ring, fd, ack, sizeof ack) != int64_t(sizeof ack))
-    return "handshake: truncated HELLO_ACK";
-  wire::Hello reply;
-  const wire::Error err = wire::decode_hello(std::span<const std::byte, wire::kHelloBytes>(ack), &reply);
-  if (err != wire::Error::ok) return std::string("handshake: HELLO_ACK: ") + wire::error_text(err);
-  if (reply.session_id != hello.session_id || reply.stream_index != hello.stream_index) {
-    return "handshake: HELLO_ACK does not match our HELLO";
-  }
-  if (reply.version != wire::kVersion)
-    return "handshake: receiver speaks protocol " + std::to_string(reply.version);
-  *caps_out = reply.capabilities;
-  return {};
-}
-
-uint64_t our_capabilities() {
-  return wire::kCapLz4 | wire::kCapZstd | wire::kCapTransactions;
-}
-
-// Chooses the codec from the mode and what the receiver accepts.
-std::string pick_codec(const SendOptions& o, uint64_t caps, compress::EncodeOptions* enc,
-                       bool* zstd_in_auto) {
-  enc->level = o.zstd_level;
-  switch (o.codec) {
-    case CodecMode::none:
-      enc->codec = compress::Codec::none;
-      enc->probe_incompressible = false;
-      return {};
-    case CodecMode::auto_select:
-      enc->codec = (caps & wire::kCapLz4) ? compress::Codec::lz4 : compress::Codec::none;
-      enc->probe_incompressible = true;
-      enc->sparse_fallback = true;
-      *zstd_in_auto = (caps & wire::kCapLz4) && (caps & wire::kCapZstd);
-      return {};
-    case CodecMode::lz4:
-      if (!(caps & wire::kCapLz4)) return "the receiver does not accept lz4";
-      enc->codec = compress::Codec::lz4;
-      enc->probe_incompressible = false;
-      return {};
-    case CodecMode::zstd:
-      if (!(caps & wire::kCapZstd)) return "the receiver does not accept zstd";
-      enc->codec = compress::Codec::zstd;
-      enc->probe_incompressible = false;
-      return {};
-  }
-  return "unknown codec mode";
-}
-
-void shutdown_all(std::vector<io::Fd>& conns) {
-  for (io::Fd& c : conns) ::shutdown(c.get(), SHUT_RDWR);
 }
 
 }  // namespace
@@ -747,7 +999,11 @@ Result send_to(io::Source& source, const io::HostPort& to, const SendOptions& op
     r.error = e.what();
     return r;
   }
-  return send(source, std::move(conns), options, stats, cancel);
+  SendOptions with_reconnect = options;
+  if (!with_reconnect.reconnect) {
+    with_reconnect.reconnect = [to, socket = options.socket] { return io::tcp_connect(to, socket); };
+  }
+  return send(source, std::move(conns), with_reconnect, stats, cancel);
 }
 
 Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& options, Stats* stats_in,
@@ -757,9 +1013,10 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
   Stats& stats = stats_in ? *stats_in : local_stats;
   Result result;
   result.streams = unsigned(conns.size());
+  TlsSession tls;  // declared before `fail`, which appends what the TLS relays saw to the error
   auto fail = [&](Reason reason, std::string text) {
     result.reason = reason;
-    result.error = std::move(text);
+    result.error = tls.annotate(std::move(text));
     result.seconds = std::chrono::duration<double>(Clock::now() - started).count();
     return result;
   };
@@ -783,28 +1040,47 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
   stats.total_bytes.store(size.value_or(0));
   const unsigned depth = std::max(1u, options.depth);
   const uint32_t window = options.window_chunks ? options.window_chunks : uint32_t(conns.size() * depth * 2);
-  Shared sh(source, options, conns, stats, cancel, backend, window);
+  std::vector<Link> links(conns.size());
+  for (size_t i = 0; i < conns.size(); ++i) {
+    links[i].owner = std::move(conns[i]);
+    links[i].fd.store(links[i].owner.get());
+  }
+  Shared sh(source, options, links, stats, cancel, backend, window);
   if (size) sh.sequencer.set_total((*size + options.chunk_bytes - 1) / options.chunk_bytes);
 
-  // Handshake on every stream, then agree on a codec.
-  wire::Hello hello{.stream_count = uint16_t(conns.size()),
-                    .max_chunk_bytes = options.chunk_bytes,
-                    .session_id = random_session_id(),
-                    .capabilities = our_capabilities(),
-                    .total_bytes = size.value_or(wire::kUnknownSize)};
+  // Handshake on every stream, then agree on a codec and on resuming.
+  sh.hello = wire::Hello{.stream_count = uint16_t(links.size()),
+                         .max_chunk_bytes = options.chunk_bytes,
+                         .session_id = random_session_id(),
+                         .capabilities = our_capabilities(),
+                         .total_bytes = size.value_or(wire::kUnknownSize)};
+  wire::Hello hello = sh.hello;
   uint64_t caps = our_capabilities();
-  for (size_t i = 0; i < conns.size(); ++i) {
+  // TLS (engine/tls.h) sends each stream's HELLO right after that stream's handshake: the receiver reads a
+  // stream's HELLO before it accepts the next connection.
+  if (options.tls.enabled()) {
+    sh.tls = &tls;
+    std::vector<io::Fd> fds;
+    for (Link& l : links) fds.push_back(std::move(l.owner));
+    const TlsError e = tls.secure_client(fds, options.tls, options.handshake_timeout_ms, &hello);
+    for (size_t i = 0; i < links.size(); ++i) {
+      links[i].owner = std::move(fds[i]);
+      links[i].fd.store(links[i].owner.get());
+    }
+    if (e) return fail(e.reason, e.text);
+    result.tls = tls.describe();
+  }
+  for (size_t i = 0; i < links.size() && !options.tls.enabled(); ++i) {
     hello.stream_index = uint16_t(i);
-    const std::string err = send_hello(*ring, conns[i].get(), hello);
+    const std::string err = send_hello(*ring, links[i].fd, hello);
     if (!err.empty()) return fail(Reason::connection, "stream " + std::to_string(i) + ": " + err);
   }
-  for (size_t i = 0; i < conns.size(); ++i) {
+  for (size_t i = 0; i < links.size(); ++i) {
     hello.stream_index = uint16_t(i);
-    uint64_t stream_caps = 0;
-    const std::string err =
-        await_hello_ack(*ring, conns[i].get(), hello, options.handshake_timeout_ms, &stream_caps);
+    wire::Hello reply;
+    const std::string err = await_hello_ack(*ring, links[i].fd, hello, options.handshake_timeout_ms, &reply);
     if (!err.empty()) return fail(Reason::protocol, "stream " + std::to_string(i) + ": " + err);
-    caps &= stream_caps;
+    caps &= reply.capabilities;
   }
   std::string codec_err = pick_codec(options, caps, &sh.encode, &sh.zstd_in_auto);
   if (codec_err.empty() && options.codec == CodecMode::auto_select &&
@@ -812,120 +1088,96 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
     sh.effort = std::make_unique<EffortController>(sh.zstd_in_auto ? 2.0 : 1.0);
   }
   if (std::string err = codec_err; !err.empty()) {
-    send_frame(*ring, conns[0].get(), wire::make_aborted(Reason::capability, err.size()),
+    send_frame(*ring, links[0].fd, wire::make_aborted(Reason::capability, err.size()),
                std::as_bytes(std::span(err)));
     return fail(Reason::capability, err);
   }
+  sh.resume = options.resume && options.reconnect && (caps & wire::kCapResume);
 
   // Keep little unsent data queued in the kernel: the throughput the codec controller measures is then close
   // to what the link carries, not what the socket buffers swallow. Not a TCP socket (UNIX): nothing to do.
-  for (io::Fd& c : conns) {
+  for (Link& l : links) {
     const int lowat = int(options.chunk_bytes);
-    (void)::setsockopt(c.get(), IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, sizeof lowat);
+    (void)::setsockopt(l.fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, sizeof lowat);
   }
-
   if (options.bandwidth_bytes_per_second > 0)
     sh.pacer = std::make_unique<Pacer>(options.bandwidth_bytes_per_second);
 
   std::atomic<bool> control_stop{false};
   std::thread control([&] { control_loop(sh, control_stop); });
+  std::atomic<unsigned> running{unsigned(links.size())};
   std::vector<std::thread> workers;
-  sh.workers_running = unsigned(conns.size());
-  std::mutex done_mu;
-  std::condition_variable done_cv;
-  for (unsigned i = 0; i < conns.size(); ++i) {
+  for (unsigned i = 0; i < links.size(); ++i) {
     workers.emplace_back([&, i] {
       Worker(sh, i).run();
-      std::lock_guard lock(done_mu);
-      --sh.workers_running;
-      done_cv.notify_all();
+      --running;
+      sh.wake();
     });
   }
 
-  // Supervise: wait for the workers, watching for cancel and failure.
-  IdleWatch idle(options.idle_timeout_ms);
-  auto watch_until = [&](auto done) {
-    std::unique_lock lock(done_mu);
-    while (!done()) {
+  // Supervise until the receiver commits or the transfer fails: cancel, idle time-out, commit time-out.
+  {
+    IdleWatch idle(options.idle_timeout_ms);
+    std::optional<Clock::time_point> commit_deadline;
+    std::unique_lock lock(sh.control_mu);
+    while (!sh.committed && !sh.failure.failed()) {
       if (cancel && cancel->requested()) sh.failure.set(Reason::cancelled, "cancelled");
-      if (idle.expired(stats.bytes.load() + stats.acked_chunks.load())) {
+      if (idle.expired(stats.bytes.load() + stats.acked_chunks.load() + stats.resumes.load())) {
         sh.failure.set(Reason::timeout, "nothing moved for " + std::to_string(options.idle_timeout_ms) +
                                             " ms (stalled receiver or link?)");
       }
-      if (sh.failure.failed()) return false;
-      done_cv.wait_for(lock, std::chrono::milliseconds(20));
-    }
-    return true;
-  };
-  watch_until([&] { return sh.workers_running == 0; });
-  if (sh.failure.failed()) {
-    // Give workers a moment to stop on their own; a send blocked on a stalled peer needs the socket shut.
-    sh.sequencer.wake_all();
-    const bool stopped = [&] {
-      std::unique_lock lock(done_mu);
-      return done_cv.wait_for(lock, std::chrono::seconds(2), [&] { return sh.workers_running == 0; });
-    }();
-    if (!stopped) shutdown_all(conns);
-  }
-  for (auto& w : workers) w.join();
-
-  if (!sh.failure.failed()) {
-    // Every chunk is on the wire: END on every stream.
-    const uint64_t chunks = sh.sequencer.completed();
-    if (size && chunks != sh.sequencer.total()) {
-      sh.failure.set(Reason::internal, "sent " + std::to_string(chunks) + " of " +
-                                           std::to_string(sh.sequencer.total()) + " chunks");
-    }
-    result.chunks = chunks;
-    result.bytes = stats.bytes.load();
-    result.digest = sh.sequencer.digest();
-    for (size_t i = 0; i < conns.size() && !sh.failure.failed(); ++i) {
-      const int rc = send_frame(*ring, conns[i].get(), wire::make_end(chunks, result.bytes, result.digest));
-      if (rc < 0)
-        sh.failure.set(Reason::connection, "stream " + std::to_string(i) + ": send END: " + errno_text(rc));
-    }
-    stats.wire_bytes.fetch_add(conns.size() * wire::kHeaderBytes);
-    // Wait for COMMITTED (or a failure) within the commit time-out.
-    const auto deadline = Clock::now() + std::chrono::milliseconds(options.commit_timeout_ms);
-    std::unique_lock lock(sh.control_mu);
-    while (!sh.committed && !sh.failure.failed()) {
-      if (cancel && cancel->requested())
-        sh.failure.set(Reason::cancelled, "cancelled");
-      else if (Clock::now() > deadline)
+      if (!commit_deadline && sh.sequencer.completed() == sh.sequencer.total()) {
+        commit_deadline = Clock::now() + std::chrono::milliseconds(options.commit_timeout_ms);
+      }
+      if (commit_deadline && Clock::now() > *commit_deadline) {
         sh.failure.set(Reason::timeout, "no COMMITTED from the receiver within " +
                                             std::to_string(options.commit_timeout_ms) + " ms");
-      else
-        sh.control_cv.wait_for(lock, std::chrono::milliseconds(20));
-    }
-    if (sh.committed) {
-      const wire::Header& c = sh.committed_header;
-      if (c.seq != chunks || c.offset != result.bytes || c.hash != result.digest) {
-        sh.committed = false;
-        lock.unlock();
-        sh.failure.set(Reason::digest, "receiver committed a different stream (digest or counts differ)");
       }
+      if (running == 0 && !sh.committed && !sh.failure.failed()) {
+        sh.failure.set(Reason::internal, "every stream ended without a verdict from the receiver");
+      }
+      sh.control_cv.wait_for(lock, std::chrono::milliseconds(20));
     }
   }
+  sh.wake();
+  sh.sequencer.wake_all();
+  if (sh.failure.failed()) {
+    // Give workers a moment to stop on their own; a send blocked on a stalled peer needs the socket shut.
+    const auto until = Clock::now() + std::chrono::seconds(2);
+    while (running > 0 && Clock::now() < until) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    if (running > 0) {
+      for (Link& l : links) ::shutdown(l.fd.load(), SHUT_RDWR);
+    }
+  }
+  for (auto& w : workers) w.join();
+  control_stop = true;
 
+  result.chunks = sh.sequencer.completed();
+  result.bytes = stats.bytes.load();
+  result.digest = sh.sequencer.digest();
+  if (sh.committed) {
+    const wire::Header& c = sh.committed_header;
+    if (c.seq != result.chunks || c.offset != result.bytes || c.hash != result.digest) {
+      sh.failure.set(Reason::digest, "receiver committed a different stream (digest or counts differ)");
+    }
+  }
   if (sh.failure.failed() && !sh.failure.from_peer()) {
     // Tell the receiver why, on every stream, so whichever it reads first carries our reason rather than a
     // broken connection. Best effort: the workers are gone, so no frame is interleaved.
     const std::string text = sh.failure.text();
-    for (io::Fd& c : conns) {
-      send_frame(*ring, c.get(), wire::make_aborted(sh.failure.reason(), text.size()),
+    for (Link& l : links) {
+      send_frame(*ring, l.fd.load(), wire::make_aborted(sh.failure.reason(), text.size()),
                  std::as_bytes(std::span(text.data(), std::min<size_t>(text.size(), wire::kMaxTextBytes))));
     }
   }
-  control_stop = true;
-  shutdown_all(conns);
+  for (Link& l : links) ::shutdown(l.fd.load(), SHUT_RDWR);
   control.join();
 
   result.seconds = std::chrono::duration<double>(Clock::now() - started).count();
   result.wire_bytes = stats.wire_bytes.load();
-  result.bytes = stats.bytes.load();
   if (sh.failure.failed()) {
     result.reason = sh.failure.reason();
-    result.error = sh.failure.text();
+    result.error = tls.annotate(sh.failure.text());
     return result;
   }
   result.committed = true;

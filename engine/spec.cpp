@@ -7,6 +7,8 @@
 #include <cstdio>
 #include <stdexcept>
 
+#include "engine/migrate.h"
+
 namespace dstx::engine {
 namespace {
 
@@ -146,6 +148,8 @@ std::unique_ptr<io::Source> open_source(std::string_view spec) {
   }
   if (kind == "stdin") return io::open_fd_source(STDIN_FILENO, false, "stdin:");
   if (kind == "fd") return io::open_fd_source(parse_fd(rest, spec), true, std::string(spec));
+  // A device source saves the device's state and, without dstx migrate's commit, leaves it RUNNING.
+  if (is_device_spec(spec)) return open_migration_source(spec, MigrateOptions{});
   throw bad("unknown source kind '" + std::string(kind) + "': expected one of " + kSourceKinds);
 }
 
@@ -167,6 +171,7 @@ std::unique_ptr<io::Sink> open_sink(std::string_view spec) {
   if (kind == "null") return io::open_null_sink();
   if (kind == "stdout") return io::open_fd_sink(STDOUT_FILENO, false, "stdout:");
   if (kind == "fd") return io::open_fd_sink(parse_fd(rest, spec), true, std::string(spec));
+  if (is_device_spec(spec)) return open_device_sink(spec);
   throw bad("unknown sink kind '" + std::string(kind) + "': expected one of " + kSinkKinds);
 }
 

@@ -32,8 +32,11 @@ std::unique_ptr<io::Source> open_source(std::string_view spec);
 std::unique_ptr<io::Sink> open_sink(std::string_view spec);
 
 // The spec kinds, for --help.
-inline constexpr const char* kSourceKinds = "file:PATH, emu:size=SIZE,profile=NAME,seed=N, stdin:, fd:N";
+inline constexpr const char* kSourceKinds =
+    "file:PATH, emu:size=SIZE,profile=NAME,seed=N, stdin:, fd:N, vfio:PATH, vfio-group:PATH:DEVICE, emu-v1:..., "
+    "emu-v2:...";
 inline constexpr const char* kSinkKinds =
-    "file:PATH, emu:size=SIZE,profile=NAME,seed=N, null:, stdout:, fd:N";
+    "file:PATH, emu:size=SIZE,profile=NAME,seed=N, null:, stdout:, fd:N, vfio:PATH, vfio-group:PATH:DEVICE, "
+    "emu-v1:..., emu-v2:...";
 
 }  // namespace dstx::engine

@@ -4,9 +4,11 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
+#include "engine/tls.h"
 #include "engine/wire.h"
 #include "io/endpoints.h"
 #include "io/socket.h"
@@ -27,10 +29,18 @@ struct SendOptions {
   unsigned depth = 4;          // chunks in flight per stream (reads, encodes, sends)
   uint32_t window_chunks = 0;  // 0: streams * depth * 2; bounds how far streams may run ahead
   io::SocketOptions socket;
+  TlsOptions tls;  // enabled(): TLS 1.3 on every stream (engine/tls.h); a receiver without TLS is refused
   int handshake_timeout_ms = 10000;
   int commit_timeout_ms = 120000;  // after END, how long to wait for COMMITTED
   int idle_timeout_ms = 30000;     // fail when nothing moves (no byte sent, no ACK) for this long; 0: never
   uint64_t bandwidth_bytes_per_second = 0;  // cap on wire bytes per second, all streams together; 0: none
+  // Resume: a broken stream is reconnected and carries on from the receiver's last chunk on it. Frames stay in
+  // a replay buffer until the receiver acknowledges them (a VFIO data_fd cannot be read twice).
+  bool resume = true;
+  int reconnect_attempts = 5;                 // per break; past them the transfer fails
+  int reconnect_backoff_ms = 200;             // before the 2nd attempt; doubles, at most 5 s
+  uint64_t replay_bytes = 32ull << 20;        // all streams together; a full buffer makes the sender wait
+  std::function<io::Fd()> reconnect;          // opens a new connection; send_to sets it, empty: no resume
 };
 
 struct RecvOptions {
@@ -40,7 +50,9 @@ struct RecvOptions {
   int accept_timeout_ms = 60000;  // for the first connection; later ones get handshake_timeout_ms
   int handshake_timeout_ms = 10000;
   int idle_timeout_ms = 30000;  // fail when nothing arrives and nothing is written for this long; 0: never
+  int resume_timeout_ms = 30000;  // how long a broken stream may take to come back (listening receive only)
   io::SocketOptions socket;
+  TlsOptions tls;  // enabled(): every stream must be TLS 1.3; otherwise a TLS sender is refused
 };
 
 // Live counters, readable from any thread while a transfer runs.
@@ -53,6 +65,7 @@ struct Stats {
   std::atomic<uint64_t> raw_chunks{0};
   std::atomic<uint64_t> compressed_chunks{0};
   std::atomic<uint64_t> acked_chunks{0};  // sender: receiver's watermark
+  std::atomic<uint64_t> resumes{0};       // broken streams reconnected and resumed
 };
 
 struct Result {
@@ -66,6 +79,7 @@ struct Result {
   double seconds = 0;
   unsigned streams = 0;
   std::string io_backend;  // "io_uring" or "syscall", with the reason
+  std::string tls = "none";  // "none", "kTLS (…)" or "user-space TLS (…)": TlsSession::describe()
 };
 
 // Set from any thread (a signal handler may call request()): the transfer stops and fails with reason

@@ -100,6 +100,12 @@ ReorderWindow::Admit ReorderWindow::admit(uint64_t seq, std::span<std::byte>* bu
   return Admit::ok;
 }
 
+void ReorderWindow::cancel(uint64_t seq) {
+  std::lock_guard lock(mu_);
+  Slot& slot = table_[seq % slots_];
+  if (slot.state == State::filling && slot.meta.seq == seq) slot.state = State::free;
+}
+
 void ReorderWindow::publish(const ChunkMeta& meta) {
   bool wake = false;
   {

@@ -72,6 +72,8 @@ class ReorderWindow {
   enum class Admit { ok, duplicate, closed };
   // Reserves the slot of `seq`, blocking while seq lies beyond the window. `buf` receives the slot's buffer.
   Admit admit(uint64_t seq, std::span<std::byte>* buf);
+  // Gives back an admitted slot whose chunk was lost on the way (a broken connection): it may come again.
+  void cancel(uint64_t seq);
   // The admitted chunk is decoded and verified: the consumer may take it.
   void publish(const ChunkMeta& meta);
 

@@ -229,7 +229,8 @@ TEST_F(CliTest, OneGibFileArrivesIdentical) {
 
 TEST_F(CliTest, KilledSenderLeavesNothingAtTheDestination) {
   const fs::path out = dir_ / "copy.bin";
-  Proc recv({"recv", "--listen", "127.0.0.1:0", "--sink", "file:" + out.string(), "--json"});
+  Proc recv({"recv", "--listen", "127.0.0.1:0", "--sink", "file:" + out.string(), "--json",
+             "--resume-timeout", "1000"});
   const uint16_t port = start_recv(recv);
   ASSERT_NE(port, 0) << recv.err();
   Proc send({"send", "--source", "emu:size=64G,profile=random", "--to", "127.0.0.1:" + std::to_string(port),
@@ -242,8 +243,9 @@ TEST_F(CliTest, KilledSenderLeavesNothingAtTheDestination) {
   ASSERT_TRUE(fs::exists(partial));
   send.signal(SIGKILL);
   EXPECT_EQ(send.wait(), 128 + SIGKILL);
-  EXPECT_EQ(recv.wait(), 1) << recv.out();
+  EXPECT_EQ(recv.wait(), 1) << recv.out();  // after waiting out the resume time-out for a sender that is gone
   EXPECT_NE(recv.out().find("\"status\":\"failed\""), std::string::npos) << recv.out();
+  EXPECT_NE(recv.out().find("not resumed within 1000 ms"), std::string::npos) << recv.out();
   EXPECT_FALSE(fs::exists(out));
   EXPECT_FALSE(fs::exists(partial));
 }

@@ -275,9 +275,18 @@ INSTANTIATE_TEST_SUITE_P(Backends, BackendTest, ::testing::Values(io::Backend::u
 
 // A TCP proxy between sender and receiver that can flip one byte of the sender's stream 0 at a given
 // position.
+// It can also cut one connection after a number of bytes from the sender (both directions die at once, as
+// when a link goes down), and then refuse every later connection (the path stays down).
+struct Cut {
+  int connection = -1;  // which accepted connection (0-based, in accept order); -1: none
+  int64_t after_bytes = 0;
+  bool refuse_later = false;
+};
+
 class Proxy {
  public:
-  explicit Proxy(uint16_t target, int64_t flip_at = -1) : target_(target), flip_at_(flip_at) {
+  explicit Proxy(uint16_t target, int64_t flip_at = -1, Cut cut = {})
+      : target_(target), flip_at_(flip_at), cut_(cut) {
     listener_ = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
     port_ = io::bound_port(listener_.get());
     thread_ = std::thread([this] { run(); });
@@ -295,15 +304,18 @@ class Proxy {
     while (!stop_) {
       io::Fd c = io::tcp_accept(listener_.get(), 50, {});
       if (!c) continue;
+      if (cut_done_ && cut_.refuse_later) continue;  // closes it: the path is down
       auto up = std::make_shared<io::Fd>(io::tcp_connect(io::HostPort{"127.0.0.1", target_}, {}));
       auto down = std::make_shared<io::Fd>(std::move(c));
-      const bool first = index++ == 0;
-      pumps.emplace_back([=, this] { pump(down->get(), up->get(), first ? flip_at_ : -1); });
-      pumps.emplace_back([=, this] { pump(up->get(), down->get(), -1); });
+      const int me = index++;
+      const int64_t cut_at = me == cut_.connection ? cut_.after_bytes : -1;
+      pumps.emplace_back(
+          [=, this] { pump(down->get(), up->get(), me == 0 ? flip_at_ : -1, cut_at, down->get()); });
+      pumps.emplace_back([=, this] { pump(up->get(), down->get(), -1, -1, -1); });
     }
     for (auto& t : pumps) t.join();
   }
-  void pump(int from, int to, int64_t flip_at) {
+  void pump(int from, int to, int64_t flip_at, int64_t cut_at = -1, int other = -1) {
     std::vector<char> buf(1 << 16);
     int64_t pos = 0;
     for (;;) {
@@ -315,6 +327,13 @@ class Proxy {
       }
       const ssize_t n = recv(from, buf.data(), buf.size(), 0);
       if (n <= 0) break;
+      if (cut_at >= 0 && pos + n > cut_at) {
+        cut_done_ = true;
+        shutdown(from, SHUT_RDWR);
+        shutdown(to, SHUT_RDWR);
+        if (other >= 0) shutdown(other, SHUT_RDWR);
+        break;
+      }
       if (flip_at >= pos && flip_at < pos + n) buf[size_t(flip_at - pos)] ^= 0x10;
       pos += n;
       if (send(to, buf.data(), size_t(n), MSG_NOSIGNAL) != n) break;
@@ -323,6 +342,8 @@ class Proxy {
   }
   uint16_t target_;
   int64_t flip_at_;
+  Cut cut_;
+  std::atomic<bool> cut_done_{false};
   io::Fd listener_;
   uint16_t port_ = 0;
   std::atomic<bool> stop_{false};
@@ -417,6 +438,73 @@ TEST(Transfer, AFlippedByteOnTheWireIsAlwaysCaught) {
     EXPECT_FALSE(fs::exists(out.string() + ".partial")) << "flip at " << pos;
     fs::remove(out);
   }
+  fs::remove_all(dir);
+}
+
+// A connection that breaks mid-transfer is reconnected and resumed: the transfer commits byte-exact.
+TEST(Resume, ABrokenStreamIsReconnectedAndTheTransferCompletes) {
+  struct Case {
+    unsigned streams;
+    int cut_connection;
+    int64_t cut_after;
+  };
+  for (const Case c : {Case{1, 0, 3 << 20}, Case{3, 1, 5 << 20}, Case{3, 0, 200}, Case{2, 1, 300}}) {
+    const io::ContentGenerator gen(io::Profile::mixed, 31);
+    auto src = io::open_emu_source(gen, 48 << 20);
+    auto sink = io::open_emu_sink(gen, 48 << 20);
+    std::unique_ptr<Proxy> proxy;
+    Stats send_stats;
+    io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
+    const uint16_t port = io::bound_port(listener.get());
+    Result recv_result;
+    std::thread receiver(
+        [&] { recv_result = receive(*sink, listener.get(), RecvOptions{}, nullptr, nullptr); });
+    proxy = std::make_unique<Proxy>(port, -1, Cut{c.cut_connection, c.cut_after});
+    SendOptions so{.streams = c.streams, .chunk_bytes = 256 << 10};
+    so.reconnect_backoff_ms = 20;
+    const auto t0 = std::chrono::steady_clock::now();
+    const Result send_result =
+        send_to(*src, io::HostPort{"127.0.0.1", proxy->port()}, so, &send_stats, nullptr);
+    receiver.join();
+    EXPECT_TRUE(send_result.committed)
+        << c.streams << " streams, cut " << c.cut_connection << ": " << send_result.error;
+    EXPECT_TRUE(recv_result.committed) << recv_result.error;
+    EXPECT_EQ(send_result.digest, recv_result.digest);
+    EXPECT_GE(send_stats.resumes.load(), 1u) << "the cut did not happen?";
+    if (getenv("DSTX_TEST_TRACE"))
+      fprintf(stderr, "case %u/%d/%lld: %.3f s\n", c.streams, c.cut_connection, (long long)c.cut_after,
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+}
+
+// The path stays down: the sender gives up after its attempts, the receiver after its resume time-out, and
+// nothing is left at the destination.
+TEST(Resume, APathThatStaysDownFailsCleanlyOnBothSides) {
+  const fs::path dir = fs::temp_directory_path() / ("dstx-down-" + std::to_string(getpid()));
+  fs::create_directories(dir);
+  const fs::path out = dir / "out.bin";
+  const io::ContentGenerator gen(io::Profile::random, 2);
+  auto src = io::open_emu_source(gen, 64 << 20);
+  auto sink = open_sink("file:" + out.string());
+  io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
+  const uint16_t port = io::bound_port(listener.get());
+  RecvOptions ro;
+  ro.resume_timeout_ms = 1500;
+  Result recv_result;
+  std::thread receiver([&] { recv_result = receive(*sink, listener.get(), ro, nullptr, nullptr); });
+  Proxy proxy(port, -1, Cut{0, 2 << 20, /*refuse_later=*/true});
+  SendOptions so{.streams = 2};
+  so.reconnect_attempts = 3;
+  so.reconnect_backoff_ms = 20;
+  const Result send_result = send_to(*src, io::HostPort{"127.0.0.1", proxy.port()}, so, nullptr, nullptr);
+  receiver.join();
+  EXPECT_FALSE(send_result.committed);
+  EXPECT_EQ(send_result.reason, wire::Reason::connection);
+  EXPECT_NE(send_result.error.find("not resumed after 3 attempts"), std::string::npos) << send_result.error;
+  EXPECT_FALSE(recv_result.committed);
+  EXPECT_NE(recv_result.error.find("not resumed within 1500 ms"), std::string::npos) << recv_result.error;
+  EXPECT_FALSE(fs::exists(out));
+  EXPECT_FALSE(fs::exists(out.string() + ".partial"));
   fs::remove_all(dir);
 }
 

@@ -1,0 +1,19 @@
+// Commands that live in their own files; cli/main.cpp dispatches to them.
+#pragma once
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "io/endpoints.h"
+
+namespace dstx::cli {
+
+// dstx migrate: drive a VFIO device (real or emulated) through pre-copy and stop-copy to a receiver.
+int cmd_migrate(const std::vector<std::string>& argv);
+
+// dstx recv into a device sink: the device's final state (and digest) for the summary; nothing for other
+// sinks.
+void print_device_sink(std::FILE* out, io::Sink& sink);
+
+}  // namespace dstx::cli

@@ -1,0 +1,112 @@
+// Authenticated, encrypted streams: TLS 1.3 (OpenSSL) on every connection of a transfer, with mutual
+// certificate authentication or an external pre-shared key.
+//
+// After the handshake the session keys go to the kernel (kTLS, TCP_ULP "tls") when it offers TLS offload:
+// the engine's io_uring or syscall path then keeps sending and receiving plain buffers on the same socket and
+// the kernel encrypts and authenticates each record. OpenSSL 3.0 hands TLS 1.3 receive keys to the kernel
+// itself only from 3.2 on, so both directions' keys are derived here from the traffic secrets
+// (RFC 8446 7.3) and installed with setsockopt(SOL_TLS, TLS_TX/TLS_RX).
+//
+// Where kTLS is unavailable (kernel without CONFIG_TLS, a UNIX socket, DSTX_KTLS=off), the engine gets one
+// end of a socketpair instead and a relay thread per stream pumps between it and SSL_read/SSL_write on the
+// real socket ("user-space TLS"). A relay's TLS failure closes the engine's end: the engine sees a closed
+// connection and the TLS reason is appended to its error (annotate()).
+//
+// Never a silent downgrade: a side configured for TLS refuses a peer that does not start TLS, and a side
+// without TLS refuses (with a clear reason) a peer whose first bytes are a TLS ClientHello.
+//
+// Internal to engine/ (the CLI and the C ABI fill TlsOptions).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/wire.h"
+#include "io/socket.h"
+
+namespace dstx::engine {
+
+struct TlsOptions {
+  std::string ca_file;    // PEM: the CA(s) that must have issued the peer's certificate
+  std::string cert_file;  // PEM: our certificate (chain)
+  std::string key_file;   // PEM: our private key
+  std::string peer_name;  // optional: a DNS name or IP address the peer's certificate must carry in its
+                          // subjectAltName (without it any certificate issued by the CA is accepted)
+  std::string psk_file;   // "IDENTITY:HEXKEY" (key 16..64 bytes): the alternative to certificates
+  bool enabled() const {
+    return !ca_file.empty() || !cert_file.empty() || !key_file.empty() || !peer_name.empty() ||
+           !psk_file.empty();
+  }
+};
+
+// Checks the combination of options only (certificates need CA, certificate and key together; a PSK excludes
+// them). Returns an empty string or what is wrong, naming the options as the CLI spells them.
+std::string check_tls_options(const TlsOptions& options);
+// check_tls_options, then loads every file (certificates, key, key against certificate, PSK file) the way
+// a transfer would. Returns an empty string or what is wrong.
+std::string validate_tls_options(const TlsOptions& options);
+
+enum class TlsRole : uint8_t { client, server };  // client: the sender; server: the receiver
+
+// Why securing a connection failed; empty text: it did not.
+struct TlsError {
+  wire::Reason reason = wire::Reason::unspecified;
+  std::string text;
+  explicit operator bool() const { return !text.empty(); }
+};
+
+// The TLS state of one transfer: every stream's session, and the relays of user-space TLS. Destroy it after
+// the engine stopped using the streams: a relay then flushes what the engine wrote (bounded by a few
+// seconds), sends close_notify, and stops.
+class TlsSession {
+ public:
+  TlsSession();
+  ~TlsSession();
+  TlsSession(const TlsSession&) = delete;
+  TlsSession& operator=(const TlsSession&) = delete;
+
+  // Client: when options.enabled(), handshakes on every connection, hands the keys to the kernel or
+  // replaces the fd with its relay's end, and sends the stream's HELLO (`hello` with stream_index set to the
+  // stream's index) right away: the receiver reads each stream's HELLO before it accepts the next
+  // connection, in whatever order they reach it, so all streams proceed at once, each on its own. Returns no
+  // error (every HELLO is sent), or the most telling failure prefixed with its stream ("stream 2: ...").
+  // With `hello` null (a reconnection of one stream), no HELLO is sent: the caller sends its own.
+  TlsError secure_client(std::vector<io::Fd>& conns, const TlsOptions& options, int timeout_ms,
+                         const wire::Hello* hello);
+
+  // Server, for one accepted connection, before its HELLO is read. With TLS: refuses a peer whose first
+  // bytes are a plaintext dstx frame (answering with an ABORTED frame that says why), else handshakes and
+  // secures `conn` as above. Without TLS: refuses a peer whose first byte starts a TLS handshake record
+  // (again answering with ABORTED), else leaves the connection untouched. Returns no error or why the
+  // connection was refused.
+  TlsError secure_server(io::Fd& conn, const TlsOptions& options, int timeout_ms);
+
+  // "none", "kTLS (...)", "user-space TLS (...)": the mode first, then the cipher, the authentication and,
+  // for user-space TLS, why kTLS is not in use.
+  std::string describe() const;
+
+  // The engine's error text, with the first TLS failure the relays saw appended (or a hint for kTLS errors
+  // that only the kernel saw). Thread-safe.
+  std::string annotate(std::string engine_error) const;
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+// kTLS availability on this host: tries TCP_ULP "tls" on a loopback TCP connection (cached). Empty when
+// available, else why not.
+const std::string& ktls_unavailable_reason();
+
+namespace tls_detail {
+// Exposed for tests: the record protection key and IV of a TLS 1.3 traffic secret (RFC 8446 7.3,
+// HKDF-Expand-Label with the suite's hash). `suite` is the IANA cipher suite number (0x1301, 0x1302, 0x1303).
+// Returns false for an unknown suite or a KDF failure.
+bool traffic_keys(uint16_t suite, const std::vector<uint8_t>& secret, std::vector<uint8_t>* key,
+                  std::vector<uint8_t>* iv);
+}  // namespace tls_detail
+
+}  // namespace dstx::engine

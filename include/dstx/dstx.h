@@ -1,0 +1,409 @@
+/*
+ * dstx.h: the stable C ABI of dstx, a device-state transfer engine for VM live migration.
+ *
+ * One transfer moves one device state from a source on this host to a sink on another (or the same) host
+ * over N parallel stream sockets (TCP, or UNIX ones handed in), and succeeds on the sending side only after
+ * the receiving side has written every byte, checked the whole-stream digest and committed the sink.
+ *
+ * Link with libdstx.so.1 (pkg-config dstx, or find_package(dstx) -> dstx::dstx) or with the static
+ * libdstx.a (dstx::dstx_static, or pkg-config --static). docs/c-api.md walks through the calls a VMM makes.
+ *
+ * ABI rules, kept from the first release:
+ *   - Handles are opaque. Every create has a destroy, and destroy(NULL) does nothing.
+ *   - Numbers of enumerations (status codes, kinds, phases) never change; new ones are only appended.
+ *     Functions return them as `int` and structs hold them in fixed-width fields, so a value that a newer
+ *     library appends can never be an out-of-range enum in the caller.
+ *   - Structs passed in or out start with `size`, which the caller sets to sizeof the struct it was compiled
+ *     with (the DSTX_..._INIT macros do). Structs only grow at their end. In config structs every field's
+ *     zero means "the default", so a caller built against an older, shorter struct gets defaults for the
+ *     fields it does not know; a longer struct (a newer header, an older library) is accepted when the
+ *     fields this library does not know are zero, and refused with DSTX_E_UNSUPPORTED otherwise.
+ *   - No C++ exception ever leaves the library; every function reports failure by status.
+ *   - Only the functions below are exported (version node DSTX_1.0).
+ *
+ * Thread safety, in general (each function says more):
+ *   - dstx_version*, dstx_strerror: any thread, any time.
+ *   - Different handles are independent: use them from any threads at once.
+ *   - On one handle: dstx_transfer_cancel, _poll, _wait, _fd, _stats, _local_port and dstx_last_error may be
+ *     called from any thread, concurrently with each other and with a running transfer. dstx_transfer_run or
+ *     _start is called once. dstx_transfer_destroy must not overlap any other call on that handle.
+ *   - Callbacks run on the threads stated at dstx_progress_fn, dstx_log_fn and dstx_complete_fn.
+ *
+ * Kinds that are declared but not yet implemented in this library version answer DSTX_E_UNSUPPORTED with a
+ * detailed text (dstx_last_error(NULL)): at present that is DSTX_ENDPOINT_VFIO_DEVICE (the VFIO migration
+ * driver is being wired in).
+ */
+#ifndef DSTX_DSTX_H
+#define DSTX_DSTX_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define DSTX_API __attribute__((visibility("default")))
+#else
+#define DSTX_API
+#endif
+
+/* ---- Versions --------------------------------------------------------------------------------------- */
+
+#define DSTX_VERSION_MAJOR 0
+#define DSTX_VERSION_MINOR 1
+#define DSTX_VERSION_PATCH 0
+#define DSTX_VERSION_NUMBER (DSTX_VERSION_MAJOR * 10000 + DSTX_VERSION_MINOR * 100 + DSTX_VERSION_PATCH)
+#define DSTX_VERSION_STRING "0.1.0"
+/* The shared library's SONAME is libdstx.so.DSTX_ABI_VERSION; it changes only if the ABI ever breaks. */
+#define DSTX_ABI_VERSION 1
+
+/* The version of the library actually loaded: "MAJOR.MINOR.PATCH" (static storage), and as a number. */
+DSTX_API const char* dstx_version(void);
+DSTX_API unsigned dstx_version_number(void);
+
+/* ---- Status codes ----------------------------------------------------------------------------------- */
+
+typedef enum dstx_status {
+  DSTX_OK = 0,
+  DSTX_E_INVALID = 1,     /* an argument or config field is invalid (the text names it) */
+  DSTX_E_UNSUPPORTED = 2, /* not available in this library version or build, or not offered by the peer */
+  DSTX_E_NOMEM = 3,       /* out of memory */
+  DSTX_E_STATE = 4,       /* not valid in the handle's state (e.g. a second run, a poll before start) */
+  DSTX_E_AGAIN = 5,       /* the transfer is still running (dstx_transfer_poll, dstx_transfer_wait) */
+  DSTX_E_SOURCE = 6,      /* the source could not be opened or read (here or, as reported, at the peer) */
+  DSTX_E_SINK = 7,        /* the sink could not be opened, written, verified or committed */
+  DSTX_E_CONNECTION = 8,  /* connect, accept or an established connection failed */
+  DSTX_E_TIMEOUT = 9,     /* a peer or a phase took longer than its time-out */
+  DSTX_E_CANCELLED = 10,  /* dstx_transfer_cancel, here or at the peer */
+  DSTX_E_PROTOCOL = 11,   /* malformed frames, protocol version, session or stream mismatch */
+  DSTX_E_INTEGRITY = 12,  /* a chunk checksum or the whole-stream digest did not match */
+  DSTX_E_SYSTEM = 13,     /* a system resource failed (threads, eventfd, I/O backend set-up) */
+  DSTX_E_INTERNAL = 14    /* a bug in dstx: please report it with the text */
+} dstx_status;
+
+/* Static English text for a status ("success" for DSTX_OK, a generic text for unknown values). Never NULL. */
+DSTX_API const char* dstx_strerror(int status);
+
+/* ---- Endpoints: where the state comes from and goes to ---------------------------------------------- */
+
+typedef enum dstx_endpoint_kind {
+  DSTX_ENDPOINT_NONE = 0,
+  /* A VFIO device fd (v1 migration region or v2 migration feature, see vfio_protocol): the library drives
+   * the device's migration states. NOT YET IMPLEMENTED: create answers DSTX_E_UNSUPPORTED. */
+  DSTX_ENDPOINT_VFIO_DEVICE = 1,
+  /* A VFIO v2 migration data_fd that the caller obtained. As a source the device must already be in
+   * STOP_COPY (the fd is read to end of file; PRE_COPY's ENOMSG fails the transfer). As a sink the device
+   * must be in RESUMING; after DSTX_OK the caller moves it RESUMING -> STOP, which validates the state. */
+  DSTX_ENDPOINT_DATA_FD = 2,
+  /* A path. Source: a regular file or block device, read with random access. Sink: writes PATH.partial and
+   * renames it to PATH only at commit (PATH.partial must not exist). */
+  DSTX_ENDPOINT_FILE = 3,
+  /* A byte stream fd (pipe, socket, tty, or a file read/written from its current position). Source: read
+   * until end of file. Sink: written in order; on failure a socket is shut down for writing. */
+  DSTX_ENDPOINT_FD = 4,
+  /* Caller memory. Source: buffer_bytes bytes at buffer, never written, that must stay unchanged until the
+   * transfer ends. Sink: up to buffer_bytes bytes are written at buffer; a larger state fails with
+   * DSTX_E_SINK; dstx_stats.bytes_written tells the size; after a failure the contents are unspecified. */
+  DSTX_ENDPOINT_BUFFER = 5,
+  /* A spec string as the dstx command takes it: "file:PATH", "emu:size=SIZE,profile=NAME,seed=N"
+   * (generated test state; as a sink it verifies every byte), "null:" (sink: discard), "stdin:",
+   * "stdout:". "fd:N" is refused here (it would take ownership of N): use DSTX_ENDPOINT_FD. */
+  DSTX_ENDPOINT_SPEC = 6
+} dstx_endpoint_kind;
+
+typedef enum dstx_vfio_protocol {
+  DSTX_VFIO_AUTO = 0, /* v2 when the device offers it, else v1 */
+  DSTX_VFIO_V1 = 1,   /* the deprecated migration region */
+  DSTX_VFIO_V2 = 2    /* VFIO_DEVICE_FEATURE_MIGRATION and a data_fd */
+} dstx_vfio_protocol;
+
+/*
+ * File descriptors in an endpoint are duplicated (F_DUPFD_CLOEXEC) by the create call: the caller keeps
+ * ownership of its fd, may close it right after create, and the library closes only its duplicate (at
+ * destroy). A duplicate shares the open file: the position of a stream and its status flags are common.
+ */
+typedef struct dstx_endpoint {
+  size_t size;            /* sizeof(dstx_endpoint) */
+  uint32_t kind;          /* dstx_endpoint_kind */
+  int32_t fd;             /* VFIO_DEVICE, DATA_FD, FD */
+  const char* path;       /* FILE (copied by create) */
+  const char* spec;       /* SPEC (copied by create) */
+  void* buffer;           /* BUFFER */
+  uint64_t buffer_bytes;  /* BUFFER: source: the state's size; sink: the capacity */
+  uint32_t vfio_protocol; /* VFIO_DEVICE: dstx_vfio_protocol */
+  uint32_t reserved;      /* must be 0 */
+} dstx_endpoint;
+
+#define DSTX_ENDPOINT_INIT \
+  { .size = sizeof(dstx_endpoint) }
+
+/* ---- Connections --------------------------------------------------------------------------------------- */
+
+typedef enum dstx_net_kind {
+  DSTX_NET_NONE = 0,
+  /* "HOST:PORT" or "[V6ADDR]:PORT". Sending: connect `streams` streams. Receiving: listen there (port 0
+   * picks a free port, see dstx_transfer_local_port); the socket is bound by create. */
+  DSTX_NET_ADDRESS = 1,
+  /* Already-connected stream sockets (TCP or UNIX), one per stream: fds[0..fd_count). Sending: stream i
+   * is fds[i]. Receiving: the sockets the VMM accepted for this transfer, in any order; there must be as
+   * many as the sender has streams (a missing one fails after handshake_timeout_ms). */
+  DSTX_NET_FDS = 2,
+  /* Receiving only: fds[0] is a listening socket (fd_count 1); the sender's streams are accepted on it. */
+  DSTX_NET_LISTEN_FD = 3
+} dstx_net_kind;
+
+/*
+ * Sockets handed in are duplicated by create, like endpoint fds: the VMM keeps ownership and must close its
+ * own fds. Because a duplicate is the same socket, what the protocol does to the socket is visible through
+ * the caller's fd: a connection carries exactly one transfer and is shut down (SHUT_RDWR) when the transfer
+ * ends; O_NONBLOCK is cleared while the transfer runs (the engine's workers block) and restored afterwards;
+ * TCP liveness options (TCP_NODELAY, keepalive, TCP_USER_TIMEOUT, buffer sizes) are applied to TCP sockets.
+ * The caller must not read, write or poll-for-read the sockets while the transfer runs.
+ */
+
+/* ---- Live statistics ----------------------------------------------------------------------------------- */
+
+typedef enum dstx_phase {
+  DSTX_PHASE_IDLE = 0,       /* created, not started */
+  DSTX_PHASE_CONNECTING = 1, /* sending: connecting the streams; receiving: waiting for the sender */
+  DSTX_PHASE_PRECOPY = 2,    /* VFIO devices: pre-copy rounds while the VM runs (with VFIO_DEVICE) */
+  DSTX_PHASE_STOP_COPY = 3,  /* moving the (remaining) state through to COMMITTED; a one-shot transfer of a
+                                file, buffer, fd or data_fd is in this phase from handshake to commit */
+  DSTX_PHASE_DONE = 4,       /* committed */
+  DSTX_PHASE_FAILED = 5      /* failed or cancelled */
+} dstx_phase;
+
+typedef struct dstx_stats {
+  size_t size;                /* in: sizeof(dstx_stats) as the caller knows it; the library fills that much */
+  uint32_t phase;             /* dstx_phase */
+  int32_t status;             /* DSTX_E_AGAIN until the transfer ended, then its final status */
+  uint32_t streams;           /* streams in use (0 before they are known) */
+  uint32_t precopy_rounds;    /* VFIO_DEVICE sources: pre-copy rounds run */
+  uint64_t total_bytes;       /* the state's size when known in advance, else 0 */
+  uint64_t bytes_read;        /* sending: state bytes read from the source (this version: = bytes_sent) */
+  uint64_t bytes_sent;        /* sending: state bytes handed to the network (before compression) */
+  uint64_t bytes_written;     /* receiving: state bytes written to the sink */
+  uint64_t wire_bytes;        /* bytes on the wire, frame headers included */
+  uint64_t chunks;            /* chunks sent or received */
+  uint64_t zero_chunks;       /* of which all-zero (sent as a header only) */
+  uint64_t raw_chunks;        /* of which sent uncompressed */
+  uint64_t compressed_chunks; /* of which compressed */
+  uint64_t acked_chunks;      /* sending: chunks the receiver has acknowledged */
+  double ratio;          /* wire_bytes / state bytes so far (0 when none): below 1 means compression won */
+  uint64_t elapsed_ns;   /* since the transfer started (frozen when it ends); both sides */
+  uint64_t connect_ns;   /* sending: connecting the streams (0 for handed-in fds) */
+  uint64_t precopy_ns;   /* VFIO_DEVICE sources: time in pre-copy */
+  uint64_t stop_copy_ns; /* sending: time in DSTX_PHASE_STOP_COPY (handshake to COMMITTED or failure) */
+  uint64_t downtime_ns;  /* sending: from entering stop-copy until COMMITTED (0 unless committed) */
+  uint64_t digest;       /* after DSTX_OK: the whole-stream XXH3-64 digest, the same on both sides */
+} dstx_stats;
+
+#define DSTX_STATS_INIT \
+  { .size = sizeof(dstx_stats) }
+
+/* ---- Callbacks ----------------------------------------------------------------------------------------- */
+
+typedef struct dstx_transfer dstx_transfer;
+
+/*
+ * Progress: called on a thread the library owns (one per transfer, only when a progress callback is set),
+ * every progress_interval_ms while the transfer runs and once more, with the final figures, after it ended;
+ * never concurrently with itself, and never after dstx_transfer_run returned or the completion was
+ * signalled. `stats` is valid during the call only; stats->size is the library's size (read only the fields
+ * your header knows, which is all of them when you were compiled against this header or an older one).
+ */
+typedef void (*dstx_progress_fn)(void* user, dstx_transfer* transfer, const dstx_stats* stats);
+
+typedef enum dstx_log_level {
+  DSTX_LOG_ERROR = 1,
+  DSTX_LOG_WARN = 2,
+  DSTX_LOG_INFO = 3,
+  DSTX_LOG_DEBUG = 4
+} dstx_log_level;
+
+/*
+ * Log: called on the thread that runs the transfer (the caller's inside dstx_transfer_run, the library's
+ * after dstx_transfer_start), one line per call without a trailing newline, only for levels <= log_level.
+ * `message` is valid during the call only.
+ */
+typedef void (*dstx_log_fn)(void* user, dstx_transfer* transfer, int level, const char* message);
+
+/*
+ * Completion: called once per transfer, on the thread that ran it, after the final progress call and before
+ * the eventfd (dstx_transfer_fd) becomes readable; dstx_transfer_poll already answers `status` by then.
+ */
+typedef void (*dstx_complete_fn)(void* user, dstx_transfer* transfer, int status);
+
+/*
+ * Inside any callback the program may call dstx_transfer_cancel, _stats, _poll, _fd, _local_port and
+ * dstx_last_error on the same handle, and anything on other handles; it must not call dstx_transfer_run,
+ * _start, _wait or _destroy on the same handle (they would wait for the callback itself).
+ */
+
+/* ---- Configs ------------------------------------------------------------------------------------------- */
+
+typedef enum dstx_codec {
+  DSTX_CODEC_AUTO = 0, /* zero-chunk skipping + lz4, raw where compression does not pay */
+  DSTX_CODEC_NONE = 1,
+  DSTX_CODEC_LZ4 = 2,
+  DSTX_CODEC_ZSTD = 3
+} dstx_codec;
+
+/* Time-outs in milliseconds: 0 means the default, -1 means no limit. */
+typedef struct dstx_send_config {
+  size_t size;                /* sizeof(dstx_send_config) */
+  uint32_t net;               /* DSTX_NET_ADDRESS or DSTX_NET_FDS */
+  uint32_t streams;           /* ADDRESS: streams to open (0: one per core, at most 64); FDS: 0 or fd_count */
+  const char* address;        /* ADDRESS: the receiver's "HOST:PORT" (copied by create) */
+  const int* fds;             /* FDS: connected sockets, one per stream (duplicated by create) */
+  uint32_t fd_count;          /* FDS: 1..64 */
+  uint32_t chunk_bytes;       /* 0: 1 MiB; else 4096..16 MiB */
+  uint32_t codec;             /* dstx_codec */
+  int32_t zstd_level;         /* 0: 1; else 1..19 (DSTX_CODEC_ZSTD) */
+  uint32_t depth;             /* chunks in flight per stream; 0: 4 */
+  uint32_t window_chunks;     /* how far streams may run ahead of each other; 0: streams * depth * 2 */
+  int32_t connect_timeout_ms; /* ADDRESS: per connection; 0: 10000 */
+  int32_t handshake_timeout_ms; /* 0: 10000 */
+  int32_t commit_timeout_ms;    /* after the last byte, how long to wait for COMMITTED; 0: 120000 */
+  int32_t user_timeout_ms;      /* TCP_USER_TIMEOUT; 0: 30000; -1: leave the kernel's */
+  int32_t keepalive_idle_s;     /* TCP keepalive idle time; 0: 10; -1: no keepalive */
+  int32_t socket_buffer_bytes;  /* SO_SNDBUF/SO_RCVBUF; 0: the kernel's */
+  /* VFIO_DEVICE sources (not yet implemented): pre-copy rounds at most (0: the driver's default, 8; -1: none,
+   * straight to stop-copy), and the downtime to aim for when deciding to stop (0: the default, 300 ms). */
+  int32_t precopy_max_rounds;
+  uint32_t downtime_target_ms;
+  uint32_t log_level;            /* dstx_log_level; 0: DSTX_LOG_WARN */
+  uint32_t progress_interval_ms; /* 0: 100 */
+  dstx_progress_fn progress;     /* optional */
+  dstx_log_fn log;               /* optional */
+  dstx_complete_fn on_complete;  /* optional */
+  void* user;                    /* passed to the callbacks */
+} dstx_send_config;
+
+#define DSTX_SEND_CONFIG_INIT \
+  { .size = sizeof(dstx_send_config) }
+
+typedef struct dstx_recv_config {
+  size_t size;              /* sizeof(dstx_recv_config) */
+  uint32_t net;             /* DSTX_NET_ADDRESS, DSTX_NET_LISTEN_FD or DSTX_NET_FDS */
+  uint32_t max_streams;     /* the most streams accepted; 0: 64 */
+  const char* address;      /* ADDRESS: where to listen, "HOST:PORT" (copied by create) */
+  const int* fds;           /* LISTEN_FD: fds[0], a listening socket; FDS: accepted sockets (duplicated) */
+  uint32_t fd_count;        /* LISTEN_FD: 1; FDS: 1..64, the sender's stream count */
+  uint32_t max_chunk_bytes; /* the largest chunk accepted; 0: 16 MiB; else 4096..16 MiB */
+  uint64_t memory_budget_bytes;  /* reorder window and decode buffers; 0: 64 MiB */
+  int32_t accept_timeout_ms;     /* waiting for the sender's first stream; 0: 60000 */
+  int32_t handshake_timeout_ms;  /* 0: 10000 */
+  int32_t user_timeout_ms;       /* TCP_USER_TIMEOUT on accepted sockets; 0: 30000; -1: the kernel's */
+  int32_t keepalive_idle_s;      /* 0: 10; -1: no keepalive */
+  int32_t socket_buffer_bytes;   /* 0: the kernel's */
+  uint32_t log_level;            /* dstx_log_level; 0: DSTX_LOG_WARN */
+  uint32_t progress_interval_ms; /* 0: 100 */
+  int32_t listen_backlog;        /* ADDRESS: the listen() backlog; 0: 64 */
+  dstx_progress_fn progress;     /* optional */
+  dstx_log_fn log;               /* optional */
+  dstx_complete_fn on_complete;  /* optional */
+  void* user;                    /* passed to the callbacks */
+} dstx_recv_config;
+
+#define DSTX_RECV_CONFIG_INIT \
+  { .size = sizeof(dstx_recv_config) }
+
+/* ---- Transfers ----------------------------------------------------------------------------------------- */
+
+/*
+ * Creates the sending side of one transfer: validates the config, opens the source (files are opened, fds
+ * duplicated) and parses the address. Nothing is connected yet. On success *out is a new handle; on failure
+ * *out is NULL and dstx_last_error(NULL) explains. Thread-safe.
+ */
+DSTX_API int dstx_send_create(const dstx_send_config* config, const dstx_endpoint* source,
+                              dstx_transfer** out);
+
+/*
+ * Creates the receiving side of one transfer: validates the config, opens the sink (a FILE sink creates
+ * PATH.partial now) and binds the listening socket (DSTX_NET_ADDRESS), so a sender may connect as soon as
+ * this returns; connections are accepted once the transfer runs. On failure *out is NULL and
+ * dstx_last_error(NULL) explains. Thread-safe.
+ */
+DSTX_API int dstx_recv_create(const dstx_recv_config* config, const dstx_endpoint* sink, dstx_transfer** out);
+
+/*
+ * Destroys a handle; NULL does nothing. A transfer still running (dstx_transfer_start) is cancelled and
+ * waited for: destroy returns only after the library's threads for it have ended, so no callback runs
+ * afterwards. Closes the library's duplicates of handed-in fds (never the caller's). Must not overlap any
+ * other call on the handle, nor be called from one of its callbacks.
+ */
+DSTX_API void dstx_transfer_destroy(dstx_transfer* transfer);
+
+/*
+ * Runs the transfer on the calling thread and returns its final status (DSTX_OK only after COMMITTED).
+ * Once per handle: a second run or start answers DSTX_E_STATE. dstx_transfer_cancel from another thread
+ * makes it return DSTX_E_CANCELLED promptly.
+ */
+DSTX_API int dstx_transfer_run(dstx_transfer* transfer);
+
+/*
+ * The non-blocking form: starts the transfer on a thread the library owns and returns DSTX_OK at once (or
+ * DSTX_E_STATE, DSTX_E_SYSTEM). Completion is signalled three ways, use any: the on_complete callback, the
+ * eventfd of dstx_transfer_fd becoming readable, and dstx_transfer_poll/_wait answering the final status.
+ */
+DSTX_API int dstx_transfer_start(dstx_transfer* transfer);
+
+/*
+ * An eventfd (O_CLOEXEC, O_NONBLOCK) that becomes readable when the transfer has ended (for run and start
+ * alike), to put into a VMM's event loop. It exists from create to destroy and belongs to the library: poll
+ * it, read it if you like (it then stops being readable), never close it. -1 for NULL. Thread-safe.
+ */
+DSTX_API int dstx_transfer_fd(const dstx_transfer* transfer);
+
+/*
+ * The final status once the transfer has ended, DSTX_E_AGAIN while it runs, DSTX_E_STATE if it has not been
+ * started. Never blocks. Thread-safe.
+ */
+DSTX_API int dstx_transfer_poll(const dstx_transfer* transfer);
+
+/*
+ * Waits up to timeout_ms (-1: without limit, 0: not at all) for the transfer to end; then as
+ * dstx_transfer_poll. Thread-safe (several threads may wait), but not from the handle's own callbacks.
+ */
+DSTX_API int dstx_transfer_wait(dstx_transfer* transfer, int timeout_ms);
+
+/*
+ * Asks the transfer to stop: it ends with DSTX_E_CANCELLED on this side, and the peer is told (ABORTED,
+ * reason cancelled), unless it had already ended. Before start, the transfer will fail at once when run.
+ * Returns immediately (DSTX_OK, or DSTX_E_INVALID for NULL). Thread-safe and async-signal-safe: a VMM may
+ * call it from a signal handler. A source read blocked inside the kernel (an idle pipe) is noticed only when
+ * that read returns.
+ */
+DSTX_API int dstx_transfer_cancel(dstx_transfer* transfer);
+
+/*
+ * Copies the live statistics into *out (set out->size first: DSTX_STATS_INIT). Fills min(out->size,
+ * sizeof(dstx_stats)) bytes and leaves out->size as it was. DSTX_E_INVALID when out->size is smaller than
+ * the first version's struct. Thread-safe; the counters are each consistent, not a snapshot of all at once.
+ */
+DSTX_API int dstx_transfer_stats(const dstx_transfer* transfer, dstx_stats* out);
+
+/*
+ * Receiving with DSTX_NET_ADDRESS or DSTX_NET_LISTEN_FD on TCP: the local port the sender must connect to
+ * (useful after listening on port 0). DSTX_E_STATE for a sending handle or a non-TCP socket. Thread-safe.
+ */
+DSTX_API int dstx_transfer_local_port(const dstx_transfer* transfer, uint16_t* port);
+
+/*
+ * The detailed English text of a failure. With a handle: why its transfer failed, once it has ended (e.g.
+ * "emu sink: byte mismatch at offset 4096 (expected 0x1f, got 0x00)"); "" before that or after success.
+ * Status codes from misuse (DSTX_E_STATE, or DSTX_E_INVALID for a bad argument to a handle's function) do
+ * not change it. With NULL: why the calling thread's latest dstx_send_create or dstx_recv_create failed
+ * ("" if it succeeded). Never NULL. Valid until the handle is destroyed (NULL: until this thread's next
+ * create). Thread-safe.
+ */
+DSTX_API const char* dstx_last_error(const dstx_transfer* transfer);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* DSTX_DSTX_H */
