@@ -19,6 +19,7 @@
 #include "compress/hash.h"
 #include "engine/spec.h"
 #include "engine/transfer.h"
+#include "fault_proxy.h"
 #include "io/ring.h"
 
 namespace dstx::engine {
@@ -273,82 +274,8 @@ TEST_P(BackendTest, TransactionBoundariesAndZeroCopyViewsSurviveTheTrip) {
 INSTANTIATE_TEST_SUITE_P(Backends, BackendTest, ::testing::Values(io::Backend::uring, io::Backend::syscall),
                          backend_label);
 
-// A TCP proxy between sender and receiver that can flip one byte of the sender's stream 0 at a given
-// position.
-// It can also cut one connection after a number of bytes from the sender (both directions die at once, as
-// when a link goes down), and then refuse every later connection (the path stays down).
-struct Cut {
-  int connection = -1;  // which accepted connection (0-based, in accept order); -1: none
-  int64_t after_bytes = 0;
-  bool refuse_later = false;
-};
-
-class Proxy {
- public:
-  explicit Proxy(uint16_t target, int64_t flip_at = -1, Cut cut = {})
-      : target_(target), flip_at_(flip_at), cut_(cut) {
-    listener_ = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
-    port_ = io::bound_port(listener_.get());
-    thread_ = std::thread([this] { run(); });
-  }
-  ~Proxy() {
-    stop_ = true;
-    thread_.join();
-  }
-  uint16_t port() const { return port_; }
-
- private:
-  void run() {
-    std::vector<std::thread> pumps;
-    int index = 0;
-    while (!stop_) {
-      io::Fd c = io::tcp_accept(listener_.get(), 50, {});
-      if (!c) continue;
-      if (cut_done_ && cut_.refuse_later) continue;  // closes it: the path is down
-      auto up = std::make_shared<io::Fd>(io::tcp_connect(io::HostPort{"127.0.0.1", target_}, {}));
-      auto down = std::make_shared<io::Fd>(std::move(c));
-      const int me = index++;
-      const int64_t cut_at = me == cut_.connection ? cut_.after_bytes : -1;
-      pumps.emplace_back(
-          [=, this] { pump(down->get(), up->get(), me == 0 ? flip_at_ : -1, cut_at, down->get()); });
-      pumps.emplace_back([=, this] { pump(up->get(), down->get(), -1, -1, -1); });
-    }
-    for (auto& t : pumps) t.join();
-  }
-  void pump(int from, int to, int64_t flip_at, int64_t cut_at = -1, int other = -1) {
-    std::vector<char> buf(1 << 16);
-    int64_t pos = 0;
-    for (;;) {
-      pollfd p{.fd = from, .events = POLLIN, .revents = 0};
-      const int r = poll(&p, 1, 50);
-      if (r == 0) {
-        if (stop_) break;
-        continue;
-      }
-      const ssize_t n = recv(from, buf.data(), buf.size(), 0);
-      if (n <= 0) break;
-      if (cut_at >= 0 && pos + n > cut_at) {
-        cut_done_ = true;
-        shutdown(from, SHUT_RDWR);
-        shutdown(to, SHUT_RDWR);
-        if (other >= 0) shutdown(other, SHUT_RDWR);
-        break;
-      }
-      if (flip_at >= pos && flip_at < pos + n) buf[size_t(flip_at - pos)] ^= 0x10;
-      pos += n;
-      if (send(to, buf.data(), size_t(n), MSG_NOSIGNAL) != n) break;
-    }
-    shutdown(to, SHUT_WR);
-  }
-  uint16_t target_;
-  int64_t flip_at_;
-  Cut cut_;
-  std::atomic<bool> cut_done_{false};
-  io::Fd listener_;
-  uint16_t port_ = 0;
-  std::atomic<bool> stop_{false};
-  std::thread thread_;
-};
+using test::Fault;
+using test::FaultProxy;
 
 // A VMM hands in connections it made itself: here UNIX socket pairs, two streams, handed in crossed over.
 TEST(Transfer, OverConnectionsTheCallerOwns) {
@@ -377,9 +304,9 @@ TEST(Transfer, ThroughAnHonestProxy) {
   const io::ContentGenerator gen(io::Profile::mixed, 8);
   auto src = io::open_emu_source(gen, 16 << 20);
   auto sink = io::open_emu_sink(gen, 16 << 20);
-  std::unique_ptr<Proxy> proxy;
+  std::unique_ptr<FaultProxy> proxy;
   const Outcome o = transfer(*src, *sink, SendOptions{.streams = 1}, {}, [&](uint16_t port) {
-    proxy = std::make_unique<Proxy>(port);
+    proxy = std::make_unique<FaultProxy>(port, Fault{});
     return proxy->port();
   });
   EXPECT_TRUE(o.send.committed) << o.send.error;
@@ -425,9 +352,9 @@ TEST(Transfer, AFlippedByteOnTheWireIsAlwaysCaught) {
     auto src = io::open_emu_source(gen, size);
     const fs::path out = dir / "out.bin";
     auto sink = open_sink("file:" + out.string());
-    std::unique_ptr<Proxy> proxy;
+    std::unique_ptr<FaultProxy> proxy;
     const Outcome o = transfer(*src, *sink, so, ro, [&](uint16_t port) {
-      proxy = std::make_unique<Proxy>(port, pos);
+      proxy = std::make_unique<FaultProxy>(port, Fault{.kind = Fault::flip, .at = pos});
       return proxy->port();
     });
     EXPECT_FALSE(o.send.committed) << "flip at " << pos << " of " << wire_bytes
@@ -452,14 +379,15 @@ TEST(Resume, ABrokenStreamIsReconnectedAndTheTransferCompletes) {
     const io::ContentGenerator gen(io::Profile::mixed, 31);
     auto src = io::open_emu_source(gen, 48 << 20);
     auto sink = io::open_emu_sink(gen, 48 << 20);
-    std::unique_ptr<Proxy> proxy;
+    std::unique_ptr<FaultProxy> proxy;
     Stats send_stats;
     io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
     const uint16_t port = io::bound_port(listener.get());
     Result recv_result;
     std::thread receiver(
         [&] { recv_result = receive(*sink, listener.get(), RecvOptions{}, nullptr, nullptr); });
-    proxy = std::make_unique<Proxy>(port, -1, Cut{c.cut_connection, c.cut_after});
+    proxy = std::make_unique<FaultProxy>(
+        port, Fault{.kind = Fault::cut, .connection = c.cut_connection, .at = c.cut_after});
     SendOptions so{.streams = c.streams, .chunk_bytes = 256 << 10};
     so.reconnect_backoff_ms = 20;
     const auto t0 = std::chrono::steady_clock::now();
@@ -492,7 +420,7 @@ TEST(Resume, APathThatStaysDownFailsCleanlyOnBothSides) {
   ro.resume_timeout_ms = 1500;
   Result recv_result;
   std::thread receiver([&] { recv_result = receive(*sink, listener.get(), ro, nullptr, nullptr); });
-  Proxy proxy(port, -1, Cut{0, 2 << 20, /*refuse_later=*/true});
+  FaultProxy proxy(port, Fault{.kind = Fault::cut, .at = 2 << 20, .down_ms = -1});
   SendOptions so{.streams = 2};
   so.reconnect_attempts = 3;
   so.reconnect_backoff_ms = 20;

@@ -1,0 +1,138 @@
+// A TCP proxy between a sender and a receiver that injects one fault into the sender → receiver direction of
+// one connection: flip a bit, cut the connection (both directions die at once, as when a link goes down; the
+// path may stay down for a while or for good), truncate it (a clean close mid-stream), duplicate bytes, or
+// delay everything. Used by the transfer, resume and fault-matrix tests. Loopback only.
+#pragma once
+
+#include <poll.h>
+#include <sys/socket.h>
+
+#include <atomic>
+#include <chrono>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "io/socket.h"
+
+namespace dstx::test {
+
+struct Fault {
+  enum Kind { none, flip, cut, truncate, duplicate, delay } kind = none;
+  int connection = 0;   // which accepted connection, in accept order (reconnections count too)
+  int64_t at = 0;       // byte position in that connection's sender → receiver bytes
+  int64_t length = 64;  // duplicate: how many bytes are sent twice
+  int delay_ms = 0;     // delay: added before every forwarded piece, on every connection
+  int down_ms = 0;      // cut: refuse connections for this long afterwards (-1: for good)
+};
+
+class FaultProxy {
+ public:
+  FaultProxy(uint16_t target, Fault fault) : target_(target), fault_(fault) {
+    listener_ = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
+    port_ = io::bound_port(listener_.get());
+    thread_ = std::thread([this] { run(); });
+  }
+  ~FaultProxy() {
+    stop_ = true;
+    thread_.join();
+  }
+  uint16_t port() const { return port_; }
+  bool fired() const { return fired_; }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+
+  bool path_down() const {
+    if (!fired_ || fault_.kind != Fault::cut || fault_.down_ms == 0) return false;
+    return fault_.down_ms < 0 || Clock::now() < fired_at_.load() + std::chrono::milliseconds(fault_.down_ms);
+  }
+
+  void run() {
+    std::vector<std::thread> pumps;
+    int index = 0;
+    while (!stop_) {
+      io::Fd c = io::tcp_accept(listener_.get(), 50, {});
+      if (!c) continue;
+      if (path_down()) continue;  // closes it
+      io::Fd up;
+      try {
+        up = io::tcp_connect(io::HostPort{"127.0.0.1", target_}, {});
+      } catch (const std::exception&) {
+        continue;
+      }
+      auto upstream = std::make_shared<io::Fd>(std::move(up));
+      auto downstream = std::make_shared<io::Fd>(std::move(c));
+      const bool faulty = index++ == fault_.connection;
+      pumps.emplace_back([=, this] { pump(downstream->get(), upstream->get(), faulty, downstream->get()); });
+      pumps.emplace_back([=, this] { pump(upstream->get(), downstream->get(), false, -1); });
+    }
+    for (auto& t : pumps) t.join();
+  }
+
+  // Forwards `from` → `to`; with `faulty`, applies the fault at its position. `peer` is the other socket of
+  // a cut, shut too so both directions die.
+  void pump(int from, int to, bool faulty, int peer) {
+    std::vector<char> buf(1 << 16);
+    int64_t pos = 0;
+    for (;;) {
+      pollfd p{.fd = from, .events = POLLIN, .revents = 0};
+      const int r = poll(&p, 1, 50);
+      if (r == 0) {
+        if (stop_) break;
+        continue;
+      }
+      const ssize_t n = recv(from, buf.data(), buf.size(), 0);
+      if (n <= 0) break;
+      if (fault_.kind == Fault::delay)
+        std::this_thread::sleep_for(std::chrono::milliseconds(fault_.delay_ms));
+      const bool here = faulty && !fired_ && fault_.at >= pos && fault_.at < pos + n;
+      if (here) {
+        const size_t k = size_t(fault_.at - pos);
+        switch (fault_.kind) {
+          case Fault::flip:
+            buf[k] ^= 0x10;
+            break;
+          case Fault::cut:
+            fired_at_ = Clock::now();
+            fired_ = true;
+            shutdown(from, SHUT_RDWR);
+            shutdown(to, SHUT_RDWR);
+            if (peer >= 0) shutdown(peer, SHUT_RDWR);
+            return;
+          case Fault::truncate:
+            fired_ = true;
+            if (k > 0) send(to, buf.data(), k, MSG_NOSIGNAL);
+            shutdown(to, SHUT_WR);
+            shutdown(from, SHUT_RDWR);
+            return;
+          case Fault::duplicate: {
+            fired_ = true;
+            const size_t len = size_t(std::min<int64_t>(fault_.length, n - int64_t(k)));
+            if (send(to, buf.data(), k + len, MSG_NOSIGNAL) != ssize_t(k + len)) return;
+            if (send(to, buf.data() + k, size_t(n) - k, MSG_NOSIGNAL) != n - ssize_t(k)) return;
+            pos += n;
+            continue;
+          }
+          default:
+            break;
+        }
+        fired_ = true;
+      }
+      pos += n;
+      if (send(to, buf.data(), size_t(n), MSG_NOSIGNAL) != n) break;
+    }
+    shutdown(to, SHUT_WR);
+  }
+
+  uint16_t target_;
+  Fault fault_;
+  io::Fd listener_;
+  uint16_t port_ = 0;
+  std::atomic<bool> stop_{false};
+  std::atomic<bool> fired_{false};
+  std::atomic<Clock::time_point> fired_at_{};
+  std::thread thread_;
+};
+
+}  // namespace dstx::test
