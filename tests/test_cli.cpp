@@ -322,3 +322,70 @@ TEST_F(CliTest, StdoutSinkCarriesOnlyTheState) {
 }
 
 }  // namespace
+
+namespace {
+
+// The receiver dies mid-transfer: the sender tries to resume, gives up after its attempts, and says so.
+TEST_F(CliTest, KilledReceiverFailsTheSenderCleanly) {
+  const fs::path out = dir_ / "copy.bin";
+  Proc recv({"recv", "--listen", "127.0.0.1:0", "--sink", "file:" + out.string()});
+  const uint16_t port = start_recv(recv);
+  ASSERT_NE(port, 0) << recv.err();
+  Proc send({"send", "--source", "emu:size=64G,profile=random", "--to", "127.0.0.1:" + std::to_string(port),
+             "--json", "--reconnect-attempts", "2"});
+  const fs::path partial = out.string() + ".partial";
+  for (int i = 0; i < 200 && !(fs::exists(partial) && fs::file_size(partial) > (8 << 20)); ++i) {
+    std::this_thread::sleep_for(25ms);
+  }
+  recv.signal(SIGKILL);
+  EXPECT_EQ(recv.wait(), 128 + SIGKILL);
+  EXPECT_EQ(send.wait(), 1);
+  EXPECT_NE(send.out().find("\"status\":\"failed\""), std::string::npos) << send.out();
+  EXPECT_NE(send.out().find("not resumed after 2 attempts"), std::string::npos) << send.out();
+  EXPECT_FALSE(fs::exists(out));  // a killed receiver leaves its .partial: the next run refuses it, by name
+}
+
+// Killed at each phase: before any data (handshake), mid-data, and after the last chunk (waiting for the
+// commit). The receiver fails and leaves nothing in every case.
+TEST_F(CliTest, SenderKilledAtEachPhaseLeavesNothing) {
+  for (const char* phase : {"handshake", "data", "commit"}) {
+    const fs::path out = dir_ / (std::string("copy-") + phase);
+    Proc recv({"recv", "--listen", "127.0.0.1:0", "--sink", "file:" + out.string(), "--json",
+               "--resume-timeout", "500", "--idle-timeout", "2000"});
+    const uint16_t port = start_recv(recv);
+    ASSERT_NE(port, 0) << recv.err();
+    const std::string to = "127.0.0.1:" + std::to_string(port);
+    if (std::string(phase) == "handshake") {
+      // Dies right after connecting, before its handshake is through.
+      Proc send({"send", "--source", "emu:size=64G,profile=random", "--to", to, "--bandwidth", "1K"});
+      std::this_thread::sleep_for(5ms);
+      send.signal(SIGKILL);
+      send.wait();
+    } else if (std::string(phase) == "data") {
+      Proc send({"send", "--source", "emu:size=64G,profile=random", "--to", to});
+      const fs::path partial = out.string() + ".partial";
+      for (int i = 0; i < 200 && !(fs::exists(partial) && fs::file_size(partial) > (4 << 20)); ++i) {
+        std::this_thread::sleep_for(25ms);
+      }
+      send.signal(SIGKILL);
+      send.wait();
+    } else {
+      // Killed around its last chunk and END: the receiver either commits (everything arrived and was
+      // verified) or fails cleanly. Both are allowed; half of each is not.
+      Proc send({"send", "--source", "emu:size=4M,profile=random", "--to", to});
+      std::this_thread::sleep_for(50ms);
+      send.signal(SIGKILL);
+      send.wait();
+    }
+    const int rc = recv.wait();
+    const bool committed = recv.out().find("\"status\":\"committed\"") != std::string::npos;
+    if (std::string(phase) != "commit") {
+      EXPECT_EQ(rc, 1) << phase << ": " << recv.out();
+      EXPECT_FALSE(committed) << phase;
+    }
+    EXPECT_EQ(fs::exists(out), committed && rc == 0) << phase << ": " << recv.out();
+    EXPECT_FALSE(fs::exists(out.string() + ".partial")) << phase;
+  }
+}
+
+}  // namespace
