@@ -10,6 +10,8 @@ packages=(
   xxhash  # xxhsum: the wire-format golden vectors' independent check
   abigail-tools  # abidw/abidiff: the C ABI baseline check (tests/capi)
   qemu-system-x86 python3  # tests/qemu: QEMU migration through dstx (TCG; ~16 MiB download, ~81 MiB installed)
+  clang libclang-rt-14-dev llvm  # tests/fuzz: libFuzzer targets (scripts/sanitize.sh fuzz), llvm-symbolizer
+  libssl-dev openssl  # TLS on the streams (engine/tls.cpp); openssl makes tests/test_tls's certificates
 )
 
 missing=()
