@@ -68,6 +68,7 @@ const char* kSendHelp =
     "  --reconnect-attempts N  per broken stream before giving up (default 5)\n"
     "  --replay-buffer SIZE    unacknowledged frames kept for resuming (default 32M)\n"
     "  --no-resume         fail at the first broken connection instead of resuming\n"
+    "  --tcp-user-timeout MS  a connection with data unacknowledged this long is broken (default 30000)\n"
     "  --json              print one JSON object instead of the summary\n"
     "  --quiet             no progress line\n";
 
@@ -84,6 +85,7 @@ const char* kRecvHelp =
     "  --accept-timeout MS how long to wait for a sender (default 60000)\n"
     "  --idle-timeout MS   fail when nothing arrives for this long (default 30000; 0: never)\n"
     "  --resume-timeout MS how long a broken stream may take to reconnect (default 30000)\n"
+    "  --tcp-user-timeout MS  a connection with data unacknowledged this long is broken (default 30000)\n"
     "  --json, --quiet\n";
 
 const char* kDemoHelp =
@@ -116,6 +118,7 @@ engine::SendOptions send_options(const Args& args) {
   o.chunk_bytes = uint32_t(chunk);
   o.depth = args.get_unsigned("depth", 4, 1, 64);
   o.socket.connect_timeout_ms = args.get_int("connect-timeout", 10000, 1, 3600000);
+  o.socket.user_timeout_ms = args.get_int("tcp-user-timeout", o.socket.user_timeout_ms, 0, 3600000);
   o.commit_timeout_ms = args.get_int("commit-timeout", 120000, 1, 86400000);
   o.idle_timeout_ms = args.get_int("idle-timeout", o.idle_timeout_ms, 0, 86400000);
   o.resume = !args.has("no-resume");
@@ -155,7 +158,7 @@ int cmd_send(const std::vector<std::string>& argv) {
   const Args args(argv,
                   with_tls_options({"source", "to", "streams", "codec", "zstd-level", "chunk-size", "depth",
                                     "connect-timeout", "commit-timeout", "idle-timeout", "bandwidth",
-                                    "reconnect-attempts", "replay-buffer"}),
+                                    "reconnect-attempts", "replay-buffer", "tcp-user-timeout"}),
                   {"json", "quiet", "no-resume"});
   const engine::SendOptions options = send_options(args);
   io::HostPort to;
@@ -191,7 +194,7 @@ int cmd_recv(const std::vector<std::string>& argv) {
   }
   const Args args(argv,
                   with_tls_options({"listen", "sink", "streams", "max-chunk-size", "memory", "accept-timeout",
-                                    "idle-timeout", "resume-timeout"}),
+                                    "idle-timeout", "resume-timeout", "tcp-user-timeout"}),
                   {"json", "quiet"});
   engine::RecvOptions o;
   o.max_streams = args.get_unsigned("streams", engine::wire::kMaxStreams, 1, engine::wire::kMaxStreams);
@@ -204,6 +207,7 @@ int cmd_recv(const std::vector<std::string>& argv) {
   o.accept_timeout_ms = args.get_int("accept-timeout", o.accept_timeout_ms, 1, 86400000);
   o.idle_timeout_ms = args.get_int("idle-timeout", o.idle_timeout_ms, 0, 86400000);
   o.resume_timeout_ms = args.get_int("resume-timeout", o.resume_timeout_ms, 1, 86400000);
+  o.socket.user_timeout_ms = args.get_int("tcp-user-timeout", o.socket.user_timeout_ms, 0, 3600000);
   o.tls = tls_options(args);
   io::HostPort where;
   try {

@@ -118,6 +118,11 @@ void print_json(std::FILE* out, const char* role, const engine::Result& r, const
                r.bytes ? double(r.wire_bytes) / double(r.bytes) : 1.0, r.chunks, st.zero_chunks.load(),
                st.raw_chunks.load(), st.compressed_chunks.load(), r.streams,
                json_escape(r.io_backend).c_str(), json_escape(r.tls).c_str(), r.digest);
+  std::fprintf(out,
+               ",\"codecs\":{\"none\":%" PRIu64 ",\"lz4\":%" PRIu64 ",\"zstd\":%" PRIu64 ",\"sparse\":%" PRIu64
+               "},\"resumes\":%" PRIu64,
+               st.codec_chunks[0].load(), st.codec_chunks[1].load(), st.codec_chunks[2].load(),
+               st.codec_chunks[3].load(), st.resumes.load());
   if (!r.committed) {
     std::fprintf(out, ",\"reason\":\"%s\",\"error\":\"%s\"", engine::wire::reason_name(r.reason),
                  json_escape(r.error).c_str());

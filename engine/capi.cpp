@@ -45,8 +45,8 @@ namespace wire = dstx::engine::wire;
 // The sizes of the structs as first published (DSTX_1.0, LP64). Callers may pass these or anything larger;
 // these numbers never change, whatever is appended to the structs later.
 constexpr size_t kEndpointSizeV1 = 56;
-constexpr size_t kSendConfigSizeV1 = 128;
-constexpr size_t kRecvConfigSizeV1 = 112;
+constexpr size_t kSendConfigSizeV1 = 144;
+constexpr size_t kRecvConfigSizeV1 = 120;
 constexpr size_t kStatsSizeV1 = 160;
 #if UINTPTR_MAX == UINT64_MAX
 // The structs may grow (at their end); the published first sizes stay what they were.
@@ -301,6 +301,24 @@ Status setup_send(Transfer& t, const dstx_send_config* config_in, const dstx_end
     return failure(DSTX_E_INVALID, "config.depth is " + std::to_string(c.depth) + ": at most 256");
   }
   o.window_chunks = c.window_chunks;
+  // The engine's 0 is "never"; ours is the default.
+  if (Status s =
+          timeout_ms(c.idle_timeout_ms, o.idle_timeout_ms, 0, "config.idle_timeout_ms", &o.idle_timeout_ms);
+      !s.ok()) {
+    return s;
+  }
+  o.bandwidth_bytes_per_second = c.bandwidth_bytes_per_second;
+  if (c.reconnect_attempts < -1) {
+    return failure(DSTX_E_INVALID, "config.reconnect_attempts is " + std::to_string(c.reconnect_attempts) +
+                                       ": expected attempts > 0, 0 for the default or -1 for no resume");
+  }
+  if (c.net == DSTX_NET_ADDRESS && c.reconnect_attempts != -1) {
+    if (c.reconnect_attempts > 0) o.reconnect_attempts = c.reconnect_attempts;
+    // As engine::send_to does: a broken stream gets a new connection to the same receiver.
+    o.reconnect = [to = *t.connect_to, socket = o.socket] { return io::tcp_connect(to, socket); };
+  } else {
+    o.resume = false;
+  }
   if (c.precopy_max_rounds < -1) {
     return failure(DSTX_E_INVALID, "config.precopy_max_rounds is " + std::to_string(c.precopy_max_rounds) +
                                        ": expected rounds > 0, 0 for the default or -1 for none");
@@ -377,6 +395,16 @@ Status setup_recv(Transfer& t, const dstx_recv_config* config_in, const dstx_end
     return s;
   }
   if (c.memory_budget_bytes != 0) o.memory_budget_bytes = c.memory_budget_bytes;
+  if (Status s =
+          timeout_ms(c.idle_timeout_ms, o.idle_timeout_ms, 0, "config.idle_timeout_ms", &o.idle_timeout_ms);
+      !s.ok()) {
+    return s;
+  }
+  if (Status s = timeout_ms(c.resume_timeout_ms, o.resume_timeout_ms, INT_MAX, "config.resume_timeout_ms",
+                            &o.resume_timeout_ms);
+      !s.ok()) {
+    return s;
+  }
   if (Status s = timeout_ms(c.accept_timeout_ms, o.accept_timeout_ms, -1, "config.accept_timeout_ms",
                             &o.accept_timeout_ms);
       !s.ok()) {

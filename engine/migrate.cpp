@@ -322,6 +322,7 @@ size_t MigrationSource::read_v2(io::Ring& ring, std::span<std::byte> out) {
       continue;
     }
     if (n == -EINTR || n == -EAGAIN) {
+      if (cancel_ && cancel_->requested()) fail("cancelled while waiting for the device");
       k.poll(data_fd_, POLLIN, 100);
       continue;
     }
@@ -401,6 +402,7 @@ size_t MigrationSource::read_v1(io::Ring& ring, std::span<std::byte> out, io::Re
            std::to_string(size) + " outside its " + std::to_string(region.size) + "-byte region");
     }
     if (size == 0) {
+      if (cancel_ && cancel_->requested()) fail("cancelled while waiting for the device");
       if (++empty_txns_ > kEmptyTransactionsMax) {
         fail("v1: the device reports " + std::to_string(pending) + " pending bytes but hands out no data");
       }
@@ -662,11 +664,13 @@ MigrateResult finish(MigrationSource& source, Result transfer, bool want_digest)
 
 MigrateResult migrate(MigrationSource& source, std::vector<io::Fd> connections, const SendOptions& options,
                       Stats* stats, const Cancel* cancel, bool want_digest) {
+  source.set_cancel(cancel);
   return finish(source, send(source, std::move(connections), options, stats, cancel), want_digest);
 }
 
 MigrateResult migrate_to(MigrationSource& source, const io::HostPort& to, const SendOptions& options,
                          Stats* stats, const Cancel* cancel, bool want_digest) {
+  source.set_cancel(cancel);
   return finish(source, send_to(source, to, options, stats, cancel), want_digest);
 }
 

@@ -90,6 +90,8 @@ class MigrationSource final : public io::Source {
   io::vfio::VfioDevice& device() { return *dev_.device; }
   io::vfio::EmuKernel* emu() { return dev_.emu.get(); }
   int emu_id() const { return dev_.emu_id; }
+  // Waits on the device (a data_fd that says "try again") end when this is requested. migrate() sets it.
+  void set_cancel(const Cancel* cancel) { cancel_ = cancel; }
 
  private:
   enum class Phase : uint8_t { idle, precopy, stopcopy, done, committed, rolled_back };
@@ -123,6 +125,7 @@ class MigrationSource final : public io::Source {
   } txn_;
   unsigned empty_txns_ = 0;
   std::string failed_;
+  const Cancel* cancel_ = nullptr;
   std::atomic<int> views_out_{0};
   uint64_t next_token_ = 0;
   uint64_t view_bytes_ = 0;

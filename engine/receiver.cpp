@@ -1,6 +1,7 @@
 // The receiving side: accept and check every stream's HELLO, one worker per stream decoding and verifying
 // chunks into the reorder window, one writer applying them to the sink in order, acknowledging, and after
 // END checking counts and digest before committing.
+#include <poll.h>
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -52,6 +53,7 @@ struct Shared {
   Failure failure;
   bool resume = false;  // broken streams may come back (a listener is there to accept them)
   wire::Hello hello_ack;
+  TlsSession* tls = nullptr;  // the streams' TLS: reconnections are secured like the first connections
   // END bookkeeping.
   std::mutex end_mu;
   unsigned streams_ended = 0;
@@ -91,6 +93,25 @@ struct Shared {
     done_cv.notify_all();
   }
 };
+
+void linger_until_closed(std::vector<Link>& links, std::chrono::milliseconds limit) {
+  const auto until = Clock::now() + limit;
+  std::vector<char> sink(64 << 10);
+  std::vector<pollfd> pfds;
+  for (Link& l : links) pfds.push_back(pollfd{.fd = l.fd.load(), .events = POLLIN, .revents = 0});
+  size_t open = pfds.size();
+  while (open > 0 && Clock::now() < until) {
+    if (::poll(pfds.data(), pfds.size(), 20) <= 0) continue;
+    for (pollfd& p : pfds) {
+      if (p.fd < 0 || !p.revents) continue;
+      const ssize_t n = ::recv(p.fd, sink.data(), sink.size(), MSG_DONTWAIT);
+      if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
+        p.fd = -1;
+        --open;
+      }
+    }
+  }
+}
 
 int send_hello_ack(io::Ring& ring, int fd, wire::Hello ack) {
   std::byte payload[wire::kHelloBytes];
@@ -194,6 +215,7 @@ class StreamWorker {
     if (!(h.flags & wire::kFlagZero)) {
       (h.codec == uint8_t(compress::Codec::none) ? sh_.stats.raw_chunks : sh_.stats.compressed_chunks)
           .fetch_add(1, std::memory_order_relaxed);
+      sh_.stats.codec_chunks[h.codec & 3].fetch_add(1, std::memory_order_relaxed);
     }
     sh_.window.publish(
         ChunkMeta{.seq = h.seq, .offset = h.offset, .raw_len = h.raw_len, .hash = h.hash, .flags = h.flags});
@@ -444,6 +466,7 @@ void acceptor(Shared& sh, const std::function<io::Fd(int)>& next_connection, uin
       continue;
     }
     if (!c) continue;
+    if (sh.tls->secure_server(c, sh.options.tls, sh.options.handshake_timeout_ms)) continue;
     wire::Hello hello;
     std::optional<Refusal> refusal =
         read_hello(*ring, c.get(), sh.options.handshake_timeout_ms, sh.options, &hello);
@@ -568,8 +591,9 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, bool 
     links[i].fd.store(links[i].owner.get());
   }
   Shared sh(sink, options, links, stats, backend, chunk, slots);
-  // Resuming needs a listener to take reconnections; TLS sessions are not resumed (yet).
-  sh.resume = can_resume && (first.capabilities & wire::kCapResume) && !options.tls.enabled();
+  // Resuming needs a listener to take reconnections.
+  sh.resume = can_resume && (first.capabilities & wire::kCapResume);
+  sh.tls = &tls;
   sh.hello_ack = first;
   sh.hello_ack.capabilities =
       first.capabilities & our_capabilities() & (sh.resume ? ~0ull : ~wire::kCapResume);
@@ -623,7 +647,21 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, bool 
       sh.send_on(*ring, 0, wire::make_aborted(sh.failure.reason(), text.size()),
                  std::as_bytes(std::span(text.data(), std::min<size_t>(text.size(), wire::kMaxTextBytes))));
     }
-    for (Link& l : links) ::shutdown(l.fd.load(), SHUT_RDWR);
+    for (Link& l : links) ::shutdown(l.fd.load(), SHUT_WR);
+    // Workers leave at their next frame; one waiting on a silent sender is woken by shutting its socket.
+    sh.done = true;
+    sh.wake_links();
+    const auto until = Clock::now() + std::chrono::milliseconds(300);
+    while (sh.running > 0 && Clock::now() < until) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    if (sh.running > 0) {
+      for (Link& l : links) ::shutdown(l.fd.load(), SHUT_RD);
+    }
+    for (auto& t : threads) t.join();
+    threads.clear();
+    // Closing a socket with unread data resets it, and a reset can destroy the ABORTED still queued at the
+    // sender. So read what the sender still had in flight until it closes (it does on reading ABORTED), for
+    // a bounded time.
+    linger_until_closed(links, std::chrono::milliseconds(300));
   } else {
     writer_thread.join();
     // Let the sender read COMMITTED before the connection closes.

@@ -16,6 +16,7 @@
 #include <deque>
 #include <mutex>
 #include <new>
+#include <optional>
 #include <thread>
 
 #include "compress/codec.h"
@@ -309,6 +310,7 @@ class Worker {
     }
     sh_.wake();
     drain();
+    finish_partial_frame();
   }
 
  private:
@@ -667,6 +669,7 @@ class Worker {
       st.raw_chunks.fetch_add(1, std::memory_order_relaxed);
     else
       st.compressed_chunks.fetch_add(1, std::memory_order_relaxed);
+    if (!slot.enc.zero) st.codec_chunks[unsigned(slot.enc.codec) & 3].fetch_add(1, std::memory_order_relaxed);
     if (sh_.resume) {
       // Keep the frame, whole and contiguous, until the receiver acknowledges it.
       if (slot.seg_count == 2) {
@@ -827,6 +830,22 @@ class Worker {
       if (ring_->submit(1) < 0) break;
       reap();
     }
+  }
+
+  // Stopped in the middle of a frame: send its rest, so the ABORTED that follows is read as a frame rather
+  // than as payload. A dead connection fails at once; a stalled one is cut by the supervisor.
+  void finish_partial_frame() {
+    if (!ring_) return;
+    if (!fifo_.empty() && fifo_.front()->state == State::sending) {
+      Slot& slot = *fifo_.front();
+      if (sending_ && send_io_.done && send_io_.result > 0) slot.seg_sent += size_t(send_io_.result);
+      const bool started = slot.seg_index > 0 || slot.seg_sent > 0;
+      for (unsigned k = slot.seg_index; started && k < slot.seg_count; ++k) {
+        const size_t from = k == slot.seg_index ? slot.seg_sent : 0;
+        if (from >= slot.seg[k].len) continue;
+        if (io::send_full(*sync_ring_, fd(), slot.seg[k].data + from, slot.seg[k].len - from) < 0) break;
+      }
+    }
     for (Slot& slot : slots_) release_view(slot);
     ring_.reset();
     if (memory_) ::operator delete(memory_, std::align_val_t(4096));
@@ -866,12 +885,34 @@ void control_loop(Shared& sh, const std::atomic<bool>& stop) {
   }
   std::vector<pollfd> pfds;
   std::vector<unsigned> which;
+  // Streams other than 0 that the receiver closed cleanly, and when. The receiver closes its streams right
+  // after COMMITTED, which comes on stream 0; over separate connections (TLS relays above all) a close may
+  // overtake it. So a clean close counts as a break only if no verdict follows within a grace period.
+  struct Closed {
+    int fd = -1;  // the connection that closed; a reconnection replaces it and clears this
+    Clock::time_point at;
+  };
+  std::vector<Closed> closed(sh.links.size());
+  constexpr auto kCloseGrace = std::chrono::milliseconds(500);
   while (!stop.load()) {
+    for (unsigned i = 0; i < sh.links.size(); ++i) {
+      if (closed[i].fd >= 0 && closed[i].fd != sh.links[i].fd.load()) closed[i].fd = -1;
+      if (closed[i].fd < 0 || Clock::now() - closed[i].at < kCloseGrace || sh.finished()) continue;
+      closed[i].fd = -1;
+      if (sh.resume) {
+        sh.links[i].broken.store(true);
+        ::shutdown(sh.links[i].fd.load(), SHUT_RDWR);
+      } else {
+        sh.failure.set(Reason::connection,
+                       "connection to receiver lost (stream " + std::to_string(i) + "): closed by peer");
+      }
+      sh.wake();
+    }
     pfds.clear();
     which.clear();
     for (unsigned i = 0; i < sh.links.size(); ++i) {
       const int fd = sh.links[i].fd.load(std::memory_order_acquire);
-      if (fd < 0 || sh.links[i].broken.load()) continue;
+      if (fd < 0 || sh.links[i].broken.load() || closed[i].fd == fd) continue;
       pfds.push_back(pollfd{.fd = fd, .events = POLLIN, .revents = 0});
       which.push_back(i);
     }
@@ -892,6 +933,11 @@ void control_loop(Shared& sh, const std::atomic<bool>& stop) {
       if (stop.load()) return;
       if (hr.kind == HeaderRead::eof || hr.kind == HeaderRead::io_error) {
         if (link.fd.load() != fd) continue;
+        if (hr.kind == HeaderRead::eof && i != 0 && !sh.finished()) {
+          // A worker still sending on this stream learns of a real break from its own send.
+          closed[i] = Closed{fd, Clock::now()};
+          continue;
+        }
         if (sh.resume && !sh.finished()) {
           link.broken.store(true);
           ::shutdown(fd, SHUT_RDWR);  // wakes the worker's send, if one is waiting

@@ -17,7 +17,8 @@ namespace dstx::engine {
 // The first failure of a transfer wins; later ones are consequences and are dropped.
 class Failure {
  public:
-  // Returns true when this call recorded the failure.
+  // Returns true when this call recorded the failure. A reason from the peer replaces a connection failure
+  // recorded before it (the connection broke because the peer aborted).
   bool set(wire::Reason reason, std::string text, bool from_peer = false);
   bool failed() const { return failed_.load(std::memory_order_acquire); }
   wire::Reason reason() const;

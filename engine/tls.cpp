@@ -25,6 +25,7 @@
 #include <functional>
 #include <mutex>
 #include <sstream>
+#include <system_error>
 #include <thread>
 #include <utility>
 

@@ -3,9 +3,11 @@
 //
 // After the handshake the session keys go to the kernel (kTLS, TCP_ULP "tls") when it offers TLS offload:
 // the engine's io_uring or syscall path then keeps sending and receiving plain buffers on the same socket and
-// the kernel encrypts and authenticates each record. OpenSSL 3.0 hands TLS 1.3 receive keys to the kernel
-// itself only from 3.2 on, so both directions' keys are derived here from the traffic secrets
-// (RFC 8446 7.3) and installed with setsockopt(SOL_TLS, TLS_TX/TLS_RX).
+// the kernel encrypts and authenticates each record. OpenSSL 3.0 (Debian 12) hands only the TLS 1.3 send
+// keys to the kernel itself (its tls13_change_cipher_state skips the read side), so both directions' keys
+// are derived here from the traffic secrets (RFC 8446 7.3) and installed with setsockopt(SOL_TLS, TLS_TX and
+// TLS_RX). No session tickets are sent, so nothing but application data follows the handshake (a kTLS
+// recv() fails with EIO on any other record type).
 //
 // Where kTLS is unavailable (kernel without CONFIG_TLS, a UNIX socket, DSTX_KTLS=off), the engine gets one
 // end of a socketpair instead and a relay thread per stream pumps between it and SSL_read/SSL_write on the
@@ -57,9 +59,10 @@ struct TlsError {
   explicit operator bool() const { return !text.empty(); }
 };
 
-// The TLS state of one transfer: every stream's session, and the relays of user-space TLS. Destroy it after
-// the engine stopped using the streams: a relay then flushes what the engine wrote (bounded by a few
-// seconds), sends close_notify, and stops.
+// The TLS state of one transfer: every stream's session, and the relays of user-space TLS. Its calls may come
+// from several threads (reconnections are secured while the transfer runs). Destroy it after the engine
+// stopped using the streams: a relay then flushes what the engine wrote (bounded by a few seconds), sends
+// close_notify, and stops.
 class TlsSession {
  public:
   TlsSession();
@@ -91,9 +94,8 @@ class TlsSession {
   // that only the kernel saw). Thread-safe.
   std::string annotate(std::string engine_error) const;
 
-  struct Impl;
-
  private:
+  struct Impl;
   std::unique_ptr<Impl> impl_;
 };
 

@@ -66,6 +66,7 @@ struct Stats {
   std::atomic<uint64_t> compressed_chunks{0};
   std::atomic<uint64_t> acked_chunks{0};  // sender: receiver's watermark
   std::atomic<uint64_t> resumes{0};       // broken streams reconnected and resumed
+  std::atomic<uint64_t> codec_chunks[4]{};  // non-zero chunks per wire codec: none, lz4, zstd, sparse
 };
 
 struct Result {
