@@ -12,6 +12,7 @@
 #include "cli/args.h"
 #include "cli/commands.h"
 #include "cli/progress.h"
+#include "cli/send_options.h"
 #include "cli/tls_args.h"
 #include "engine/migrate.h"
 #include "engine/spec.h"
@@ -77,7 +78,8 @@ const char* kRecvHelp =
     "\n"
     "  --listen HOST:PORT  address to accept the sender on (port 0: any; the port is printed)\n"
     "  --sink SPEC         file:PATH (PATH appears only when committed), emu:…, null:, stdout:, fd:N\n"
-    "                      or a VFIO device to load the state into: vfio:…, vfio-group:…, emu-v1:…, emu-v2:…\n"
+    "                      or a VFIO device to load the state into: vfio:…, vfio-group:…, emu-v1:…, "
+    "emu-v2:…\n"
     "                      (see dstx migrate --help)\n"
     "  --streams N         the most streams to accept (default 64)\n"
     "  --max-chunk-size SIZE  largest chunk accepted (default 16M)\n"
@@ -102,39 +104,6 @@ bool wants_help(const std::vector<std::string>& a) {
   return false;
 }
 
-engine::SendOptions send_options(const Args& args) {
-  engine::SendOptions o;
-  o.streams = args.get_unsigned("streams", 0, 1, engine::wire::kMaxStreams);
-  if (auto c = args.get("codec")) {
-    if (!engine::codec_mode_from_name(*c, &o.codec)) {
-      throw UsageError("--codec '" + *c + "': expected auto, none, lz4 or zstd");
-    }
-  }
-  o.zstd_level = args.get_int("zstd-level", 1, 1, 19);
-  const uint64_t chunk = args.get_size("chunk-size", engine::kDefaultChunkBytes);
-  if (chunk < engine::wire::kMinChunkBytes || chunk > engine::wire::kMaxChunkBytes) {
-    throw UsageError("--chunk-size " + engine::format_bytes(double(chunk)) + ": must be between 4K and 16M");
-  }
-  o.chunk_bytes = uint32_t(chunk);
-  o.depth = args.get_unsigned("depth", 4, 1, 64);
-  o.socket.connect_timeout_ms = args.get_int("connect-timeout", 10000, 1, 3600000);
-  o.socket.user_timeout_ms = args.get_int("tcp-user-timeout", o.socket.user_timeout_ms, 0, 3600000);
-  o.commit_timeout_ms = args.get_int("commit-timeout", 120000, 1, 86400000);
-  o.idle_timeout_ms = args.get_int("idle-timeout", o.idle_timeout_ms, 0, 86400000);
-  o.resume = !args.has("no-resume");
-  o.reconnect_attempts = args.get_int("reconnect-attempts", o.reconnect_attempts, 1, 1000);
-  o.replay_bytes = args.get_size("replay-buffer", o.replay_bytes);
-  if (auto rate = args.get("bandwidth")) {
-    try {
-      o.bandwidth_bytes_per_second = engine::parse_rate(*rate);
-    } catch (const std::exception& e) {
-      throw UsageError(std::string("--bandwidth: ") + e.what());
-    }
-  }
-  o.tls = tls_options(args);
-  return o;
-}
-
 // `out` is stderr when the state itself goes to stdout (a stream sink): nothing may follow the stream there.
 int finish(const char* role, const engine::Result& r, const engine::Stats& st, bool json,
            std::FILE* out = stdout, const std::string& extra_json = "") {
@@ -155,11 +124,7 @@ int cmd_send(const std::vector<std::string>& argv) {
     std::fputs(kTlsHelp, stdout);
     return kExitOk;
   }
-  const Args args(argv,
-                  with_tls_options({"source", "to", "streams", "codec", "zstd-level", "chunk-size", "depth",
-                                    "connect-timeout", "commit-timeout", "idle-timeout", "bandwidth",
-                                    "reconnect-attempts", "replay-buffer", "tcp-user-timeout"}),
-                  {"json", "quiet", "no-resume"});
+  const Args args(argv, send_option_names({"source", "to"}), {"json", "quiet", "no-resume"});
   const engine::SendOptions options = send_options(args);
   io::HostPort to;
   try {
@@ -256,9 +221,7 @@ int cmd_demo(const std::vector<std::string>& argv) {
     std::fputs(kTlsHelp, stdout);
     return kExitOk;
   }
-  const Args args(argv,
-                  with_tls_options({"size", "profile", "seed", "streams", "codec", "chunk-size", "bandwidth"}),
-                  {"json", "quiet"});
+  const Args args(argv, send_option_names({"size", "profile", "seed"}), {"json", "quiet", "no-resume"});
   engine::EmuSpec spec;
   spec.size = args.get_size("size", 1ull << 30);
   if (auto p = args.get("profile")) {

@@ -10,6 +10,7 @@
 #include "cli/args.h"
 #include "cli/commands.h"
 #include "cli/progress.h"
+#include "cli/send_options.h"
 #include "engine/migrate.h"
 #include "engine/spec.h"
 #include "engine/transfer.h"
@@ -43,7 +44,9 @@ const char* kMigrateHelp =
     "  --vfio-protocol P        v1, v2 or auto (default: v2 when the device offers it, else v1)\n"
     "  --codec MODE             auto (default), none, lz4, zstd\n"
     "  --chunk-size SIZE        4K..16M (default 1M)\n"
-    "  --connect-timeout MS, --commit-timeout MS\n"
+    "  --connect-timeout MS, --commit-timeout MS, --idle-timeout MS, --bandwidth RATE,\n"
+    "  --reconnect-attempts N, --replay-buffer SIZE, --no-resume, --tcp-user-timeout MS, and the\n"
+    "  --tls-… options: as for dstx send (dstx send --help)\n"
     "  --json                   one JSON object: the send fields plus protocol, downtime_ms, "
     "precopy_rounds,\n"
     "                           precopy_bytes, stopcopy_bytes, device_state, state_digest (emulated "
@@ -88,23 +91,12 @@ int cmd_migrate(const std::vector<std::string>& argv) {
     std::fputs(kMigrateHelp, stdout);
     return kExitOk;
   }
-  const Args args(argv,
-                  {"device", "to", "streams", "precopy-max-rounds", "downtime-target", "vfio-protocol",
-                   "codec", "chunk-size", "connect-timeout", "commit-timeout"},
-                  {"json", "quiet"});
-  engine::SendOptions so;
-  so.streams = args.get_unsigned("streams", 0, 1, engine::wire::kMaxStreams);
-  if (auto c = args.get("codec")) {
-    if (!engine::codec_mode_from_name(*c, &so.codec))
-      throw UsageError("--codec '" + *c + "': expected auto, none, lz4 or zstd");
-  }
-  const uint64_t chunk = args.get_size("chunk-size", engine::kDefaultChunkBytes);
-  if (chunk < engine::wire::kMinChunkBytes || chunk > engine::wire::kMaxChunkBytes) {
-    throw UsageError("--chunk-size: must be between 4K and 16M");
-  }
-  so.chunk_bytes = uint32_t(chunk);
-  so.socket.connect_timeout_ms = args.get_int("connect-timeout", 10000, 1, 3600000);
-  so.commit_timeout_ms = args.get_int("commit-timeout", 120000, 1, 86400000);
+  std::set<std::string> flags = kSendFlags;
+  flags.insert({"json", "quiet"});
+  const Args args(
+      argv, send_option_names({"device", "to", "precopy-max-rounds", "downtime-target", "vfio-protocol"}),
+      flags);
+  const engine::SendOptions so = send_options(args);
   engine::MigrateOptions mo;
   mo.precopy_max_rounds = args.get_unsigned("precopy-max-rounds", mo.precopy_max_rounds, 0, 1000);
   mo.downtime_target_ms = args.get_unsigned("downtime-target", mo.downtime_target_ms, 0, 3600000);

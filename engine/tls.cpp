@@ -1217,6 +1217,10 @@ struct TlsSession::Impl {
     io::Fd app(sv[0]), relay_end(sv[1]);
     io::Fd net = std::move(fd);
     fd = std::move(app);
+    // The relay owns the socket from here: let OpenSSL read many records per recv() (never before kTLS
+    // was ruled out: what OpenSSL reads ahead, the kernel would never see).
+    SSL_set_read_ahead(conn->ssl.get(), 1);
+    SSL_set_default_read_buffer_len(conn->ssl.get(), 64 << 10);
     try {
       auto relay = std::make_unique<Relay>(
           std::move(conn), std::move(net), std::move(relay_end), &errors,
