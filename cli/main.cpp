@@ -69,6 +69,7 @@ const char* kSendHelp =
     "  --reconnect-attempts N  per broken stream before giving up (default 5)\n"
     "  --replay-buffer SIZE    unacknowledged frames kept for resuming (default 32M)\n"
     "  --no-resume         fail at the first broken connection instead of resuming\n"
+    "  --zero-copy-min SIZE  send frames at least this large with SEND_ZC (default 0: never; see dstx tune)\n"
     "  --tcp-user-timeout MS  a connection with data unacknowledged this long is broken (default 30000)\n"
     "  --json              print one JSON object instead of the summary\n"
     "  --quiet             no progress line\n";

@@ -7,7 +7,8 @@ namespace dstx::cli {
 
 std::set<std::string> send_option_names(std::set<std::string> extra) {
   extra.insert({"streams", "codec", "zstd-level", "chunk-size", "depth", "connect-timeout", "commit-timeout",
-                "idle-timeout", "bandwidth", "reconnect-attempts", "replay-buffer", "tcp-user-timeout"});
+                "idle-timeout", "bandwidth", "reconnect-attempts", "replay-buffer", "tcp-user-timeout",
+                "zero-copy-min"});
   return with_tls_options(std::move(extra));
 }
 
@@ -33,6 +34,7 @@ engine::SendOptions send_options(const Args& args) {
   o.resume = !args.has("no-resume");
   o.reconnect_attempts = args.get_int("reconnect-attempts", o.reconnect_attempts, 1, 1000);
   o.replay_bytes = args.get_size("replay-buffer", o.replay_bytes);
+  o.zero_copy_min_bytes = args.get_size("zero-copy-min", o.zero_copy_min_bytes);
   if (auto rate = args.get("bandwidth")) {
     try {
       o.bandwidth_bytes_per_second = engine::parse_rate(*rate);

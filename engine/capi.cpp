@@ -58,6 +58,12 @@ static_assert(offsetof(dstx_endpoint, reserved) + sizeof(uint32_t) == kEndpointS
                   offsetof(dstx_recv_config, user) + sizeof(void*) == kRecvConfigSizeV1 &&
                   offsetof(dstx_stats, digest) + sizeof(uint64_t) == kStatsSizeV1,
               "the last field of a first-version struct moved: new fields go after it");
+// Appended after the first release (for VFIO device endpoints), pinned the same way: later fields go after.
+static_assert(offsetof(dstx_send_config, before_stop_copy) == kSendConfigSizeV1 &&
+                  sizeof(dstx_send_config) == kSendConfigSizeV1 + sizeof(void*) &&
+                  offsetof(dstx_stats, device_state) == kStatsSizeV1 &&
+                  offsetof(dstx_stats, state_digest) + 40 == sizeof(dstx_stats) && sizeof(dstx_stats) == 256,
+              "a field appended after the first release moved: new fields go after it");
 #endif
 
 // Published numbers (dstx.h). abidiff cannot see them (functions take and return them as plain integers),
@@ -74,6 +80,10 @@ static_assert(DSTX_VFIO_AUTO == 0 && DSTX_VFIO_V1 == 1 && DSTX_VFIO_V2 == 2);
 static_assert(DSTX_NET_NONE == 0 && DSTX_NET_ADDRESS == 1 && DSTX_NET_FDS == 2 && DSTX_NET_LISTEN_FD == 3);
 static_assert(DSTX_PHASE_IDLE == 0 && DSTX_PHASE_CONNECTING == 1 && DSTX_PHASE_PRECOPY == 2 &&
               DSTX_PHASE_STOP_COPY == 3 && DSTX_PHASE_DONE == 4 && DSTX_PHASE_FAILED == 5);
+static_assert(DSTX_DEVICE_NONE == 0 && DSTX_DEVICE_UNKNOWN == 1 && DSTX_DEVICE_ERROR == 2 &&
+              DSTX_DEVICE_STOP == 3 && DSTX_DEVICE_RUNNING == 4 && DSTX_DEVICE_STOP_COPY == 5 &&
+              DSTX_DEVICE_RESUMING == 6 && DSTX_DEVICE_RUNNING_P2P == 7 && DSTX_DEVICE_PRE_COPY == 8 &&
+              DSTX_DEVICE_PRE_COPY_P2P == 9);
 static_assert(DSTX_LOG_ERROR == 1 && DSTX_LOG_WARN == 2 && DSTX_LOG_INFO == 3 && DSTX_LOG_DEBUG == 4);
 static_assert(DSTX_CODEC_AUTO == 0 && DSTX_CODEC_NONE == 1 && DSTX_CODEC_LZ4 == 2 && DSTX_CODEC_ZSTD == 3);
 static_assert(DSTX_ABI_VERSION == 1, "the SONAME is libdstx.so.1 (cmake/DstxCapi.cmake)");
@@ -323,6 +333,17 @@ Status setup_send(Transfer& t, const dstx_send_config* config_in, const dstx_end
     return failure(DSTX_E_INVALID, "config.precopy_max_rounds is " + std::to_string(c.precopy_max_rounds) +
                                        ": expected rounds > 0, 0 for the default or -1 for none");
   }
+  // VFIO device sources: the migration driver's options; the others ignore them.
+  engine::MigrateOptions migrate;
+  if (c.precopy_max_rounds == -1) {
+    migrate.precopy_max_rounds = 0;
+  } else if (c.precopy_max_rounds > 0) {
+    migrate.precopy_max_rounds = unsigned(c.precopy_max_rounds);
+  }
+  if (c.downtime_target_ms != 0) migrate.downtime_target_ms = c.downtime_target_ms;
+  t.precopy_max_rounds = migrate.precopy_max_rounds;
+  t.before_stop_copy = c.before_stop_copy;
+  migrate.before_stop_copy = [transfer = &t] { transfer->enter_stop_copy(); };
   if (Status s = timeout_ms(c.handshake_timeout_ms, o.handshake_timeout_ms, -1, "config.handshake_timeout_ms",
                             &o.handshake_timeout_ms);
       !s.ok()) {
@@ -346,7 +367,7 @@ Status setup_send(Transfer& t, const dstx_send_config* config_in, const dstx_end
     if (Status s = take_connections(c.fds, c.fd_count, &t.handed_fds); !s.ok()) return s;
   }
   t.endpoint_kind = e.kind;
-  if (Status s = dstx::capi::open_source(e, &t.source); !s.ok()) return s;
+  if (Status s = dstx::capi::open_source(e, migrate, &t.source); !s.ok()) return s;
   return make_event_fd(t);
 }
 

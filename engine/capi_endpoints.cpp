@@ -12,6 +12,7 @@
 #include <system_error>
 
 #include "engine/spec.h"
+#include "io/vfio/mig_fsm.h"
 
 namespace dstx::capi {
 namespace {
@@ -98,11 +99,31 @@ class BufferSink final : public io::Sink {
   uint64_t end_ = 0;
 };
 
-const char* kVfioUnsupported =
-    "DSTX_ENDPOINT_VFIO_DEVICE is not implemented in this version of libdstx yet: the VFIO migration driver "
-    "(v1 migration region and v2 data_fd, pre-copy rounds, stop-copy, resume) is being wired into the C ABI. "
-    "Until then, move the device into STOP_COPY (source) or RESUMING (sink) yourself and pass its migration "
-    "data_fd as DSTX_ENDPOINT_DATA_FD";
+bool is_device_spec(const dstx_endpoint& e) {
+  return e.kind == DSTX_ENDPOINT_SPEC && e.spec != nullptr && engine::is_device_spec(e.spec);
+}
+
+io::vfio::ProtocolChoice protocol_choice(uint32_t vfio_protocol) {
+  switch (vfio_protocol) {
+    case DSTX_VFIO_V1:
+      return io::vfio::ProtocolChoice::v1;
+    case DSTX_VFIO_V2:
+      return io::vfio::ProtocolChoice::v2;
+    default:
+      return io::vfio::ProtocolChoice::detect;
+  }
+}
+
+// How a VFIO device endpoint is named in texts: the spec, or the caller's fd number.
+std::string device_fd_name(int caller_fd) {
+  return "VFIO device fd " + std::to_string(caller_fd);
+}
+
+// A VFIO device fd that is not one (a file, a socket, a group or container fd) fails its first device ioctl;
+// the text says what was expected.
+const char* kDeviceFdHint =
+    " (DSTX_ENDPOINT_VFIO_DEVICE takes the device fd: an iommufd cdev the VMM bound and attached, or the fd "
+    "VFIO_GROUP_GET_DEVICE_FD returned)";
 
 // Checks what every kind needs before anything is opened; `role` names the endpoint in the texts.
 Status check_endpoint(const dstx_endpoint& e, const char* role) {
@@ -116,7 +137,8 @@ Status check_endpoint(const dstx_endpoint& e, const char* role) {
         return failure(DSTX_E_INVALID, who + ": vfio_protocol " + std::to_string(e.vfio_protocol) +
                                            " is not a dstx_vfio_protocol");
       }
-      return failure(DSTX_E_UNSUPPORTED, who + ": " + kVfioUnsupported);
+      if (e.fd < 0) return failure(DSTX_E_INVALID, who + ": fd " + std::to_string(e.fd) + " is negative");
+      return {};
     case DSTX_ENDPOINT_DATA_FD:
     case DSTX_ENDPOINT_FD:
       if (e.fd < 0) return failure(DSTX_E_INVALID, who + ": fd " + std::to_string(e.fd) + " is negative");
@@ -136,11 +158,9 @@ Status check_endpoint(const dstx_endpoint& e, const char* role) {
     case DSTX_ENDPOINT_SPEC: {
       if (e.spec == nullptr || e.spec[0] == '\0') return failure(DSTX_E_INVALID, who + ": spec is empty");
       const std::string_view spec(e.spec);
-      for (const char* device : {"vfio:", "vfio-group:", "emu-v1:", "emu-v2:"}) {
-        if (spec.starts_with(device)) {
-          return failure(DSTX_E_UNSUPPORTED,
-                         who + ": '" + std::string(spec) + "' is a VFIO device; " + kVfioUnsupported);
-        }
+      if (engine::is_device_spec(spec) && e.vfio_protocol > DSTX_VFIO_V2) {
+        return failure(DSTX_E_INVALID, who + ": vfio_protocol " + std::to_string(e.vfio_protocol) +
+                                           " is not a dstx_vfio_protocol");
       }
       if (spec.starts_with("fd:")) {
         return failure(DSTX_E_INVALID, who + ": spec '" + std::string(spec) +
@@ -189,9 +209,74 @@ Status duplicate_fd(int fd, const char* what, io::Fd* out) {
   return {};
 }
 
-Status open_source(const dstx_endpoint& e, OpenedSource* out) {
+void read_device_state(io::vfio::VfioDevice& device, uint32_t* state, std::string* name) {
+  // dstx_device_state is the v2 uAPI number + 2 (0 and 1 are "no device" and "unknown").
+  static_assert(DSTX_DEVICE_ERROR == uint32_t(io::vfio::MigState::error) + 2 &&
+                DSTX_DEVICE_PRE_COPY_P2P == uint32_t(io::vfio::MigState::pre_copy_p2p) + 2);
+  try {
+    if (device.protocol() == io::vfio::Protocol::v2) {
+      const io::vfio::MigState s = device.state();
+      *state = uint32_t(s) <= uint32_t(io::vfio::MigState::pre_copy_p2p) ? uint32_t(s) + 2
+                                                                         : uint32_t(DSTX_DEVICE_UNKNOWN);
+      *name = io::vfio::mig_state_name(s);
+      return;
+    }
+    const uint32_t bits = device.v1_state();
+    switch (bits & io::vfio::kV1Mask) {
+      case io::vfio::kV1Stop:
+        *state = DSTX_DEVICE_STOP;
+        break;
+      case io::vfio::kV1Running:
+        *state = DSTX_DEVICE_RUNNING;
+        break;
+      case io::vfio::kV1Saving | io::vfio::kV1Running:
+        *state = DSTX_DEVICE_PRE_COPY;
+        break;
+      case io::vfio::kV1Saving:
+        *state = DSTX_DEVICE_STOP_COPY;
+        break;
+      case io::vfio::kV1Resuming:
+        *state = DSTX_DEVICE_RESUMING;
+        break;
+      default:  // SAVING|RESUMING and RESUMING|RUNNING (invalid) alike
+        *state = DSTX_DEVICE_ERROR;
+        break;
+    }
+    *name = io::vfio::v1_state_name(bits);
+  } catch (const std::bad_alloc&) {
+    throw;
+  } catch (const std::exception& e) {
+    *state = DSTX_DEVICE_UNKNOWN;
+    *name = std::string("UNKNOWN (") + e.what() + ")";
+  }
+}
+
+Status open_source(const dstx_endpoint& e, const engine::MigrateOptions& migrate, OpenedSource* out) {
   if (Status s = check_endpoint(e, "source"); !s.ok()) return s;
+  engine::MigrateOptions options = migrate;
+  options.protocol = protocol_choice(e.vfio_protocol);
+  if (is_device_spec(e)) {
+    return open_guarded(DSTX_E_SOURCE, [&] {
+      std::unique_ptr<engine::MigrationSource> source = engine::open_migration_source(e.spec, options);
+      out->device = source.get();
+      out->source = std::move(source);
+    });
+  }
   switch (e.kind) {
+    case DSTX_ENDPOINT_VFIO_DEVICE: {
+      io::Fd copy;
+      if (Status s = duplicate_fd(e.fd, "source", &copy); !s.ok()) return s;
+      Status s = open_guarded(DSTX_E_SOURCE, [&] {
+        std::string name = device_fd_name(e.fd);
+        engine::OpenedDevice device =
+            engine::open_device_fd(copy.release(), options.protocol, std::move(name));
+        auto source = std::make_unique<engine::MigrationSource>(std::move(device), options);
+        out->device = source.get();
+        out->source = std::move(source);
+      });
+      if (!s.ok() && s.text.find("VFIO_DEVICE_GET_INFO") != std::string::npos) s.text += kDeviceFdHint;
+      return s;
+    }
     case DSTX_ENDPOINT_DATA_FD:
     case DSTX_ENDPOINT_FD: {
       io::Fd copy;
@@ -217,7 +302,28 @@ Status open_source(const dstx_endpoint& e, OpenedSource* out) {
 
 Status open_sink(const dstx_endpoint& e, OpenedSink* out) {
   if (Status s = check_endpoint(e, "sink"); !s.ok()) return s;
+  const io::vfio::ProtocolChoice choice = protocol_choice(e.vfio_protocol);
+  if (is_device_spec(e)) {
+    return open_guarded(DSTX_E_SINK, [&] {
+      std::unique_ptr<engine::DeviceSink> sink = engine::open_device_sink(e.spec, choice);
+      out->device = sink.get();
+      out->sink = std::move(sink);
+    });
+  }
   switch (e.kind) {
+    case DSTX_ENDPOINT_VFIO_DEVICE: {
+      io::Fd copy;
+      if (Status s = duplicate_fd(e.fd, "sink", &copy); !s.ok()) return s;
+      Status s = open_guarded(DSTX_E_SINK, [&] {
+        std::string name = device_fd_name(e.fd);
+        auto sink = std::make_unique<engine::DeviceSink>(
+            engine::open_device_fd(copy.release(), choice, std::move(name)));
+        out->device = sink.get();
+        out->sink = std::move(sink);
+      });
+      if (!s.ok() && s.text.find("VFIO_DEVICE_GET_INFO") != std::string::npos) s.text += kDeviceFdHint;
+      return s;
+    }
     case DSTX_ENDPOINT_DATA_FD:
     case DSTX_ENDPOINT_FD: {
       if (Status s = duplicate_fd(e.fd, "sink", &out->fd); !s.ok()) return s;

@@ -11,6 +11,7 @@
 #include <system_error>
 
 #include "engine/spec.h"
+#include "io/vfio/vfio_uapi.h"
 
 namespace dstx::capi {
 
@@ -199,6 +200,7 @@ Status Transfer::run_send() {
   log_line(DSTX_LOG_DEBUG, "send: " + source.source->describe() + " over " + std::to_string(conns.size()) +
                                " streams, codec " + engine::codec_mode_name(send_options.codec) +
                                ", chunks of " + engine::format_bytes(double(send_options.chunk_bytes)));
+  if (source.device != nullptr) return run_migrate(std::move(conns));
   phase = DSTX_PHASE_STOP_COPY;
   const int64_t t0 = now_ns();
   stop_copy_started_ns = t0;
@@ -212,6 +214,112 @@ Status Transfer::run_send() {
                               std::to_string(r.wire_bytes) + " on the wire, ratio " +
                               ratio_text(r.wire_bytes, r.bytes) + ") in " + seconds_text(stop_copy_ns));
   return {};
+}
+
+void Transfer::enter_stop_copy() {
+  const int64_t now = now_ns();
+  stop_copy_started_ns = now;
+  if (const int64_t t0 = precopy_started_ns.load(); t0 != 0) precopy_ns = now - t0;
+  phase = DSTX_PHASE_STOP_COPY;
+  if (before_stop_copy == nullptr) return;
+  int rc = -1;
+  try {
+    rc = before_stop_copy(user, to_handle(this));
+  } catch (...) {
+    // A C callback cannot throw; a C++ one that does refuses.
+  }
+  if (rc != 0) {
+    stop_copy_refused = true;
+    throw std::runtime_error("before_stop_copy returned " + std::to_string(rc) +
+                             ": the migration was abandoned before stop-copy");
+  }
+}
+
+Status Transfer::run_migrate(std::vector<io::Fd> conns) {
+  engine::MigrationSource& src = *source.device;
+  const bool precopy = precopy_max_rounds > 0 && (src.protocol() == io::vfio::Protocol::v1 ||
+                                                  (src.device().migration_flags() & VFIO_MIGRATION_PRE_COPY));
+  log_line(DSTX_LOG_DEBUG, std::string("send: VFIO ") + io::vfio::protocol_name(src.protocol()) +
+                               " device, " +
+                               (precopy ? "up to " + std::to_string(precopy_max_rounds) + " pre-copy rounds"
+                                        : std::string("no pre-copy")));
+  if (precopy) precopy_started_ns = now_ns();
+  // Without pre-copy the first read enters STOP_COPY (enter_stop_copy).
+  phase = precopy ? DSTX_PHASE_PRECOPY : DSTX_PHASE_STOP_COPY;
+  // The digest is computed below, and only after a commit.
+  engine::MigrateResult r =
+      engine::migrate(src, std::move(conns), send_options, &stats, &cancel, /*want_digest=*/false);
+  end_device_figures(r.transfer.committed);
+  log_line(DSTX_LOG_DEBUG, "send: I/O backend: " + r.transfer.io_backend);
+  const std::string rounds = std::to_string(r.precopy_rounds) + " pre-copy rounds (" +
+                             std::to_string(r.precopy_bytes) + " bytes), " +
+                             std::to_string(r.stopcopy_bytes) + " bytes in stop-copy";
+  if (!r.transfer.committed) {
+    std::string text = r.transfer.error;
+    text += "; the device is " + r.device_state;
+    if (!r.device_note.empty()) text += " (" + r.device_note + ")";
+    return failure(stop_copy_refused ? DSTX_E_CANCELLED : status_from_reason(r.transfer.reason), text);
+  }
+  downtime_ns = int64_t(r.downtime_ms * 1e6);
+  digest = r.transfer.digest;
+  if (!r.device_note.empty()) log_line(DSTX_LOG_WARN, "send: " + r.device_note);
+  log_line(DSTX_LOG_INFO, "send: committed " + std::to_string(r.transfer.bytes) + " bytes of device state (" +
+                              std::to_string(r.transfer.wire_bytes) + " on the wire) after " + rounds +
+                              "; downtime " + seconds_text(downtime_ns) + ", the device is " +
+                              r.device_state);
+  return {};
+}
+
+void Transfer::end_device_figures(bool committed) {
+  io::vfio::VfioDevice* dev = source.device != nullptr ? &source.device->device()
+                              : sink.device != nullptr ? &sink.device->device()
+                                                       : nullptr;
+  if (dev == nullptr) return;
+  try {
+    read_device_state(*dev, &device_end.state, &device_end.state_name);
+    if (committed)
+      device_end.digest = source.device ? source.device->state_digest() : sink.device->state_digest();
+    if (source.device != nullptr) {
+      device_end.precopy_rounds = source.device->precopy_rounds();
+      device_end.precopy_bytes = source.device->precopy_bytes();
+      device_end.stop_copy_bytes = source.device->stopcopy_bytes();
+    }
+  } catch (...) {
+    // Out of memory for the texts: the figures that made it are reported.
+  }
+  device_final.store(true, std::memory_order_release);
+}
+
+void Transfer::fill_device_stats(dstx_stats* out) const {
+  io::vfio::VfioDevice* dev = source.device != nullptr ? &source.device->device()
+                              : sink.device != nullptr ? &sink.device->device()
+                                                       : nullptr;
+  if (dev == nullptr) return;
+  out->vfio_protocol = dev->protocol() == io::vfio::Protocol::v1 ? DSTX_VFIO_V1 : DSTX_VFIO_V2;
+  auto copy_text = [](char* to, size_t size, const std::string& text) {
+    std::snprintf(to, size, "%s", text.c_str());
+  };
+  if (device_final.load(std::memory_order_acquire)) {
+    out->device_state = device_end.state;
+    copy_text(out->device_state_name, sizeof out->device_state_name, device_end.state_name);
+    copy_text(out->state_digest, sizeof out->state_digest, device_end.digest);
+    out->precopy_rounds = device_end.precopy_rounds;
+    out->precopy_bytes = device_end.precopy_bytes;
+    out->stop_copy_bytes = device_end.stop_copy_bytes;
+    return;
+  }
+  // While it runs: the device's own answer (VFIO serialises state accesses; the engine's thread may be
+  // changing the state at the same time, and either state is then true).
+  uint32_t now_state = DSTX_DEVICE_UNKNOWN;
+  std::string name;
+  try {
+    read_device_state(*dev, &now_state, &name);
+  } catch (...) {
+    name.clear();
+  }
+  out->device_state = now_state;
+  copy_text(out->device_state_name, sizeof out->device_state_name, name);
+  if (source.device != nullptr) out->precopy_rounds = source.device->precopy_rounds();
 }
 
 Status Transfer::run_recv() {
@@ -246,9 +354,20 @@ Status Transfer::run_recv() {
   }
   listener.reset();  // frees the port; local_port keeps answering
   streams_in_use = r.streams;
+  end_device_figures(r.committed);
   log_line(DSTX_LOG_DEBUG, "recv: I/O backend: " + r.io_backend);
-  if (!r.committed) return failure(status_from_reason(r.reason), r.error);
+  if (!r.committed) {
+    std::string text = r.error;
+    if (sink.device != nullptr) {
+      text += "; the device was reset (" + device_end.state_name + ")";
+      if (!sink.device->abort_note().empty()) text += ": " + sink.device->abort_note();
+    }
+    return failure(status_from_reason(r.reason), text);
+  }
   digest = r.digest;
+  if (sink.device != nullptr) {
+    log_line(DSTX_LOG_INFO, "recv: the device accepted the state and is " + device_end.state_name);
+  }
   log_line(DSTX_LOG_INFO, "recv: committed " + std::to_string(r.bytes) + " bytes (" +
                               std::to_string(r.wire_bytes) + " on the wire) from " +
                               std::to_string(r.streams) + " streams in " +
@@ -260,6 +379,10 @@ void Transfer::finish(const Status& status) {
   ended_ns = now_ns();
   if (const int64_t t0 = stop_copy_started_ns.load(); t0 != 0 && stop_copy_ns.load() == 0) {
     stop_copy_ns = ended_ns - t0;
+  }
+  // A device source that failed in pre-copy.
+  if (const int64_t t0 = precopy_started_ns.load(); t0 != 0 && precopy_ns.load() == 0) {
+    precopy_ns = ended_ns - t0;
   }
   if (!status.ok()) {
     try {
@@ -360,11 +483,15 @@ void Transfer::fill_stats(dstx_stats* out) const {
   out->ratio = bytes ? double(out->wire_bytes) / double(bytes) : 0.0;
   if (started != 0) out->elapsed_ns = uint64_t((ended != 0 ? ended : now_ns()) - started);
   out->connect_ns = uint64_t(connect_ns.load());
+  const int64_t pc_started = precopy_started_ns.load();
+  const int64_t pc = precopy_ns.load();
+  out->precopy_ns = uint64_t(pc != 0 ? pc : (pc_started != 0 && ended == 0 ? now_ns() - pc_started : 0));
   const int64_t sc_started = stop_copy_started_ns.load();
   const int64_t sc = stop_copy_ns.load();
   out->stop_copy_ns = uint64_t(sc != 0 ? sc : (sc_started != 0 && ended == 0 ? now_ns() - sc_started : 0));
   out->downtime_ns = uint64_t(downtime_ns.load());
   out->digest = digest.load();  // set only once committed
+  fill_device_stats(out);
 }
 
 }  // namespace dstx::capi

@@ -31,6 +31,8 @@ struct Transfer {
   dstx_progress_fn progress = nullptr;
   dstx_log_fn log = nullptr;
   dstx_complete_fn on_complete = nullptr;
+  dstx_stop_copy_fn before_stop_copy = nullptr;  // sending from a VFIO device
+  unsigned precopy_max_rounds = 0;               // sending from a VFIO device (the driver's option)
   void* user = nullptr;
   uint32_t log_level = DSTX_LOG_WARN;
   uint32_t progress_interval_ms = 100;
@@ -55,12 +57,27 @@ struct Transfer {
   std::atomic<int64_t> started_ns{0};  // steady clock; 0: not started
   std::atomic<int64_t> ended_ns{0};
   std::atomic<int64_t> connect_ns{0};
+  std::atomic<int64_t> precopy_started_ns{0};  // VFIO device sources that pre-copy
+  std::atomic<int64_t> precopy_ns{0};
   std::atomic<int64_t> stop_copy_started_ns{0};
   std::atomic<int64_t> stop_copy_ns{0};
   std::atomic<int64_t> downtime_ns{0};
   std::atomic<uint32_t> streams_in_use{0};
   std::atomic<uint64_t> digest{0};
-  std::string error;  // written once, before `state` becomes done
+  std::string error;                           // written once, before `state` becomes done
+  std::atomic<bool> stop_copy_refused{false};  // before_stop_copy returned non-zero
+
+  // A VFIO device endpoint's figures at the end, written once by the running thread before `device_final`
+  // is set; until then dstx_stats reads the device's state from the device itself.
+  struct DeviceFinal {
+    uint32_t state = DSTX_DEVICE_NONE;
+    std::string state_name;
+    std::string digest;  // emulated devices, after DSTX_OK
+    unsigned precopy_rounds = 0;
+    uint64_t precopy_bytes = 0;
+    uint64_t stop_copy_bytes = 0;
+  } device_end;
+  std::atomic<bool> device_final{false};
 
   std::mutex done_mu;
   std::condition_variable done_cv;
@@ -74,10 +91,17 @@ struct Transfer {
   int current_status() const;
   void fill_stats(dstx_stats* out) const;  // a full-size struct
   void log_line(int level, const std::string& text);
+  // A VFIO device source is about to enter STOP_COPY (engine::MigrateOptions::before_stop_copy, on the
+  // worker thread reading the device): the phase changes and the VMM's callback runs. Throws when the VMM
+  // refuses.
+  void enter_stop_copy();
 
  private:
   Status run_send();
   Status run_recv();
+  Status run_migrate(std::vector<io::Fd> conns);  // run_send for a VFIO device source
+  void end_device_figures(bool committed);        // fills device_end, sets device_final
+  void fill_device_stats(dstx_stats* out) const;
   void finish(const Status& status);
 };
 

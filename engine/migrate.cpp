@@ -182,6 +182,15 @@ OpenedDevice open_device(std::string_view spec, ProtocolChoice choice) {
   return d;
 }
 
+OpenedDevice open_device_fd(int fd, ProtocolChoice choice, std::string name,
+                            std::shared_ptr<io::vfio::Kernel> kernel) {
+  OpenedDevice d;
+  d.device = io::vfio::VfioDevice::adopt(kernel ? std::move(kernel) : io::vfio::real_kernel(), fd,
+                                         std::move(name), choice);
+  d.spec = d.device->describe();
+  return d;
+}
+
 // ================================================================ MigrationSource
 
 MigrationSource::MigrationSource(OpenedDevice device, const MigrateOptions& options)
@@ -249,7 +258,8 @@ void MigrationSource::start() {
 
 void MigrationSource::enter_stopcopy() {
   io::vfio::VfioDevice& d = *dev_.device;
-  stopcopy_start_ = Clock::now();  // the VM's devices stop here: downtime begins
+  stopcopy_start_ = Clock::now();                      // the VM's devices stop here: downtime begins
+  if (opt_.before_stop_copy) opt_.before_stop_copy();  // the VMM pauses its vCPUs
   if (d.protocol() == Protocol::v2) {
     int fd = -1;
     if (const int rc = d.set_state(MigState::stop_copy, &fd); rc < 0) {

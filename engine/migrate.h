@@ -15,8 +15,10 @@
 // receiver then aborts); abort() resets the device.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -32,6 +34,10 @@ struct MigrateOptions {
   unsigned precopy_max_rounds = 8;  // 0: straight to stop-copy
   uint32_t downtime_target_ms = 300;
   io::vfio::ProtocolChoice protocol = io::vfio::ProtocolChoice::detect;
+  // Called once, right before the device enters STOP_COPY (v1: SAVING), on the thread reading the device:
+  // a VMM pauses its vCPUs here. Downtime counts from this call. Throwing fails the migration (the device
+  // goes back to RUNNING); the text of the exception is the failure's.
+  std::function<void()> before_stop_copy;
 };
 
 inline constexpr const char* kDeviceKinds =
@@ -58,6 +64,12 @@ struct OpenedDevice {
 };
 // Throws std::invalid_argument for a malformed spec, io::vfio::VfioError when the device cannot be used.
 OpenedDevice open_device(std::string_view spec, io::vfio::ProtocolChoice choice);
+// A VFIO device fd that the caller opened and set up (a VMM's: a cdev bound and attached, or a group's device
+// fd), used as is. Takes ownership of `fd` (closed with the device, also when this throws): pass a duplicate
+// to keep yours. `name` stands for the spec in texts; `kernel` null means the host's. Throws
+// io::vfio::VfioError when the fd is not a device that offers migration.
+OpenedDevice open_device_fd(int fd, io::vfio::ProtocolChoice choice, std::string name,
+                            std::shared_ptr<io::vfio::Kernel> kernel = nullptr);
 
 class MigrationSource final : public io::Source {
  public:
@@ -78,7 +90,7 @@ class MigrationSource final : public io::Source {
   std::string roll_back() noexcept;
 
   io::vfio::Protocol protocol() const { return dev_.device->protocol(); }
-  unsigned precopy_rounds() const { return rounds_; }
+  unsigned precopy_rounds() const { return rounds_.load(); }  // any thread
   uint64_t precopy_bytes() const { return precopy_bytes_; }
   uint64_t stopcopy_bytes() const { return stopcopy_bytes_; }
   std::optional<Clock::time_point> stop_copy_started() const { return stopcopy_start_; }
@@ -108,7 +120,7 @@ class MigrationSource final : public io::Source {
   MigrateOptions opt_;
   Phase phase_ = Phase::idle;
   int data_fd_ = -1;
-  unsigned rounds_ = 0;
+  std::atomic<unsigned> rounds_{0};
   uint64_t round_bytes_ = 0;
   uint64_t round_budget_ = 0;  // v1: the pending bytes a round set out to move
   bool round_open_ = false;

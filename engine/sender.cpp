@@ -365,6 +365,8 @@ class Worker {
     memory_ = static_cast<std::byte*>(::operator new(buf_bytes_* count, std::align_val_t(4096)));
     for (size_t i = count; i-- > 0;) free_.push_back(int(i));
     slots_.resize(depth);
+    if (sh_.backend == io::Backend::uring && io::probe().send_zc)
+      zero_copy_min_ = sh_.options.zero_copy_min_bytes;
     // Registered once, the buffers spare the kernel a page walk on every read (READ_FIXED). Where the kernel
     // refuses (RLIMIT_MEMLOCK, an old kernel), plain reads do the same job.
     if (sh_.backend == io::Backend::uring && io::probe().read_fixed) {
@@ -599,7 +601,11 @@ class Worker {
   void queue_send(Slot& slot) {
     const Slot::Segment& seg = slot.seg[slot.seg_index];
     const size_t left = seg.len - slot.seg_sent;
-    send_io_ = io::Completion{.op = io::Op::send,
+    // Zero-copy send above the break-even size (dstx tune measures it; off by default, since on loopback and
+    // veth the kernel copies anyway). The ring hands the completion back only after the kernel's
+    // notification, so the buffer is never reused early.
+    const bool zero_copy = zero_copy_min_ > 0 && left >= zero_copy_min_;
+    send_io_ = io::Completion{.op = zero_copy ? io::Op::send_zc : io::Op::send,
                               .fd = fd(),
                               .buf = const_cast<std::byte*>(seg.data + slot.seg_sent),
                               .len = uint32_t(std::min(left, io::kMaxIoBytes))};
@@ -636,7 +642,8 @@ class Worker {
       }
       slot.state = State::read;
     }
-    if (sending_ && send_io_.done) {
+    // A zero-copy send is finished only once the kernel says it let go of the buffer (notified).
+    if (sending_ && send_io_.done && send_io_.notified) {
       sending_ = false;
       Slot& slot = *fifo_.front();
       if (send_io_.result <= 0) {
@@ -860,6 +867,7 @@ class Worker {
   std::byte* memory_ = nullptr;
   size_t buf_bytes_ = 0;
   bool fixed_buffers_ = false;
+  size_t zero_copy_min_ = 0;  // 0: never SEND_ZC
   std::vector<int> free_;
   std::deque<Replay> replay_;
   std::vector<Slot> slots_;

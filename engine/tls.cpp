@@ -746,7 +746,9 @@ size_t crypto_info(uint16_t suite, const std::vector<uint8_t>& secret, CryptoInf
 
 std::string ulp_error_text(int err) {
   std::string s = "TCP_ULP \"tls\": " + errno_string(err);
-  if (err == ENOENT) s += " (the kernel has no TLS offload: CONFIG_TLS off, or module tls not loadable)";
+  if (err == ENOENT)
+    s += " (no TLS offload in this kernel: built without CONFIG_TLS, or the tls module is not loaded: "
+         "modprobe tls)";
   return s;
 }
 

@@ -41,6 +41,7 @@ struct SendOptions {
   int reconnect_backoff_ms = 200;             // before the 2nd attempt; doubles, at most 5 s
   uint64_t replay_bytes = 32ull << 20;        // all streams together; a full buffer makes the sender wait
   std::function<io::Fd()> reconnect;          // opens a new connection; send_to sets it, empty: no resume
+  size_t zero_copy_min_bytes = 0;  // SEND_ZC for sends at least this large (io_uring, when probed); 0: never
 };
 
 struct RecvOptions {

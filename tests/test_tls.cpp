@@ -1,0 +1,757 @@
+// TLS on the streams (engine/tls.h): mutual certificate authentication and pre-shared keys, kTLS or the
+// user-space relay, and every refusal: another CA, a wrong peer name, an expired certificate, a wrong key, a
+// plaintext peer on either side, garbage before, during and after the handshake. Each refusal must come with
+// a clear error and leave nothing in the sink. Certificates are made at test time with the openssl command.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/ssl.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "engine/spec.h"
+#include "engine/tls.h"
+#include "engine/transfer.h"
+#include "engine/wire.h"
+#include "fault_proxy.h"
+
+namespace dstx::engine {
+namespace {
+
+namespace fs = std::filesystem;
+
+bool starts_with(const std::string& s, const std::string& prefix) {
+  return s.rfind(prefix, 0) == 0;
+}
+bool contains(const std::string& s, const std::string& part) {
+  return s.find(part) != std::string::npos;
+}
+
+// A CA, a receiver certificate (DNS:receiver.test, IP:127.0.0.1), a sender certificate (DNS:sender.test), an
+// expired sender certificate from the same CA, a second CA with a sender certificate of its own, PSK files.
+const char* kMakeCerts = R"SH(
+set -e
+cd "$1"
+ec="-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+ca() {
+  openssl req -x509 $ec -subj "/CN=$1" -days 30 -keyout $1.key -out $1.pem \
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign
+}
+leaf() {  # name ca san
+  openssl req -new $ec -subj "/CN=$1" -keyout $1.key -out $1.csr -addext "subjectAltName=$3"
+  openssl x509 -req -in $1.csr -CA $2.pem -CAkey $2.key -CAcreateserial -days 30 -copy_extensions copy -out $1.pem
+}
+ca ca1
+ca ca2
+leaf receiver ca1 "DNS:receiver.test,IP:127.0.0.1"
+leaf sender ca1 "DNS:sender.test"
+leaf stranger ca2 "DNS:sender.test"
+# Expired: `openssl ca` takes explicit validity dates (OpenSSL 3.0's x509 command has no -not_after).
+openssl req -new $ec -subj "/CN=expired" -keyout expired.key -out expired.csr -addext "subjectAltName=DNS:sender.test"
+mkdir -p db && : > db/index.txt && echo 01 > db/serial
+cat > ca.cnf <<'EOF'
+[ca]
+default_ca = d
+[d]
+database = db/index.txt
+serial = db/serial
+new_certs_dir = db
+default_md = sha256
+policy = p
+copy_extensions = copy
+unique_subject = no
+[p]
+commonName = supplied
+EOF
+openssl ca -batch -notext -config ca.cnf -cert ca1.pem -keyfile ca1.key -in expired.csr -out expired.pem \
+  -startdate 20200101000000Z -enddate 20200102000000Z
+echo "dstx-test:$(openssl rand -hex 32)" > psk.txt
+echo "dstx-test:$(openssl rand -hex 32)" > psk-other-key.txt
+echo "someone-else:$(cut -d: -f2 psk.txt)" > psk-other-id.txt
+chmod 600 *.key psk*.txt
+)SH";
+
+class TlsTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    certs_ = fs::temp_directory_path() / ("dstx-tls-certs-" + std::to_string(getpid()));
+    fs::create_directories(certs_);
+    const fs::path script = certs_ / "make.sh";
+    std::ofstream(script) << kMakeCerts;
+    const std::string cmd =
+        "bash " + script.string() + " " + certs_.string() + " >" + (certs_ / "make.log").string() + " 2>&1";
+    ok_ = std::system(cmd.c_str()) == 0;
+    if (!ok_) {
+      std::ifstream log(certs_ / "make.log");
+      log_ = std::string(std::istreambuf_iterator<char>(log), {});
+    }
+  }
+  static void TearDownTestSuite() {
+    std::error_code ec;
+    fs::remove_all(certs_, ec);
+  }
+
+  void SetUp() override {
+    ASSERT_TRUE(ok_) << "generating test certificates with the openssl command failed:\n" << log_;
+    unsetenv("DSTX_KTLS");
+    dir_ = fs::temp_directory_path() /
+           ("dstx-tls-" + std::to_string(getpid()) + "-" + std::to_string(counter_++));
+    fs::create_directories(dir_);
+    src_ = dir_ / "state.bin";
+    sink_ = dir_ / "received.bin";
+    // 12 MiB: random, zero and repetitive thirds (raw, zero and compressed chunks all cross TLS).
+    std::vector<char> data(12 << 20);
+    std::mt19937_64 rng(7);
+    for (size_t i = 0; i < data.size() / 3; i += 8) {
+      const uint64_t v = rng();
+      std::memcpy(&data[i], &v, 8);
+    }
+    for (size_t i = 2 * data.size() / 3; i < data.size(); ++i) data[i] = "device state "[i % 13];
+    std::ofstream(src_, std::ios::binary).write(data.data(), std::streamsize(data.size()));
+  }
+  void TearDown() override {
+    unsetenv("DSTX_KTLS");
+    std::error_code ec;
+    fs::remove_all(dir_, ec);
+  }
+
+  static std::string cert(const std::string& name) { return (certs_ / name).string(); }
+
+  // Certificate options: our certificate `who` (key alongside), the CA `ca`.
+  static TlsOptions certs(const std::string& who, const std::string& ca = "ca1",
+                          const std::string& peer = "") {
+    TlsOptions o;
+    o.ca_file = cert(ca + ".pem");
+    o.cert_file = cert(who + ".pem");
+    o.key_file = cert(who + ".key");
+    o.peer_name = peer;
+    return o;
+  }
+  static TlsOptions psk(const std::string& file = "psk.txt") {
+    TlsOptions o;
+    o.psk_file = cert(file);
+    return o;
+  }
+
+  struct Outcome {
+    Result send;
+    Result recv;
+  };
+  Outcome transfer(const TlsOptions& send_tls, const TlsOptions& recv_tls, unsigned streams = 3) {
+    auto source = open_source("file:" + src_.string());
+    auto sink = open_sink("file:" + sink_.string());
+    io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
+    const uint16_t port = io::bound_port(listener.get());
+    RecvOptions ro;
+    ro.accept_timeout_ms = 10000;
+    ro.handshake_timeout_ms = 5000;
+    ro.tls = recv_tls;
+    SendOptions so;
+    so.streams = streams;
+    so.handshake_timeout_ms = 5000;
+    so.tls = send_tls;
+    Outcome out;
+    std::thread receiver([&] { out.recv = receive(*sink, listener.get(), ro, nullptr, nullptr); });
+    out.send = send_to(*source, io::HostPort{"127.0.0.1", port}, so, nullptr, nullptr);
+    receiver.join();
+    return out;
+  }
+
+  // Like transfer(), through a proxy that damages one connection.
+  Outcome transfer_through(test::Fault fault, const TlsOptions& tls, bool resume, Stats* send_stats) {
+    {  // incompressible, no zero chunk: every stream carries several whole chunks, so the fault's spot is
+       // reached
+      std::vector<char> data(12 << 20);
+      std::mt19937_64 rng(11);
+      for (size_t i = 0; i < data.size(); i += 8) {
+        const uint64_t v = rng() | 1;
+        std::memcpy(&data[i], &v, 8);
+      }
+      std::ofstream(src_, std::ios::binary | std::ios::trunc)
+          .write(data.data(), std::streamsize(data.size()));
+    }
+    auto source = open_source("file:" + src_.string());
+    auto sink = open_sink("file:" + sink_.string());
+    io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
+    const uint16_t port = io::bound_port(listener.get());
+    RecvOptions ro;
+    ro.accept_timeout_ms = 10000;
+    ro.handshake_timeout_ms = 5000;
+    ro.resume_timeout_ms = 10000;
+    ro.tls = tls.psk_file.empty() ? certs("receiver") : tls;
+    SendOptions so;
+    so.streams = 3;
+    so.chunk_bytes = 256 << 10;
+    so.codec = CodecMode::none;  // every chunk on the wire whole: each stream carries a few MiB
+    so.handshake_timeout_ms = 5000;
+    so.resume = resume;
+    so.reconnect_backoff_ms = 20;
+    so.tls = tls;
+    Outcome out;
+    std::thread receiver([&] { out.recv = receive(*sink, listener.get(), ro, nullptr, nullptr); });
+    test::FaultProxy proxy(port, fault);
+    out.send = send_to(*source, io::HostPort{"127.0.0.1", proxy.port()}, so, send_stats, nullptr);
+    receiver.join();
+    EXPECT_TRUE(proxy.fired()) << "the fault did not happen: " << out.send.wire_bytes << " wire bytes, "
+                               << out.send.streams << " streams, " << out.send.tls << " " << out.send.error;
+    return out;
+  }
+
+  // Receives with `recv_tls` while `client` plays the sender on a raw connection.
+  template <typename Client>
+  Result receive_from(const TlsOptions& recv_tls, Client client) {
+    auto sink = open_sink("file:" + sink_.string());
+    io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
+    const uint16_t port = io::bound_port(listener.get());
+    RecvOptions ro;
+    ro.accept_timeout_ms = 10000;
+    ro.handshake_timeout_ms = 3000;
+    ro.idle_timeout_ms = 3000;
+    ro.tls = recv_tls;
+    Result r;
+    std::thread receiver([&] { r = receive(*sink, listener.get(), ro, nullptr, nullptr); });
+    io::Fd c = io::tcp_connect(io::HostPort{"127.0.0.1", port}, io::SocketOptions{});
+    client(c.get());
+    receiver.join();
+    return r;
+  }
+
+  void expect_byte_exact() {
+    std::ifstream a(src_, std::ios::binary), b(sink_, std::ios::binary);
+    ASSERT_TRUE(b) << sink_ << " missing";
+    const std::string x(std::istreambuf_iterator<char>(a), {});
+    const std::string y(std::istreambuf_iterator<char>(b), {});
+    ASSERT_EQ(x.size(), y.size());
+    EXPECT_TRUE(x == y) << "received bytes differ";
+  }
+  void expect_nothing_written() {
+    EXPECT_FALSE(fs::exists(sink_)) << sink_;
+    EXPECT_FALSE(fs::exists(sink_.string() + ".partial")) << sink_ << ".partial";
+  }
+
+  static void expect_tls_mode(const Result& r) {
+    EXPECT_TRUE(starts_with(r.tls, "kTLS") || starts_with(r.tls, "user-space TLS")) << r.tls;
+    if (ktls_unavailable_reason().empty() && !std::getenv("DSTX_KTLS")) {
+      EXPECT_TRUE(starts_with(r.tls, "kTLS")) << r.tls;
+    }
+  }
+
+  static inline fs::path certs_;
+  static inline bool ok_ = false;
+  static inline std::string log_;
+  static inline int counter_ = 0;
+  fs::path dir_, src_, sink_;
+};
+
+// ---- a hand-driven TLS client, for peers that misbehave ---------------------------------------------------
+
+struct RawTlsClient {
+  SSL_CTX* ctx = nullptr;
+  SSL* ssl = nullptr;
+  ~RawTlsClient() {
+    SSL_free(ssl);
+    SSL_CTX_free(ctx);
+  }
+  // A correct mutual-auth TLS 1.3 handshake on `fd` (blocking).
+  bool connect(int fd, const std::string& dir) {
+    ctx = SSL_CTX_new(TLS_client_method());
+    SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION);
+    if (SSL_CTX_use_certificate_chain_file(ctx, (dir + "/sender.pem").c_str()) != 1 ||
+        SSL_CTX_use_PrivateKey_file(ctx, (dir + "/sender.key").c_str(), SSL_FILETYPE_PEM) != 1 ||
+        SSL_CTX_load_verify_locations(ctx, (dir + "/ca1.pem").c_str(), nullptr) != 1)
+      return false;
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, nullptr);
+    ssl = SSL_new(ctx);
+    SSL_set_fd(ssl, fd);
+    return SSL_connect(ssl) == 1;
+  }
+};
+
+std::vector<std::byte> hello_frame(uint16_t streams) {
+  wire::Hello h{.stream_count = streams, .max_chunk_bytes = 1 << 20, .session_id = 42, .capabilities = 0};
+  std::vector<std::byte> f(wire::kHeaderBytes + wire::kHelloBytes);
+  wire::encode_header(wire::Header{.type = wire::FrameType::hello, .payload_len = wire::kHelloBytes},
+                      std::span<std::byte, wire::kHeaderBytes>(f.data(), wire::kHeaderBytes));
+  wire::encode_hello(
+      h, std::span<std::byte, wire::kHelloBytes>(f.data() + wire::kHeaderBytes, wire::kHelloBytes));
+  return f;
+}
+
+void send_all(int fd, const void* p, size_t n) {
+  ASSERT_EQ(::send(fd, p, n, MSG_NOSIGNAL), ssize_t(n));
+}
+
+// ---- good transfers ---------------------------------------------------------------------------------------
+
+TEST_F(TlsTest, MutualCertificatesCommitByteExact) {
+  const Outcome o =
+      transfer(certs("sender", "ca1", "receiver.test"), certs("receiver", "ca1", "sender.test"), 4);
+  ASSERT_TRUE(o.send.committed) << o.send.error << " | receiver: " << o.recv.error;
+  ASSERT_TRUE(o.recv.committed) << o.recv.error;
+  expect_byte_exact();
+  expect_tls_mode(o.send);
+  expect_tls_mode(o.recv);
+  EXPECT_TRUE(contains(o.send.tls, "certificates")) << o.send.tls;
+  EXPECT_EQ(o.send.digest, o.recv.digest);
+}
+
+TEST_F(TlsTest, PeerNameMayBeAnIpAddress) {
+  const Outcome o = transfer(certs("sender", "ca1", "127.0.0.1"), certs("receiver"), 1);
+  ASSERT_TRUE(o.send.committed) << o.send.error << " | receiver: " << o.recv.error;
+  ASSERT_TRUE(o.recv.committed) << o.recv.error;
+  expect_byte_exact();
+}
+
+TEST_F(TlsTest, UserSpaceRelayWhenKtlsIsOff) {
+  setenv("DSTX_KTLS", "off", 1);
+  const Outcome o =
+      transfer(certs("sender", "ca1", "receiver.test"), certs("receiver", "ca1", "sender.test"), 3);
+  ASSERT_TRUE(o.send.committed) << o.send.error << " | receiver: " << o.recv.error;
+  ASSERT_TRUE(o.recv.committed) << o.recv.error;
+  expect_byte_exact();
+  EXPECT_TRUE(starts_with(o.send.tls, "user-space TLS")) << o.send.tls;
+  EXPECT_TRUE(starts_with(o.recv.tls, "user-space TLS")) << o.recv.tls;
+  EXPECT_TRUE(contains(o.send.tls, "DSTX_KTLS=off")) << o.send.tls;
+}
+
+TEST_F(TlsTest, KtlsWhenTheKernelOffersIt) {
+  if (!ktls_unavailable_reason().empty())
+    GTEST_SKIP() << "kTLS unavailable here: " << ktls_unavailable_reason();
+  setenv("DSTX_KTLS", "on", 1);
+  const Outcome o = transfer(certs("sender"), certs("receiver"), 2);
+  ASSERT_TRUE(o.send.committed) << o.send.error << " | receiver: " << o.recv.error;
+  ASSERT_TRUE(o.recv.committed) << o.recv.error;
+  expect_byte_exact();
+  EXPECT_TRUE(starts_with(o.send.tls, "kTLS")) << o.send.tls;
+  EXPECT_TRUE(starts_with(o.recv.tls, "kTLS")) << o.recv.tls;
+}
+
+TEST_F(TlsTest, KtlsRequiredButUnavailableFailsInsteadOfFallingBack) {
+  if (ktls_unavailable_reason().empty()) GTEST_SKIP() << "kTLS is available here";
+  setenv("DSTX_KTLS", "on", 1);
+  const Outcome o = transfer(certs("sender"), certs("receiver"), 1);
+  EXPECT_FALSE(o.send.committed);
+  EXPECT_FALSE(o.recv.committed);
+  EXPECT_TRUE(contains(o.send.error + o.recv.error, "kTLS required"))
+      << o.send.error << " | " << o.recv.error;
+  expect_nothing_written();
+}
+
+TEST_F(TlsTest, PreSharedKeyCommits) {
+  const Outcome o = transfer(psk(), psk(), 2);
+  ASSERT_TRUE(o.send.committed) << o.send.error << " | receiver: " << o.recv.error;
+  ASSERT_TRUE(o.recv.committed) << o.recv.error;
+  expect_byte_exact();
+  expect_tls_mode(o.recv);
+  EXPECT_TRUE(contains(o.recv.tls, "pre-shared key")) << o.recv.tls;
+}
+
+TEST_F(TlsTest, PlaintextTransferSaysNone) {
+  const Outcome o = transfer(TlsOptions{}, TlsOptions{}, 1);
+  ASSERT_TRUE(o.send.committed) << o.send.error << " | receiver: " << o.recv.error;
+  EXPECT_EQ(o.send.tls, "none");
+  EXPECT_EQ(o.recv.tls, "none");
+}
+
+// ---- refusals ---------------------------------------------------------------------------------------------
+
+TEST_F(TlsTest, CertificateFromAnotherCaRefused) {
+  const Outcome o = transfer(certs("stranger"), certs("receiver"));
+  EXPECT_FALSE(o.send.committed);
+  EXPECT_FALSE(o.recv.committed);
+  EXPECT_TRUE(contains(o.recv.error, "CN=stranger")) << o.recv.error;
+  EXPECT_TRUE(contains(o.recv.error, "not issued by the CA we trust")) << o.recv.error;
+  EXPECT_FALSE(o.send.error.empty());
+  expect_nothing_written();
+}
+
+TEST_F(TlsTest, ReceiverFromAnotherCaRefusedBySender) {
+  const Outcome o = transfer(certs("sender", "ca2"), certs("receiver"));
+  EXPECT_FALSE(o.send.committed);
+  EXPECT_FALSE(o.recv.committed);
+  EXPECT_TRUE(contains(o.send.error, "not issued by the CA we trust")) << o.send.error;
+  EXPECT_TRUE(contains(o.recv.error, "unknown CA")) << o.recv.error;
+  expect_nothing_written();
+}
+
+TEST_F(TlsTest, WrongPeerNameRefused) {
+  const Outcome o = transfer(certs("sender", "ca1", "elsewhere.test"), certs("receiver"));
+  EXPECT_FALSE(o.send.committed);
+  EXPECT_FALSE(o.recv.committed);
+  EXPECT_TRUE(contains(o.send.error, "hostname mismatch")) << o.send.error;
+  EXPECT_TRUE(contains(o.send.error, "elsewhere.test")) << o.send.error;
+  EXPECT_TRUE(contains(o.send.error, "DNS:receiver.test")) << o.send.error;
+  EXPECT_TRUE(contains(o.recv.error, "TLS")) << o.recv.error;
+  expect_nothing_written();
+}
+
+TEST_F(TlsTest, SenderWithTheWrongNameRefusedByReceiver) {
+  const Outcome o = transfer(certs("sender"), certs("receiver", "ca1", "other-sender.test"));
+  EXPECT_FALSE(o.send.committed);
+  EXPECT_FALSE(o.recv.committed);
+  EXPECT_TRUE(contains(o.recv.error, "hostname mismatch")) << o.recv.error;
+  EXPECT_TRUE(contains(o.recv.error, "other-sender.test")) << o.recv.error;
+  expect_nothing_written();
+}
+
+TEST_F(TlsTest, ExpiredCertificateRefused) {
+  const Outcome o = transfer(certs("expired"), certs("receiver"));
+  EXPECT_FALSE(o.send.committed);
+  EXPECT_FALSE(o.recv.committed);
+  EXPECT_TRUE(contains(o.recv.error, "certificate has expired")) << o.recv.error;
+  EXPECT_TRUE(contains(o.recv.error, "2020")) << o.recv.error;
+  if (!ktls_unavailable_reason().empty()) {  // user-space: the receiver's alert reaches the sender
+    EXPECT_TRUE(contains(o.send.error, "expired") || contains(o.send.error, "reset")) << o.send.error;
+  }
+  expect_nothing_written();
+}
+
+TEST_F(TlsTest, WrongPskRefused) {
+  const Outcome o = transfer(psk("psk-other-key.txt"), psk());
+  EXPECT_FALSE(o.send.committed);
+  EXPECT_FALSE(o.recv.committed);
+  EXPECT_TRUE(contains(o.recv.error, "pre-shared key differs from ours")) << o.recv.error;
+  EXPECT_TRUE(contains(o.send.error, "pre-shared key")) << o.send.error;
+  expect_nothing_written();
+}
+
+TEST_F(TlsTest, UnknownPskIdentityRefused) {
+  const Outcome o = transfer(psk("psk-other-id.txt"), psk());
+  EXPECT_FALSE(o.send.committed);
+  EXPECT_FALSE(o.recv.committed);
+  EXPECT_TRUE(contains(o.recv.error, "identity 'someone-else' is not ours")) << o.recv.error;
+  expect_nothing_written();
+}
+
+TEST_F(TlsTest, PskSenderAgainstCertificateReceiverRefused) {
+  const Outcome o = transfer(psk(), certs("receiver"));
+  EXPECT_FALSE(o.send.committed);
+  EXPECT_FALSE(o.recv.committed);
+  EXPECT_TRUE(contains(o.send.error, "we expect a pre-shared key")) << o.send.error;
+  expect_nothing_written();
+}
+
+TEST_F(TlsTest, PlaintextSenderAgainstTlsReceiverRefused) {
+  const Outcome o = transfer(TlsOptions{}, certs("receiver"));
+  EXPECT_FALSE(o.send.committed);
+  EXPECT_FALSE(o.recv.committed);
+  EXPECT_EQ(o.recv.error, "refused sender: peer did not start TLS (plaintext dstx HELLO?)");
+  EXPECT_TRUE(contains(o.send.error, "this receiver requires TLS")) << o.send.error;
+  expect_nothing_written();
+}
+
+TEST_F(TlsTest, TlsSenderAgainstPlaintextReceiverRefused) {
+  const Outcome o = transfer(certs("sender"), TlsOptions{});
+  EXPECT_FALSE(o.send.committed);
+  EXPECT_FALSE(o.recv.committed);
+  EXPECT_TRUE(
+      starts_with(o.recv.error, "refused sender: peer speaks TLS (ClientHello); start this side with --tls-"))
+      << o.recv.error;
+  EXPECT_TRUE(contains(o.send.error, "the peer does not use TLS")) << o.send.error;
+  expect_nothing_written();
+}
+
+TEST_F(TlsTest, GarbageInsteadOfClientHelloRefused) {
+  const Result r = receive_from(certs("receiver"), [](int fd) {
+    std::string junk = "GET / HTTP/1.1\r\nHost: receiver.test\r\n\r\n";
+    send_all(fd, junk.data(), junk.size());
+    char b[256];
+    while (::recv(fd, b, sizeof b, 0) > 0) {
+    }
+  });
+  EXPECT_FALSE(r.committed);
+  EXPECT_TRUE(contains(r.error, "TLS handshake failed: the peer does not speak TLS")) << r.error;
+  expect_nothing_written();
+}
+
+TEST_F(TlsTest, GarbageRecordInsideTheHandshakeRefused) {
+  const Result r = receive_from(certs("receiver"), [](int fd) {
+    // A handshake record header with a body that is no ClientHello.
+    unsigned char junk[64] = {0x16, 0x03, 0x01, 0x00, 59};
+    for (size_t i = 5; i < sizeof junk; ++i) junk[i] = uint8_t(i * 37);
+    send_all(fd, junk, sizeof junk);
+    char b[256];
+    while (::recv(fd, b, sizeof b, 0) > 0) {
+    }
+  });
+  EXPECT_FALSE(r.committed);
+  EXPECT_TRUE(starts_with(r.error, "refused sender: TLS handshake failed: ")) << r.error;
+  expect_nothing_written();
+}
+
+TEST_F(TlsTest, GarbageAfterTheHandshakeRefused) {
+  const std::string dir = certs_.string();
+  const Result r = receive_from(certs("receiver"), [&](int fd) {
+    RawTlsClient c;
+    ASSERT_TRUE(c.connect(fd, dir));
+    // Bytes past the TLS layer: an application-data record that does not authenticate.
+    unsigned char junk[64] = {0x17, 0x03, 0x03, 0x00, 59};
+    for (size_t i = 5; i < sizeof junk; ++i) junk[i] = uint8_t(i * 13);
+    send_all(fd, junk, sizeof junk);
+    char b[256];
+    while (::recv(fd, b, sizeof b, 0) > 0) {
+    }
+  });
+  EXPECT_FALSE(r.committed);
+  EXPECT_TRUE(starts_with(r.error, "refused sender: ")) << r.error;
+  EXPECT_TRUE(contains(r.error, "TLS") || contains(r.error, "kTLS")) << r.error;
+  if (contains(r.error, "(TLS: ")) {  // user-space: OpenSSL names the failure
+    EXPECT_TRUE(contains(r.error, "bad record mac") || contains(r.error, "decryption failed")) << r.error;
+  }
+  expect_nothing_written();
+}
+
+TEST_F(TlsTest, NonDstxBytesInsideTlsRefused) {
+  const std::string dir = certs_.string();
+  const Result r = receive_from(certs("receiver"), [&](int fd) {
+    RawTlsClient c;
+    ASSERT_TRUE(c.connect(fd, dir));
+    const std::string junk(96, 'x');
+    ASSERT_EQ(SSL_write(c.ssl, junk.data(), int(junk.size())), int(junk.size()));
+    char b[256];
+    while (SSL_read(c.ssl, b, sizeof b) > 0) {
+    }
+  });
+  EXPECT_FALSE(r.committed);
+  EXPECT_TRUE(contains(r.error, "not a dstx HELLO")) << r.error;
+  expect_nothing_written();
+}
+
+TEST_F(TlsTest, GarbageAfterAValidHelloFailsTheTransfer) {
+  const std::string dir = certs_.string();
+  const Result r = receive_from(certs("receiver"), [&](int fd) {
+    RawTlsClient c;
+    ASSERT_TRUE(c.connect(fd, dir));
+    const std::vector<std::byte> hello = hello_frame(1);
+    ASSERT_EQ(SSL_write(c.ssl, hello.data(), int(hello.size())), int(hello.size()));
+    char ack[wire::kHeaderBytes + wire::kHelloBytes];
+    ASSERT_EQ(SSL_read(c.ssl, ack, sizeof ack), int(sizeof ack));  // HELLO_ACK: the session is on
+    unsigned char junk[200] = {0x17, 0x03, 0x03, 0x00, 195};
+    send_all(fd, junk, sizeof junk);
+    char b[256];
+    while (::recv(fd, b, sizeof b, 0) > 0) {
+    }
+  });
+  EXPECT_FALSE(r.committed);
+  EXPECT_TRUE(contains(r.error, "TLS")) << r.error;
+  expect_nothing_written();
+}
+
+// ---- damage on the path
+// ------------------------------------------------------------------------------------
+
+// A flipped bit inside a TLS record fails its authentication: the relay (or kTLS) drops the connection, and
+// the stream is reconnected (a new TLS session) and resumed. Nothing damaged reaches the sink.
+TEST_F(TlsTest, TamperedRecordIsCaughtAndTheStreamResumed) {
+  Stats st;
+  const Outcome o = transfer_through(test::Fault{.kind = test::Fault::flip, .connection = 1, .at = 100 << 10},
+                                     certs("sender"), true, &st);
+  ASSERT_TRUE(o.send.committed) << o.send.error << " | receiver: " << o.recv.error;
+  ASSERT_TRUE(o.recv.committed) << o.recv.error;
+  EXPECT_GE(st.resumes.load(), 1u);
+  expect_byte_exact();
+}
+
+TEST_F(TlsTest, TamperedRecordFailsTheTransferWithoutResume) {
+  Stats st;
+  const Outcome o = transfer_through(test::Fault{.kind = test::Fault::flip, .connection = 1, .at = 100 << 10},
+                                     certs("sender"), false, &st);
+  EXPECT_FALSE(o.send.committed);
+  EXPECT_FALSE(o.recv.committed);
+  if (!ktls_unavailable_reason().empty()) {  // user-space: OpenSSL names the failure
+    EXPECT_TRUE(contains(o.recv.error, "bad record mac") || contains(o.recv.error, "decryption failed"))
+        << o.recv.error;
+  }
+  expect_nothing_written();
+}
+
+TEST_F(TlsTest, CutConnectionResumesOverTls) {
+  Stats st;
+  const Outcome o = transfer_through(test::Fault{.kind = test::Fault::cut, .connection = 2, .at = 100 << 10},
+                                     psk(), true, &st);
+  ASSERT_TRUE(o.send.committed) << o.send.error << " | receiver: " << o.recv.error;
+  ASSERT_TRUE(o.recv.committed) << o.recv.error;
+  EXPECT_GE(st.resumes.load(), 1u);
+  expect_byte_exact();
+}
+
+// ---- properties the kTLS path relies on -------------------------------------------------------------------
+
+// With kTLS receiving, a post-handshake record (a session ticket) would make recv() fail with EIO: none may
+// follow the handshake. Checked on the wire: after our handshake the client has nothing to read.
+TEST_F(TlsTest, NoRecordFollowsTheHandshake) {
+  io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
+  const uint16_t port = io::bound_port(listener.get());
+  TlsError server_error;
+  TlsSession session;
+  std::thread server([&] {
+    io::Fd c = io::tcp_accept(listener.get(), 5000, io::SocketOptions{});
+    server_error = session.secure_server(c, certs("receiver"), 5000);
+    // Hold the connection (and the relay) while the client looks.
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  });
+  io::Fd c = io::tcp_connect(io::HostPort{"127.0.0.1", port}, io::SocketOptions{});
+  RawTlsClient client;
+  ASSERT_TRUE(client.connect(c.get(), certs_.string()));
+  pollfd p{.fd = c.get(), .events = POLLIN, .revents = 0};
+  EXPECT_EQ(::poll(&p, 1, 300), 0) << "a record arrived after the handshake (session ticket?)";
+  server.join();
+  EXPECT_FALSE(server_error) << server_error.text;
+}
+
+// The keys handed to the kernel: derived from the traffic secret, they must open a record OpenSSL sealed
+// (AES-GCM suites; the nonce is the IV xor the record sequence number, 0 for the first record).
+TEST_F(TlsTest, KtlsKeysOpenOpenSslRecords) {
+  for (const char* suite : {"TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384"}) {
+    SCOPED_TRACE(suite);
+    int sv[2];
+    ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+    static std::string secret_hex;
+    secret_hex.clear();
+    SSL_CTX* cctx = SSL_CTX_new(TLS_client_method());
+    SSL_CTX* sctx = SSL_CTX_new(TLS_server_method());
+    for (SSL_CTX* ctx : {cctx, sctx}) {
+      SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION);
+      SSL_CTX_set_ciphersuites(ctx, suite);
+      SSL_CTX_set_num_tickets(ctx, 0);
+    }
+    SSL_CTX_set_keylog_callback(cctx, [](const SSL*, const char* line) {
+      const std::string l(line);
+      if (starts_with(l, "CLIENT_TRAFFIC_SECRET_0 ")) secret_hex = l.substr(l.rfind(' ') + 1);
+    });
+    ASSERT_EQ(SSL_CTX_use_certificate_chain_file(sctx, cert("receiver.pem").c_str()), 1);
+    ASSERT_EQ(SSL_CTX_use_PrivateKey_file(sctx, cert("receiver.key").c_str(), SSL_FILETYPE_PEM), 1);
+    SSL* cs = SSL_new(cctx);
+    SSL* ss = SSL_new(sctx);
+    SSL_set_fd(cs, sv[0]);
+    SSL_set_fd(ss, sv[1]);
+    std::thread t([&] { SSL_accept(ss); });
+    ASSERT_EQ(SSL_connect(cs), 1);
+    t.join();
+    const std::string plain = "dstx HELLO stand-in";
+    ASSERT_EQ(SSL_write(cs, plain.data(), int(plain.size())), int(plain.size()));
+    unsigned char rec[256];
+    const ssize_t n = ::recv(sv[1], rec, sizeof rec, 0);
+    ASSERT_EQ(n, ssize_t(5 + plain.size() + 1 + 16));  // header, data, content type, tag
+    std::vector<uint8_t> secret(secret_hex.size() / 2);
+    for (size_t i = 0; i < secret.size(); ++i)
+      secret[i] = uint8_t(std::stoi(secret_hex.substr(2 * i, 2), nullptr, 16));
+    const uint16_t id = SSL_CIPHER_get_protocol_id(SSL_get_current_cipher(cs));
+    std::vector<uint8_t> key, iv;
+    ASSERT_TRUE(tls_detail::traffic_keys(id, secret, &key, &iv));
+    ASSERT_EQ(iv.size(), 12u);
+    EVP_CIPHER_CTX* e = EVP_CIPHER_CTX_new();
+    const EVP_CIPHER* c = key.size() == 16 ? EVP_aes_128_gcm() : EVP_aes_256_gcm();
+    ASSERT_EQ(EVP_DecryptInit_ex(e, c, nullptr, key.data(), iv.data()), 1);  // seq 0: nonce == iv
+    int len = 0;
+    ASSERT_EQ(EVP_DecryptUpdate(e, nullptr, &len, rec, 5), 1);  // the record header is the AAD
+    std::vector<unsigned char> out(static_cast<size_t>(n));
+    const int body = int(n) - 5 - 16;
+    ASSERT_EQ(EVP_DecryptUpdate(e, out.data(), &len, rec + 5, body), 1);
+    ASSERT_EQ(EVP_CIPHER_CTX_ctrl(e, EVP_CTRL_GCM_SET_TAG, 16, rec + 5 + body), 1);
+    int fin = 0;
+    EXPECT_EQ(EVP_DecryptFinal_ex(e, out.data() + len, &fin), 1) << "tag mismatch: wrong key or IV";
+    EXPECT_EQ(std::string(reinterpret_cast<char*>(out.data()), plain.size()), plain);
+    EXPECT_EQ(out[plain.size()], 0x17);  // inner content type: application data
+    EVP_CIPHER_CTX_free(e);
+    SSL_free(cs);
+    SSL_free(ss);
+    SSL_CTX_free(cctx);
+    SSL_CTX_free(sctx);
+    ::close(sv[0]);
+    ::close(sv[1]);
+  }
+}
+
+// ---- options ----------------------------------------------------------------------------------------------
+
+TEST_F(TlsTest, IncompleteOrContradictoryOptionsRejected) {
+  TlsOptions o;
+  EXPECT_EQ(check_tls_options(o), "");
+  o.ca_file = "ca.pem";
+  EXPECT_TRUE(contains(check_tls_options(o), "missing --tls-cert and --tls-key")) << check_tls_options(o);
+  o = certs("sender");
+  EXPECT_EQ(check_tls_options(o), "");
+  o.psk_file = "k";
+  EXPECT_TRUE(contains(check_tls_options(o), "--psk-file cannot be combined")) << check_tls_options(o);
+  o = TlsOptions{};
+  o.peer_name = "x";
+  EXPECT_TRUE(contains(check_tls_options(o), "--tls-peer-name needs")) << check_tls_options(o);
+}
+
+TEST_F(TlsTest, FilesAreCheckedUpFront) {
+  TlsOptions o = certs("sender");
+  EXPECT_EQ(validate_tls_options(o), "");
+  o.key_file = cert("receiver.key");
+  EXPECT_TRUE(contains(validate_tls_options(o), "does not belong to the certificate"))
+      << validate_tls_options(o);
+  o.cert_file = (dir_ / "missing.pem").string();
+  EXPECT_TRUE(contains(validate_tls_options(o), "No such file")) << validate_tls_options(o);
+  const fs::path bad = dir_ / "bad-psk.txt";
+  std::ofstream(bad) << "id:abcd\n";
+  TlsOptions p;
+  p.psk_file = bad.string();
+  EXPECT_TRUE(contains(validate_tls_options(p), "32 to 128 hex digits")) << validate_tls_options(p);
+  EXPECT_EQ(validate_tls_options(psk()), "");
+}
+
+// ---- the command ------------------------------------------------------------------------------------------
+
+struct CommandRun {
+  int status = -1;
+  std::string output;
+};
+CommandRun run_dstx(const std::string& args) {
+  CommandRun r;
+  const std::string cmd = std::string(DSTX_BINARY) + " " + args + " 2>&1";
+  FILE* p = ::popen(cmd.c_str(), "r");
+  if (!p) return r;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) r.output.append(buf, n);
+  const int st = ::pclose(p);
+  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return r;
+}
+
+TEST_F(TlsTest, CommandRejectsIncompleteTlsOptionsAsUsageErrors) {
+  CommandRun r = run_dstx("send --source file:/dev/null --to 127.0.0.1:1 --tls-ca " + cert("ca1.pem"));
+  EXPECT_EQ(r.status, 2) << r.output;
+  EXPECT_TRUE(contains(r.output, "missing --tls-cert and --tls-key")) << r.output;
+  r = run_dstx("recv --listen 127.0.0.1:0 --sink null: --psk-file " + cert("psk.txt") + " --tls-cert " +
+               cert("receiver.pem"));
+  EXPECT_EQ(r.status, 2) << r.output;
+  EXPECT_TRUE(contains(r.output, "--psk-file cannot be combined")) << r.output;
+  r = run_dstx("recv --listen 127.0.0.1:0 --sink null: --tls-ca " + cert("ca1.pem") + " --tls-cert " +
+               cert("receiver.pem") + " --tls-key " + cert("sender.key"));
+  EXPECT_EQ(r.status, 2) << r.output;
+  EXPECT_TRUE(contains(r.output, "does not belong to the certificate")) << r.output;
+  r = run_dstx("send --help");
+  EXPECT_EQ(r.status, 0);
+  EXPECT_TRUE(contains(r.output, "--tls-peer-name")) << r.output;
+}
+
+TEST_F(TlsTest, CommandDemoOverTls) {
+  const CommandRun r = run_dstx("demo --size 8M --streams 2 --json --psk-file " + cert("psk.txt"));
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_TRUE(contains(r.output, "\"tls\":\"kTLS") || contains(r.output, "\"tls\":\"user-space TLS"))
+      << r.output;
+}
+
+}  // namespace
+}  // namespace dstx::engine
