@@ -51,12 +51,6 @@ class EffortController {
   double effort() const { return effort_.load(std::memory_order_relaxed); }
   double top() const { return level_effort(levels_ - 1); }
 
-  // Called when a send finishes: was the stream's next frame already waiting for the link?
-  void note_send(bool backlogged) {
-    sends_.fetch_add(1, std::memory_order_relaxed);
-    if (backlogged) backlogged_.fetch_add(1, std::memory_order_relaxed);
-  }
-
   // Called after each chunk with the total logical bytes sent so far.
   void observe(uint64_t bytes_total) {
     const auto now = Clock::now();
@@ -68,10 +62,14 @@ class EffortController {
       return;
     }
     const double dt = std::chrono::duration<double>(now - period_start_).count();
-    if (dt < kPeriodSeconds) return;
+    // A period is long enough once it saw a good number of chunks (fast links settle quickly, so short
+    // transfers get the right codec too) or once it is long anyway (slow links).
+    ++period_chunks_;
+    if (!(period_chunks_ >= kPeriodChunks && dt >= kPeriodMinSeconds) && dt < kPeriodMaxSeconds) return;
     const double rate = double(bytes_total - period_bytes_) / dt;
     period_start_ = now;
     period_bytes_ = bytes_total;
+    period_chunks_ = 0;
     if (!warmed_up_) {
       warmed_up_ = true;  // the first period measures socket buffers and slow start filling, not the link
       return;
@@ -80,15 +78,12 @@ class EffortController {
     est = est < 0 ? rate : (1 - kSmoothing) * est + kSmoothing * rate;
 
     int next = current_;
-    // Raw frames that never queued up behind the link mean the link outruns even raw sending: no codec can
-    // help, so the rest of the opening is skipped. lz4 slower than raw: zstd would be slower still.
-    const uint64_t sends = sends_.exchange(0), backlogged = backlogged_.exchange(0);
-    const bool link_idle = opened_ == 0 && sends >= kMinSendsToJudge && backlogged * 4 < sends;
+    // lz4 slower than raw: zstd would be slower still, so the opening ends there.
     const bool lz4_lost = opened_ == 1 && estimate_[size_t(kLevelsPerRung)] <= estimate_[0];
-    if (opened_ + 1 < opening_.size() && !lz4_lost && !link_idle) {
+    if (opened_ + 1 < opening_.size() && !lz4_lost) {
       next = opening_[++opened_];
     } else {
-      if (lz4_lost || link_idle) opened_ = opening_.size() - 1;
+      if (lz4_lost) opened_ = opening_.size() - 1;
       if (opened_ + 1 == opening_.size()) {
         ++opened_;
         for (int l = 0; l < levels_; ++l) {
@@ -119,8 +114,9 @@ class EffortController {
 
  private:
   static constexpr int kLevelsPerRung = 4;
-  static constexpr uint64_t kMinSendsToJudge = 8;
-  static constexpr double kPeriodSeconds = 0.1;
+  static constexpr unsigned kPeriodChunks = 24;
+  static constexpr double kPeriodMinSeconds = 0.02;
+  static constexpr double kPeriodMaxSeconds = 0.2;
   static constexpr double kSmoothing = 0.5;
   static constexpr double kExplore = 0.03;
   static constexpr unsigned kForgetPeriods = 10;
@@ -134,11 +130,10 @@ class EffortController {
   unsigned periods_ = 0;
   int current_ = 0;
   std::atomic<double> effort_{1.0};
-  std::atomic<uint64_t> sends_{0};
-  std::atomic<uint64_t> backlogged_{0};
   std::mutex mu_;
   Clock::time_point period_start_{};
   uint64_t period_bytes_ = 0;
+  unsigned period_chunks_ = 0;
 };
 
 // --bandwidth: a token bucket shared by all streams, on wire bytes. A frame waits until the bucket allows it;
@@ -660,7 +655,6 @@ class Worker {
         queue_send(slot);
         return;
       }
-      if (sh_.effort) sh_.effort->note_send(fifo_.size() > 1 && fifo_[1]->state == State::encoded);
       finish(slot);
     }
   }
