@@ -29,9 +29,8 @@
  *     _start is called once. dstx_transfer_destroy must not overlap any other call on that handle.
  *   - Callbacks run on the threads stated at dstx_progress_fn, dstx_log_fn and dstx_complete_fn.
  *
- * Kinds that are declared but not yet implemented in this library version answer DSTX_E_UNSUPPORTED with a
- * detailed text (dstx_last_error(NULL)): at present that is DSTX_ENDPOINT_VFIO_DEVICE (the VFIO migration
- * driver is being wired in).
+ * Kinds and values that a library version does not know answer DSTX_E_UNSUPPORTED with a detailed text
+ * (dstx_last_error(NULL)).
  */
 #ifndef DSTX_DSTX_H
 #define DSTX_DSTX_H
@@ -76,7 +75,7 @@ typedef enum dstx_status {
   DSTX_E_SINK = 7,        /* the sink could not be opened, written, verified or committed */
   DSTX_E_CONNECTION = 8,  /* connect, accept or an established connection failed */
   DSTX_E_TIMEOUT = 9,     /* a peer or a phase took longer than its time-out */
-  DSTX_E_CANCELLED = 10,  /* dstx_transfer_cancel, here or at the peer */
+  DSTX_E_CANCELLED = 10,  /* dstx_transfer_cancel, here or at the peer (or before_stop_copy refused) */
   DSTX_E_PROTOCOL = 11,   /* malformed frames, protocol version, session or stream mismatch */
   DSTX_E_INTEGRITY = 12,  /* a chunk checksum or the whole-stream digest did not match */
   DSTX_E_SYSTEM = 13,     /* a system resource failed (threads, eventfd, I/O backend set-up) */
@@ -90,8 +89,19 @@ DSTX_API const char* dstx_strerror(int status);
 
 typedef enum dstx_endpoint_kind {
   DSTX_ENDPOINT_NONE = 0,
-  /* A VFIO device fd (v1 migration region or v2 migration feature, see vfio_protocol): the library drives
-   * the device's migration states. NOT YET IMPLEMENTED: create answers DSTX_E_UNSUPPORTED. */
+  /* A VFIO device fd that the VMM opened and set up: an iommufd cdev (/dev/vfio/devices/vfioN) bound and
+   * attached to an IOAS, or the fd VFIO_GROUP_GET_DEVICE_FD returned. The library drives the device's
+   * migration states through the v1 migration region or the v2 migration feature (see vfio_protocol); the
+   * VMM leaves them alone from create until the transfer has ended.
+   * Source: the device must be RUNNING. Pre-copy rounds run while the VM runs (dstx_send_config
+   * precopy_max_rounds, downtime_target_ms), then before_stop_copy is called (pause the vCPUs there), the
+   * device enters STOP_COPY (v1: SAVING) and the rest of its state is sent. After COMMITTED the device is in
+   * STOP (the VMM then stops or quits the VM); after any failure or cancel it is RUNNING again (reset when
+   * nothing else brings it back), and the VMM resumes its vCPUs.
+   * Sink: the device must be RUNNING or STOP. It enters RESUMING with the first byte and leaves it for STOP
+   * at commit, when the device validates the state (a refusal fails the transfer with DSTX_E_SINK and the
+   * text of the device). It is reset after a failure, and when the handle is destroyed without a commit.
+   * dstx_stats reports the device's state (device_state), downtime and pre-copy rounds. */
   DSTX_ENDPOINT_VFIO_DEVICE = 1,
   /* A VFIO v2 migration data_fd that the caller obtained. As a source the device must already be in
    * STOP_COPY (the fd is read to end of file; PRE_COPY's ENOMSG fails the transfer). As a sink the device
@@ -109,10 +119,18 @@ typedef enum dstx_endpoint_kind {
   DSTX_ENDPOINT_BUFFER = 5,
   /* A spec string as the dstx command takes it: "file:PATH", "emu:size=SIZE,profile=NAME,seed=N"
    * (generated test state; as a sink it verifies every byte), "null:" (sink: discard), "stdin:",
-   * "stdout:". "fd:N" is refused here (it would take ownership of N): use DSTX_ENDPOINT_FD. */
+   * "stdout:". "fd:N" is refused here (it would take ownership of N): use DSTX_ENDPOINT_FD.
+   * VFIO devices, which then behave exactly as DSTX_ENDPOINT_VFIO_DEVICE (vfio_protocol applies):
+   * "vfio:/dev/vfio/devices/vfioN" and "vfio-group:/dev/vfio/GROUP:DEVICE" (the library opens the device
+   * itself), and emulated devices "emu-v1:KEY=VALUE,..." (v1 migration region) and "emu-v2:KEY=VALUE,..."
+   * (v2 data_fd), for tests and demos, with the keys of `dstx migrate --help`: size=SIZE, profile=NAME,
+   * seed=N, dirty=BYTES_PER_SEC (state the running device changes), fault=NAME (reject-state,
+   * eio-read@BYTES, eio-write@BYTES, transition-fail@[FROM-]STATE, ...). Each create makes its own emulated
+   * device; a sink loads whatever state it receives and checks its digest at commit. */
   DSTX_ENDPOINT_SPEC = 6
 } dstx_endpoint_kind;
 
+/* Which VFIO migration protocol a device endpoint uses (DSTX_ENDPOINT_VFIO_DEVICE and device specs). */
 typedef enum dstx_vfio_protocol {
   DSTX_VFIO_AUTO = 0, /* v2 when the device offers it, else v1 */
   DSTX_VFIO_V1 = 1,   /* the deprecated migration region */
@@ -132,7 +150,7 @@ typedef struct dstx_endpoint {
   const char* spec;       /* SPEC (copied by create) */
   void* buffer;           /* BUFFER */
   uint64_t buffer_bytes;  /* BUFFER: source: the state's size; sink: the capacity */
-  uint32_t vfio_protocol; /* VFIO_DEVICE: dstx_vfio_protocol */
+  uint32_t vfio_protocol; /* VFIO_DEVICE and SPEC device specs: dstx_vfio_protocol */
   uint32_t reserved;      /* must be 0 */
 } dstx_endpoint;
 
@@ -196,12 +214,44 @@ typedef struct dstx_stats {
   uint64_t connect_ns;   /* sending: connecting the streams (0 for handed-in fds) */
   uint64_t precopy_ns;   /* VFIO_DEVICE sources: time in pre-copy */
   uint64_t stop_copy_ns; /* sending: time in DSTX_PHASE_STOP_COPY (handshake to COMMITTED or failure) */
-  uint64_t downtime_ns;  /* sending: from entering stop-copy until COMMITTED (0 unless committed) */
+  uint64_t downtime_ns;  /* sending: from entering stop-copy until COMMITTED (0 unless committed); VFIO_DEVICE
+                            sources: from the call of before_stop_copy (the VM stops) until COMMITTED */
   uint64_t digest;       /* after DSTX_OK: the whole-stream XXH3-64 digest, the same on both sides */
+  /* Appended after the first release. A library older than your header fills only the part it knows and
+   * leaves these as they were: start from DSTX_STATS_INIT (zeros). "VFIO_DEVICE endpoints" includes device
+   * specs in DSTX_ENDPOINT_SPEC. */
+  uint32_t device_state;      /* VFIO_DEVICE endpoints, both sides: the device's migration state now (while
+                                 the transfer runs) or at the end (once it has ended): a dstx_device_state */
+  uint32_t vfio_protocol;     /* VFIO_DEVICE endpoints: the protocol in use, DSTX_VFIO_V1 or DSTX_VFIO_V2 */
+  uint64_t precopy_bytes;     /* VFIO_DEVICE sources, once ended: state bytes read during pre-copy */
+  uint64_t stop_copy_bytes;   /* VFIO_DEVICE sources, once ended: state bytes read in stop-copy */
+  char device_state_name[32]; /* device_state as text: "RUNNING", "STOP", "PRE_COPY", ...; v1 devices show
+                                 their bits ("SAVING|RUNNING"); "" when not a device. NUL-terminated */
+  char state_digest[40];      /* after DSTX_OK with an emulated device (emu-v1:, emu-v2:): the XXH3-128 of the
+                                 device's whole state in 32 hex digits, equal on both sides; else "" */
 } dstx_stats;
 
 #define DSTX_STATS_INIT \
   { .size = sizeof(dstx_stats) }
+
+/*
+ * A VFIO device's migration state in dstx_stats.device_state. The numbers are the v2 uAPI's
+ * (enum vfio_device_mig_state) plus 2, so that 0 can mean "no device". v1 devices' device_state bits map
+ * onto them: RUNNING, SAVING|RUNNING = PRE_COPY, SAVING = STOP_COPY, RESUMING, 0 = STOP, anything else
+ * (SAVING|RESUMING) = ERROR.
+ */
+typedef enum dstx_device_state {
+  DSTX_DEVICE_NONE = 0,    /* the endpoint is not a VFIO device */
+  DSTX_DEVICE_UNKNOWN = 1, /* the state could not be read (device_state_name says why) */
+  DSTX_DEVICE_ERROR = 2,   /* left only by a reset */
+  DSTX_DEVICE_STOP = 3,
+  DSTX_DEVICE_RUNNING = 4,
+  DSTX_DEVICE_STOP_COPY = 5,
+  DSTX_DEVICE_RESUMING = 6,
+  DSTX_DEVICE_RUNNING_P2P = 7,
+  DSTX_DEVICE_PRE_COPY = 8,
+  DSTX_DEVICE_PRE_COPY_P2P = 9
+} dstx_device_state;
 
 /* ---- Callbacks ----------------------------------------------------------------------------------------- */
 
@@ -235,6 +285,16 @@ typedef void (*dstx_log_fn)(void* user, dstx_transfer* transfer, int level, cons
  * the eventfd (dstx_transfer_fd) becomes readable; dstx_transfer_poll already answers `status` by then.
  */
 typedef void (*dstx_complete_fn)(void* user, dstx_transfer* transfer, int status);
+
+/*
+ * Before stop-copy (VFIO_DEVICE sources, dstx_send_config.before_stop_copy): called once, right before the
+ * device enters STOP_COPY (v1: SAVING), after the pre-copy rounds (or at once without them). The VMM pauses
+ * its vCPUs here, so that the device state stops changing. Called on one of the library's worker threads
+ * while the device's reads wait for it (keep it short: it is part of the downtime, and the transfer's idle
+ * time-out runs). Return 0 to go on; anything else cancels the transfer (DSTX_E_CANCELLED), the device goes
+ * back to RUNNING, and the VMM resumes its vCPUs. Not called when the transfer fails before stop-copy.
+ */
+typedef int (*dstx_stop_copy_fn)(void* user, dstx_transfer* transfer);
 
 /*
  * Inside any callback the program may call dstx_transfer_cancel, _stats, _poll, _fd, _local_port and
@@ -276,8 +336,10 @@ typedef struct dstx_send_config {
    * connections). */
   int32_t reconnect_attempts;
   uint64_t bandwidth_bytes_per_second; /* cap on wire bytes, all streams together; 0: none */
-  /* VFIO_DEVICE sources (not yet implemented): pre-copy rounds at most (0: the driver's default, 8; -1: none,
-   * straight to stop-copy), and the downtime to aim for when deciding to stop (0: the default, 300 ms). */
+  /* VFIO_DEVICE sources: pre-copy rounds at most (0: the driver's default, 8; -1: none, straight to
+   * stop-copy), and the downtime to aim for when deciding to stop (0: the default, 300 ms). Pre-copy also
+   * ends when the remaining state stops shrinking, or fits the target at the rate measured so far. A v2
+   * device without VFIO_MIGRATION_PRE_COPY goes straight to stop-copy. */
   int32_t precopy_max_rounds;
   uint32_t downtime_target_ms;
   uint32_t log_level;            /* dstx_log_level; 0: DSTX_LOG_WARN */
@@ -286,6 +348,9 @@ typedef struct dstx_send_config {
   dstx_log_fn log;               /* optional */
   dstx_complete_fn on_complete;  /* optional */
   void* user;                    /* passed to the callbacks */
+  /* Appended after the first release (appending is how configs grow; a library older than your header
+   * refuses a non-zero value here with DSTX_E_UNSUPPORTED): */
+  dstx_stop_copy_fn before_stop_copy; /* VFIO_DEVICE sources, optional: see dstx_stop_copy_fn */
 } dstx_send_config;
 
 #define DSTX_SEND_CONFIG_INIT \

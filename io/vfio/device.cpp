@@ -123,22 +123,40 @@ std::unique_ptr<VfioDevice> VfioDevice::open(std::shared_ptr<Kernel> kernel, con
     dev->open_cdev(where);
   else
     dev->open_group(where);
+  dev->probe(choice);
+  return dev;
+}
+
+std::unique_ptr<VfioDevice> VfioDevice::adopt(std::shared_ptr<Kernel> kernel, int device_fd,
+                                              std::string describe, ProtocolChoice choice) {
+  std::unique_ptr<VfioDevice> dev;
+  try {
+    dev.reset(new VfioDevice(kernel, std::move(describe)));
+  } catch (...) {
+    kernel->close(device_fd);
+    throw;
+  }
+  dev->device_fd_ = device_fd;  // from here on the device closes it
+  dev->probe(choice);
+  return dev;
+}
+
+void VfioDevice::probe(ProtocolChoice choice) {
   vfio_device_info info{};
   info.argsz = sizeof info;
-  if (const int rc = dev->kernel_->ioctl(dev->device_fd_, VFIO_DEVICE_GET_INFO, &info); rc < 0) {
-    dev->fail("VFIO_DEVICE_GET_INFO", -rc);
+  if (const int rc = kernel_->ioctl(device_fd_, VFIO_DEVICE_GET_INFO, &info); rc < 0) {
+    fail("VFIO_DEVICE_GET_INFO", -rc);
   }
-  dev->device_flags_ = info.flags;
-  dev->region_.index = UINT32_MAX;
+  device_flags_ = info.flags;
+  region_.index = UINT32_MAX;
   if (choice != ProtocolChoice::v2) {
     // Walk the regions only when v1 may be used: the walk maps the migration region's data section.
-    for (uint32_t i = 0; i < info.num_regions && dev->region_.index == UINT32_MAX; ++i) {
-      dev->region_.index = i;
-      if (!dev->find_v1_region()) dev->region_.index = UINT32_MAX;
+    for (uint32_t i = 0; i < info.num_regions && region_.index == UINT32_MAX; ++i) {
+      region_.index = i;
+      if (!find_v1_region()) region_.index = UINT32_MAX;
     }
   }
-  dev->detect(choice);
-  return dev;
+  detect(choice);
 }
 
 void VfioDevice::open_cdev(const DevicePath& where) {

@@ -68,6 +68,12 @@ class VfioDevice {
  public:
   static std::unique_ptr<VfioDevice> open(std::shared_ptr<Kernel> kernel, const DevicePath& where,
                                           ProtocolChoice choice);
+  // A device fd that its user already opened and set up (a cdev bound and attached to an IOAS, or the fd of
+  // VFIO_GROUP_GET_DEVICE_FD): nothing is opened, bound or attached; the protocol is found as open() finds
+  // it. Takes ownership of `device_fd` (closed with the device, and when this throws): pass a duplicate to
+  // keep yours. `describe` names the device in texts.
+  static std::unique_ptr<VfioDevice> adopt(std::shared_ptr<Kernel> kernel, int device_fd,
+                                           std::string describe, ProtocolChoice choice);
   ~VfioDevice();
   VfioDevice(const VfioDevice&) = delete;
   VfioDevice& operator=(const VfioDevice&) = delete;
@@ -110,6 +116,7 @@ class VfioDevice {
   VfioDevice(std::shared_ptr<Kernel> kernel, std::string describe);
   void open_cdev(const DevicePath& where);
   void open_group(const DevicePath& where);
+  void probe(ProtocolChoice choice);  // device info, the v1 region walk, then detect()
   void detect(ProtocolChoice choice);
   bool find_v1_region();
   void map_v1_areas();
