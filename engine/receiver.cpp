@@ -32,6 +32,18 @@ uint64_t our_capabilities() {
   return wire::kCapLz4 | wire::kCapZstd | wire::kCapTransactions | wire::kCapResume;
 }
 
+// A stream's buffer for an encoded payload: the largest any codec may send for one chunk.
+size_t decode_buffer_bytes(uint32_t chunk) {
+  return std::max({compress::encode_bound(compress::Codec::lz4, chunk),
+                   compress::encode_bound(compress::Codec::zstd, chunk),
+                   compress::encode_bound(compress::Codec::sparse, chunk)});
+}
+
+// What a session needs at the least: a decode buffer per stream and a reorder window of two chunks.
+uint64_t minimum_memory_bytes(unsigned streams, uint32_t chunk) {
+  return uint64_t(streams) * decode_buffer_bytes(chunk) + 2ull * chunk;
+}
+
 // One stream's connection. Its worker owns it; with resume the acceptor hands a reconnection over through
 // `pending` and shuts the old connection so the worker notices.
 struct Link {
@@ -128,8 +140,7 @@ class StreamWorker {
   void run() {
     try {
       ring_ = io::make_ring(sh_.backend, io::RingOptions{.entries = 4});
-      scratch_.resize(compress::encode_bound(compress::Codec::zstd, sh_.chunk_bytes) +
-                      compress::encode_bound(compress::Codec::lz4, sh_.chunk_bytes));
+      scratch_.resize(decode_buffer_bytes(sh_.chunk_bytes));
     } catch (const std::exception& e) {
       sh_.fail(Reason::internal, name_ + ": " + e.what());
       return;
@@ -435,6 +446,15 @@ std::optional<Refusal> read_hello(io::Ring& ring, int fd, int timeout_ms, const 
                                            std::to_string(wire::kMinChunkBytes) + ".." +
                                            std::to_string(o.max_chunk_bytes)};
   }
+  if (const uint64_t need = minimum_memory_bytes(h.stream_count, h.max_chunk_bytes);
+      need > o.memory_budget_bytes) {
+    return Refusal{Reason::chunk_size, std::to_string(h.stream_count) + " streams of " +
+                                           std::to_string(h.max_chunk_bytes) + "-byte chunks need " +
+                                           std::to_string(need >> 20) +
+                                           " MiB of buffers, above this receiver's " +
+                                           std::to_string(o.memory_budget_bytes >> 20) +
+                                           " MiB budget (fewer streams, smaller chunks, or --memory)"};
+  }
   return std::nullopt;
 }
 
@@ -577,8 +597,7 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, bool 
   result.tls = tls.describe();
   const uint32_t chunk = first.max_chunk_bytes;
   const unsigned n = first.stream_count;
-  const uint64_t scratch = uint64_t(n) * (compress::encode_bound(compress::Codec::zstd, chunk) +
-                                          compress::encode_bound(compress::Codec::lz4, chunk));
+  const uint64_t scratch = uint64_t(n) * decode_buffer_bytes(chunk);
   const uint64_t budget_slots =
       options.memory_budget_bytes > scratch ? (options.memory_budget_bytes - scratch) / chunk : 0;
   const uint32_t slots = uint32_t(std::clamp<uint64_t>(budget_slots, 2, std::max<uint64_t>(16, 8ull * n)));

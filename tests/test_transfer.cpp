@@ -461,6 +461,17 @@ TEST(Transfer, ReceiverRefusesAChunkSizeAboveItsLimitAndSaysWhy) {
   EXPECT_EQ(o.recv.reason, wire::Reason::chunk_size);
 }
 
+TEST(Transfer, ReceiverRefusesASessionThatWouldExceedItsMemoryBudget) {
+  auto src = io::open_emu_source(io::ContentGenerator(io::Profile::text, 1), 1 << 20);
+  auto sink = io::open_null_sink();
+  RecvOptions ro;
+  ro.memory_budget_bytes = 16 << 20;
+  const Outcome o = transfer(*src, *sink, SendOptions{.streams = 4, .chunk_bytes = 8 << 20}, ro);
+  EXPECT_FALSE(o.send.committed);
+  EXPECT_NE(o.send.error.find("above this receiver's 16 MiB budget"), std::string::npos) << o.send.error;
+  EXPECT_EQ(o.recv.reason, wire::Reason::chunk_size);
+}
+
 TEST(Transfer, SinkMismatchAbortsBothSidesWithTheSinksReason) {
   auto src = io::open_emu_source(io::ContentGenerator(io::Profile::binary, 1), 4 << 20);
   auto sink = io::open_emu_sink(io::ContentGenerator(io::Profile::binary, 2), 4 << 20);  // other seed
