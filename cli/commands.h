@@ -12,6 +12,9 @@ namespace dstx::cli {
 // dstx migrate: drive a VFIO device (real or emulated) through pre-copy and stop-copy to a receiver.
 int cmd_migrate(const std::vector<std::string>& argv);
 
+// dstx tune: measure this machine and link, save the profile send/demo/migrate default to (cli/tune.cpp).
+int cmd_tune(const std::vector<std::string>& argv);
+
 // dstx recv into a device sink: the device's final state (and digest) for the summary; nothing for other
 // sinks.
 void print_device_sink(std::FILE* out, io::Sink& sink);

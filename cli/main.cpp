@@ -50,6 +50,7 @@ const char* kMainHelp =
     "  recv    serve one transfer and write it into a sink\n"
     "  demo    a receiver and a sender over loopback, emulated state, verified byte for byte\n"
     "  migrate migrate a VFIO device's state to dstx recv: pre-copy, stop-copy, back to RUNNING on failure\n"
+    "  tune    measure this machine and link; save the chunk size, streams and zero-copy minimum send uses\n"
     "\n"
     "exit codes: 0 committed, 1 transfer failed, 2 usage error\n";
 
@@ -58,10 +59,10 @@ const char* kSendHelp =
     "\n"
     "  --source SPEC       file:PATH, emu:size=SIZE,profile=NAME,seed=N, stdin:, fd:N\n"
     "  --to HOST:PORT      the receiver (dstx recv --listen)\n"
-    "  --streams N         parallel TCP streams (default: one per core)\n"
+    "  --streams N         parallel TCP streams (default: the tune profile's, else one per core)\n"
     "  --codec MODE        auto (default: zero skip + lz4, raw where it does not pay), none, lz4, zstd\n"
     "  --zstd-level N      1..19 (default 1)\n"
-    "  --chunk-size SIZE   4K..16M (default 1M)\n"
+    "  --chunk-size SIZE   4K..16M (default: the tune profile's, else 1M)\n"
     "  --depth N           chunks in flight per stream (default 4)\n"
     "  --connect-timeout MS, --commit-timeout MS\n"
     "  --idle-timeout MS   fail when nothing moves for this long (default 30000; 0: never)\n"
@@ -69,7 +70,11 @@ const char* kSendHelp =
     "  --reconnect-attempts N  per broken stream before giving up (default 5)\n"
     "  --replay-buffer SIZE    unacknowledged frames kept for resuming (default 32M)\n"
     "  --no-resume         fail at the first broken connection instead of resuming\n"
-    "  --zero-copy-min SIZE  send frames at least this large with SEND_ZC (default 0: never; see dstx tune)\n"
+    "  --zero-copy-min SIZE  send frames at least this large with SEND_ZC\n"
+    "                      (default: the tune profile's, else 0: never)\n"
+    "  --no-tune           ignore the dstx tune profile: $DSTX_TUNE_PROFILE, else\n"
+    "                      ${XDG_CONFIG_HOME:-~/.config}/dstx/tune.json; when it exists, it sets the\n"
+    "                      defaults of --streams, --chunk-size and --zero-copy-min (explicit options win)\n"
     "  --tcp-user-timeout MS  a connection with data unacknowledged this long is broken (default 30000)\n"
     "  --json              print one JSON object instead of the summary\n"
     "  --quiet             no progress line\n";
@@ -83,6 +88,10 @@ const char* kRecvHelp =
     "emu-v2:…\n"
     "                      (see dstx migrate --help)\n"
     "  --streams N         the most streams to accept (default 64)\n"
+    "  --count N           serve N transfers one after another on the same listener, each into a fresh sink\n"
+    "                      opened from SPEC (default 1; exit 0 only if all committed; stops at the first\n"
+    "                      failure). A sender that connects while the previous transfer is still\n"
+    "                      closing is refused as busy: start the next one ~0.3 s after the last committed\n"
     "  --max-chunk-size SIZE  largest chunk accepted (default 16M)\n"
     "  --memory SIZE       memory budget for buffers (default 64M)\n"
     "  --accept-timeout MS how long to wait for a sender (default 60000)\n"
@@ -125,7 +134,7 @@ int cmd_send(const std::vector<std::string>& argv) {
     std::fputs(kTlsHelp, stdout);
     return kExitOk;
   }
-  const Args args(argv, send_option_names({"source", "to"}), {"json", "quiet", "no-resume"});
+  const Args args(argv, send_option_names({"source", "to"}), {"json", "quiet", "no-resume", "no-tune"});
   const engine::SendOptions options = send_options(args);
   io::HostPort to;
   try {
@@ -160,7 +169,7 @@ int cmd_recv(const std::vector<std::string>& argv) {
   }
   const Args args(argv,
                   with_tls_options({"listen", "sink", "streams", "max-chunk-size", "memory", "accept-timeout",
-                                    "idle-timeout", "resume-timeout", "tcp-user-timeout"}),
+                                    "idle-timeout", "resume-timeout", "tcp-user-timeout", "count"}),
                   {"json", "quiet"});
   engine::RecvOptions o;
   o.max_streams = args.get_unsigned("streams", engine::wire::kMaxStreams, 1, engine::wire::kMaxStreams);
@@ -175,6 +184,7 @@ int cmd_recv(const std::vector<std::string>& argv) {
   o.resume_timeout_ms = args.get_int("resume-timeout", o.resume_timeout_ms, 1, 86400000);
   o.socket.user_timeout_ms = args.get_int("tcp-user-timeout", o.socket.user_timeout_ms, 0, 3600000);
   o.tls = tls_options(args);
+  const unsigned count = args.get_unsigned("count", 1, 1, 1000000);
   io::HostPort where;
   try {
     where = io::parse_host_port(args.require("listen"));
@@ -182,37 +192,44 @@ int cmd_recv(const std::vector<std::string>& argv) {
     throw UsageError(std::string("--listen: ") + e.what());
   }
   const std::string spec = args.require("sink");
-  engine::Stats stats;
-  std::unique_ptr<io::Sink> sink;
   io::Fd listener;
-  try {
-    sink = engine::open_sink(spec);
-  } catch (const std::invalid_argument& e) {
-    throw UsageError(std::string("--sink: ") + e.what());
-  } catch (const std::exception& e) {
-    engine::Result r;
-    r.reason = engine::wire::Reason::sink;
-    r.error = e.what();
-    return finish("recv", r, stats, args.has("json"));
+  // --count N: one transfer after another on the same listener, each into a sink freshly opened from `spec`.
+  int rc = kExitOk;
+  for (unsigned n = 0; n < count && rc == kExitOk; ++n) {
+    engine::Stats stats;
+    std::unique_ptr<io::Sink> sink;
+    try {
+      sink = engine::open_sink(spec);
+    } catch (const std::invalid_argument& e) {
+      throw UsageError(std::string("--sink: ") + e.what());
+    } catch (const std::exception& e) {
+      engine::Result r;
+      r.reason = engine::wire::Reason::sink;
+      r.error = e.what();
+      return finish("recv", r, stats, args.has("json"));
+    }
+    if (!listener) {
+      try {
+        listener = io::tcp_listen(where);
+      } catch (const std::exception& e) {
+        sink->abort();
+        engine::Result r;
+        r.reason = engine::wire::Reason::connection;
+        r.error = e.what();
+        return finish("recv", r, stats, args.has("json"));
+      }
+      // Tell scripts which port was bound (useful with port 0). stderr keeps stdout clean for --json/stdout:.
+      std::fprintf(stderr, "dstx recv: listening on %s:%u\n", where.host.c_str(),
+                   io::bound_port(listener.get()));
+    }
+    ProgressLine progress(stats, "recv", !args.has("json") && !args.has("quiet"));
+    const engine::Result r = engine::receive(*sink, listener.get(), o, &stats, &g_cancel);
+    progress.stop();
+    // A device sink adds the device's final state (and, emulated, its state digest).
+    rc = finish("recv", r, stats, args.has("json"), writes_stdout(spec) ? stderr : stdout,
+                engine::device_sink_json_fields(*sink));
+    if (!args.has("json")) print_device_sink(r.committed ? stdout : stderr, *sink);
   }
-  try {
-    listener = io::tcp_listen(where);
-  } catch (const std::exception& e) {
-    sink->abort();
-    engine::Result r;
-    r.reason = engine::wire::Reason::connection;
-    r.error = e.what();
-    return finish("recv", r, stats, args.has("json"));
-  }
-  // Tell scripts which port was bound (useful with port 0). stderr keeps stdout clean for --json/stdout:.
-  std::fprintf(stderr, "dstx recv: listening on %s:%u\n", where.host.c_str(), io::bound_port(listener.get()));
-  ProgressLine progress(stats, "recv", !args.has("json") && !args.has("quiet"));
-  const engine::Result r = engine::receive(*sink, listener.get(), o, &stats, &g_cancel);
-  progress.stop();
-  // A device sink adds the device's final state (and, emulated, its state digest).
-  const int rc = finish("recv", r, stats, args.has("json"), writes_stdout(spec) ? stderr : stdout,
-                        engine::device_sink_json_fields(*sink));
-  if (!args.has("json")) print_device_sink(r.committed ? stdout : stderr, *sink);
   return rc;
 }
 
@@ -222,7 +239,8 @@ int cmd_demo(const std::vector<std::string>& argv) {
     std::fputs(kTlsHelp, stdout);
     return kExitOk;
   }
-  const Args args(argv, send_option_names({"size", "profile", "seed"}), {"json", "quiet", "no-resume"});
+  const Args args(argv, send_option_names({"size", "profile", "seed"}),
+                  {"json", "quiet", "no-resume", "no-tune"});
   engine::EmuSpec spec;
   spec.size = args.get_size("size", 1ull << 30);
   if (auto p = args.get("profile")) {
@@ -293,6 +311,7 @@ int run(int argc, char** argv) {
     if (cmd == "recv") return cmd_recv(rest);
     if (cmd == "demo") return cmd_demo(rest);
     if (cmd == "migrate") return cmd_migrate(rest);
+    if (cmd == "tune") return cmd_tune(rest);
     std::fprintf(stderr, "dstx: unknown command '%s'\n\n%s", cmd.c_str(), kMainHelp);
     return kExitUsage;
   } catch (const UsageError& e) {

@@ -469,7 +469,11 @@ namespace {
 
 // With resume: takes reconnections of broken streams while the transfer runs and hands each to its stream's
 // worker. Anything else that connects is refused.
-void acceptor(Shared& sh, const std::function<io::Fd(int)>& next_connection, uint64_t session_id) {
+// Stops taking connections once the transfer committed: a sender can connect again only after it read
+// COMMITTED, which goes out after `committed` is set, so a connection seen after that belongs to the next
+// transfer on this listener and is left for it.
+void acceptor(Shared& sh, int listen_fd, const std::function<io::Fd(int)>& next_connection,
+              uint64_t session_id) {
   std::unique_ptr<io::Ring> ring;
   try {
     ring = io::make_ring(sh.backend, io::RingOptions{.entries = 4});
@@ -478,9 +482,11 @@ void acceptor(Shared& sh, const std::function<io::Fd(int)>& next_connection, uin
     return;
   }
   while (!sh.done && !sh.failure.failed()) {
+    if (wait_readable(listen_fd, 50) <= 0) continue;
+    if (sh.committed) break;
     io::Fd c;
     try {
-      c = next_connection(50);
+      c = next_connection(0);
     } catch (const std::exception&) {
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
       continue;
@@ -512,7 +518,7 @@ void acceptor(Shared& sh, const std::function<io::Fd(int)>& next_connection, uin
 // an invalid Fd when none comes within the time-out (or none is left); throws for a broken listener.
 using NextConnection = std::function<io::Fd(int timeout_ms)>;
 
-Result receive_impl(io::Sink& sink, const NextConnection& next_connection, bool can_resume,
+Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int listen_fd,
                     const RecvOptions& options, Stats* stats_in, const Cancel* cancel) {
   const auto started = Clock::now();
   Stats local_stats;
@@ -611,7 +617,7 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, bool 
   }
   Shared sh(sink, options, links, stats, backend, chunk, slots);
   // Resuming needs a listener to take reconnections.
-  sh.resume = can_resume && (first.capabilities & wire::kCapResume);
+  sh.resume = listen_fd >= 0 && (first.capabilities & wire::kCapResume);
   sh.tls = &tls;
   sh.hello_ack = first;
   sh.hello_ack.capabilities =
@@ -643,7 +649,9 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, bool 
     sh.thread_done();
   });
   std::thread acceptor_thread;
-  if (sh.resume) acceptor_thread = std::thread([&] { acceptor(sh, next_connection, first.session_id); });
+  if (sh.resume) {
+    acceptor_thread = std::thread([&] { acceptor(sh, listen_fd, next_connection, first.session_id); });
+  }
   {
     IdleWatch idle(options.idle_timeout_ms);
     std::unique_lock lock(sh.done_mu);
@@ -710,8 +718,8 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, bool 
 Result receive(io::Sink& sink, int listen_fd, const RecvOptions& options, Stats* stats,
                const Cancel* cancel) {
   return receive_impl(
-      sink, [&](int timeout_ms) { return io::tcp_accept(listen_fd, timeout_ms, options.socket); },
-      /*can_resume=*/true, options, stats, cancel);
+      sink, [&](int timeout_ms) { return io::tcp_accept(listen_fd, timeout_ms, options.socket); }, listen_fd,
+      options, stats, cancel);
 }
 
 Result receive_accepted(io::Sink& sink, std::vector<io::Fd> connections, const RecvOptions& options,
@@ -728,7 +736,7 @@ Result receive_accepted(io::Sink& sink, std::vector<io::Fd> connections, const R
         std::this_thread::sleep_for(std::chrono::milliseconds(timeout_ms));
         return io::Fd();
       },
-      /*can_resume=*/false, options, stats, cancel);
+      /*listen_fd=*/-1, options, stats, cancel);
 }
 
 }  // namespace dstx::engine

@@ -12,6 +12,7 @@ packages=(
   qemu-system-x86 python3  # tests/qemu: QEMU migration through dstx (TCG; ~16 MiB download, ~81 MiB installed)
   clang libclang-rt-14-dev llvm  # tests/fuzz: libFuzzer targets (scripts/sanitize.sh fuzz), llvm-symbolizer
   libssl-dev openssl  # TLS on the streams (engine/tls.cpp); openssl makes tests/test_tls's certificates
+  linux-source-6.12 flex bison bc libelf-dev cpio busybox-static  # tests/vm: mtty VM kernel, initramfs (~150 MiB)
 )
 
 missing=()

@@ -1,0 +1,317 @@
+// dstx tune as a user runs it: the profile it saves, send/demo taking their defaults from a profile (explicit
+// options win, --no-tune ignores it, a malformed one is a usage error naming the file), and recv --count.
+// No timing assertions: only that the measurements are sane and that the profile is used.
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <regex>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+extern char** environ;
+
+namespace {
+
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+
+// A child process running dstx with stdout and stderr captured through pipes (as in test_cli.cpp).
+class Proc {
+ public:
+  explicit Proc(std::vector<std::string> args) {
+    int out[2], err[2];
+    if (pipe2(out, O_CLOEXEC) != 0 || pipe2(err, O_CLOEXEC) != 0) throw std::runtime_error("pipe");
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_adddup2(&fa, out[1], 1);
+    posix_spawn_file_actions_adddup2(&fa, err[1], 2);
+    args.insert(args.begin(), DSTX_BINARY);
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    if (posix_spawn(&pid_, DSTX_BINARY, &fa, nullptr, argv.data(), environ) != 0) {
+      throw std::runtime_error("spawn dstx");
+    }
+    posix_spawn_file_actions_destroy(&fa);
+    close(out[1]);
+    close(err[1]);
+    out_fd_ = out[0];
+    err_fd_ = err[0];
+  }
+  ~Proc() {
+    if (pid_ > 0) {
+      kill(pid_, SIGKILL);
+      wait();
+    }
+    close(out_fd_);
+    close(err_fd_);
+  }
+  std::string wait_stderr_line(const std::string& needle, std::chrono::milliseconds timeout = 10s) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (std::chrono::steady_clock::now() < deadline) {
+      const size_t pos = err_.find(needle);
+      if (pos != std::string::npos) {
+        const size_t end = err_.find('\n', pos);
+        if (end != std::string::npos) {
+          const size_t begin = err_.rfind('\n', pos) == std::string::npos ? 0 : err_.rfind('\n', pos) + 1;
+          return err_.substr(begin, end - begin);
+        }
+      }
+      if (!pump(50)) break;
+    }
+    return {};
+  }
+  int wait() {
+    while (pump(20)) {
+    }
+    int status = 0;
+    waitpid(pid_, &status, 0);
+    pid_ = -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  }
+  const std::string& out() const { return out_; }
+  const std::string& err() const { return err_; }
+
+ private:
+  bool pump(int timeout_ms) {
+    pollfd p[2] = {{out_fd_, POLLIN, 0}, {err_fd_, POLLIN, 0}};
+    if (poll(p, 2, timeout_ms) <= 0) return true;
+    bool open = false;
+    char buf[4096];
+    for (int i = 0; i < 2; ++i) {
+      if (p[i].revents == 0) {
+        open = true;
+        continue;
+      }
+      const ssize_t n = read(p[i].fd, buf, sizeof buf);
+      if (n > 0) {
+        (i == 0 ? out_ : err_).append(buf, size_t(n));
+        open = true;
+      }
+    }
+    return open;
+  }
+  pid_t pid_ = -1;
+  int out_fd_ = -1, err_fd_ = -1;
+  std::string out_, err_;
+};
+
+int run(std::vector<std::string> args, std::string* out = nullptr, std::string* err = nullptr) {
+  Proc p(std::move(args));
+  const int rc = p.wait();
+  if (out) *out = p.out();
+  if (err) *err = p.err();
+  return rc;
+}
+
+uint16_t start_recv(Proc& recv) {
+  const std::string line = recv.wait_stderr_line("listening on");
+  const size_t colon = line.rfind(':');
+  if (colon == std::string::npos) return 0;
+  return uint16_t(std::stoi(line.substr(colon + 1)));
+}
+
+// The first top-level-looking "key": NUMBER in `text`, or -1.
+long long number_field(const std::string& text, const std::string& key) {
+  std::smatch m;
+  if (!std::regex_search(text, m, std::regex("\"" + key + "\":\\s*([0-9]+)"))) return -1;
+  return std::stoll(m[1].str());
+}
+
+int count_of(const std::string& text, const std::string& needle) {
+  int n = 0;
+  for (size_t at = text.find(needle); at != std::string::npos; at = text.find(needle, at + 1)) ++n;
+  return n;
+}
+
+class TuneCliTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() / ("dstx-tune-" + std::to_string(getpid()) + "-" +
+                                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::create_directories(dir_);
+    profile_ = (dir_ / "tune.json").string();
+    // Every dstx this test starts reads (only) this profile, never the user's.
+    setenv("DSTX_TUNE_PROFILE", profile_.c_str(), 1);
+  }
+  void TearDown() override {
+    unsetenv("DSTX_TUNE_PROFILE");
+    fs::remove_all(dir_);
+  }
+  void write_profile(const std::string& text) { std::ofstream(profile_) << text; }
+
+  // One send of `source` to a fresh `dstx recv --sink null:`; returns the send's exit code and JSON.
+  int send_once(std::vector<std::string> extra, std::string* out, std::string* err = nullptr) {
+    Proc recv({"recv", "--listen", "127.0.0.1:0", "--sink", "null:", "--quiet"});
+    const uint16_t port = start_recv(recv);
+    if (port == 0) return -1;
+    std::vector<std::string> args = {
+        "send",  "--source", "emu:size=8M,profile=mixed", "--to", "127.0.0.1:" + std::to_string(port),
+        "--json"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    const int rc = run(args, out, err);
+    recv.wait();
+    return rc;
+  }
+
+  fs::path dir_;
+  std::string profile_;
+};
+
+TEST_F(TuneCliTest, QuickTuneWritesASaneProfile) {
+  const std::string path = (dir_ / "sub" / "out.json").string();
+  std::string out, err;
+  ASSERT_EQ(run({"tune", "--quick", "--size", "8M", "--out", path}, &out, &err), 0) << out << err;
+  EXPECT_NE(out.find("saved to " + path), std::string::npos) << out;
+  EXPECT_NE(out.find("zero copy"), std::string::npos) << out;
+  std::ifstream in(path);
+  ASSERT_TRUE(in) << path;
+  std::stringstream text;
+  text << in.rdbuf();
+  const std::string p = text.str();
+  EXPECT_EQ(number_field(p, "version"), 1) << p;
+  EXPECT_GE(number_field(p, "cores"), 1) << p;
+  EXPECT_NE(p.find("\"link\": \"loopback\""), std::string::npos) << p;
+  const long long chunk = number_field(p, "chunk_bytes");
+  EXPECT_TRUE(chunk == 256 << 10 || chunk == 1 << 20) << p;  // the --quick points
+  EXPECT_GE(number_field(p, "streams"), 1) << p;
+  EXPECT_LE(number_field(p, "streams"), 64) << p;
+  const long long zc = number_field(p, "zero_copy_min_bytes");
+  EXPECT_TRUE(zc == 0 || zc == 256 << 10 || zc == 1 << 20) << p;
+  for (const char* key : {"\"lz4\"", "\"zstd-1\"", "\"binary\"", "\"text\"", "\"mixed\"", "\"encode_mb_s\"",
+                          "\"decode_mb_s\"", "\"zero_copy_note\""}) {
+    EXPECT_NE(p.find(key), std::string::npos) << key << "\n" << p;
+  }
+  EXPECT_GE(count_of(p, "\"kind\": \"sweep\""), 2) << p;
+  EXPECT_EQ(count_of(p, "\"kind\": \"zero_copy\""), 12) << p;  // 2 frame sizes x 2 modes x median of 3
+  // The profile it wrote is one send accepts.
+  setenv("DSTX_TUNE_PROFILE", path.c_str(), 1);
+  std::string json;
+  ASSERT_EQ(send_once({}, &json, &err), 0) << json << err;
+  EXPECT_EQ(number_field(json, "chunks"), (8ll << 20) / chunk) << json;
+}
+
+TEST_F(TuneCliTest, JsonAndPlan) {
+  std::string out, err;
+  ASSERT_EQ(run({"tune", "--plan", "--quick"}, &out, &err), 0) << err;
+  const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
+  EXPECT_EQ(out, std::to_string((cores > 1 ? 4 : 2) + 12) + " transfers\n");
+  ASSERT_EQ(run({"tune", "--quick", "--size", "4M", "--json"}, &out, &err), 0) << err;
+  EXPECT_EQ(number_field(out, "version"), 1) << out;
+  EXPECT_TRUE(fs::exists(profile_)) << "without --out the profile goes to $DSTX_TUNE_PROFILE";
+  EXPECT_EQ(run({"tune", "--size", "1K", "--out", profile_}, &out, &err), 2);
+  EXPECT_EQ(run({"tune", "--bogus"}, &out, &err), 2);
+  ASSERT_EQ(run({"tune", "--help"}, &out), 0);
+  EXPECT_NE(out.find("--count N"), std::string::npos) << out;
+  ASSERT_EQ(run({"send", "--help"}, &out), 0);
+  EXPECT_NE(out.find("--no-tune"), std::string::npos) << out;
+}
+
+TEST_F(TuneCliTest, SendTakesItsDefaultsFromTheProfileAndOptionsOverride) {
+  // Nested "chunk_bytes"/"streams" (in runs) must not be read: only the top-level ones.
+  write_profile(
+      "{\"version\":1,\"machine\":{\"cores\":2},\"link\":\"loopback\",\"chunk_bytes\":262144,\"streams\":1,"
+      "\"zero_copy_min_bytes\":0,\"codecs\":{},\"runs\":[{\"chunk_bytes\":4194304,\"streams\":8}]}\n");
+  std::string out;
+  ASSERT_EQ(send_once({}, &out), 0) << out;
+  EXPECT_EQ(number_field(out, "chunks"), 32) << out;  // 8M / 256K
+  EXPECT_EQ(number_field(out, "streams"), 1) << out;
+  ASSERT_EQ(send_once({"--chunk-size", "1M", "--streams", "2"}, &out), 0) << out;
+  EXPECT_EQ(number_field(out, "chunks"), 8) << out;
+  EXPECT_EQ(number_field(out, "streams"), 2) << out;
+  ASSERT_EQ(send_once({"--no-tune"}, &out), 0) << out;
+  EXPECT_EQ(number_field(out, "chunks"), 8) << out;  // the built-in 1M
+  // demo shares the parser.
+  ASSERT_EQ(run({"demo", "--size", "8M", "--json"}, &out), 0) << out;
+  EXPECT_EQ(number_field(out, "chunks"), 32) << out;
+}
+
+TEST_F(TuneCliTest, MissingProfileIsSilent) {
+  setenv("DSTX_TUNE_PROFILE", "/nonexistent/dstx/tune.json", 1);
+  std::string out, err;
+  ASSERT_EQ(send_once({}, &out, &err), 0) << out << err;
+  EXPECT_EQ(number_field(out, "chunks"), 8) << out;
+  EXPECT_EQ(err.find("tune"), std::string::npos) << err;
+  // Nor does XDG_CONFIG_HOME pointing nowhere matter.
+  unsetenv("DSTX_TUNE_PROFILE");
+  setenv("XDG_CONFIG_HOME", (dir_ / "nothing-here").c_str(), 1);
+  ASSERT_EQ(send_once({}, &out, &err), 0) << out << err;
+  EXPECT_EQ(number_field(out, "chunks"), 8) << out;
+  unsetenv("XDG_CONFIG_HOME");
+}
+
+TEST_F(TuneCliTest, MalformedProfileIsAUsageErrorNamingTheFile) {
+  const std::vector<std::string> bad = {
+      "",
+      "{",
+      "not json",
+      "{\"version\":1,\"chunk_bytes\":\"big\",\"streams\":1,\"zero_copy_min_bytes\":0}",
+      "{\"version\":1,\"chunk_bytes\":1048576,\"streams\":1}",
+      "{\"version\":2,\"chunk_bytes\":1048576,\"streams\":1,\"zero_copy_min_bytes\":0}",
+      "{\"version\":1,\"chunk_bytes\":100,\"streams\":1,\"zero_copy_min_bytes\":0}",
+      "{\"version\":1,\"chunk_bytes\":1048576,\"streams\":0,\"zero_copy_min_bytes\":0}",
+      "{\"version\":1,\"chunk_bytes\":1.5,\"streams\":1,\"zero_copy_min_bytes\":0}",
+      "{\"version\":1,\"chunk_bytes\":1048576,\"streams\":1,\"zero_copy_min_bytes\":0} trailing",
+  };
+  for (const auto& text : bad) {
+    write_profile(text);
+    std::string out, err;
+    EXPECT_EQ(run({"send", "--source", "emu:size=1M", "--to", "127.0.0.1:1"}, &out, &err), 2) << text;
+    EXPECT_NE(err.find(profile_), std::string::npos) << text << "\n" << err;
+    EXPECT_NE(err.find("malformed"), std::string::npos) << text << "\n" << err;
+  }
+  // --no-tune gets past it (port 1: connection refused, a transfer failure).
+  EXPECT_EQ(run({"send", "--source", "emu:size=1M", "--to", "127.0.0.1:1", "--no-tune"}), 1);
+}
+
+TEST_F(TuneCliTest, RecvCountServesTransfersOneAfterAnother) {
+  Proc recv({"recv", "--listen", "127.0.0.1:0", "--sink", "null:", "--count", "2", "--json"});
+  const uint16_t port = start_recv(recv);
+  ASSERT_NE(port, 0) << recv.err();
+  const std::string to = "127.0.0.1:" + std::to_string(port);
+  for (const char* size : {"emu:size=4M", "emu:size=6M,profile=text"}) {
+    std::string out;
+    EXPECT_EQ(run({"send", "--source", size, "--to", to, "--json"}, &out), 0) << out;
+    // The receiver accepts (resumed streams) on its listener for a moment after COMMITTED and refuses a new
+    // transfer then as busy (engine/receiver.cpp acceptor): let the first one close.
+    std::this_thread::sleep_for(300ms);
+  }
+  ASSERT_EQ(recv.wait(), 0) << recv.out() << recv.err();
+  EXPECT_EQ(count_of(recv.out(), "\"status\":\"committed\""), 2) << recv.out();
+  EXPECT_EQ(number_field(recv.out(), "bytes"), 4 << 20) << recv.out();
+  std::string err;
+  EXPECT_EQ(run({"recv", "--listen", "127.0.0.1:0", "--sink", "null:", "--count", "0"}, nullptr, &err), 2);
+  EXPECT_NE(err.find("--count"), std::string::npos) << err;
+}
+
+TEST_F(TuneCliTest, TuneAgainstARemoteReceiver) {
+  std::string plan;
+  ASSERT_EQ(run({"tune", "--quick", "--plan"}, &plan), 0);
+  const std::string count = plan.substr(0, plan.find(' '));
+  Proc recv({"recv", "--listen", "127.0.0.1:0", "--sink", "null:", "--count", count, "--quiet"});
+  const uint16_t port = start_recv(recv);
+  ASSERT_NE(port, 0) << recv.err();
+  const std::string to = "127.0.0.1:" + std::to_string(port);
+  std::string out, err;
+  ASSERT_EQ(run({"tune", "--quick", "--size", "4M", "--to", to, "--out", profile_}, &out, &err), 0)
+      << out << err;
+  EXPECT_EQ(recv.wait(), 0) << recv.err();
+  std::ifstream in(profile_);
+  std::stringstream text;
+  text << in.rdbuf();
+  EXPECT_NE(text.str().find("\"link\": \"" + to + "\""), std::string::npos) << text.str();
+}
+
+}  // namespace
