@@ -60,7 +60,9 @@ static_assert(offsetof(dstx_endpoint, reserved) + sizeof(uint32_t) == kEndpointS
               "the last field of a first-version struct moved: new fields go after it");
 // Appended after the first release (for VFIO device endpoints), pinned the same way: later fields go after.
 static_assert(offsetof(dstx_send_config, before_stop_copy) == kSendConfigSizeV1 &&
-                  sizeof(dstx_send_config) == kSendConfigSizeV1 + sizeof(void*) &&
+                  sizeof(dstx_send_config) == kSendConfigSizeV1 + 6 * sizeof(void*) &&
+                  offsetof(dstx_recv_config, tls_ca_file) == kRecvConfigSizeV1 &&
+                  sizeof(dstx_recv_config) == kRecvConfigSizeV1 + 5 * sizeof(void*) &&
                   offsetof(dstx_stats, device_state) == kStatsSizeV1 &&
                   offsetof(dstx_stats, state_digest) + 40 == sizeof(dstx_stats) && sizeof(dstx_stats) == 256,
               "a field appended after the first release moved: new fields go after it");
@@ -235,6 +237,22 @@ Status take_connections(const int* fds, uint32_t count, std::vector<io::Fd>* out
   return {};
 }
 
+// The TLS fields of either config: NULL means unset. Checked (and every file loaded) at create, so a bad
+// certificate is a create error, not a failed transfer.
+template <class Config>
+Status tls_from_config(const Config& c, engine::TlsOptions* out) {
+  auto str = [](const char* p) { return p ? std::string(p) : std::string(); };
+  out->ca_file = str(c.tls_ca_file);
+  out->cert_file = str(c.tls_cert_file);
+  out->key_file = str(c.tls_key_file);
+  out->peer_name = str(c.tls_peer_name);
+  out->psk_file = str(c.psk_file);
+  if (const std::string err = engine::validate_tls_options(*out); !err.empty()) {
+    return failure(DSTX_E_INVALID, "config TLS fields: " + err);
+  }
+  return {};
+}
+
 Status setup_send(Transfer& t, const dstx_send_config* config_in, const dstx_endpoint* source_in) {
   dstx_send_config c;
   if (Status s = copy_sized(config_in, kSendConfigSizeV1, "config", &c); !s.ok()) return s;
@@ -242,6 +260,7 @@ Status setup_send(Transfer& t, const dstx_send_config* config_in, const dstx_end
   if (Status s = copy_sized(source_in, kEndpointSizeV1, "source", &e); !s.ok()) return s;
   t.side = Transfer::Side::send;
   engine::SendOptions& o = t.send_options;
+  if (Status s = tls_from_config(c, &o.tls); !s.ok()) return s;
 
   switch (c.net) {
     case DSTX_NET_ADDRESS: {
@@ -378,6 +397,7 @@ Status setup_recv(Transfer& t, const dstx_recv_config* config_in, const dstx_end
   if (Status s = copy_sized(sink_in, kEndpointSizeV1, "sink", &e); !s.ok()) return s;
   t.side = Transfer::Side::recv;
   engine::RecvOptions& o = t.recv_options;
+  if (Status s = tls_from_config(c, &o.tls); !s.ok()) return s;
 
   io::HostPort listen_at;
   switch (c.net) {

@@ -351,6 +351,14 @@ typedef struct dstx_send_config {
   /* Appended after the first release (appending is how configs grow; a library older than your header
    * refuses a non-zero value here with DSTX_E_UNSUPPORTED): */
   dstx_stop_copy_fn before_stop_copy; /* VFIO_DEVICE sources, optional: see dstx_stop_copy_fn */
+  /* TLS 1.3 on every stream (kTLS where the kernel offers it, else in user space). All NULL: plain TCP, and a
+   * receiver that requires TLS refuses us. Certificates: the three tls_*_file together (PEM paths, loaded by
+   * create); or psk_file ("IDENTITY:HEXKEY") instead. Strings are copied by create. */
+  const char* tls_ca_file;   /* the CA(s) that must have issued the peer's certificate */
+  const char* tls_cert_file; /* our certificate (chain) */
+  const char* tls_key_file;  /* our private key */
+  const char* tls_peer_name; /* optional: a DNS name or IP the peer's certificate must carry (subjectAltName) */
+  const char* psk_file;      /* instead of certificates */
 } dstx_send_config;
 
 #define DSTX_SEND_CONFIG_INIT \
@@ -380,6 +388,13 @@ typedef struct dstx_recv_config {
   dstx_log_fn log;               /* optional */
   dstx_complete_fn on_complete;  /* optional */
   void* user;                    /* passed to the callbacks */
+  /* Appended after the first release: TLS 1.3 on every stream, as in dstx_send_config. All NULL: plain TCP,
+   * and a sender that starts TLS is refused. */
+  const char* tls_ca_file;
+  const char* tls_cert_file;
+  const char* tls_key_file;
+  const char* tls_peer_name;
+  const char* psk_file;
 } dstx_recv_config;
 
 #define DSTX_RECV_CONFIG_INIT \
