@@ -10,11 +10,11 @@
 
 #include <gtest/gtest.h>
 
+#include <cctype>
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
-#include <regex>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -125,9 +125,15 @@ uint16_t start_recv(Proc& recv) {
 
 // The first top-level-looking "key": NUMBER in `text`, or -1.
 long long number_field(const std::string& text, const std::string& key) {
-  std::smatch m;
-  if (!std::regex_search(text, m, std::regex("\"" + key + "\":\\s*([0-9]+)"))) return -1;
-  return std::stoll(m[1].str());
+  const std::string quoted = "\"" + key + "\":";
+  for (size_t at = text.find(quoted); at != std::string::npos; at = text.find(quoted, at + 1)) {
+    size_t i = at + quoted.size();
+    while (i < text.size() && std::isspace(static_cast<unsigned char>(text[i]))) ++i;
+    size_t j = i;
+    while (j < text.size() && std::isdigit(static_cast<unsigned char>(text[j]))) ++j;
+    if (j > i) return std::stoll(text.substr(i, j - i));
+  }
+  return -1;
 }
 
 int count_of(const std::string& text, const std::string& needle) {
