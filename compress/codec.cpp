@@ -339,7 +339,7 @@ DecodeError decode_chunk(Codec codec, bool zero, std::span<const std::byte> enc,
   if (zero) {
     if (!enc.empty()) return DecodeError::bad_length;
     if (expect_hash != 0) return DecodeError::hash_mismatch;
-    std::memset(raw_out.data(), 0, raw_out.size());
+    if (!raw_out.empty()) std::memset(raw_out.data(), 0, raw_out.size());  // an empty span may have no data
     return DecodeError::ok;
   }
   DecodeError err = DecodeError::ok;
