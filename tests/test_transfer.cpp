@@ -332,7 +332,8 @@ TEST(Transfer, AFlippedByteOnTheWireIsAlwaysCaught) {
   fs::create_directories(dir);
   constexpr uint64_t size = 4 << 20;
   const io::ContentGenerator gen(io::Profile::mixed, 77);
-  SendOptions so{.streams = 1, .chunk_bytes = 64 << 10};
+  // A fixed codec: --codec auto's choices depend on timing, so the wire size would differ from run to run.
+  SendOptions so{.streams = 1, .chunk_bytes = 64 << 10, .codec = CodecMode::lz4};
   so.handshake_timeout_ms = 3000;
   so.commit_timeout_ms = 5000;
   RecvOptions ro;
@@ -344,7 +345,7 @@ TEST(Transfer, AFlippedByteOnTheWireIsAlwaysCaught) {
     auto sink = io::open_null_sink();
     const Outcome o = transfer(*src, *sink, so, ro);
     ASSERT_TRUE(o.send.committed) << o.send.error;
-    wire_bytes = o.send.wire_bytes + 96;  // + HELLO
+    wire_bytes = o.send.wire_bytes + wire::kHeaderBytes + wire::kHelloBytes;  // + HELLO
   }
   std::mt19937_64 rng(1234);
   std::vector<int64_t> positions = {0,
@@ -442,7 +443,10 @@ TEST(Resume, APathThatStaysDownFailsCleanlyOnBothSides) {
   EXPECT_EQ(send_result.reason, wire::Reason::connection);
   EXPECT_NE(send_result.error.find("not resumed after 3 attempts"), std::string::npos) << send_result.error;
   EXPECT_FALSE(recv_result.committed);
-  EXPECT_NE(recv_result.error.find("not resumed within 1500 ms"), std::string::npos) << recv_result.error;
+  // The receiver either waits out its resume time-out, or hears the sender give up on a stream still alive.
+  EXPECT_TRUE(recv_result.error.find("not resumed within 1500 ms") != std::string::npos ||
+              recv_result.error.find("not resumed after 3 attempts") != std::string::npos)
+      << recv_result.error;
   EXPECT_FALSE(fs::exists(out));
   EXPECT_FALSE(fs::exists(out.string() + ".partial"));
   fs::remove_all(dir);
