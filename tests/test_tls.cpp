@@ -582,7 +582,8 @@ TEST_F(TlsTest, TamperedRecordFailsTheTransferWithoutResume) {
 
 TEST_F(TlsTest, CutConnectionResumesOverTls) {
   Stats st;
-  const Outcome o = transfer_through(test::Fault{.kind = test::Fault::cut, .connection = 2, .at = 100 << 10},
+  // Stream 0 starts first and always carries data; a later stream may, on a busy machine, carry almost none.
+  const Outcome o = transfer_through(test::Fault{.kind = test::Fault::cut, .connection = 0, .at = 100 << 10},
                                      psk(), true, &st);
   ASSERT_TRUE(o.send.committed) << o.send.error << " | receiver: " << o.recv.error;
   ASSERT_TRUE(o.recv.committed) << o.recv.error;
