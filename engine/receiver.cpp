@@ -572,6 +572,9 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int l
     wire::Hello hello;
     std::optional<Refusal> refusal =
         read_hello(*ring, c.get(), options.handshake_timeout_ms, options, &hello);
+    // A resume belongs to a running session; there is none yet.
+    if (!refusal && (hello.flags & wire::kHelloResume))
+      refusal = Refusal{Reason::session, "no session to resume"};
     if (!refusal && !conns.empty()) {
       if (hello.session_id != first.session_id || hello.stream_count != first.stream_count ||
           hello.max_chunk_bytes != first.max_chunk_bytes) {

@@ -165,7 +165,7 @@ Error decode_header(std::span<const std::byte, kHeaderBytes> in, uint32_t max_ch
         err = Error::bad_length;
       else if (h.codec || h.flags || h.raw_len || h.aux)
         err = Error::bad_field;
-      else if (h.type == FrameType::ack && (h.offset || h.hash))
+      else if ((h.type == FrameType::ack || h.type == FrameType::stream_ack) && (h.offset || h.hash))
         err = Error::bad_field;
       break;
     case FrameType::aborted:
