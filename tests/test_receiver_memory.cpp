@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "compress/codec.h"
+#include "compress/hash.h"
 #include "engine/transfer.h"
 #include "engine/wire.h"
 #include "io/endpoints.h"
@@ -67,15 +68,17 @@ bool send_all(int fd, const std::byte* p, size_t n) {
 struct Attack {
   unsigned streams = 1;
   uint32_t chunk_bytes = 4096;
-  RecvOptions options;
+  // A full window with a gap in front is flow control, not a failure: only the idle time-out ends it.
+  RecvOptions options{.idle_timeout_ms = 2000};
 };
 
-// Child: opens `streams` connections claiming `chunk_bytes` chunks; on each, once handshaken, sends a DATA
-// header claiming a full chunk (stream 0 raw, so its bytes land in a window slot; the others lz4 with the
-// largest payload the wire allows, so they land in decode buffers) and all but the last byte of its payload,
-// so every buffer the receiver is willing to fill gets filled; then waits, closes, and exits 0 if nothing
-// committed.
-[[noreturn]] void run_attack(const Attack& a) {
+// Child: opens `streams` connections claiming `chunk_bytes` chunks and makes the receiver fill every buffer
+// it is willing to fill (stream 0: raw chunks into window slots; the others: lz4 payloads of the largest size
+// the wire allows into decode buffers); then waits, closes, and exits 0 if nothing committed.
+[[noreturn]] void run_attack(const Attack& a, int report_fd) {
+  const uint64_t start_rss = current_rss_bytes();
+  if (::write(report_fd, &start_rss, sizeof start_rss) != sizeof start_rss) ::_exit(12);
+  ::close(report_fd);
   struct rlimit as {
     .rlim_cur = 2048 * kMiB, .rlim_max = 2048 * kMiB
   };
@@ -90,6 +93,12 @@ struct Attack {
   const size_t lz4_payload = compress::encode_bound(compress::Codec::lz4, a.chunk_bytes);
   // One small buffer, sent over and over: the attacker's own memory must not count as the receiver's.
   const std::vector<std::byte> junk(64 << 10, std::byte{0x6b});
+  // The XXH3-64 of a whole chunk of junk, so that raw chunks pass their check and stay in the window.
+  compress::Hasher64 hasher;
+  for (size_t done = 0; done < a.chunk_bytes; done += junk.size()) {
+    hasher.update(junk.data(), std::min<size_t>(junk.size(), a.chunk_bytes - done));
+  }
+  const uint64_t raw_hash = hasher.digest();
   auto sink = io::open_null_sink();
   Result r;
   std::thread receiver([&] { r = receive_accepted(*sink, std::move(theirs), a.options, nullptr, nullptr); });
@@ -103,22 +112,33 @@ struct Attack {
                                                  .session_id = 0xbad,
                                                  .capabilities = wire::kCapLz4});
       if (!send_all(fd, hello.data(), hello.size())) return;
-      const bool raw = i == 0;
-      const uint32_t payload = raw ? a.chunk_bytes : uint32_t(lz4_payload);
-      const auto data =
-          frame(wire::Header{.type = wire::FrameType::data,
-                             .codec = uint8_t(raw ? compress::Codec::none : compress::Codec::lz4),
-                             .seq = i + 1,
-                             .offset = uint64_t(i) * a.chunk_bytes,
-                             .raw_len = a.chunk_bytes,
-                             .payload_len = payload,
-                             .hash = 1});
-      if (!send_all(fd, data.data(), data.size())) return;
-      // Blocks while the receiver is not reading this stream.
-      for (size_t left = payload - 1; left > 0;) {
-        const size_t n = std::min(left, junk.size());
-        if (!send_all(fd, junk.data(), n)) return;
-        left -= n;
+      auto send_chunk = [&](uint64_t seq, bool raw, bool whole) {
+        const uint32_t payload = raw ? a.chunk_bytes : uint32_t(lz4_payload);
+        const auto data =
+            frame(wire::Header{.type = wire::FrameType::data,
+                               .codec = uint8_t(raw ? compress::Codec::none : compress::Codec::lz4),
+                               .seq = seq,
+                               .offset = (seq - 1) * a.chunk_bytes,
+                               .raw_len = a.chunk_bytes,
+                               .payload_len = payload,
+                               .hash = raw ? raw_hash : 1});
+        if (!send_all(fd, data.data(), data.size())) return false;
+        // Blocks while the receiver is not reading this stream.
+        for (size_t left = payload - (whole ? 0 : 1); left > 0;) {
+          const size_t n = std::min(left, junk.size());
+          if (!send_all(fd, junk.data(), n)) return false;
+          left -= n;
+        }
+        return true;
+      };
+      if (i == 0) {
+        // Whole raw chunks after a gap (seq 1 never comes): each lands in a window slot and stays there,
+        // until the window is full and the receiver stops reading this stream.
+        for (uint64_t seq = a.streams + 1; send_chunk(seq, true, true); ++seq) {
+        }
+      } else {
+        // One lz4 chunk but its last byte: the decode buffer fills and the worker waits inside the frame.
+        send_chunk(i + 1, false, false);
       }
     });
   }
@@ -131,19 +151,27 @@ struct Attack {
   ::_exit(r.committed ? 11 : 0);
 }
 
-// Runs the attack in a child; returns its peak RSS growth over the RSS it started with.
+// Runs the attack in a child; returns its peak RSS growth over the RSS it had before the attack began.
 uint64_t peak_rss_growth(const Attack& a) {
   std::fflush(nullptr);
-  const uint64_t at_fork = current_rss_bytes();
+  int report[2];
+  EXPECT_EQ(::pipe(report), 0);
   const pid_t pid = ::fork();
-  if (pid == 0) run_attack(a);
+  if (pid == 0) {
+    ::close(report[0]);
+    run_attack(a, report[1]);
+  }
+  ::close(report[1]);
   EXPECT_GT(pid, 0);
+  uint64_t start_rss = 0;
+  EXPECT_EQ(::read(report[0], &start_rss, sizeof start_rss), ssize_t(sizeof start_rss));
+  ::close(report[0]);
   int status = 0;
   struct rusage ru {};
   EXPECT_EQ(::wait4(pid, &status, 0, &ru), pid);
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "child status " << status;
   const uint64_t peak = uint64_t(ru.ru_maxrss) * 1024;  // Linux reports KiB
-  return peak > at_fork ? peak - at_fork : 0;
+  return peak > start_rss ? peak - start_rss : 0;
 }
 
 class ReceiverMemory : public ::testing::Test {
@@ -165,6 +193,18 @@ TEST_F(ReceiverMemory, OneStreamOfTheLargestChunksStaysWithinTheBudget) {
   a.streams = 1;
   a.chunk_bytes = wire::kMaxChunkBytes;
   a.options.memory_budget_bytes = 64 * kMiB;
+  const uint64_t growth = peak_rss_growth(a);
+  std::printf("peak RSS growth %.1f MiB, budget %.1f MiB\n", double(growth) / kMiB,
+              double(a.options.memory_budget_bytes) / kMiB);
+  EXPECT_LE(growth, a.options.memory_budget_bytes + kMarginBytes);
+}
+
+// Several streams whose buffers the budget just holds: accepted, and every buffer filled, within the budget.
+TEST_F(ReceiverMemory, SeveralStreamsFillingEveryBufferStayWithinTheBudget) {
+  Attack a;
+  a.streams = 4;
+  a.chunk_bytes = 1 << 20;
+  a.options.memory_budget_bytes = 16 * kMiB;
   const uint64_t growth = peak_rss_growth(a);
   std::printf("peak RSS growth %.1f MiB, budget %.1f MiB\n", double(growth) / kMiB,
               double(a.options.memory_budget_bytes) / kMiB);

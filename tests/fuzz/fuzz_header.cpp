@@ -73,9 +73,9 @@ bool spec_accepts(const Fields& f, uint32_t max_chunk) {
     }
     case 4:  // END
     case 6:  // COMMITTED
-    case 8:  // STREAM_ACK (engine/wire.h; seq = last received on the stream)
       return f.payload_len == 0 && !f.codec && !f.flags && !f.raw_len && !f.aux;
     case 5:  // ACK
+    case 8:  // STREAM_ACK
       return f.payload_len == 0 && !f.codec && !f.flags && !f.offset && !f.raw_len && !f.hash && !f.aux;
     case 7:  // ABORTED
       return f.payload_len <= 1024 && !f.codec && !f.flags && !f.seq && !f.offset && !f.raw_len && !f.hash;

@@ -25,23 +25,25 @@ inline std::pair<io::Fd, io::Fd> socket_pair() {
   return {io::Fd(sv[0]), io::Fd(sv[1])};
 }
 
-// Writes `script` on one thread and reads the answer on another, so neither side can block the other however
-// large the script or the answer. The answer ends when the receiver closes its end.
+// Writes `script` and reads the answer on threads of its own, so neither side can block the other however
+// large the script or the answer. The first kSyncBytes are written before the constructor returns (the socket
+// buffer takes them at once): a receiver started afterwards finds its HELLO there, however late the threads
+// get a CPU. The answer ends when the receiver closes its end.
 class ScriptedPeer {
  public:
   static constexpr size_t kAnswerCap = 1 << 20;  // keep at most this much of the answer
+  static constexpr size_t kSyncBytes = 64 << 10;
 
   ScriptedPeer(io::Fd fd, std::vector<std::byte> script) : fd_(std::move(fd)), script_(std::move(script)) {
-    writer_ = std::thread([this] {
-      size_t done = 0;
-      while (done < script_.size()) {
-        const ssize_t n = ::send(fd_.get(), script_.data() + done, script_.size() - done, MSG_NOSIGNAL);
-        if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) break;  // the receiver gave up and closed: the rest of the script is moot
-        done += size_t(n);
-      }
+    const size_t first = write_some(0, std::min(script_.size(), kSyncBytes));
+    if (first == script_.size()) {
       ::shutdown(fd_.get(), SHUT_WR);
-    });
+    } else {
+      writer_ = std::thread([this, first] {
+        write_some(first, script_.size());
+        ::shutdown(fd_.get(), SHUT_WR);
+      });
+    }
     reader_ = std::thread([this] {
       std::byte buf[16384];
       for (;;) {
@@ -67,6 +69,17 @@ class ScriptedPeer {
   bool capped() const { return capped_; }  // after join(): the answer was longer than kAnswerCap
 
  private:
+  // Sends script_[from, to); returns where it stopped (short when the receiver gave up and closed).
+  size_t write_some(size_t from, size_t to) {
+    while (from < to) {
+      const ssize_t n = ::send(fd_.get(), script_.data() + from, to - from, MSG_NOSIGNAL);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) break;
+      from += size_t(n);
+    }
+    return from;
+  }
+
   io::Fd fd_;
   std::vector<std::byte> script_;
   std::vector<std::byte> answer_;

@@ -167,6 +167,9 @@ void header_corpus() {
              header_bytes(Header{
                  .type = FrameType::data, .flags = 4, .seq = 1, .raw_len = 4096, .payload_len = 4096})});
   put("header", "bad-flag-raw-limit", bad);
+  // STREAM_ACK carries only seq (docs/wire-format.md: offset and hash 0, as for ACK).
+  h("regress-stream-ack-with-offset", Header{.type = FrameType::stream_ack, .seq = 9, .offset = 4096});
+  h("regress-stream-ack-with-hash", Header{.type = FrameType::stream_ack, .seq = 9, .hash = 77});
 }
 
 // ---- chunk: [codec][flags][u32 raw_len][u64 hash][payload]
@@ -272,6 +275,23 @@ void handshake_corpus() {
   put("handshake", "refuse-partial-header", t);
   put("handshake", "refuse-garbage", cat({u8s({3, 3, 2}), Bytes(96, std::byte{'G'})}));
   put("handshake", "none", u8s({0, 3, 2}));
+  // Limits byte: chunk limit by b % 4, memory budget by b / 4 % 4 (64 MiB, 1 MiB, 16 MiB, 256 MiB).
+  Hello big = a;
+  big.max_chunk_bytes = 16 << 20;
+  Hello big0 = big, big1 = big, big2 = big, big3 = big;
+  big0.stream_index = 0, big1.stream_index = 1, big2.stream_index = 2, big3.stream_index = 3;
+  hs("refuse-memory-four-large-streams", 0, 7, 3, {big0, big1, big2, big3});
+  hs("accept-four-large-streams-big-budget", 0, 7, 3 + 12, {big0, big1, big2, big3});
+  Hello small = one;
+  small.max_chunk_bytes = 65536;
+  hs("accept-small-budget", 0, 3, 1 + 4, {small});
+  bad = one;
+  bad.flags = engine::wire::kHelloResume;
+  bad.resume_seq = 7;
+  hs("regress-refuse-resume-hello-without-session", 0, 3, 2, {bad});
+  Hello resume_second = d;
+  resume_second.flags = engine::wire::kHelloResume;
+  hs("regress-refuse-resume-hello-in-handshake", 0, 7, 2, {a, resume_second});
 }
 
 // ---- receiver: [fix-up flags][byte stream]
@@ -399,6 +419,18 @@ void receiver_corpus() {
   // transaction ends, repaired by the fix-ups.
   const Hello one{.stream_count = 1, .max_chunk_bytes = 4096, .session_id = 5, .capabilities = 7};
   put("receiver", "hello-only", cat({u8s({0}), hello_frame(one)}));
+  // A whole valid transfer whose HELLO claims to resume a session: nothing runs, so it must be refused.
+  {
+    Bytes resumed = base;
+    Hello h;
+    engine::wire::decode_hello(std::span<const std::byte, engine::wire::kHelloBytes>(
+                                   resumed.data() + engine::wire::kHeaderBytes, engine::wire::kHelloBytes),
+                               &h);
+    h.flags = engine::wire::kHelloResume;
+    const Bytes p = hello_bytes(h);
+    std::copy(p.begin(), p.end(), resumed.begin() + engine::wire::kHeaderBytes);
+    put("receiver", "regress-resume-hello-without-session", cat({u8s({0}), resumed}));
+  }
   const Bytes page = text_chunk(4096);
   const Header d1{.type = FrameType::data,
                   .flags = engine::wire::kFlagEndOfTransaction,
