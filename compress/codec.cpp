@@ -114,22 +114,27 @@ size_t compress_sparse(std::span<const std::byte> raw, std::byte* out, size_t ca
   const size_t pages = sparse_pages(raw.size());
   const size_t bitmap = sparse_bitmap_bytes(raw.size());
   if (capacity < bitmap) return 0;
+  // Find the zero pages first (a non-zero page usually shows it in its first bytes), and copy only when
+  // there is one: most raw chunks have none, and copying them for nothing would double their cost.
   std::memset(out, 0, bitmap);
   size_t n = bitmap;
-  bool any_zero = false;
   for (size_t i = 0; i < pages; ++i) {
     const size_t off = i * kSparsePageBytes;
     const size_t len = std::min(kSparsePageBytes, raw.size() - off);
-    if (is_zero(raw.data() + off, len)) {
-      any_zero = true;
-      continue;
-    }
-    if (n + len > capacity) return 0;
+    if (is_zero(raw.data() + off, len)) continue;
     out[i / 8] |= std::byte(1u << (i % 8));
-    std::memcpy(out + n, raw.data() + off, len);
     n += len;
   }
-  return any_zero ? n : 0;
+  if (n == bitmap + raw.size() || n > capacity) return 0;  // no zero page, or no room
+  size_t at = bitmap;
+  for (size_t i = 0; i < pages; ++i) {
+    if (!((std::to_integer<unsigned>(out[i / 8]) >> (i % 8)) & 1u)) continue;
+    const size_t off = i * kSparsePageBytes;
+    const size_t len = std::min(kSparsePageBytes, raw.size() - off);
+    std::memcpy(out + at, raw.data() + off, len);
+    at += len;
+  }
+  return n;
 }
 
 DecodeError decode_sparse(std::span<const std::byte> enc, std::span<std::byte> raw_out) {

@@ -520,6 +520,11 @@ TEST(Sparse, IsTheFallbackForChunksThatGoRaw) {
   EXPECT_EQ(r.encoded_len, 2 + raw.size() - 8192);
   Bytes none_zero = random_bytes(64 << 10, 5);
   EXPECT_EQ(encode_chunk(opts, none_zero, out).codec, Codec::none);  // no zero page: nothing to gain
+  // An output too small for the pages that stay: raw, and nothing written past the output.
+  Bytes small(raw.size() - 16384 + 16, std::byte{0x77});
+  const EncodeResult tight = encode_chunk(opts, raw, std::span(small.data(), small.size() - 16));
+  EXPECT_EQ(tight.codec, Codec::none);
+  for (size_t i = small.size() - 16; i < small.size(); ++i) ASSERT_EQ(small[i], std::byte{0x77}) << i;
 }
 
 TEST(Sparse, RejectsMalformedPayloads) {
