@@ -544,6 +544,18 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int l
   // Accept the streams of one session.
   std::vector<io::Fd> conns;
   wire::Hello first;
+  // The first stream defines the session: a refusal of any stream ends this transfer, and every stream
+  // already accepted is told why, so the sender reports our reason rather than a closed connection.
+  // The same for every other failure while streams are being accepted (time-out, cancel, listener error).
+  auto abort_accepted = [&](Reason reason, const std::string& text, const char* prefix = "") {
+    for (io::Fd& other : conns) {
+      if (other) refuse(*ring, other.get(), Refusal{reason, text});
+    }
+    return fail(reason, prefix + text);
+  };
+  auto refuse_accepted = [&](const Refusal& r) {
+    return abort_accepted(r.reason, r.text, "refused sender: ");
+  };
   for (unsigned accepted = 0; conns.empty() || accepted < first.stream_count; ++accepted) {
     io::Fd c;
     // Wait in short slices so a cancel is noticed.
@@ -552,23 +564,25 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int l
     try {
       while (!c) {
         if (cancel && cancel->requested())
-          return fail(Reason::cancelled, "cancelled while waiting for the sender");
+          return abort_accepted(Reason::cancelled, "cancelled while waiting for the sender");
         if (timeout_ms >= 0 && Clock::now() > deadline) {
           const size_t have =
               size_t(std::count_if(conns.begin(), conns.end(), [](const io::Fd& f) { return bool(f); }));
-          return fail(Reason::timeout,
-                      conns.empty() ? "no sender connected within " + std::to_string(timeout_ms) + " ms"
+          return abort_accepted(Reason::timeout,
+                                conns.empty()
+                                    ? "no sender connected within " + std::to_string(timeout_ms) + " ms"
                                     : "only " + std::to_string(have) + " of " +
                                           std::to_string(first.stream_count) + " streams connected");
         }
         c = next_connection(100);
       }
     } catch (const std::exception& e) {
-      return fail(Reason::connection, e.what());
+      return abort_accepted(Reason::connection, e.what());
     }
-    // TLS before the HELLO (or, without TLS, the refusal of a TLS client).
+    // TLS before the HELLO (or, without TLS, the refusal of a TLS client). A connection TLS refused had its
+    // answer from secure_server (an alert, or ABORTED to a peer of the other kind): no frame of ours on it.
     if (TlsError e = tls.secure_server(c, options.tls, options.handshake_timeout_ms))
-      return fail(e.reason, "refused sender: " + e.text);
+      return refuse_accepted(Refusal{e.reason, e.text});
     wire::Hello hello;
     std::optional<Refusal> refusal =
         read_hello(*ring, c.get(), options.handshake_timeout_ms, options, &hello);
@@ -594,11 +608,7 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int l
     }
     if (refusal) {
       refuse(*ring, c.get(), *refusal);
-      // The first stream defines the session: a refusal there ends this transfer.
-      for (io::Fd& other : conns) {
-        if (other) refuse(*ring, other.get(), *refusal);
-      }
-      return fail(refusal->reason, "refused sender: " + refusal->text);
+      return refuse_accepted(*refusal);
     }
     conns[hello.stream_index] = std::move(c);
   }

@@ -1,11 +1,6 @@
 // dstx migrate and dstx recv --sink DEVICE as a user runs them: exit codes, JSON fields, digests that match
 // on both sides, a failure and Ctrl-C that leave the device RUNNING, clear errors for bad input.
-#include <fcntl.h>
-#include <poll.h>
 #include <signal.h>
-#include <spawn.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <gtest/gtest.h>
 
@@ -14,88 +9,13 @@
 #include <thread>
 #include <vector>
 
-extern char** environ;
+#include "cli_proc.h"
 
 namespace {
 
 using namespace std::chrono_literals;
-
-// A child process running dstx with stdout and stderr captured.
-class Proc {
- public:
-  explicit Proc(std::vector<std::string> args) {
-    int out[2], err[2];
-    if (pipe2(out, O_CLOEXEC) != 0 || pipe2(err, O_CLOEXEC) != 0) throw std::runtime_error("pipe");
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_adddup2(&fa, out[1], 1);
-    posix_spawn_file_actions_adddup2(&fa, err[1], 2);
-    args.insert(args.begin(), DSTX_BINARY);
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    if (posix_spawn(&pid_, DSTX_BINARY, &fa, nullptr, argv.data(), environ) != 0)
-      throw std::runtime_error("spawn");
-    posix_spawn_file_actions_destroy(&fa);
-    close(out[1]);
-    close(err[1]);
-    out_fd_ = out[0];
-    err_fd_ = err[0];
-  }
-  ~Proc() {
-    if (pid_ > 0) {
-      kill(pid_, SIGKILL);
-      wait();
-    }
-    close(out_fd_);
-    close(err_fd_);
-  }
-  // The port `dstx recv` printed, 0 when none came.
-  uint16_t port() {
-    const auto deadline = std::chrono::steady_clock::now() + 10s;
-    while (std::chrono::steady_clock::now() < deadline) {
-      const size_t at = err_.find("listening on ");
-      const size_t end = at == std::string::npos ? at : err_.find('\n', at);
-      if (end != std::string::npos) return uint16_t(std::stoi(err_.substr(err_.rfind(':', end) + 1)));
-      if (!pump(50)) break;
-    }
-    return 0;
-  }
-  int wait() {
-    while (pump(20)) {
-    }
-    int status = 0;
-    waitpid(pid_, &status, 0);
-    pid_ = -1;
-    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  }
-  void signal(int sig) { kill(pid_, sig); }
-  const std::string& out() const { return out_; }
-  const std::string& err() const { return err_; }
-
- private:
-  bool pump(int timeout_ms) {
-    pollfd p[2] = {{out_fd_, POLLIN, 0}, {err_fd_, POLLIN, 0}};
-    if (poll(p, 2, timeout_ms) <= 0) return true;
-    bool open = false;
-    char buf[4096];
-    for (int i = 0; i < 2; ++i) {
-      if (p[i].revents == 0) {
-        open = true;
-        continue;
-      }
-      const ssize_t n = read(p[i].fd, buf, sizeof buf);
-      if (n > 0) {
-        (i == 0 ? out_ : err_).append(buf, size_t(n));
-        open = true;
-      }
-    }
-    return open;
-  }
-  pid_t pid_ = -1;
-  int out_fd_ = -1, err_fd_ = -1;
-  std::string out_, err_;
-};
+using dstx::test::Proc;
+using dstx::test::start_recv;
 
 // The value of "key" in a one-line JSON object: a string without quotes, or a number as text; "" if absent.
 std::string field(const std::string& json, const std::string& key) {
@@ -115,7 +35,7 @@ struct Pair {
 
 Pair migrate(const std::string& device, const std::string& sink, std::vector<std::string> extra = {}) {
   Proc recv({"recv", "--listen", "127.0.0.1:0", "--sink", sink, "--json", "--accept-timeout", "20000"});
-  const uint16_t port = recv.port();
+  const uint16_t port = start_recv(recv);
   std::vector<std::string> args = {"migrate", "--device", device, "--to", "127.0.0.1:" + std::to_string(port),
                                    "--json"};
   args.insert(args.end(), extra.begin(), extra.end());
@@ -168,7 +88,7 @@ TEST(CliMigrate, AFailureLeavesTheSourceRunningAndTheDestinationReset) {
 
 TEST(CliMigrate, CtrlCPutsTheDeviceBackToRunning) {
   Proc recv({"recv", "--listen", "127.0.0.1:0", "--sink", "emu-v2:size=64M", "--json"});
-  const uint16_t port = recv.port();
+  const uint16_t port = start_recv(recv);
   ASSERT_NE(port, 0) << recv.err();
   // A slow driver: 20 ms per 256 KiB makes this migration take seconds.
   Proc m({"migrate", "--device", "emu-v2:size=64M,delay-us=20000", "--to",
@@ -184,7 +104,7 @@ TEST(CliMigrate, CtrlCPutsTheDeviceBackToRunning) {
 
 TEST(CliMigrate, HumanOutputNamesTheDeviceState) {
   Proc recv({"recv", "--listen", "127.0.0.1:0", "--sink", "emu-v1:size=4M"});
-  const uint16_t port = recv.port();
+  const uint16_t port = start_recv(recv);
   Proc m({"migrate", "--device", "emu-v1:size=4M", "--to", "127.0.0.1:" + std::to_string(port), "--quiet"});
   EXPECT_EQ(m.wait(), 0) << m.err();
   EXPECT_EQ(recv.wait(), 0) << recv.err();

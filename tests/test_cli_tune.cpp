@@ -1,11 +1,6 @@
 // dstx tune as a user runs it: the profile it saves, send/demo taking their defaults from a profile (explicit
 // options win, --no-tune ignores it, a malformed one is a usage error naming the file), and recv --count.
 // No timing assertions: only that the measurements are sane and that the profile is used.
-#include <fcntl.h>
-#include <poll.h>
-#include <signal.h>
-#include <spawn.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <gtest/gtest.h>
@@ -20,108 +15,15 @@
 #include <thread>
 #include <vector>
 
-extern char** environ;
+#include "cli_proc.h"
 
 namespace {
 
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
-
-// A child process running dstx with stdout and stderr captured through pipes (as in test_cli.cpp).
-class Proc {
- public:
-  explicit Proc(std::vector<std::string> args) {
-    int out[2], err[2];
-    if (pipe2(out, O_CLOEXEC) != 0 || pipe2(err, O_CLOEXEC) != 0) throw std::runtime_error("pipe");
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_adddup2(&fa, out[1], 1);
-    posix_spawn_file_actions_adddup2(&fa, err[1], 2);
-    args.insert(args.begin(), DSTX_BINARY);
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    if (posix_spawn(&pid_, DSTX_BINARY, &fa, nullptr, argv.data(), environ) != 0) {
-      throw std::runtime_error("spawn dstx");
-    }
-    posix_spawn_file_actions_destroy(&fa);
-    close(out[1]);
-    close(err[1]);
-    out_fd_ = out[0];
-    err_fd_ = err[0];
-  }
-  ~Proc() {
-    if (pid_ > 0) {
-      kill(pid_, SIGKILL);
-      wait();
-    }
-    close(out_fd_);
-    close(err_fd_);
-  }
-  std::string wait_stderr_line(const std::string& needle, std::chrono::milliseconds timeout = 10s) {
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
-    while (std::chrono::steady_clock::now() < deadline) {
-      const size_t pos = err_.find(needle);
-      if (pos != std::string::npos) {
-        const size_t end = err_.find('\n', pos);
-        if (end != std::string::npos) {
-          const size_t begin = err_.rfind('\n', pos) == std::string::npos ? 0 : err_.rfind('\n', pos) + 1;
-          return err_.substr(begin, end - begin);
-        }
-      }
-      if (!pump(50)) break;
-    }
-    return {};
-  }
-  int wait() {
-    while (pump(20)) {
-    }
-    int status = 0;
-    waitpid(pid_, &status, 0);
-    pid_ = -1;
-    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  }
-  const std::string& out() const { return out_; }
-  const std::string& err() const { return err_; }
-
- private:
-  bool pump(int timeout_ms) {
-    pollfd p[2] = {{out_fd_, POLLIN, 0}, {err_fd_, POLLIN, 0}};
-    if (poll(p, 2, timeout_ms) <= 0) return true;
-    bool open = false;
-    char buf[4096];
-    for (int i = 0; i < 2; ++i) {
-      if (p[i].revents == 0) {
-        open = true;
-        continue;
-      }
-      const ssize_t n = read(p[i].fd, buf, sizeof buf);
-      if (n > 0) {
-        (i == 0 ? out_ : err_).append(buf, size_t(n));
-        open = true;
-      }
-    }
-    return open;
-  }
-  pid_t pid_ = -1;
-  int out_fd_ = -1, err_fd_ = -1;
-  std::string out_, err_;
-};
-
-int run(std::vector<std::string> args, std::string* out = nullptr, std::string* err = nullptr) {
-  Proc p(std::move(args));
-  const int rc = p.wait();
-  if (out) *out = p.out();
-  if (err) *err = p.err();
-  return rc;
-}
-
-uint16_t start_recv(Proc& recv) {
-  const std::string line = recv.wait_stderr_line("listening on");
-  const size_t colon = line.rfind(':');
-  if (colon == std::string::npos) return 0;
-  return uint16_t(std::stoi(line.substr(colon + 1)));
-}
+using dstx::test::Proc;
+using dstx::test::run;
+using dstx::test::start_recv;
 
 // The first top-level-looking "key": NUMBER in `text`, or -1.
 long long number_field(const std::string& text, const std::string& key) {
