@@ -1,8 +1,10 @@
 // The sending side: handshake every stream, run one worker per stream (own ring, own buffers, several chunks
 // in flight), fold finished chunks into the digest in order, send END, and wait for COMMITTED.
+#include <linux/sockios.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -37,36 +39,43 @@ using wire::Reason;
 // logical throughput of each effort level it runs at (a grid of quarter steps, smoothed per level) and moves
 // to the best-looking neighbour. An unexplored or forgotten neighbour looks slightly better than where it
 // stands, so it is tried, once, and measurements are forgotten now and then so the controller follows a
-// change of link or data. It opens with one period on each pure rung, raw, then lz4, then zstd only if lz4
-// beat raw (a link that outruns lz4 outruns zstd too), and starts from the fastest: links much faster or much
-// slower than the compressor, the common cases, are settled right there.
+// change of link or data. It opens with one short period on each pure rung, lz4, then raw, then zstd only if
+// lz4 beat raw (a link that outruns lz4 outruns zstd too), and starts from the fastest: links much faster or
+// much slower than the compressor, the common cases, are settled right there. The opening (and the warm-up
+// before it) runs at lz4 first and keeps its periods short: on a slow link every raw chunk costs a lot of
+// link time, on a fast one every compressed chunk a lot of CPU, and lz4 is the cheaper mistake in both.
 class EffortController {
  public:
   explicit EffortController(double top) : levels_(int(top * kLevelsPerRung) + 1) {
     estimate_.fill(-1);
-    opening_ = {0, kLevelsPerRung, levels_ - 1};
+    opening_ = {kLevelsPerRung, 0, levels_ - 1};
     effort_.store(level_effort(opening_[0]), std::memory_order_relaxed);
     current_ = opening_[0];
   }
   double effort() const { return effort_.load(std::memory_order_relaxed); }
   double top() const { return level_effort(levels_ - 1); }
 
-  // Called after each chunk with the total logical bytes sent so far.
-  void observe(uint64_t bytes_total) {
+  // Called after each chunk with the total logical bytes handed to the kernel so far, and a function that
+  // tells how many of them still sit in the kernel's send queues. Only what left those queues counts: the
+  // queues hold megabytes, and filling or draining them says nothing about the link or the codec.
+  template <typename Queued>
+  void observe(uint64_t sent_total, const Queued& queued) {
     const auto now = Clock::now();
     std::unique_lock lock(mu_, std::try_to_lock);
     if (!lock.owns_lock()) return;
     if (period_start_ == Clock::time_point{}) {
       period_start_ = now;
-      period_bytes_ = bytes_total;
+      period_bytes_ = sent_total - std::min(sent_total, queued());
       return;
     }
     const double dt = std::chrono::duration<double>(now - period_start_).count();
     // A period is long enough once it saw a good number of chunks (fast links settle quickly, so short
     // transfers get the right codec too) or once it is long anyway (slow links).
     ++period_chunks_;
-    if (!(period_chunks_ >= kPeriodChunks && dt >= kPeriodMinSeconds) && dt < kPeriodMaxSeconds) return;
-    const double rate = double(bytes_total - period_bytes_) / dt;
+    const unsigned enough = opened_ < opening_.size() ? kOpeningChunks : kPeriodChunks;
+    if (!(period_chunks_ >= enough && dt >= kPeriodMinSeconds) && dt < kPeriodMaxSeconds) return;
+    const uint64_t bytes_total = sent_total - std::min(sent_total, queued());
+    const double rate = (double(bytes_total) - double(period_bytes_)) / dt;
     period_start_ = now;
     period_bytes_ = bytes_total;
     period_chunks_ = 0;
@@ -74,6 +83,7 @@ class EffortController {
       warmed_up_ = true;  // the first period measures socket buffers and slow start filling, not the link
       return;
     }
+    const bool in_opening = opened_ < opening_.size();
     double& est = estimate_[size_t(current_)];
     est = est < 0 ? rate : (1 - kSmoothing) * est + kSmoothing * rate;
 
@@ -108,6 +118,9 @@ class EffortController {
     }
     if (std::getenv("DSTX_TRACE_CODEC"))
       std::fprintf(stderr, "effort %.2f: %.3f GB/s\n", level_effort(current_), rate / 1e9);
+    // In the opening a change is a whole rung: the data the socket buffers still hold was encoded the old
+    // way and would be counted against the new one, so the next period only lets it drain.
+    if (in_opening && next != current_) warmed_up_ = false;
     current_ = next;
     effort_.store(level_effort(next), std::memory_order_relaxed);
   }
@@ -115,6 +128,7 @@ class EffortController {
  private:
   static constexpr int kLevelsPerRung = 4;
   static constexpr unsigned kPeriodChunks = 24;
+  static constexpr unsigned kOpeningChunks = 8;
   static constexpr double kPeriodMinSeconds = 0.02;
   static constexpr double kPeriodMaxSeconds = 0.2;
   static constexpr double kSmoothing = 0.5;
@@ -278,6 +292,20 @@ struct Shared {
         backend(b),
         chunk_bytes(o.chunk_bytes),
         sequencer(window) {}
+
+  // Logical bytes still in the streams' kernel send queues (unsent or unacknowledged by the peer's TCP),
+  // converted from wire bytes at the transfer's ratio so far.
+  uint64_t queued_logical_bytes() const {
+    uint64_t wire_queued = 0;
+    for (const Link& l : links) {
+      int n = 0;
+      const int fd = l.fd.load(std::memory_order_acquire);
+      if (fd >= 0 && ::ioctl(fd, SIOCOUTQ, &n) == 0 && n > 0) wire_queued += uint64_t(n);
+    }
+    const double wire = double(stats.wire_bytes.load(std::memory_order_relaxed));
+    const double logical = double(stats.bytes.load(std::memory_order_relaxed));
+    return wire > 0 ? uint64_t(double(wire_queued) * logical / wire) : 0;
+  }
 
   bool finished() {
     std::lock_guard lock(control_mu);
@@ -684,7 +712,10 @@ class Worker {
     }
     slot.in = slot.out = slot.frame_buf = -1;
     release_view(slot);
-    if (sh_.effort) sh_.effort->observe(st.bytes.load(std::memory_order_relaxed));
+    if (sh_.effort) {
+      sh_.effort->observe(st.bytes.load(std::memory_order_relaxed),
+                          [&] { return sh_.queued_logical_bytes(); });
+    }
     sh_.sequencer.complete(slot.seq, slot.len, slot.enc.hash);
     slot.state = State::free;
     fifo_.pop_front();
