@@ -72,6 +72,7 @@ const char* kSendHelp =
     "  --no-resume         fail at the first broken connection instead of resuming\n"
     "  --zero-copy-min SIZE  send frames at least this large with SEND_ZC\n"
     "                      (default: the tune profile's, else 0: never)\n"
+    "  --register-buffers  register the frame buffers with io_uring (READ_FIXED; costs set-up time)\n"
     "  --no-tune           ignore the dstx tune profile: $DSTX_TUNE_PROFILE, else\n"
     "                      ${XDG_CONFIG_HOME:-~/.config}/dstx/tune.json; when it exists, it sets the\n"
     "                      defaults of --streams, --chunk-size and --zero-copy-min (explicit options win)\n"
@@ -134,7 +135,8 @@ int cmd_send(const std::vector<std::string>& argv) {
     std::fputs(kTlsHelp, stdout);
     return kExitOk;
   }
-  const Args args(argv, send_option_names({"source", "to"}), {"json", "quiet", "no-resume", "no-tune"});
+  const Args args(argv, send_option_names({"source", "to"}),
+                  {"json", "quiet", "no-resume", "no-tune", "register-buffers"});
   const engine::SendOptions options = send_options(args);
   io::HostPort to;
   try {
@@ -240,7 +242,7 @@ int cmd_demo(const std::vector<std::string>& argv) {
     return kExitOk;
   }
   const Args args(argv, send_option_names({"size", "profile", "seed"}),
-                  {"json", "quiet", "no-resume", "no-tune"});
+                  {"json", "quiet", "no-resume", "no-tune", "register-buffers"});
   engine::EmuSpec spec;
   spec.size = args.get_size("size", 1ull << 30);
   if (auto p = args.get("profile")) {

@@ -149,6 +149,7 @@ engine::SendOptions send_options(const Args& args) {
   o.commit_timeout_ms = args.get_int("commit-timeout", 120000, 1, 86400000);
   o.idle_timeout_ms = args.get_int("idle-timeout", o.idle_timeout_ms, 0, 86400000);
   o.resume = !args.has("no-resume");
+  o.register_buffers = args.has("register-buffers");
   o.reconnect_attempts = args.get_int("reconnect-attempts", o.reconnect_attempts, 1, 1000);
   o.replay_bytes = args.get_size("replay-buffer", o.replay_bytes);
   o.zero_copy_min_bytes = args.get_size("zero-copy-min", o.zero_copy_min_bytes);

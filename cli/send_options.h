@@ -15,7 +15,7 @@ namespace dstx::cli {
 // The names of the options send_options() reads (TLS included), plus the command's own `extra` ones.
 std::set<std::string> send_option_names(std::set<std::string> extra);
 // Flags (no value) that send_options() reads.
-inline const std::set<std::string> kSendFlags = {"no-resume", "no-tune"};
+inline const std::set<std::string> kSendFlags = {"no-resume", "no-tune", "register-buffers"};
 // Builds the options. Defaults come from the tune profile when one exists (unless --no-tune), explicit
 // options override it. A malformed profile is a UsageError naming the file.
 engine::SendOptions send_options(const Args& args);

@@ -392,7 +392,7 @@ class Worker {
       zero_copy_min_ = sh_.options.zero_copy_min_bytes;
     // Registered once, the buffers spare the kernel a page walk on every read (READ_FIXED). Where the kernel
     // refuses (RLIMIT_MEMLOCK, an old kernel), plain reads do the same job.
-    if (sh_.backend == io::Backend::uring && io::probe().read_fixed) {
+    if (sh_.options.register_buffers && sh_.backend == io::Backend::uring && io::probe().read_fixed) {
       const iovec whole{memory_, buf_bytes_ * count};
       fixed_buffers_ = ring_->register_buffers(std::span(&whole, 1)) == 0;
     }

@@ -112,29 +112,34 @@ TEST_P(BackendTest, MixedStateByteExactOverOneAndFourStreams) {
   }
 }
 
+// Both with reads into plain buffers (the default) and into buffers registered with io_uring (READ_FIXED).
 TEST_P(BackendTest, FileToFileEveryProfileAndOddSizes) {
   struct Case {
     io::Profile profile;
     uint64_t size;
   };
-  for (const Case c : {Case{io::Profile::zero, 8 << 20}, Case{io::Profile::zero_heavy, (8 << 20) + 1},
-                       Case{io::Profile::binary, 5 << 20}, Case{io::Profile::text, 3 << 20},
-                       Case{io::Profile::random, (4 << 20) - 17}, Case{io::Profile::mixed, 1},
-                       Case{io::Profile::mixed, 0}}) {
-    const fs::path in = dir_ / "in.bin", out = dir_ / "out.bin";
-    write_emu_file(in, EmuSpec{c.size, c.profile, 9});
-    fs::remove(out);
-    auto src = open_source("file:" + in.string());
-    auto sink = open_sink("file:" + out.string());
-    SendOptions so;
-    so.streams = 2;
-    so.chunk_bytes = 256 << 10;
-    const Outcome o = transfer(*src, *sink, so);
-    ASSERT_TRUE(o.send.committed) << io::profile_name(c.profile) << ": " << o.send.error;
-    ASSERT_TRUE(o.recv.committed) << o.recv.error;
-    EXPECT_TRUE(same_file(in, out)) << io::profile_name(c.profile) << " size " << c.size;
-    EXPECT_EQ(fs::file_size(out), c.size);
-    EXPECT_FALSE(fs::exists(out.string() + ".partial"));
+  for (const bool registered : {false, true}) {
+    SCOPED_TRACE(registered ? "registered buffers" : "plain buffers");
+    for (const Case c : {Case{io::Profile::zero, 8 << 20}, Case{io::Profile::zero_heavy, (8 << 20) + 1},
+                         Case{io::Profile::binary, 5 << 20}, Case{io::Profile::text, 3 << 20},
+                         Case{io::Profile::random, (4 << 20) - 17}, Case{io::Profile::mixed, 1},
+                         Case{io::Profile::mixed, 0}}) {
+      const fs::path in = dir_ / "in.bin", out = dir_ / "out.bin";
+      write_emu_file(in, EmuSpec{c.size, c.profile, 9});
+      fs::remove(out);
+      auto src = open_source("file:" + in.string());
+      auto sink = open_sink("file:" + out.string());
+      SendOptions so;
+      so.streams = 2;
+      so.chunk_bytes = 256 << 10;
+      so.register_buffers = registered;
+      const Outcome o = transfer(*src, *sink, so);
+      ASSERT_TRUE(o.send.committed) << io::profile_name(c.profile) << ": " << o.send.error;
+      ASSERT_TRUE(o.recv.committed) << o.recv.error;
+      EXPECT_TRUE(same_file(in, out)) << io::profile_name(c.profile) << " size " << c.size;
+      EXPECT_EQ(fs::file_size(out), c.size);
+      EXPECT_FALSE(fs::exists(out.string() + ".partial"));
+    }
   }
 }
 
