@@ -251,6 +251,7 @@ class StreamWorker {
       sh_.end = h;
       ++sh_.streams_ended;
       ended_ = true;
+      sh_.window.wake();  // the writer may be waiting for a chunk that will not come: the last END ends it
     }
     stream_ack();
     // Without resume nothing more comes on this stream; with it the stream stays until the transfer ends, in

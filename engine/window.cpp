@@ -122,10 +122,12 @@ void ReorderWindow::publish(const ChunkMeta& meta) {
 ReorderWindow::Wait ReorderWindow::wait_next(std::chrono::milliseconds timeout, ChunkMeta* meta,
                                              std::span<const std::byte>* data) {
   std::unique_lock lock(mu_);
-  const bool ok = ready_cv_.wait_for(lock, timeout,
-                                     [&] { return closed_ || table_[next_ % slots_].state == State::ready; });
+  const bool ok = ready_cv_.wait_for(
+      lock, timeout, [&] { return closed_ || woken_ || table_[next_ % slots_].state == State::ready; });
   if (closed_) return Wait::closed;
-  if (!ok) return Wait::timeout;
+  const bool ready = table_[next_ % slots_].state == State::ready;
+  woken_ = false;
+  if (!ok || !ready) return Wait::timeout;
   const Slot& slot = table_[next_ % slots_];
   *meta = slot.meta;
   *data = std::span<const std::byte>(memory_ + (next_ % slots_) * slot_bytes_, slot.meta.raw_len);
@@ -139,6 +141,14 @@ void ReorderWindow::release_next() {
     ++next_;
   }
   admit_cv_.notify_all();
+}
+
+void ReorderWindow::wake() {
+  {
+    std::lock_guard lock(mu_);
+    woken_ = true;
+  }
+  ready_cv_.notify_all();
 }
 
 void ReorderWindow::close() {

@@ -84,6 +84,9 @@ class ReorderWindow {
   void release_next();
   // Wakes every waiter; admit and wait_next return closed from now on.
   void close();
+  // Ends the consumer's current (or next) wait_next early with timeout, so that it looks again at what it
+  // waits for besides chunks (the end of the streams).
+  void wake();
   uint64_t next() const;  // the sequence number the consumer waits for
   uint32_t slots() const { return slots_; }
 
@@ -101,6 +104,7 @@ class ReorderWindow {
   std::condition_variable ready_cv_;
   uint64_t next_ = 1;
   bool closed_ = false;
+  bool woken_ = false;
   std::vector<Slot> table_;
 };
 

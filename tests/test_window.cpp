@@ -131,5 +131,30 @@ TEST(ReorderWindow, CloseWakesBlockedProducersAndConsumers) {
   EXPECT_EQ(consumer, ReorderWindow::Wait::closed);
 }
 
+// The writer waits for the next chunk and for the streams' ENDs: the last END wakes it at once (a wait of an
+// hour that did not end would hang the test), a wake before the wait ends the next wait, and a ready chunk
+// still comes out as ready.
+TEST(ReorderWindow, WakeEndsTheConsumersWaitEarly) {
+  ReorderWindow w(4, 8);
+  ChunkMeta m;
+  std::span<const std::byte> d;
+  ReorderWindow::Wait consumer = ReorderWindow::Wait::ready;
+  std::thread c([&] { consumer = w.wait_next(std::chrono::hours(1), &m, &d); });
+  std::this_thread::sleep_for(30ms);
+  w.wake();
+  c.join();
+  EXPECT_EQ(consumer, ReorderWindow::Wait::timeout);
+
+  w.wake();  // before the wait
+  EXPECT_EQ(w.wait_next(std::chrono::hours(1), &m, &d), ReorderWindow::Wait::timeout);
+
+  std::span<std::byte> buf;
+  ASSERT_EQ(w.admit(1, &buf), ReorderWindow::Admit::ok);
+  w.publish(ChunkMeta{.seq = 1, .offset = 0, .raw_len = 8, .hash = 0, .flags = 0});
+  w.wake();
+  EXPECT_EQ(w.wait_next(std::chrono::hours(1), &m, &d), ReorderWindow::Wait::ready);
+  EXPECT_EQ(m.seq, 1u);
+}
+
 }  // namespace
 }  // namespace dstx::engine
