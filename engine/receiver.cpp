@@ -2,7 +2,9 @@
 // chunks into the reorder window, one writer applying them to the sink in order, acknowledging, and after
 // END checking counts and digest before committing.
 #include <poll.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <bit>
@@ -76,6 +78,8 @@ struct Shared {
   std::atomic<unsigned> running{0};
   std::mutex done_mu;
   std::condition_variable done_cv;
+  // Readable once the transfer is over (done or failed): the acceptor's wait for reconnections ends at once.
+  io::Fd over_event{::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)};
 
   Shared(io::Sink& s, const RecvOptions& o, std::vector<Link>& l, Stats& st, io::Backend b, uint32_t chunk,
          uint32_t slots)
@@ -89,6 +93,8 @@ struct Shared {
   }
   void wake_links() {
     for (Link& l : links) l.cv.notify_all();
+    const uint64_t one = 1;
+    if (over_event) (void)!::write(over_event.get(), &one, sizeof one);
   }
 
   // Each caller passes its own ring: a ring belongs to the thread that made it.
@@ -483,7 +489,11 @@ void acceptor(Shared& sh, int listen_fd, const std::function<io::Fd(int)>& next_
     return;
   }
   while (!sh.done && !sh.failure.failed()) {
-    if (wait_readable(listen_fd, 50) <= 0) continue;
+    pollfd p[2] = {{.fd = listen_fd, .events = POLLIN, .revents = 0},
+                   {.fd = sh.over_event.get(), .events = POLLIN, .revents = 0}};
+    // Without the event (eventfd failed) the loop still ends, at the next 50 ms tick.
+    const int r = ::poll(p, sh.over_event ? 2 : 1, 50);
+    if (r <= 0 || !(p[0].revents & POLLIN)) continue;
     if (sh.committed) break;
     io::Fd c;
     try {
