@@ -72,8 +72,10 @@ class EffortController {
     // A period is long enough once it saw a good number of chunks (fast links settle quickly, so short
     // transfers get the right codec too) or once it is long anyway (slow links).
     ++period_chunks_;
-    const unsigned enough = opened_ < opening_.size() ? kOpeningChunks : kPeriodChunks;
-    if (!(period_chunks_ >= enough && dt >= kPeriodMinSeconds) && dt < kPeriodMaxSeconds) return;
+    const bool opening = opened_ < opening_.size();
+    const unsigned enough = opening ? kOpeningChunks : kPeriodChunks;
+    const double shortest = opening ? kOpeningMinSeconds : kPeriodMinSeconds;
+    if (!(period_chunks_ >= enough && dt >= shortest) && dt < kPeriodMaxSeconds) return;
     const uint64_t bytes_total = sent_total - std::min(sent_total, queued());
     const double rate = (double(bytes_total) - double(period_bytes_)) / dt;
     period_start_ = now;
@@ -130,6 +132,7 @@ class EffortController {
   static constexpr unsigned kPeriodChunks = 24;
   static constexpr unsigned kOpeningChunks = 8;
   static constexpr double kPeriodMinSeconds = 0.02;
+  static constexpr double kOpeningMinSeconds = 0.008;
   static constexpr double kPeriodMaxSeconds = 0.2;
   static constexpr double kSmoothing = 0.5;
   static constexpr double kExplore = 0.03;
