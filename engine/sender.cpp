@@ -63,20 +63,21 @@ class EffortController {
     const auto now = Clock::now();
     std::unique_lock lock(mu_, std::try_to_lock);
     if (!lock.owns_lock()) return;
+    auto delivered = [&] { return sent_total - std::min(sent_total, queued()); };
     if (period_start_ == Clock::time_point{}) {
       period_start_ = now;
-      period_bytes_ = sent_total - std::min(sent_total, queued());
+      period_bytes_ = delivered();
       return;
     }
     const double dt = std::chrono::duration<double>(now - period_start_).count();
     // A period is long enough once it saw a good number of chunks (fast links settle quickly, so short
     // transfers get the right codec too) or once it is long anyway (slow links).
     ++period_chunks_;
-    const bool opening = opened_ < opening_.size();
-    const unsigned enough = opening ? kOpeningChunks : kPeriodChunks;
-    const double shortest = opening ? kOpeningMinSeconds : kPeriodMinSeconds;
+    const bool in_opening = opened_ < opening_.size();
+    const unsigned enough = in_opening ? kOpeningChunks : kPeriodChunks;
+    const double shortest = in_opening ? kOpeningMinSeconds : kPeriodMinSeconds;
     if (!(period_chunks_ >= enough && dt >= shortest) && dt < kPeriodMaxSeconds) return;
-    const uint64_t bytes_total = sent_total - std::min(sent_total, queued());
+    const uint64_t bytes_total = delivered();
     const double rate = (double(bytes_total) - double(period_bytes_)) / dt;
     period_start_ = now;
     period_bytes_ = bytes_total;
@@ -85,7 +86,6 @@ class EffortController {
       warmed_up_ = true;  // the first period measures socket buffers and slow start filling, not the link
       return;
     }
-    const bool in_opening = opened_ < opening_.size();
     double& est = estimate_[size_t(current_)];
     est = est < 0 ? rate : (1 - kSmoothing) * est + kSmoothing * rate;
 

@@ -187,16 +187,21 @@ class ReceiverMemory : public ::testing::Test {
   }
 };
 
+// The receiver's peak RSS growth under the attack stays within its memory budget (plus a margin).
+void expect_within_budget(const Attack& a) {
+  const uint64_t growth = peak_rss_growth(a);
+  std::printf("peak RSS growth %.1f MiB, budget %.1f MiB\n", double(growth) / kMiB,
+              double(a.options.memory_budget_bytes) / kMiB);
+  EXPECT_LE(growth, a.options.memory_budget_bytes + kMarginBytes);
+}
+
 // The receiver's own bound on a single stream of the largest chunks: window plus one decode buffer.
 TEST_F(ReceiverMemory, OneStreamOfTheLargestChunksStaysWithinTheBudget) {
   Attack a;
   a.streams = 1;
   a.chunk_bytes = wire::kMaxChunkBytes;
   a.options.memory_budget_bytes = 64 * kMiB;
-  const uint64_t growth = peak_rss_growth(a);
-  std::printf("peak RSS growth %.1f MiB, budget %.1f MiB\n", double(growth) / kMiB,
-              double(a.options.memory_budget_bytes) / kMiB);
-  EXPECT_LE(growth, a.options.memory_budget_bytes + kMarginBytes);
+  expect_within_budget(a);
 }
 
 // Several streams whose buffers the budget just holds: accepted, and every buffer filled, within the budget.
@@ -205,10 +210,7 @@ TEST_F(ReceiverMemory, SeveralStreamsFillingEveryBufferStayWithinTheBudget) {
   a.streams = 4;
   a.chunk_bytes = 1 << 20;
   a.options.memory_budget_bytes = 16 * kMiB;
-  const uint64_t growth = peak_rss_growth(a);
-  std::printf("peak RSS growth %.1f MiB, budget %.1f MiB\n", double(growth) / kMiB,
-              double(a.options.memory_budget_bytes) / kMiB);
-  EXPECT_LE(growth, a.options.memory_budget_bytes + kMarginBytes);
+  expect_within_budget(a);
 }
 
 // Many streams, each claiming chunks that the budget can hold once but not once per stream: the receiver must
@@ -218,10 +220,7 @@ TEST_F(ReceiverMemory, ManyStreamsOfLargeChunksStayWithinTheBudget) {
   a.streams = 16;
   a.chunk_bytes = 4 * kMiB;
   a.options.memory_budget_bytes = 16 * kMiB;
-  const uint64_t growth = peak_rss_growth(a);
-  std::printf("peak RSS growth %.1f MiB, budget %.1f MiB\n", double(growth) / kMiB,
-              double(a.options.memory_budget_bytes) / kMiB);
-  EXPECT_LE(growth, a.options.memory_budget_bytes + kMarginBytes);
+  expect_within_budget(a);
 }
 
 }  // namespace

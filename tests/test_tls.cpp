@@ -306,6 +306,13 @@ std::vector<std::byte> hello_frame(uint16_t streams, uint16_t index = 0) {
   return f;
 }
 
+// Reads until the peer closes (or the connection fails): what a refused client does while it waits.
+void drain(int fd) {
+  char b[256];
+  while (::recv(fd, b, sizeof b, 0) > 0) {
+  }
+}
+
 void send_all(int fd, const void* p, size_t n) {
   ASSERT_EQ(::send(fd, p, n, MSG_NOSIGNAL), ssize_t(n));
 }
@@ -510,9 +517,7 @@ TEST_F(TlsTest, GarbageInsteadOfClientHelloRefused) {
   const Result r = receive_from(certs("receiver"), [](int fd) {
     std::string junk = "GET / HTTP/1.1\r\nHost: receiver.test\r\n\r\n";
     send_all(fd, junk.data(), junk.size());
-    char b[256];
-    while (::recv(fd, b, sizeof b, 0) > 0) {
-    }
+    drain(fd);
   });
   EXPECT_FALSE(r.committed);
   EXPECT_TRUE(contains(r.error, "TLS handshake failed: the peer does not speak TLS")) << r.error;
@@ -525,9 +530,7 @@ TEST_F(TlsTest, GarbageRecordInsideTheHandshakeRefused) {
     unsigned char junk[64] = {0x16, 0x03, 0x01, 0x00, 59};
     for (size_t i = 5; i < sizeof junk; ++i) junk[i] = uint8_t(i * 37);
     send_all(fd, junk, sizeof junk);
-    char b[256];
-    while (::recv(fd, b, sizeof b, 0) > 0) {
-    }
+    drain(fd);
   });
   EXPECT_FALSE(r.committed);
   EXPECT_TRUE(starts_with(r.error, "refused sender: TLS handshake failed: ")) << r.error;
@@ -543,9 +546,7 @@ TEST_F(TlsTest, GarbageAfterTheHandshakeRefused) {
     unsigned char junk[64] = {0x17, 0x03, 0x03, 0x00, 59};
     for (size_t i = 5; i < sizeof junk; ++i) junk[i] = uint8_t(i * 13);
     send_all(fd, junk, sizeof junk);
-    char b[256];
-    while (::recv(fd, b, sizeof b, 0) > 0) {
-    }
+    drain(fd);
   });
   EXPECT_FALSE(r.committed);
   EXPECT_TRUE(starts_with(r.error, "refused sender: ")) << r.error;
@@ -583,9 +584,7 @@ TEST_F(TlsTest, GarbageAfterAValidHelloFailsTheTransfer) {
     ASSERT_EQ(SSL_read(c.ssl, ack, sizeof ack), int(sizeof ack));  // HELLO_ACK: the session is on
     unsigned char junk[200] = {0x17, 0x03, 0x03, 0x00, 195};
     send_all(fd, junk, sizeof junk);
-    char b[256];
-    while (::recv(fd, b, sizeof b, 0) > 0) {
-    }
+    drain(fd);
   });
   EXPECT_FALSE(r.committed);
   EXPECT_TRUE(contains(r.error, "TLS")) << r.error;
