@@ -22,6 +22,7 @@
 #include <thread>
 
 #include "compress/codec.h"
+#include "engine/effort.h"
 #include "engine/session.h"
 #include "engine/transfer.h"
 #include "engine/window.h"
@@ -31,127 +32,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 using wire::Reason;
-
-// --codec auto walks a ladder of encodings, cheapest first: raw (zero pages dropped), lz4, zstd. The effort
-// in [0, top] says where the sender stands: its integer part picks the lower rung, its fraction the share of
-// chunks that take the rung above. Which effort is best depends on the link, the data and the CPU left over
-// (on loopback the "link" is the CPU itself), so no model of them is trusted: the controller measures the
-// logical throughput of each effort level it runs at (a grid of quarter steps, smoothed per level) and moves
-// to the best-looking neighbour. An unexplored or forgotten neighbour looks slightly better than where it
-// stands, so it is tried, once, and measurements are forgotten now and then so the controller follows a
-// change of link or data. It opens with one short period on each pure rung, lz4, then raw, then zstd only if
-// lz4 beat raw (a link that outruns lz4 outruns zstd too), and starts from the fastest: links much faster or
-// much slower than the compressor, the common cases, are settled right there. The opening (and the warm-up
-// before it) runs at lz4 first and keeps its periods short: on a slow link every raw chunk costs a lot of
-// link time, on a fast one every compressed chunk a lot of CPU, and lz4 is the cheaper mistake in both.
-class EffortController {
- public:
-  explicit EffortController(double top) : levels_(int(top * kLevelsPerRung) + 1) {
-    estimate_.fill(-1);
-    opening_ = {kLevelsPerRung, 0, levels_ - 1};
-    effort_.store(level_effort(opening_[0]), std::memory_order_relaxed);
-    current_ = opening_[0];
-  }
-  double effort() const { return effort_.load(std::memory_order_relaxed); }
-  double top() const { return level_effort(levels_ - 1); }
-
-  // Called after each chunk with the total logical bytes handed to the kernel so far, and a function that
-  // tells how many of them still sit in the kernel's send queues. Only what left those queues counts: the
-  // queues hold megabytes, and filling or draining them says nothing about the link or the codec.
-  template <typename Queued>
-  void observe(uint64_t sent_total, const Queued& queued) {
-    const auto now = Clock::now();
-    std::unique_lock lock(mu_, std::try_to_lock);
-    if (!lock.owns_lock()) return;
-    auto delivered = [&] { return sent_total - std::min(sent_total, queued()); };
-    if (period_start_ == Clock::time_point{}) {
-      period_start_ = now;
-      period_bytes_ = delivered();
-      return;
-    }
-    const double dt = std::chrono::duration<double>(now - period_start_).count();
-    // A period is long enough once it saw a good number of chunks (fast links settle quickly, so short
-    // transfers get the right codec too) or once it is long anyway (slow links).
-    ++period_chunks_;
-    const bool in_opening = opened_ < opening_.size();
-    const unsigned enough = in_opening ? kOpeningChunks : kPeriodChunks;
-    const double shortest = in_opening ? kOpeningMinSeconds : kPeriodMinSeconds;
-    if (!(period_chunks_ >= enough && dt >= shortest) && dt < kPeriodMaxSeconds) return;
-    const uint64_t bytes_total = delivered();
-    const double rate = (double(bytes_total) - double(period_bytes_)) / dt;
-    period_start_ = now;
-    period_bytes_ = bytes_total;
-    period_chunks_ = 0;
-    if (!warmed_up_) {
-      warmed_up_ = true;  // the first period measures socket buffers and slow start filling, not the link
-      return;
-    }
-    double& est = estimate_[size_t(current_)];
-    est = est < 0 ? rate : (1 - kSmoothing) * est + kSmoothing * rate;
-
-    int next = current_;
-    // lz4 slower than raw: zstd would be slower still, so the opening ends there.
-    const bool lz4_lost = opened_ == 1 && estimate_[size_t(kLevelsPerRung)] <= estimate_[0];
-    if (opened_ + 1 < opening_.size() && !lz4_lost) {
-      next = opening_[++opened_];
-    } else {
-      if (lz4_lost) opened_ = opening_.size() - 1;
-      if (opened_ + 1 == opening_.size()) {
-        ++opened_;
-        for (int l = 0; l < levels_; ++l) {
-          if (estimate_[size_t(l)] > estimate_[size_t(next)]) next = l;
-        }
-      } else {
-        if (++periods_ % kForgetPeriods == 0) {
-          for (int l = 0; l < levels_; ++l) {
-            if (l != current_) estimate_[size_t(l)] = -1;
-          }
-        }
-        double best = est;
-        for (int l : {current_ - 1, current_ + 1}) {
-          if (l < 0 || l >= levels_) continue;
-          const double score = estimate_[size_t(l)] < 0 ? est * (1 + kExplore) : estimate_[size_t(l)];
-          if (score > best) {
-            best = score;
-            next = l;
-          }
-        }
-      }
-    }
-    if (std::getenv("DSTX_TRACE_CODEC"))
-      std::fprintf(stderr, "effort %.2f: %.3f GB/s\n", level_effort(current_), rate / 1e9);
-    // In the opening a change is a whole rung: the data the socket buffers still hold was encoded the old
-    // way and would be counted against the new one, so the next period only lets it drain.
-    if (in_opening && next != current_) warmed_up_ = false;
-    current_ = next;
-    effort_.store(level_effort(next), std::memory_order_relaxed);
-  }
-
- private:
-  static constexpr int kLevelsPerRung = 4;
-  static constexpr unsigned kPeriodChunks = 24;
-  static constexpr unsigned kOpeningChunks = 8;
-  static constexpr double kPeriodMinSeconds = 0.02;
-  static constexpr double kOpeningMinSeconds = 0.008;
-  static constexpr double kPeriodMaxSeconds = 0.2;
-  static constexpr double kSmoothing = 0.5;
-  static constexpr double kExplore = 0.03;
-  static constexpr unsigned kForgetPeriods = 10;
-  static double level_effort(int level) { return double(level) / kLevelsPerRung; }
-
-  const int levels_;
-  std::array<double, 2 * kLevelsPerRung + 1> estimate_;
-  std::array<int, 3> opening_;
-  size_t opened_ = 0;
-  bool warmed_up_ = false;
-  unsigned periods_ = 0;
-  int current_ = 0;
-  std::atomic<double> effort_{1.0};
-  std::mutex mu_;
-  Clock::time_point period_start_{};
-  uint64_t period_bytes_ = 0;
-  unsigned period_chunks_ = 0;
-};
 
 // --bandwidth: a token bucket shared by all streams, on wire bytes. A frame waits until the bucket allows it;
 // up to kBurst of credit builds up while idle.
@@ -434,10 +314,16 @@ class Worker {
         }
         continue;
       }
-      const int rc = ring_->submit(has_state(State::read) ? 0 : 1);
+      // Waiting with a frame ready behind the one being sent: the link, not this worker, sets the pace.
+      const bool wait = !has_state(State::read);
+      const bool link_wait = wait && sh_.effort && sending_ && fifo_.size() >= 2 &&
+                             fifo_[1]->state == State::encoded;
+      const auto wait_start = link_wait ? Clock::now() : Clock::time_point{};
+      const int rc = ring_->submit(wait ? 1 : 0);
       if (rc < 0)
         throw std::runtime_error("stream " + std::to_string(index_) + ": io ring: " + errno_text(rc));
       reap();
+      if (link_wait) sh_.effort->add_link_wait(Clock::now() - wait_start);
       if (stopping()) return;
       complete_ops();
     }
@@ -592,12 +478,11 @@ class Worker {
     }
   }
 
-  // --codec auto: this stream's share of chunks on each rung follows the controller's effort.
+  // --codec auto: this stream's share of chunks on each rung follows the controller's effort. The rungs:
+  // raw, lz4, zstd at the configured level, zstd two levels higher (for links slower than zstd).
   compress::EncodeOptions choose_encoding() {
     compress::EncodeOptions opts = sh_.encode;
     if (!sh_.effort) return opts;
-    static constexpr compress::Codec kLadder[] = {compress::Codec::none, compress::Codec::lz4,
-                                                  compress::Codec::zstd};
     const double effort = sh_.effort->effort();
     const int rung = std::min(int(effort), int(sh_.effort->top()) - 1);
     credit_ += effort - rung;
@@ -606,14 +491,21 @@ class Worker {
       credit_ -= 1.0;
       pick = rung + 1;
     }
-    opts.codec = kLadder[std::min(pick, 2)];
+    static constexpr compress::Codec kLadder[] = {compress::Codec::none, compress::Codec::lz4,
+                                                  compress::Codec::zstd, compress::Codec::zstd};
+    opts.codec = kLadder[std::clamp(pick, 0, 3)];
+    opts.level = pick >= 3 ? std::min(sh_.options.zstd_level + 2, 19) : sh_.options.zstd_level;
     return opts;
   }
 
   void start_send() {
     if (sending_ || fifo_.empty() || fifo_.front()->state != State::encoded) return;
     Slot& slot = *fifo_.front();
-    if (sh_.pacer) sh_.pacer->wait(slot.frame_len);
+    if (sh_.pacer) {  // the cap is this transfer's link: time spent here is link wait
+      const auto start = Clock::now();
+      sh_.pacer->wait(slot.frame_len);
+      if (sh_.effort) sh_.effort->add_link_wait(Clock::now() - start);
+    }
     queue_send(slot);
     slot.state = State::sending;
   }
@@ -716,7 +608,7 @@ class Worker {
     slot.in = slot.out = slot.frame_buf = -1;
     release_view(slot);
     if (sh_.effort) {
-      sh_.effort->observe(st.bytes.load(std::memory_order_relaxed),
+      sh_.effort->observe(Clock::now(), st.bytes.load(std::memory_order_relaxed),
                           [&] { return sh_.queued_logical_bytes(); });
     }
     sh_.sequencer.complete(slot.seq, slot.len, slot.enc.hash);
@@ -1167,7 +1059,7 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
   std::string codec_err = pick_codec(options, caps, &sh.encode, &sh.zstd_in_auto);
   if (codec_err.empty() && options.codec == CodecMode::auto_select &&
       sh.encode.codec != compress::Codec::none) {
-    sh.effort = std::make_unique<EffortController>(sh.zstd_in_auto ? 2.0 : 1.0);
+    sh.effort = std::make_unique<EffortController>(sh.zstd_in_auto ? 3.0 : 1.0, sh.links.size());
   }
   if (std::string err = codec_err; !err.empty()) {
     send_frame(*ring, links[0].fd, wire::make_aborted(Reason::capability, err.size()),

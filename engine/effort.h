@@ -1,0 +1,89 @@
+// The --codec auto controller: how much compression effort the sender spends, from what it measures.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <mutex>
+
+namespace dstx::engine {
+
+// --codec auto walks a ladder of encodings, cheapest first: raw (zero pages dropped), lz4, zstd, and zstd two
+// levels higher. The effort in [0, top] says where the sender stands: its integer part picks the lower rung,
+// its fraction the share of chunks that take the rung above. Which effort is best depends on the link, the
+// data and the CPU left over (on loopback the "link" is the CPU itself), so no model of them is trusted.
+//
+// Two measurements steer it, per period of chunks:
+// - the logical throughput actually delivered (bytes that left the kernel's send queues), per effort level
+//   on a grid of quarter steps, smoothed per level and forgotten when old;
+// - the share of time the workers waited on their sockets while holding a frame ready to go ("link
+//   wait"). Much of it means the link sets the pace and spare CPU could shrink the frames; little means the
+//   CPU (or the source) sets it and more effort can only slow things down.
+// The controller moves to a measured neighbour level that delivered clearly more, and tries an unmeasured
+// one only in the direction the link wait points to. It opens with one short period on each pure rung: lz4,
+// then raw (skipped when lz4 already waited on the link: twice the bytes on the same link can only be
+// slower), then zstd (skipped when lz4 lost to raw: a link that outruns lz4 outruns zstd too), and starts
+// from the fastest; links much faster or much slower than the compressor, the common cases, are settled
+// right there. The opening and the warm-up before it run at lz4 with short periods: on a slow link every
+// raw chunk costs a lot of link time, on a fast one every compressed chunk a lot of CPU, and lz4 is the
+// cheaper mistake in both.
+class EffortController {
+ public:
+  using Clock = std::chrono::steady_clock;
+
+  // top: the highest effort (1 = lz4 is the top rung, 3 = the zstd rungs too). streams: workers reporting.
+  EffortController(double top, size_t streams);
+
+  double effort() const { return effort_.load(std::memory_order_relaxed); }
+  double top() const { return level_effort(levels_ - 1); }
+
+  // A worker waited this long for its socket (or the --bandwidth pacer) while holding an encoded frame.
+  void add_link_wait(Clock::duration d) {
+    link_wait_ns_.fetch_add(uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(d).count()),
+                            std::memory_order_relaxed);
+  }
+
+  // Called after each chunk with the total logical bytes handed to the kernel so far and a function that
+  // tells how many of them still sit in the kernel's send queues (asked only when a period ends). Only what
+  // left those queues counts: the queues hold megabytes, and filling or draining them says nothing about the
+  // link or the codec. Calls that find another thread inside return at once.
+  template <typename Queued>
+  void observe(Clock::time_point now, uint64_t sent_total, const Queued& queued) {
+    std::unique_lock lock(mu_, std::try_to_lock);
+    if (!lock.owns_lock()) return;
+    if (period_start_ != Clock::time_point{} && !period_over(now)) return;
+    end_period(now, sent_total - std::min(sent_total, uint64_t(queued())));
+  }
+
+ private:
+  static constexpr int kLevelsPerRung = 4;
+  static constexpr int kMaxLevels = 3 * kLevelsPerRung + 1;
+  static double level_effort(int level) { return double(level) / kLevelsPerRung; }
+
+  bool period_over(Clock::time_point now);
+  void end_period(Clock::time_point now, uint64_t delivered);
+
+  const int levels_;
+  const double streams_;
+  std::atomic<uint64_t> link_wait_ns_{0};
+  std::atomic<double> effort_{1.0};
+  std::mutex mu_;
+  // Under mu_:
+  std::array<double, kMaxLevels> estimate_;       // smoothed bytes/s per level, < 0 when unknown
+  std::array<unsigned, kMaxLevels> measured_at_;  // the period that last measured the level
+  std::array<int, 3> opening_;
+  size_t opening_count_ = 0;
+  size_t opened_ = 0;
+  bool warmed_up_ = false;
+  bool trace_ = false;
+  unsigned periods_ = 0;
+  int current_ = 0;
+  Clock::time_point period_start_{};
+  uint64_t period_bytes_ = 0;
+  uint64_t period_link_wait_ns_ = 0;
+  unsigned period_chunks_ = 0;
+};
+
+}  // namespace dstx::engine
