@@ -88,6 +88,7 @@ const char* kRecvHelp =
     "                      or a VFIO device to load the state into: vfio:…, vfio-group:…, emu-v1:…, "
     "emu-v2:…\n"
     "                      (see dstx migrate --help)\n"
+    "  --vfio-protocol P   a VFIO device sink only: v1, v2 or auto (default: v2 when the device offers it)\n"
     "  --streams N         the most streams to accept (default 64)\n"
     "  --count N           serve N transfers one after another on the same listener, each into a fresh sink\n"
     "                      opened from SPEC (default 1; exit 0 only if all committed; stops at the first\n"
@@ -171,7 +172,8 @@ int cmd_recv(const std::vector<std::string>& argv) {
   }
   const Args args(argv,
                   with_tls_options({"listen", "sink", "streams", "max-chunk-size", "memory", "accept-timeout",
-                                    "idle-timeout", "resume-timeout", "tcp-user-timeout", "count"}),
+                                    "idle-timeout", "resume-timeout", "tcp-user-timeout", "count",
+                                    "vfio-protocol"}),
                   {"json", "quiet"});
   engine::RecvOptions o;
   o.max_streams = args.get_unsigned("streams", engine::wire::kMaxStreams, 1, engine::wire::kMaxStreams);
@@ -194,6 +196,16 @@ int cmd_recv(const std::vector<std::string>& argv) {
     throw UsageError(std::string("--listen: ") + e.what());
   }
   const std::string spec = args.require("sink");
+  io::vfio::ProtocolChoice protocol = io::vfio::ProtocolChoice::detect;
+  if (auto p = args.get("vfio-protocol")) {
+    if (!engine::is_device_spec(spec)) {
+      throw UsageError("--vfio-protocol applies only to a VFIO device sink (" + std::string(engine::kDeviceKinds) +
+                       "), not '" + spec + "'");
+    }
+    if (!io::vfio::protocol_choice_from_name(*p, &protocol)) {
+      throw UsageError("--vfio-protocol '" + *p + "': expected v1, v2 or auto");
+    }
+  }
   io::Fd listener;
   // --count N: one transfer after another on the same listener, each into a sink freshly opened from `spec`.
   int rc = kExitOk;
@@ -201,7 +213,10 @@ int cmd_recv(const std::vector<std::string>& argv) {
     engine::Stats stats;
     std::unique_ptr<io::Sink> sink;
     try {
-      sink = engine::open_sink(spec);
+      if (engine::is_device_spec(spec))
+        sink = engine::open_device_sink(spec, protocol);
+      else
+        sink = engine::open_sink(spec);
     } catch (const std::invalid_argument& e) {
       throw UsageError(std::string("--sink: ") + e.what());
     } catch (const std::exception& e) {

@@ -102,6 +102,31 @@ TEST(CliMigrate, CtrlCPutsTheDeviceBackToRunning) {
   EXPECT_EQ(field(recv.out(), "device_state"), "RUNNING") << recv.out();
 }
 
+TEST(CliMigrate, TheReceiverCanInsistOnAProtocol) {
+  // emu-v1 offers only the migration region: insisting on v1 loads the state through it.
+  Proc recv({"recv", "--listen", "127.0.0.1:0", "--sink", "emu-v1:size=8M", "--vfio-protocol", "v1", "--json"});
+  const uint16_t port = start_recv(recv);
+  ASSERT_NE(port, 0) << recv.err();
+  Proc m({"migrate", "--device", "emu-v1:size=8M,seed=3", "--to", "127.0.0.1:" + std::to_string(port), "--json"});
+  EXPECT_EQ(m.wait(), 0) << m.out() << m.err();
+  EXPECT_EQ(recv.wait(), 0) << recv.out() << recv.err();
+  EXPECT_EQ(field(recv.out(), "device_state"), "STOP") << recv.out();
+  EXPECT_EQ(field(m.out(), "state_digest"), field(recv.out(), "state_digest"));
+
+  // A device without the asked-for protocol: refused before anything listens, and the reason is named.
+  Proc forced({"recv", "--listen", "127.0.0.1:0", "--sink", "emu-v2:size=1M", "--vfio-protocol", "v1", "--json"});
+  EXPECT_EQ(forced.wait(), 1);
+  EXPECT_NE(forced.out().find("no v1 migration region"), std::string::npos) << forced.out();
+  // Not a device: a usage error that names the option.
+  Proc not_device({"recv", "--listen", "127.0.0.1:0", "--sink", "null:", "--vfio-protocol", "v2"});
+  EXPECT_EQ(not_device.wait(), 2);
+  EXPECT_NE(not_device.err().find("--vfio-protocol applies only to a VFIO device sink"), std::string::npos)
+      << not_device.err();
+  Proc bad({"recv", "--listen", "127.0.0.1:0", "--sink", "emu-v2:", "--vfio-protocol", "v3"});
+  EXPECT_EQ(bad.wait(), 2);
+  EXPECT_NE(bad.err().find("expected v1, v2 or auto"), std::string::npos) << bad.err();
+}
+
 TEST(CliMigrate, HumanOutputNamesTheDeviceState) {
   Proc recv({"recv", "--listen", "127.0.0.1:0", "--sink", "emu-v1:size=4M"});
   const uint16_t port = start_recv(recv);
