@@ -409,7 +409,7 @@ class Worker {
     slot.offset = (seq - 1) * sh_.chunk_bytes;
     slot.len = uint32_t(std::min<uint64_t>(sh_.chunk_bytes, size - slot.offset));
     fifo_.push_back(&slot);
-    if (src.read_fd() >= 0) {
+    if (src.read_fd() >= 0 && !src.reads_from_memory()) {
       slot.io = io::Completion{.op = fixed_buffers_ ? io::Op::read_fixed : io::Op::read,
                                .fd = src.read_fd(),
                                .buf = data,

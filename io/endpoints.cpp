@@ -4,7 +4,9 @@
 #include <linux/fs.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <linux/magic.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -61,6 +63,9 @@ class FileSource final : public Source {
       } else {
         throw std::runtime_error(name_ + ": not a regular file or block device (use fd: for a stream)");
       }
+      struct statfs fs {};
+      memory_ = S_ISREG(st.st_mode) && ::fstatfs(fd_, &fs) == 0 &&
+                (fs.f_type == TMPFS_MAGIC || fs.f_type == RAMFS_MAGIC);
       int flags = ::fcntl(fd_, F_GETFL);
       if (flags < 0 || ::fcntl(fd_, F_SETFL, flags & ~O_NONBLOCK) != 0) throw_errno(errno, name_ + ": fcntl");
     } catch (...) {
@@ -74,13 +79,15 @@ class FileSource final : public Source {
   std::optional<uint64_t> size() const override { return size_; }
   bool random_access() const override { return true; }
   int read_fd() const override { return fd_; }
+  bool reads_from_memory() const override { return memory_; }
 
   void read_at(Ring& ring, uint64_t offset, std::span<std::byte> out) override {
     if (offset > size_ || out.size() > size_ - offset) {
       throw std::out_of_range(name_ + ": read of " + std::to_string(out.size()) + " bytes at offset " +
                               std::to_string(offset) + " lies beyond the size " + std::to_string(size_));
     }
-    int64_t got = read_full(ring, fd_, out.data(), out.size(), static_cast<int64_t>(offset));
+    const int64_t got = memory_ ? pread_full(fd_, out.data(), out.size(), static_cast<int64_t>(offset))
+                                : read_full(ring, fd_, out.data(), out.size(), static_cast<int64_t>(offset));
     if (got < 0) throw_errno(static_cast<int>(-got), name_ + ": read at offset " + std::to_string(offset));
     if (static_cast<size_t>(got) < out.size()) {
       throw std::runtime_error(name_ + ": short read at offset " +
@@ -93,6 +100,7 @@ class FileSource final : public Source {
   std::string name_;
   int fd_ = -1;
   uint64_t size_ = 0;
+  bool memory_ = false;  // tmpfs or ramfs
 };
 
 class FdSource final : public Source {

@@ -3,9 +3,11 @@
 #include <liburing.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <cstddef>
 #include <cstdlib>
 #include <fstream>
 #include <stdexcept>
@@ -213,6 +215,18 @@ std::unique_ptr<Ring> make_ring(Backend backend, const RingOptions& options) {
 
 int64_t read_full(Ring& ring, int fd, void* buf, size_t len, int64_t offset) {
   return transfer_full(ring, Op::read, fd, buf, len, offset);
+}
+
+int64_t pread_full(int fd, void* buf, size_t len, int64_t offset) {
+  size_t done = 0;
+  while (done < len) {
+    const ssize_t n = ::pread(fd, static_cast<std::byte*>(buf) + done, len - done, offset + int64_t(done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return -errno;
+    if (n == 0) break;
+    done += size_t(n);
+  }
+  return int64_t(done);
 }
 
 int64_t write_full(Ring& ring, int fd, const void* buf, size_t len, int64_t offset) {

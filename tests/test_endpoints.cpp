@@ -2,7 +2,9 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <linux/magic.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -154,6 +156,43 @@ TEST_P(Endpoints, FileSourceShortReadNamesTheOffset) {
   expect_throw_with<std::runtime_error>(
       [&] { src->read_at(ring(), 59900, out); },
       {"file:" + path("src"), "short read at offset 60000", "file changed"});
+}
+
+bool on_tmpfs(const std::string& path) {
+  struct statfs fs {};
+  return ::statfs(path.c_str(), &fs) == 0 && fs.f_type == TMPFS_MAGIC;
+}
+
+// A file in memory is read with pread on the caller's thread, not through the ring: same bytes, same errors.
+TEST_P(Endpoints, FileSourceInMemoryReadsTheSameWithoutTheRing) {
+  if (!on_tmpfs("/dev/shm")) GTEST_SKIP() << "/dev/shm is not tmpfs here";
+  std::string templ = "/dev/shm/dstx-endpoints-XXXXXX";
+  ASSERT_NE(::mkdtemp(templ.data()), nullptr) << std::strerror(errno);
+  const std::string file = templ + "/src";
+  struct Cleanup {
+    std::string dir;
+    ~Cleanup() { fs::remove_all(dir); }
+  } cleanup{templ};
+  ContentGenerator gen(Profile::binary, 5);
+  const size_t size = (3 << 20) + 77;
+  const Bytes content = generate(gen, 0, size);
+  write_file(file, content);
+
+  auto src = open_file_source(file);
+  EXPECT_TRUE(src->reads_from_memory());
+  if (!on_tmpfs(dir_)) {  // the same bytes on a disk file system go through the ring
+    write_file(path("disk"), content);
+    EXPECT_FALSE(open_file_source(path("disk"))->reads_from_memory());
+  }
+  for (uint64_t offset : {uint64_t(0), uint64_t(4097), uint64_t(size - (1 << 20))}) {
+    Bytes out(1 << 20);
+    src->read_at(ring(), offset, out);
+    EXPECT_TRUE(std::equal(out.begin(), out.end(), content.begin() + static_cast<ptrdiff_t>(offset))) << offset;
+  }
+  ASSERT_EQ(::truncate(file.c_str(), 1 << 20), 0);
+  Bytes out(200);
+  expect_throw_with<std::runtime_error>([&] { src->read_at(ring(), (1 << 20) - 100, out); },
+                                        {"file:" + file, "short read at offset 1048576", "file changed"});
 }
 
 TEST_P(Endpoints, FileSourceOpenErrorsNameThePath) {

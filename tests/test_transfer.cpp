@@ -112,19 +112,37 @@ TEST_P(BackendTest, MixedStateByteExactOverOneAndFourStreams) {
   }
 }
 
-// Both with reads into plain buffers (the default) and into buffers registered with io_uring (READ_FIXED).
+// Reads into plain buffers (the default), into buffers registered with io_uring (READ_FIXED), and from a
+// source file in memory (tmpfs: read on the worker's thread).
 TEST_P(BackendTest, FileToFileEveryProfileAndOddSizes) {
   struct Case {
     io::Profile profile;
     uint64_t size;
   };
-  for (const bool registered : {false, true}) {
-    SCOPED_TRACE(registered ? "registered buffers" : "plain buffers");
+  struct Variant {
+    bool registered;
+    fs::path in_dir;
+    const char* label;
+  };
+  std::vector<Variant> variants = {{false, dir_, "plain buffers"}, {true, dir_, "registered buffers"}};
+  const fs::path shm = fs::path("/dev/shm") / ("dstx-transfer-" + std::to_string(::getpid()));
+  std::error_code ec;
+  if (fs::create_directory(shm, ec)) variants.push_back({false, shm, "source on /dev/shm"});
+  struct Cleanup {
+    fs::path dir;
+    ~Cleanup() {
+      std::error_code ignored;
+      fs::remove_all(dir, ignored);
+    }
+  } cleanup{shm};
+  for (const Variant& v : variants) {
+    SCOPED_TRACE(v.label);
+    const bool registered = v.registered;
     for (const Case c : {Case{io::Profile::zero, 8 << 20}, Case{io::Profile::zero_heavy, (8 << 20) + 1},
                          Case{io::Profile::binary, 5 << 20}, Case{io::Profile::text, 3 << 20},
                          Case{io::Profile::random, (4 << 20) - 17}, Case{io::Profile::mixed, 1},
                          Case{io::Profile::mixed, 0}}) {
-      const fs::path in = dir_ / "in.bin", out = dir_ / "out.bin";
+      const fs::path in = v.in_dir / "in.bin", out = dir_ / "out.bin";
       write_emu_file(in, EmuSpec{c.size, c.profile, 9});
       fs::remove(out);
       auto src = open_source("file:" + in.string());
