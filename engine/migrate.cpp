@@ -99,26 +99,12 @@ EmuDeviceConfig parse_emu_device(Protocol protocol, std::string_view params, Dev
   EmuDeviceConfig c;
   c.protocol = protocol;
   *open_as = protocol == Protocol::v2 ? DevicePath::Kind::cdev : DevicePath::Kind::group;
-  while (!params.empty()) {
-    const size_t comma = params.find(',');
-    const std::string_view item = params.substr(0, comma);
-    params = comma == std::string_view::npos ? std::string_view() : params.substr(comma + 1);
-    if (item.empty()) continue;
-    const size_t eq = item.find('=');
-    if (eq == std::string_view::npos) throw bad("emu: expected key=value, got '" + std::string(item) + "'");
-    const std::string_view key = item.substr(0, eq);
-    const std::string_view value = item.substr(eq + 1);
-    const bool v1 = protocol == Protocol::v1;
-    if (key == "size") {
-      c.state.size = parse_size(value);
-      if (c.state.size == 0 || c.state.size > kEmuSizeMax) throw bad("emu: size must be 1 byte to 64G");
-    } else if (key == "profile") {
-      if (!io::profile_from_name(value, &c.state.profile)) {
-        throw bad("emu: unknown profile '" + std::string(value) + "' (one of " +
-                  std::string(io::profile_names()) + ")");
-      }
-    } else if (key == "seed") {
-      c.state.seed = parse_number(key, value);
+  EmuSpec content{.size = c.state.size, .profile = c.state.profile, .seed = c.state.seed};
+  const bool v1 = protocol == Protocol::v1;
+  for_each_param(params, "emu", [&](std::string_view key, std::string_view value) {
+    if (parse_emu_key(key, value, &content)) {
+      if (key == "size" && (content.size == 0 || content.size > kEmuSizeMax))
+        throw bad("emu: size must be 1 byte to 64G");
     } else if (key == "dirty") {
       c.state.dirty_bytes_per_sec = parse_size(value);
     } else if (key == "fault") {
@@ -160,7 +146,10 @@ EmuDeviceConfig parse_emu_device(Protocol protocol, std::string_view params, Dev
       throw bad("emu-" + std::string(io::vfio::protocol_name(protocol)) + ": unknown key '" +
                 std::string(key) + "' (" + kEmuDeviceKeys + ")");
     }
-  }
+  });
+  c.state.size = content.size;
+  c.state.profile = content.profile;
+  c.state.seed = content.seed;
   return c;
 }
 

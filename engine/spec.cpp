@@ -101,33 +101,47 @@ std::string format_bytes(double bytes) {
   return buf;
 }
 
-EmuSpec parse_emu(std::string_view params) {
-  EmuSpec spec;
+void for_each_param(std::string_view params, std::string_view what,
+                    const std::function<void(std::string_view key, std::string_view value)>& fn) {
   while (!params.empty()) {
     const size_t comma = params.find(',');
     const std::string_view item = params.substr(0, comma);
     params = comma == std::string_view::npos ? std::string_view() : params.substr(comma + 1);
     if (item.empty()) continue;
     const size_t eq = item.find('=');
-    if (eq == std::string_view::npos) throw bad("emu: expected key=value, got '" + std::string(item) + "'");
-    const std::string_view key = item.substr(0, eq);
-    const std::string_view value = item.substr(eq + 1);
-    if (key == "size") {
-      spec.size = parse_size(value);
-    } else if (key == "profile") {
-      if (!io::profile_from_name(value, &spec.profile)) {
-        throw bad("emu: unknown profile '" + std::string(value) + "' (one of " + std::string(io::profile_names()) +
-                  ")");
-      }
-    } else if (key == "seed") {
-      const auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), spec.seed);
-      if (ec != std::errc() || end != value.data() + value.size()) {
-        throw bad("emu: bad seed '" + std::string(value) + "'");
-      }
-    } else {
+    if (eq == std::string_view::npos) {
+      throw bad(std::string(what) + ": expected key=value, got '" + std::string(item) + "'");
+    }
+    fn(item.substr(0, eq), item.substr(eq + 1));
+  }
+}
+
+bool parse_emu_key(std::string_view key, std::string_view value, EmuSpec* spec) {
+  if (key == "size") {
+    spec->size = parse_size(value);
+  } else if (key == "profile") {
+    if (!io::profile_from_name(value, &spec->profile)) {
+      throw bad("emu: unknown profile '" + std::string(value) + "' (one of " + std::string(io::profile_names()) +
+                ")");
+    }
+  } else if (key == "seed") {
+    const auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), spec->seed);
+    if (value.empty() || ec != std::errc() || end != value.data() + value.size()) {
+      throw bad("emu: seed=" + std::string(value) + ": expected a whole number");
+    }
+  } else {
+    return false;
+  }
+  return true;
+}
+
+EmuSpec parse_emu(std::string_view params) {
+  EmuSpec spec;
+  for_each_param(params, "emu", [&](std::string_view key, std::string_view value) {
+    if (!parse_emu_key(key, value, &spec)) {
       throw bad("emu: unknown key '" + std::string(key) + "' (size, profile, seed)");
     }
-  }
+  });
   return spec;
 }
 

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -27,6 +28,13 @@ struct EmuSpec {
 };
 // Parses the part after "emu:" ("size=…,profile=…,seed=…"; every key optional).
 EmuSpec parse_emu(std::string_view params);
+// The keys of emulated content every emu spec takes (size, profile, seed) into `spec`; false for any other
+// key. Throws on a bad value.
+bool parse_emu_key(std::string_view key, std::string_view value, EmuSpec* spec);
+// Calls fn(key, value) for each item of a comma-separated "key=value,..." list; empty items are skipped, an
+// item without '=' throws (`what` names the spec kind in the message).
+void for_each_param(std::string_view params, std::string_view what,
+                    const std::function<void(std::string_view key, std::string_view value)>& fn);
 
 std::unique_ptr<io::Source> open_source(std::string_view spec);
 std::unique_ptr<io::Sink> open_sink(std::string_view spec);

@@ -1,6 +1,11 @@
 // Endpoint specs, sizes and rates: what users type.
 #include <gtest/gtest.h>
 
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "engine/migrate.h"
 #include "engine/spec.h"
 
 namespace dstx::engine {
@@ -47,6 +52,43 @@ TEST(Spec, EmuParameters) {
   EXPECT_THROW(parse_emu("profile=plaid"), std::invalid_argument);
   EXPECT_THROW(parse_emu("seed=x"), std::invalid_argument);
   EXPECT_THROW(parse_emu("size"), std::invalid_argument);
+}
+
+// emu: content and emulated devices (emu-v1:, emu-v2:) read their common keys alike: same values, same errors.
+TEST(Spec, EmuDevicesShareTheContentKeys) {
+  io::vfio::DevicePath::Kind open_as;
+  const io::vfio::EmuDeviceConfig c =
+      parse_emu_device(io::vfio::Protocol::v2, "size=3M,profile=binary,seed=9,,dirty=1M", &open_as);
+  EXPECT_EQ(c.state.size, 3u << 20);
+  EXPECT_EQ(c.state.profile, io::Profile::binary);
+  EXPECT_EQ(c.state.seed, 9u);
+  EXPECT_EQ(c.state.dirty_bytes_per_sec, 1u << 20);
+  for (const char* params : {"seed=x", "profile=plaid", "size", "size=1Q"}) {
+    std::string content_error, device_error;
+    try {
+      parse_emu(params);
+    } catch (const std::invalid_argument& e) {
+      content_error = e.what();
+    }
+    try {
+      parse_emu_device(io::vfio::Protocol::v1, params, &open_as);
+    } catch (const std::invalid_argument& e) {
+      device_error = e.what();
+    }
+    EXPECT_FALSE(content_error.empty()) << params;
+    EXPECT_EQ(content_error, device_error) << params;
+  }
+  std::vector<std::pair<std::string, std::string>> seen;
+  for_each_param("a=1,,b=,c=x=y", "test", [&](std::string_view k, std::string_view v) {
+    seen.emplace_back(std::string(k), std::string(v));
+  });
+  EXPECT_EQ(seen, (std::vector<std::pair<std::string, std::string>>{{"a", "1"}, {"b", ""}, {"c", "x=y"}}));
+  try {
+    for_each_param("a=1,oops", "test", [](std::string_view, std::string_view) {});
+    ADD_FAILURE() << "no error for an item without '='";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_STREQ(e.what(), "test: expected key=value, got 'oops'");
+  }
 }
 
 TEST(Spec, SourcesAndSinksByKind) {
