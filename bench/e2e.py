@@ -16,7 +16,8 @@ of the last receiver-side process (receivers are started and listening first); e
 /usr/bin/time: CPU seconds from wait4 on it (children included), peak RSS from its %M; bytes on the link from the veth's
 tx counters (Ethernet/IP/TCP headers included); payload bytes from dstx's --json wire_bytes, for the
 pipelines from the compressor's write count (/proc/PID/io wchar), for the plain loop = the state size.
-Each cell is repeated --repeats times (median reported); within a repetition the tools are interleaved and
+Each cell is repeated --repeats times, --fast-repeats times (7, at least --repeats) on links of 25 Gbit/s and
+more (median reported); within a repetition the tools are interleaved and
 their order rotates from one repetition to the next, so background noise hits all of them alike.
 
 Sources read state files from tmpfs (/dev/shm), written by make_state (binary = make_state binary-real: real
@@ -25,7 +26,8 @@ executables and libraries from /usr). Output: OUT/e2e.json (every raw run), OUT/
 Needs root (namespaces, tc). Installs bench-only tools it lacks (iperf3, socat, gnuplot-nox, lz4, zstd,
 time) with apt-get and says so. Everything it starts and both namespaces are removed on exit, Ctrl-C included.
 
-  bench/e2e.py [--build build] [--size 512M] [--repeats 3] [--links 1,10,25,unlimited] [--profiles ...]
+  bench/e2e.py [--build build] [--size 512M] [--repeats 3] [--fast-repeats 7] [--links 1,10,25,unlimited]
+               [--profiles ...]
   bench/e2e.py --quick                 small sizes, one repetition, short iperf3
   bench/e2e.py --quick --self-test     < 60 s functional check of the harness itself (exit code 0 = pass)
   bench/e2e.py --render OUT/e2e.json   recompute the tables and plot from an earlier run (no root needed)
@@ -1112,6 +1114,8 @@ def main():
             a.out = Path(tempfile.mkdtemp(prefix="dstx-e2e-selftest."))
     a.size = a.size or ((64 << 20) if a.quick else (512 << 20))
     a.repeats = a.repeats or (1 if a.quick else 3)
+    if a.repeats < 1 or (a.fast_repeats is not None and a.fast_repeats < 1):
+        ap.error("--repeats and --fast-repeats must be at least 1")
     a.fast_repeats = max(a.repeats, a.fast_repeats or (1 if a.quick or a.self_test else 7))
     a.iperf_seconds = 1 if a.quick else 3
     a.iperf_repeats = 1 if a.quick else 2

@@ -196,16 +196,11 @@ int cmd_recv(const std::vector<std::string>& argv) {
     throw UsageError(std::string("--listen: ") + e.what());
   }
   const std::string spec = args.require("sink");
-  io::vfio::ProtocolChoice protocol = io::vfio::ProtocolChoice::detect;
-  if (auto p = args.get("vfio-protocol")) {
-    if (!engine::is_device_spec(spec)) {
-      throw UsageError("--vfio-protocol applies only to a VFIO device sink (" + std::string(engine::kDeviceKinds) +
-                       "), not '" + spec + "'");
-    }
-    if (!io::vfio::protocol_choice_from_name(*p, &protocol)) {
-      throw UsageError("--vfio-protocol '" + *p + "': expected v1, v2 or auto");
-    }
+  if (args.has("vfio-protocol") && !engine::is_device_spec(spec)) {
+    throw UsageError("--vfio-protocol applies only to a VFIO device sink (" + std::string(engine::kDeviceKinds) +
+                     "), not '" + spec + "'");
   }
+  const io::vfio::ProtocolChoice protocol = vfio_protocol(args);
   io::Fd listener;
   // --count N: one transfer after another on the same listener, each into a sink freshly opened from `spec`.
   int rc = kExitOk;

@@ -100,11 +100,7 @@ int cmd_migrate(const std::vector<std::string>& argv) {
   engine::MigrateOptions mo;
   mo.precopy_max_rounds = args.get_unsigned("precopy-max-rounds", mo.precopy_max_rounds, 0, 1000);
   mo.downtime_target_ms = args.get_unsigned("downtime-target", mo.downtime_target_ms, 0, 3600000);
-  if (auto p = args.get("vfio-protocol")) {
-    if (!io::vfio::protocol_choice_from_name(*p, &mo.protocol)) {
-      throw UsageError("--vfio-protocol '" + *p + "': expected v1, v2 or auto");
-    }
-  }
+  mo.protocol = vfio_protocol(args);
   io::HostPort to;
   try {
     to = io::parse_host_port(args.require("to"));

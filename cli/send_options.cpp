@@ -164,4 +164,14 @@ engine::SendOptions send_options(const Args& args) {
   return o;
 }
 
+io::vfio::ProtocolChoice vfio_protocol(const Args& args) {
+  io::vfio::ProtocolChoice choice = io::vfio::ProtocolChoice::detect;
+  if (auto p = args.get("vfio-protocol")) {
+    if (!io::vfio::protocol_choice_from_name(*p, &choice)) {
+      throw UsageError("--vfio-protocol '" + *p + "': expected v1, v2 or auto");
+    }
+  }
+  return choice;
+}
+
 }  // namespace dstx::cli

@@ -9,6 +9,7 @@
 
 #include "cli/args.h"
 #include "engine/transfer.h"
+#include "io/vfio/device.h"
 
 namespace dstx::cli {
 
@@ -19,6 +20,9 @@ inline const std::set<std::string> kSendFlags = {"no-resume", "no-tune", "regist
 // Builds the options. Defaults come from the tune profile when one exists (unless --no-tune), explicit
 // options override it. A malformed profile is a UsageError naming the file.
 engine::SendOptions send_options(const Args& args);
+
+// --vfio-protocol v1|v2|auto (dstx migrate, dstx recv with a device sink); `detect` when absent.
+io::vfio::ProtocolChoice vfio_protocol(const Args& args);
 
 // The three numbers of a `dstx tune` profile that sending uses.
 struct TuneDefaults {

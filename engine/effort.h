@@ -1,6 +1,7 @@
 // The --codec auto controller: how much compression effort the sender spends, from what it measures.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <chrono>
@@ -11,7 +12,7 @@
 namespace dstx::engine {
 
 // --codec auto walks a ladder of encodings, cheapest first: raw (zero pages dropped), lz4, zstd, and zstd two
-// levels higher. The effort in [0, top] says where the sender stands: its integer part picks the lower rung,
+// levels higher (at most level 19). The effort in [0, top] says where the sender stands: its integer part picks the lower rung,
 // its fraction the share of chunks that take the rung above. Which effort is best depends on the link, the
 // data and the CPU left over (on loopback the "link" is the CPU itself), so no model of them is trusted.
 //

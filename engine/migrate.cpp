@@ -36,15 +36,6 @@ bool parse_bool(std::string_view key, std::string_view value) {
   throw bad("emu: " + std::string(key) + "=" + std::string(value) + ": expected 0 or 1");
 }
 
-uint64_t parse_number(std::string_view key, std::string_view value) {
-  uint64_t n = 0;
-  const auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), n);
-  if (ec != std::errc() || end != value.data() + value.size()) {
-    throw bad("emu: " + std::string(key) + "=" + std::string(value) + ": expected a whole number");
-  }
-  return n;
-}
-
 EmuFault parse_fault(std::string_view text) {
   const size_t at = text.find('@');
   const std::string_view name = text.substr(0, at);
@@ -141,7 +132,7 @@ EmuDeviceConfig parse_emu_device(Protocol protocol, std::string_view params, Dev
       else
         throw bad("emu: mmap=" + std::string(value) + ": expected all, part or none");
     } else if (key == "delay-us") {
-      c.delay_us = uint32_t(std::min<uint64_t>(parse_number(key, value), 10'000'000));
+      c.delay_us = uint32_t(std::min<uint64_t>(parse_emu_number(key, value), 10'000'000));
     } else {
       throw bad("emu-" + std::string(io::vfio::protocol_name(protocol)) + ": unknown key '" +
                 std::string(key) + "' (" + kEmuDeviceKeys + ")");

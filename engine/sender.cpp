@@ -275,7 +275,8 @@ class Worker {
       zero_copy_min_ = sh_.options.zero_copy_min_bytes;
     // Registered once, the buffers spare the kernel a page walk on every read (READ_FIXED). Where the kernel
     // refuses (RLIMIT_MEMLOCK, an old kernel), plain reads do the same job.
-    if (sh_.options.register_buffers && sh_.backend == io::Backend::uring && io::probe().read_fixed) {
+    if (sh_.options.register_buffers && sh_.backend == io::Backend::uring && io::probe().read_fixed &&
+        !sh_.source.reads_from_memory()) {
       const iovec whole{memory_, buf_bytes_ * count};
       fixed_buffers_ = ring_->register_buffers(std::span(&whole, 1)) == 0;
     }
@@ -314,10 +315,11 @@ class Worker {
         }
         continue;
       }
-      // Waiting with a frame ready behind the one being sent: the link, not this worker, sets the pace.
+      // Waiting with a frame ready behind the one being sent (with one slot: on the send itself): the link,
+      // not this worker, sets the pace.
       const bool wait = !has_state(State::read);
-      const bool link_wait = wait && sh_.effort && sending_ && fifo_.size() >= 2 &&
-                             fifo_[1]->state == State::encoded;
+      const bool link_wait = wait && sh_.effort && sending_ &&
+                             (slots_.size() == 1 || (fifo_.size() >= 2 && fifo_[1]->state == State::encoded));
       const auto wait_start = link_wait ? Clock::now() : Clock::time_point{};
       const int rc = ring_->submit(wait ? 1 : 0);
       if (rc < 0)

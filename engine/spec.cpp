@@ -116,6 +116,15 @@ void for_each_param(std::string_view params, std::string_view what,
   }
 }
 
+uint64_t parse_emu_number(std::string_view key, std::string_view value) {
+  uint64_t n = 0;
+  const auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), n);
+  if (ec != std::errc() || end != value.data() + value.size()) {
+    throw bad("emu: " + std::string(key) + "=" + std::string(value) + ": expected a whole number");
+  }
+  return n;
+}
+
 bool parse_emu_key(std::string_view key, std::string_view value, EmuSpec* spec) {
   if (key == "size") {
     spec->size = parse_size(value);
@@ -125,10 +134,7 @@ bool parse_emu_key(std::string_view key, std::string_view value, EmuSpec* spec) 
                 ")");
     }
   } else if (key == "seed") {
-    const auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), spec->seed);
-    if (value.empty() || ec != std::errc() || end != value.data() + value.size()) {
-      throw bad("emu: seed=" + std::string(value) + ": expected a whole number");
-    }
+    spec->seed = parse_emu_number(key, value);
   } else {
     return false;
   }

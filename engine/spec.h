@@ -28,6 +28,8 @@ struct EmuSpec {
 };
 // Parses the part after "emu:" ("size=…,profile=…,seed=…"; every key optional).
 EmuSpec parse_emu(std::string_view params);
+// The value of an emu spec's `key=value` as a whole number; throws naming both when it is not one.
+uint64_t parse_emu_number(std::string_view key, std::string_view value);
 // The keys of emulated content every emu spec takes (size, profile, seed) into `spec`; false for any other
 // key. Throws on a bad value.
 bool parse_emu_key(std::string_view key, std::string_view value, EmuSpec* spec);

@@ -39,8 +39,9 @@ class Source {
   // Random access through a file descriptor: when >= 0, logical offset == file offset in this fd and the
   // engine may queue reads on its own rings (several in flight). -1 otherwise.
   virtual int read_fd() const { return -1; }
-  // True when reads never wait for a device (a file on tmpfs or ramfs): the engine then reads on its own
-  // thread (read_at), which costs less than queueing reads that the kernel hands to worker threads anyway.
+  // True when reads are served from memory (a file on tmpfs or ramfs; short of swapping): the engine then
+  // reads on its own thread (read_at), which costs less than queueing reads that the kernel hands to worker
+  // threads anyway.
   virtual bool reads_from_memory() const { return false; }
   // Random access: fills `out` with the bytes at `offset` (out must lie within size()). Thread-safe.
   virtual void read_at(Ring& ring, uint64_t offset, std::span<std::byte> out);

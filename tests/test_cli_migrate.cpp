@@ -117,6 +117,7 @@ TEST(CliMigrate, TheReceiverCanInsistOnAProtocol) {
   Proc forced({"recv", "--listen", "127.0.0.1:0", "--sink", "emu-v2:size=1M", "--vfio-protocol", "v1", "--json"});
   EXPECT_EQ(forced.wait(), 1);
   EXPECT_NE(forced.out().find("no v1 migration region"), std::string::npos) << forced.out();
+  EXPECT_EQ(forced.err().find("listening on"), std::string::npos) << forced.err();
   // Not a device: a usage error that names the option.
   Proc not_device({"recv", "--listen", "127.0.0.1:0", "--sink", "null:", "--vfio-protocol", "v2"});
   EXPECT_EQ(not_device.wait(), 2);

@@ -108,8 +108,8 @@ TEST(EffortController, ALinkBetweenTheTwoSettlesWhereLinkAndCpuMeet) {
 TEST(EffortController, WithoutZstdTheLadderStopsAtLz4) {
   const Link slow{.link_gbps = 0.12, .cores = 1.5};
   const Trace run = simulate(slow, 1.0, 400);
-  EXPECT_EQ(*std::max_element(run.efforts.begin(), run.efforts.end()), 1.0);
   EXPECT_EQ(run.efforts.back(), 1.0);
+  EXPECT_GT(*std::min_element(run.efforts.begin(), run.efforts.end()), 0.9);  // lz4 waited: no raw period
 }
 
 }  // namespace
