@@ -208,10 +208,7 @@ int cmd_recv(const std::vector<std::string>& argv) {
     engine::Stats stats;
     std::unique_ptr<io::Sink> sink;
     try {
-      if (engine::is_device_spec(spec))
-        sink = engine::open_device_sink(spec, protocol);
-      else
-        sink = engine::open_sink(spec);
+      sink = engine::open_sink(spec, protocol);
     } catch (const std::invalid_argument& e) {
       throw UsageError(std::string("--sink: ") + e.what());
     } catch (const std::exception& e) {

@@ -496,7 +496,7 @@ class Worker {
     static constexpr compress::Codec kLadder[] = {compress::Codec::none, compress::Codec::lz4,
                                                   compress::Codec::zstd, compress::Codec::zstd};
     opts.codec = kLadder[std::clamp(pick, 0, 3)];
-    opts.level = pick >= 3 ? std::min(sh_.options.zstd_level + 2, 19) : sh_.options.zstd_level;
+    if (pick >= 3) opts.level = std::min(opts.level + 2, 19);
     return opts;
   }
 

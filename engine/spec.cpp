@@ -173,7 +173,7 @@ std::unique_ptr<io::Source> open_source(std::string_view spec) {
   throw bad("unknown source kind '" + std::string(kind) + "': expected one of " + kSourceKinds);
 }
 
-std::unique_ptr<io::Sink> open_sink(std::string_view spec) {
+std::unique_ptr<io::Sink> open_sink(std::string_view spec, io::vfio::ProtocolChoice vfio) {
   const size_t colon = spec.find(':');
   if (colon == std::string_view::npos) {
     throw bad("sink '" + std::string(spec) + "' has no kind: expected one of " + kSinkKinds);
@@ -191,7 +191,7 @@ std::unique_ptr<io::Sink> open_sink(std::string_view spec) {
   if (kind == "null") return io::open_null_sink();
   if (kind == "stdout") return io::open_fd_sink(STDOUT_FILENO, false, "stdout:");
   if (kind == "fd") return io::open_fd_sink(parse_fd(rest, spec), true, std::string(spec));
-  if (is_device_spec(spec)) return open_device_sink(spec);
+  if (is_device_spec(spec)) return open_device_sink(spec, vfio);
   throw bad("unknown sink kind '" + std::string(kind) + "': expected one of " + kSinkKinds);
 }
 

@@ -10,6 +10,7 @@
 
 #include "io/content.h"
 #include "io/endpoints.h"
+#include "io/vfio/device.h"
 
 namespace dstx::engine {
 
@@ -39,7 +40,9 @@ void for_each_param(std::string_view params, std::string_view what,
                     const std::function<void(std::string_view key, std::string_view value)>& fn);
 
 std::unique_ptr<io::Source> open_source(std::string_view spec);
-std::unique_ptr<io::Sink> open_sink(std::string_view spec);
+// A VFIO device sink (vfio:…, emu-v1:…) speaks the protocol `vfio` asks for; other sinks ignore it.
+std::unique_ptr<io::Sink> open_sink(std::string_view spec,
+                                    io::vfio::ProtocolChoice vfio = io::vfio::ProtocolChoice::detect);
 
 // The spec kinds, for --help.
 inline constexpr const char* kSourceKinds =
