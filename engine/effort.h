@@ -17,8 +17,10 @@ namespace dstx::engine {
 // data and the CPU left over (on loopback the "link" is the CPU itself), so no model of them is trusted.
 //
 // Two measurements steer it, per period of chunks:
-// - the logical throughput actually delivered (bytes that left the kernel's send queues), per effort level
-//   on a grid of quarter steps, smoothed per level and forgotten when old;
+// - the logical throughput of non-zero chunks actually delivered (bytes that left the kernel's send queues),
+//   per effort level on a grid of quarter steps, smoothed per level and forgotten when old. Zero chunks cost
+//   the same on every rung and next to nothing; their share varies along the state and would swamp the
+//   difference between levels;
 // - the share of time the workers waited on their sockets while holding a frame ready to go ("link
 //   wait"). Much of it means the link sets the pace and spare CPU could shrink the frames; little means the
 //   CPU (or the source) sets it and more effort can only slow things down.
@@ -46,8 +48,9 @@ class EffortController {
                             std::memory_order_relaxed);
   }
 
-  // Called after each chunk with the total logical bytes handed to the kernel so far and a function that
-  // tells how many of them still sit in the kernel's send queues (asked only when a period ends). Only what
+  // Called after each non-zero chunk with the total logical bytes of non-zero chunks handed to the kernel so
+  // far and a function that tells how many of them still sit in the kernel's send queues (asked only when a
+  // period ends). Only what
   // left those queues counts: the queues hold megabytes, and filling or draining them says nothing about the
   // link or the codec. Calls that find another thread inside return at once.
   template <typename Queued>

@@ -153,6 +153,7 @@ struct Shared {
   wire::Hello hello;                         // the session's HELLO, for reconnections
   TlsSession* tls = nullptr;                 // the streams' TLS, for reconnections
   std::unique_ptr<EffortController> effort;  // --codec auto only
+  std::atomic<uint64_t> coded_bytes{0};      // logical bytes of the non-zero chunks handed to the kernel
   std::unique_ptr<Pacer> pacer;              // --bandwidth only
   uint32_t chunk_bytes;
   SendSequencer sequencer;
@@ -176,9 +177,9 @@ struct Shared {
         chunk_bytes(o.chunk_bytes),
         sequencer(window) {}
 
-  // Logical bytes still in the streams' kernel send queues (unsent or unacknowledged by the peer's TCP),
-  // converted from wire bytes at the transfer's ratio so far.
-  uint64_t queued_logical_bytes() const {
+  // Logical bytes of non-zero chunks still in the streams' kernel send queues (unsent or unacknowledged by
+  // the peer's TCP), converted from wire bytes at the transfer's ratio so far.
+  uint64_t queued_coded_bytes() const {
     uint64_t wire_queued = 0;
     for (const Link& l : links) {
       int n = 0;
@@ -186,7 +187,7 @@ struct Shared {
       if (fd >= 0 && ::ioctl(fd, SIOCOUTQ, &n) == 0 && n > 0) wire_queued += uint64_t(n);
     }
     const double wire = double(stats.wire_bytes.load(std::memory_order_relaxed));
-    const double logical = double(stats.bytes.load(std::memory_order_relaxed));
+    const double logical = double(coded_bytes.load(std::memory_order_relaxed));
     return wire > 0 ? uint64_t(double(wire_queued) * logical / wire) : 0;
   }
 
@@ -609,9 +610,11 @@ class Worker {
     }
     slot.in = slot.out = slot.frame_buf = -1;
     release_view(slot);
-    if (sh_.effort) {
-      sh_.effort->observe(Clock::now(), st.bytes.load(std::memory_order_relaxed),
-                          [&] { return sh_.queued_logical_bytes(); });
+    // Zero chunks cost the same on every rung and next to nothing: the controller only sees the others, whose
+    // share varies along the state and would otherwise swamp the difference between rungs.
+    if (sh_.effort && !slot.enc.zero) {
+      const uint64_t coded = sh_.coded_bytes.fetch_add(slot.len, std::memory_order_relaxed) + slot.len;
+      sh_.effort->observe(Clock::now(), coded, [&] { return sh_.queued_coded_bytes(); });
     }
     sh_.sequencer.complete(slot.seq, slot.len, slot.enc.hash);
     slot.state = State::free;
