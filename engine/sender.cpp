@@ -529,7 +529,8 @@ class Worker {
     send_io_ = io::Completion{.op = zero_copy ? io::Op::send_zc : io::Op::send,
                               .fd = fd(),
                               .buf = const_cast<std::byte*>(seg.data + slot.seg_sent),
-                              .len = uint32_t(std::min(left, io::kMaxIoBytes))};
+                              .len = uint32_t(std::min(left, io::kMaxIoBytes)),
+                              .more = slot.seg_index + 1 < slot.seg_count};
     if (!ring_->queue(&send_io_)) {
       ring_->submit(0);
       if (!ring_->queue(&send_io_)) throw std::runtime_error("io ring full");

@@ -23,7 +23,7 @@ enum class Op : uint8_t {
   write,        // pwrite(fd, buf, len, offset); offset -1 as above
   read_fixed,   // read into registered buffer `buf_index` (buf must point inside it)
   write_fixed,  // write from registered buffer `buf_index`
-  send,         // send(fd, buf, len, MSG_NOSIGNAL)
+  send,         // send(fd, buf, len, MSG_NOSIGNAL, plus MSG_MORE when `more`)
   send_zc,      // zero-copy send; result arrives first, buffer is reusable only after `notified` is set
   recv,         // recv(fd, buf, len, 0)
 };
@@ -35,6 +35,8 @@ struct Completion {
   uint32_t len = 0;
   int64_t offset = -1;
   int buf_index = -1;  // registered buffer index for read_fixed/write_fixed/send_zc from a registered buffer
+  bool more = false;   // send/send_zc: more bytes of the same message follow at once (MSG_MORE): the kernel
+                       // holds a short piece back to fill segments instead of sending it on its own
   uint64_t user = 0;   // caller's tag, untouched by the ring
   // Filled in by the ring:
   int32_t result = 0;    // bytes transferred (>= 0) or -errno

@@ -1,6 +1,7 @@
 // Every behaviour of the Ring contract, run against both backends: the syscall fallback must be
 // indistinguishable from io_uring to the engine above it.
 #include <fcntl.h>
+#include <poll.h>
 #include <gtest/gtest.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -377,6 +378,24 @@ TEST_P(RingTest, SendZcOverTcpLoopbackIsNotifiedWhenReaped) {
   peer.join();
   EXPECT_EQ(std::vector<char>(peer_got.begin(), peer_got.begin() + kSize), data);
   EXPECT_EQ(std::vector<char>(peer_got.begin() + kSize, peer_got.end()), data);
+}
+
+// `more` (MSG_MORE): a short piece followed at once by the rest of its message is held back rather than sent
+// in a packet of its own (a frame header before a payload sent from elsewhere), even with TCP_NODELAY.
+TEST_P(RingTest, SendWithMoreHoldsAShortPieceUntilTheRestFollows) {
+  Pair p = tcp_pair();
+  ASSERT_TRUE(p.a && p.b);
+  const auto data = pattern(4096, 3);
+  Completion head = make_op(Op::send, p.a.get(), const_cast<char*>(data.data()), 40, -1);
+  head.more = true;
+  ASSERT_EQ(run(*ring_, head), 40);
+  pollfd pfd{p.b.get(), POLLIN, 0};
+  EXPECT_EQ(::poll(&pfd, 1, 20), 0) << "the 40-byte piece was sent on its own";
+  Completion rest = make_op(Op::send, p.a.get(), const_cast<char*>(data.data()) + 40, data.size() - 40, -1);
+  ASSERT_EQ(run(*ring_, rest), int32_t(data.size() - 40));
+  std::vector<char> got(data.size());
+  ASSERT_EQ(recv_full(*ring_, p.b.get(), got.data(), got.size()), int64_t(got.size()));
+  EXPECT_EQ(got, data);
 }
 
 INSTANTIATE_TEST_SUITE_P(Backends, RingTest, ::testing::Values(Backend::uring, Backend::syscall),
