@@ -154,6 +154,7 @@ struct Shared {
   TlsSession* tls = nullptr;                 // the streams' TLS, for reconnections
   std::unique_ptr<EffortController> effort;  // --codec auto only
   std::atomic<uint64_t> coded_bytes{0};      // logical bytes of the non-zero chunks handed to the kernel
+  std::atomic<unsigned> fixed_file_streams{0};
   std::unique_ptr<Pacer> pacer;              // --bandwidth only
   uint32_t chunk_bytes;
   SendSequencer sequencer;
@@ -280,6 +281,19 @@ class Worker {
         !sh_.source.reads_from_memory()) {
       const iovec whole{memory_, buf_bytes_ * count};
       fixed_buffers_ = ring_->register_buffers(std::span(&whole, 1)) == 0;
+    }
+    // Fixed files: the stream's socket and, when reads go through the ring, the source file. io_uring then
+    // neither looks them up nor takes a reference on them per operation. Where the kernel refuses, plain
+    // fds do the same job.
+    if (sh_.backend == io::Backend::uring) {
+      const bool ring_reads =
+          sh_.source.random_access() && sh_.source.read_fd() >= 0 && !sh_.source.reads_from_memory();
+      const int files[2] = {fd(), ring_reads ? sh_.source.read_fd() : -1};
+      if (ring_->register_files(std::span(files, ring_reads ? 2 : 1)) == 0) {
+        socket_file_ = 0;
+        source_file_ = ring_reads ? 1 : -1;
+        sh_.fixed_file_streams.fetch_add(1, std::memory_order_relaxed);
+      }
     }
   }
 
@@ -418,7 +432,8 @@ class Worker {
                                .buf = data,
                                .len = slot.len,
                                .offset = int64_t(slot.offset),
-                               .buf_index = fixed_buffers_ ? 0 : -1};
+                               .buf_index = fixed_buffers_ ? 0 : -1,
+                               .file_index = source_file_};
       slot.state = State::reading;
       if (!ring_->queue(&slot.io)) {
         ring_->submit(0);
@@ -530,7 +545,8 @@ class Worker {
                               .fd = fd(),
                               .buf = const_cast<std::byte*>(seg.data + slot.seg_sent),
                               .len = uint32_t(std::min(left, io::kMaxIoBytes)),
-                              .more = slot.seg_index + 1 < slot.seg_count};
+                              .more = slot.seg_index + 1 < slot.seg_count,
+                              .file_index = socket_file_};
     if (!ring_->queue(&send_io_)) {
       ring_->submit(0);
       if (!ring_->queue(&send_io_)) throw std::runtime_error("io ring full");
@@ -715,6 +731,8 @@ class Worker {
       if (!resend_from(c.get(), reply.resume_seq, &last_error)) continue;
       const int lowat = int(sh_.chunk_bytes);
       (void)::setsockopt(c.get(), IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, sizeof lowat);
+      // The ring's fixed file still holds the old socket: point it at the new one (or stop using it).
+      if (socket_file_ >= 0 && ring_->update_file(unsigned(socket_file_), c.get()) != 0) socket_file_ = -1;
       link_.owner = std::move(c);
       link_.broken.store(false);
       link_.fd.store(link_.owner.get(), std::memory_order_release);
@@ -789,6 +807,8 @@ class Worker {
   const unsigned index_;
   Link& link_;
   std::unique_ptr<io::Ring> ring_;
+  int socket_file_ = -1;  // ring_'s fixed-file slots (register_files), -1 when not registered
+  int source_file_ = -1;
   std::unique_ptr<io::Ring> sync_ring_;
   std::byte* memory_ = nullptr;
   size_t buf_bytes_ = 0;
@@ -1132,6 +1152,7 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
   for (auto& w : workers) w.join();
   control_stop = true;
 
+  result.fixed_file_streams = sh.fixed_file_streams.load();
   result.chunks = sh.sequencer.completed();
   result.bytes = stats.bytes.load();
   result.digest = sh.sequencer.digest();

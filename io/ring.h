@@ -37,6 +37,7 @@ struct Completion {
   int buf_index = -1;  // registered buffer index for read_fixed/write_fixed/send_zc from a registered buffer
   bool more = false;   // send/send_zc: more bytes of the same message follow at once (MSG_MORE): the kernel
                        // holds a short piece back to fill segments instead of sending it on its own
+  int file_index = -1;  // >= 0: use registered file `file_index` (register_files) instead of fd
   uint64_t user = 0;   // caller's tag, untouched by the ring
   // Filled in by the ring:
   int32_t result = 0;    // bytes transferred (>= 0) or -errno
@@ -86,6 +87,14 @@ class Ring {
   // Registers buffers for read_fixed/write_fixed (replaces any earlier registration). 0 or -errno.
   // The syscall backend accepts and ignores them (fixed ops become plain ones).
   virtual int register_buffers(std::span<const iovec> buffers) = 0;
+
+  // Registers files ("fixed files"): an operation with file_index >= 0 then names files[file_index] instead
+  // of its fd, and io_uring skips looking the fd up and taking a reference on it per operation. Replaces any
+  // earlier registration (an empty span unregisters); -1 entries are empty slots. Only with nothing in
+  // flight. 0 or -errno. The syscall backend keeps the table and performs the operation on that fd.
+  virtual int register_files(std::span<const int> fds) = 0;
+  // Points registered slot `index` at another fd (e.g. a reconnected socket; -1 empties it). 0 or -errno.
+  virtual int update_file(unsigned index, int fd) = 0;
 
   // Operations queued or in flight that have not yet been reaped (includes send_zc awaiting notification).
   virtual unsigned in_flight() const = 0;

@@ -40,7 +40,11 @@ int32_t perform_once(const Completion& c) {
   return n < 0 ? -errno : static_cast<int32_t>(n);
 }
 
-int32_t perform(const Completion& c) {
+int32_t perform(Completion c, const std::vector<int>& files) {
+  if (c.file_index >= 0) {
+    if (size_t(c.file_index) >= files.size() || files[size_t(c.file_index)] < 0) return -EBADF;
+    c.fd = files[size_t(c.file_index)];
+  }
   int32_t r = -EINTR;
   for (int attempt = 0; attempt < kEintrRetriesMax && r == -EINTR; ++attempt) r = perform_once(c);
   return r;
@@ -69,7 +73,7 @@ class SyscallRing final : public Ring {
   // what is in flight: io_uring would wait forever, we return).
   int submit(unsigned /*min_complete*/) override {
     for (Completion* c : queued_) {
-      c->result = perform(*c);
+      c->result = perform(*c, files_);
       c->done = true;
       ready_.push_back(c);
     }
@@ -88,12 +92,25 @@ class SyscallRing final : public Ring {
 
   int register_buffers(std::span<const iovec> /*buffers*/) override { return 0; }
 
+  int register_files(std::span<const int> fds) override {
+    files_.assign(fds.begin(), fds.end());
+    return 0;
+  }
+
+  int update_file(unsigned index, int fd) override {
+    if (files_.empty()) return -ENXIO;
+    if (index >= files_.size()) return -EINVAL;
+    files_[index] = fd;
+    return 0;
+  }
+
   unsigned in_flight() const override { return static_cast<unsigned>(queued_.size() + ready_.size()); }
 
  private:
   const unsigned entries_;
   std::vector<Completion*> queued_;
   std::deque<Completion*> ready_;
+  std::vector<int> files_;  // register_files
 };
 
 }  // namespace

@@ -113,12 +113,38 @@ class UringRing final : public Ring {
     return 0;
   }
 
+  int register_files(std::span<const int> fds) override {
+    assert(in_flight_ == 0);
+    if (files_registered_) {
+      const int rc = io_uring_unregister_files(&ring_);
+      if (rc < 0) return rc;
+      files_registered_ = false;
+    }
+    if (fds.empty()) return 0;
+    const int rc = io_uring_register_files(&ring_, fds.data(), static_cast<unsigned>(fds.size()));
+    if (rc < 0) return rc;
+    files_registered_ = true;
+    return 0;
+  }
+
+  int update_file(unsigned index, int fd) override {
+    if (!files_registered_) return -ENXIO;
+    const int rc = io_uring_register_files_update(&ring_, index, &fd, 1);
+    return rc < 0 ? rc : rc == 1 ? 0 : -EINVAL;
+  }
+
   unsigned in_flight() const override { return in_flight_; }
 
  private:
-  static void prep(struct io_uring_sqe* sqe, const Completion& c) {
+  static void prep(struct io_uring_sqe* sqe, Completion c) {
     // -1 becomes ~0ULL, which the kernel reads as "use and advance the file position" (pipes, sockets).
     const auto offset = static_cast<uint64_t>(c.offset);
+    if (c.file_index >= 0) c.fd = c.file_index;  // the slot, with IOSQE_FIXED_FILE set below
+    prep_op(sqe, c, offset);
+    if (c.file_index >= 0) io_uring_sqe_set_flags(sqe, IOSQE_FIXED_FILE);
+  }
+
+  static void prep_op(struct io_uring_sqe* sqe, const Completion& c, uint64_t offset) {
     switch (c.op) {
       case Op::read:
         io_uring_prep_read(sqe, c.fd, c.buf, c.len, offset);
@@ -203,6 +229,7 @@ class UringRing final : public Ring {
   std::deque<Completion*> ready_;
   unsigned in_flight_ = 0;
   bool buffers_registered_ = false;
+  bool files_registered_ = false;
 };
 
 }  // namespace

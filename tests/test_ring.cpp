@@ -380,6 +380,42 @@ TEST_P(RingTest, SendZcOverTcpLoopbackIsNotifiedWhenReaped) {
   EXPECT_EQ(std::vector<char>(peer_got.begin() + kSize, peer_got.end()), data);
 }
 
+// Registered files stand in for fds: an operation names the slot, and update_file re-points a slot (a
+// reconnected socket) without re-registering the table. Empty slots fail the operation, not the ring.
+TEST_P(RingTest, RegisteredFilesStandInForFdsAndCanBeRepointed) {
+  int a[2], b[2];
+  ASSERT_EQ(::pipe(a), 0);
+  ASSERT_EQ(::pipe(b), 0);
+  Fd ar(a[0]), aw(a[1]), br(b[0]), bw(b[1]);
+  const int files[] = {aw.get(), ar.get(), -1};
+  ASSERT_EQ(ring_->register_files(files), 0);
+
+  char hello[] = "hello";
+  Completion w = make_op(Op::write, -1, hello, 5, -1);
+  w.file_index = 0;
+  ASSERT_EQ(run(*ring_, w), 5);
+  char got[8] = {};
+  Completion r = make_op(Op::read, -1, got, sizeof got, -1);
+  r.file_index = 1;
+  ASSERT_EQ(run(*ring_, r), 5);
+  EXPECT_EQ(std::string(got, 5), "hello");
+
+  ASSERT_EQ(ring_->update_file(0, bw.get()), 0);
+  char world[] = "world";
+  Completion w2 = make_op(Op::write, -1, world, 5, -1);
+  w2.file_index = 0;
+  ASSERT_EQ(run(*ring_, w2), 5);
+  char from_b[8] = {};
+  ASSERT_EQ(::read(br.get(), from_b, sizeof from_b), 5);
+  EXPECT_EQ(std::string(from_b, 5), "world");
+
+  Completion empty = make_op(Op::write, -1, world, 5, -1);
+  empty.file_index = 2;
+  EXPECT_EQ(run(*ring_, empty), -EBADF);
+  EXPECT_EQ(ring_->register_files({}), 0);
+  EXPECT_LT(ring_->update_file(0, bw.get()), 0) << "nothing is registered any more";
+}
+
 // `more` (MSG_MORE): a short piece followed at once by the rest of its message is held back rather than sent
 // in a packet of its own (a frame header before a payload sent from elsewhere), even with TCP_NODELAY.
 TEST_P(RingTest, SendWithMoreHoldsAShortPieceUntilTheRestFollows) {
