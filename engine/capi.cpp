@@ -60,7 +60,8 @@ static_assert(offsetof(dstx_endpoint, reserved) + sizeof(uint32_t) == kEndpointS
               "the last field of a first-version struct moved: new fields go after it");
 // Appended after the first release (for VFIO device endpoints), pinned the same way: later fields go after.
 static_assert(offsetof(dstx_send_config, before_stop_copy) == kSendConfigSizeV1 &&
-                  sizeof(dstx_send_config) == kSendConfigSizeV1 + 6 * sizeof(void*) &&
+                  offsetof(dstx_send_config, replay_buffer_bytes) == kSendConfigSizeV1 + 6 * sizeof(void*) &&
+                  sizeof(dstx_send_config) == kSendConfigSizeV1 + 6 * sizeof(void*) + 24 &&
                   offsetof(dstx_recv_config, tls_ca_file) == kRecvConfigSizeV1 &&
                   sizeof(dstx_recv_config) == kRecvConfigSizeV1 + 5 * sizeof(void*) &&
                   offsetof(dstx_stats, device_state) == kStatsSizeV1 &&
@@ -337,6 +338,14 @@ Status setup_send(Transfer& t, const dstx_send_config* config_in, const dstx_end
     return s;
   }
   o.bandwidth_bytes_per_second = c.bandwidth_bytes_per_second;
+  if (c.replay_buffer_bytes != 0) o.replay_bytes = c.replay_buffer_bytes;
+  o.zero_copy_min_bytes = size_t(c.zero_copy_min_bytes);
+  if ((c.send_flags & ~DSTX_SEND_REGISTER_BUFFERS) != 0 || c.reserved2 != 0) {
+    return failure(DSTX_E_UNSUPPORTED, "config.send_flags " + std::to_string(c.send_flags) +
+                                           (c.reserved2 ? " or config.reserved2" : "") +
+                                           " has bits unknown to libdstx " + DSTX_LIBRARY_VERSION);
+  }
+  o.register_buffers = (c.send_flags & DSTX_SEND_REGISTER_BUFFERS) != 0;
   if (c.reconnect_attempts < -1) {
     return failure(DSTX_E_INVALID, "config.reconnect_attempts is " + std::to_string(c.reconnect_attempts) +
                                        ": expected attempts > 0, 0 for the default or -1 for no resume");

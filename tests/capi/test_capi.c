@@ -242,6 +242,10 @@ static void test_buffer_loopback(void) {
   sc.log_level = DSTX_LOG_INFO;
   sc.on_complete = on_complete;
   sc.user = &so;
+  /* The memory and zero-copy fields: a small replay buffer, SEND_ZC for big frames, registered buffers. */
+  sc.replay_buffer_bytes = 4u << 20;
+  sc.zero_copy_min_bytes = 64u << 10;
+  sc.send_flags = DSTX_SEND_REGISTER_BUFFERS;
   dstx_endpoint source = buffer_endpoint(src, n);
   REQUIRE_OK(make_sender(&sc, &source, port, &send));
   const int send_status = dstx_transfer_run(send);
@@ -622,6 +626,17 @@ static void test_create_errors(void) {
   vfio.vfio_protocol = 3;
   CHECK_STATUS(dstx_send_create(&sc, &vfio, &t), DSTX_E_INVALID);
   CHECK_CONTAINS(dstx_last_error(NULL), "vfio_protocol");
+
+  /* A send flag this library does not know is refused, not ignored. */
+  dstx_endpoint emu = spec_endpoint("emu:size=1M");
+  sc.send_flags = 2;
+  CHECK_STATUS(dstx_send_create(&sc, &emu, &t), DSTX_E_UNSUPPORTED);
+  CHECK_CONTAINS(dstx_last_error(NULL), "send_flags");
+  sc.send_flags = 0;
+  sc.reserved2 = 1;
+  CHECK_STATUS(dstx_send_create(&sc, &emu, &t), DSTX_E_UNSUPPORTED);
+  CHECK_CONTAINS(dstx_last_error(NULL), "reserved2");
+  sc.reserved2 = 0;
 
   dstx_endpoint device_spec = spec_endpoint("emu-v2:size=1M,colour=blue");
   CHECK_STATUS(dstx_send_create(&sc, &device_spec, &t), DSTX_E_INVALID);
