@@ -78,10 +78,7 @@ std::string await_hello_ack(io::Ring& ring, int fd, const wire::Hello& hello, in
   if (hr.kind == HeaderRead::eof) return "receiver closed the connection during the handshake";
   if (hr.kind == HeaderRead::io_error) return "handshake: " + errno_text(hr.err);
   if (hr.kind == HeaderRead::bad) return std::string("handshake: ") + wire::error_text(hr.wire_error);
-  if (hr.header.type == wire::FrameType::aborted) {
-    return std::string("receiver refused (") + wire::reason_name(Reason(hr.header.aux)) +
-           "): " + recv_abort_text(ring, fd, hr.header);
-  }
+  if (hr.header.type == wire::FrameType::aborted) return refusal_text(ring, fd, hr.header);
   if (hr.header.type != wire::FrameType::hello_ack) return "handshake: unexpected frame type";
   std::byte ack[wire::kHelloBytes];
   if (io::recv_full(ring, fd, ack, sizeof ack) != int64_t(sizeof ack))
@@ -1073,7 +1070,20 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
   for (size_t i = 0; i < links.size() && !options.tls.enabled(); ++i) {
     hello.stream_index = uint16_t(i);
     const std::string err = send_hello(*ring, links[i].fd, hello);
-    if (!err.empty()) return fail(Reason::connection, "stream " + std::to_string(i) + ": " + err);
+    if (err.empty()) continue;
+    // The receiver may have refused an earlier stream's HELLO and gone, its listener with it (which resets
+    // this connection): its reason, already on that stream, says more than the reset.
+    const auto deadline = Clock::now() + std::chrono::milliseconds(250);
+    for (size_t k = 0; k < i; ++k) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+      hello.stream_index = uint16_t(k);
+      wire::Hello reply;
+      const std::string answer =
+          await_hello_ack(*ring, links[k].fd, hello, int(std::max<int64_t>(0, left.count())), &reply);
+      if (answer.rfind("receiver refused", 0) == 0)
+        return fail(Reason::protocol, "stream " + std::to_string(k) + ": " + answer);
+    }
+    return fail(Reason::connection, "stream " + std::to_string(i) + ": " + err);
   }
   for (size_t i = 0; i < links.size(); ++i) {
     hello.stream_index = uint16_t(i);

@@ -86,6 +86,11 @@ std::string recv_abort_text(io::Ring& ring, int fd, const wire::Header& header) 
   return text;
 }
 
+std::string refusal_text(io::Ring& ring, int fd, const wire::Header& aborted) {
+  return std::string("receiver refused (") + wire::reason_name(wire::Reason(aborted.aux)) +
+         "): " + recv_abort_text(ring, fd, aborted);
+}
+
 std::string errno_text(int err) {
   if (err < 0) err = -err;
   if (err == EPIPE) return "connection closed by peer";

@@ -72,6 +72,9 @@ HeaderRead recv_header(io::Ring& ring, int fd, uint32_t max_chunk_bytes);
 
 // Reads an ABORTED frame's text (payload_len is already bounded by decode_header).
 std::string recv_abort_text(io::Ring& ring, int fd, const wire::Header& header);
+// A receiver's refusal (an ABORTED frame whose header was read), as the sender reports it: "receiver refused
+// (REASON): TEXT". Reads the text.
+std::string refusal_text(io::Ring& ring, int fd, const wire::Header& aborted);
 
 std::string errno_text(int err);  // "Connection reset by peer" for ECONNRESET, etc.
 uint64_t random_session_id();

@@ -29,6 +29,9 @@
 #include <thread>
 #include <utility>
 
+#include "engine/session.h"
+#include "io/ring.h"
+
 namespace dstx::engine {
 namespace {
 
@@ -1084,6 +1087,22 @@ void send_refusal(int fd, const std::string& text) {
   }
 }
 
+// Reads the receiver's refusal on a stream whose HELLO went out: one ABORTED frame, worded as the sender
+// words it without TLS ("receiver refused (reason): text"). No error when something else (or nothing, by
+// the deadline) is there.
+TlsError read_refusal(int fd, Clock::time_point deadline) {
+  const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+  if (wait_readable(fd, int(std::max<int64_t>(0, left))) <= 0) return {};
+  try {
+    auto ring = io::make_ring(io::Backend::syscall, io::RingOptions{.entries = 1});
+    const HeaderRead hr = recv_header(*ring, fd, wire::kMaxChunkBytes);
+    if (hr.kind != HeaderRead::ok || hr.header.type != wire::FrameType::aborted) return {};
+    return {Reason::protocol, refusal_text(*ring, fd, hr.header)};
+  } catch (const std::exception&) {
+    return {};
+  }
+}
+
 // Peeks at the first bytes without consuming them: waits until `want` bytes are there, the peer closed, or
 // the deadline. Returns the bytes seen (possibly fewer), or -errno / -ETIMEDOUT.
 int peek(int fd, unsigned char* buf, size_t want, Clock::time_point deadline) {
@@ -1252,6 +1271,22 @@ TlsError TlsSession::secure_client(std::vector<io::Fd>& conns, const TlsOptions&
   for (const io::Fd& c : conns) sockets.push_back(c.get());
   std::vector<HandshakeResult> results(conns.size());
   std::atomic<bool> failed{false};
+  // Per stream, under `mu`: still in its handshake. Once through, a stream's socket belongs to its relay (or
+  // the kernel) and may carry the receiver's refusal: another stream's failure must not cut it.
+  std::mutex mu;
+  std::vector<char> in_handshake(conns.size(), 1);
+  // Per stream that got through (HELLO sent): the engine's end, else -1. The receiver answers the HELLOs
+  // only once every stream's is in, so anything readable there before that is its refusal (ABORTED, then it
+  // hangs up): the streams still in their handshake will never be served, and need not wait for a time-out.
+  std::vector<std::atomic<int>> through(conns.size());
+  for (auto& t : through) t.store(-1);
+  auto receiver_spoke = [&] {
+    for (const auto& t : through) {
+      pollfd p{.fd = t.load(), .events = POLLIN, .revents = 0};
+      if (p.fd >= 0 && ::poll(&p, 1, 0) > 0) return true;
+    }
+    return false;
+  };
   // One thread per stream: handshake, hand the keys to the kernel or start a relay, then send the stream's
   // HELLO. The receiver reads a stream's HELLO before it accepts the next connection, and may take them in
   // any order: every stream must get through on its own.
@@ -1259,9 +1294,14 @@ TlsError TlsSession::secure_client(std::vector<io::Fd>& conns, const TlsOptions&
     auto c = std::make_unique<Conn>();
     c->config = impl_->config.get();
     c->fd = sockets[i];
-    HandshakeResult r =
-        handshake(*impl_->config, *c, timeout_ms, [&] { return failed.load() || impl_->errors.failed(); });
+    HandshakeResult r = handshake(*impl_->config, *c, timeout_ms, [&] {
+      return failed.load() || impl_->errors.failed() || receiver_spoke();
+    });
     ERR_clear_error();
+    {
+      std::lock_guard lock(mu);
+      in_handshake[i] = 0;
+    }
     if (!r.error) r.error = impl_->finish_stream(std::move(c), conns[i], unsigned(i), policy);
     if (!r.error && hello) {
       wire::Hello h = *hello;
@@ -1289,11 +1329,14 @@ TlsError TlsSession::secure_client(std::vector<io::Fd>& conns, const TlsOptions&
           break;
         }
       }
+      if (!r.error) through[i].store(conns[i].get());
     }
     if (r.error && conns.size() > 1 && !failed.exchange(true)) {
-      // Stop the other handshakes now rather than at their time-out.
+      // Stop the other handshakes now rather than at their time-out. Only those: a stream that got through
+      // may yet bring the receiver's reason (its refusal of the transfer is what closed this one).
+      std::lock_guard lock(mu);
       for (size_t k = 0; k < sockets.size(); ++k) {
-        if (k != i) ::shutdown(sockets[k], SHUT_RDWR);
+        if (k != i && in_handshake[k]) ::shutdown(sockets[k], SHUT_RDWR);
       }
     }
     results[i] = std::move(r);
@@ -1316,11 +1359,25 @@ TlsError TlsSession::secure_client(std::vector<io::Fd>& conns, const TlsOptions&
     // Give a stream that got through a moment to read that verdict.
     const bool any_through =
         std::any_of(results.begin(), results.end(), [](const HandshakeResult& r) { return !r.error; });
-    for (int i = 0; i < 25 && any_through && results[size_t(pick)].generic && !impl_->errors.failed(); ++i)
+    // Likewise for the receiver's refusal (an ABORTED frame) on a stream that got through.
+    const auto deadline = Clock::now() + std::chrono::milliseconds(250);
+    while (any_through && results[size_t(pick)].generic && !impl_->errors.failed() && !receiver_spoke() &&
+           Clock::now() < deadline)
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     const std::string relay = conns.size() > 1 ? impl_->errors.take_and_close() : std::string();
-    if (results[size_t(pick)].generic && relay.find("TLS alert") != std::string::npos)
+    if (results[size_t(pick)].generic && relay.find("TLS alert") != std::string::npos) {
       e = {Reason::protocol, relay};
+    } else if (results[size_t(pick)].generic) {
+      // The receiver refused the transfer (say stream 0's HELLO asks for more than it allows): that, in its
+      // words, is why the other streams were closed or never served.
+      for (size_t i = 0; i < through.size(); ++i) {
+        if (through[i].load() < 0) continue;
+        if (TlsError refusal = read_refusal(through[i].load(), deadline)) {
+          refusal.text = "stream " + std::to_string(i) + ": " + refusal.text;
+          return refusal;
+        }
+      }
+    }
     return e;
   }
   return {};

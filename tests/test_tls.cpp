@@ -650,6 +650,123 @@ TEST_F(TlsTest, TlsRefusalOfALaterStreamAbortsTheStreamsAlreadyAccepted) {
   }
 }
 
+// The receiver refuses a whole multi-stream transfer for a reason of its own (chunk size above its limit,
+// a memory budget the session would exceed, too many streams): it answers the first stream's HELLO with
+// ABORTED and stops. The sender must report that reason, exactly as it does without TLS, not a TLS alert, a
+// closed connection or a handshake time-out from the streams the receiver never took. Both ways a receiver
+// ends: its listener still open (a library caller), or closed (the process exited).
+TEST_F(TlsTest, ReceiverRefusalOfAMultiStreamTransferReachesTheSender) {
+  const struct {
+    const char* what;
+    unsigned streams;
+    uint32_t chunk_bytes;
+    std::function<void(RecvOptions&)> limit;
+    wire::Reason reason;
+    std::string text;  // what the sender's error must contain
+  } cases[] = {
+      {"chunk size", 3, 1 << 20, [](RecvOptions& ro) { ro.max_chunk_bytes = 64 << 10; },
+       wire::Reason::chunk_size, "receiver refused (chunk-size): chunk size 1048576 outside 4096..65536"},
+      {"memory budget", 4, 8 << 20, [](RecvOptions& ro) { ro.memory_budget_bytes = 16 << 20; },
+       wire::Reason::chunk_size, "above this receiver's 16 MiB budget"},
+      {"stream count", 4, 1 << 20, [](RecvOptions& ro) { ro.max_streams = 2; }, wire::Reason::stream,
+       "receiver refused (stream): stream count 4 outside 1..2"},
+  };
+  for (const auto& c : cases) {
+    for (const bool close_listener : {false, true}) {
+      for (const bool tls : {false, true}) {
+        SCOPED_TRACE(std::string(c.what) + (close_listener ? ", listener closed" : ", listener open") +
+                     (tls ? ", TLS" : ", plaintext"));
+        auto source = open_source("file:" + src_.string());
+        auto sink = open_sink("file:" + sink_.string());
+        io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
+        const uint16_t port = io::bound_port(listener.get());
+        RecvOptions ro;
+        ro.accept_timeout_ms = 10000;
+        // Time-outs long enough that waiting one out stands out from any slowness (sanitizers).
+        ro.handshake_timeout_ms = 30000;
+        if (tls) ro.tls = certs("receiver");
+        c.limit(ro);
+        SendOptions so;
+        so.streams = c.streams;
+        so.chunk_bytes = c.chunk_bytes;
+        so.handshake_timeout_ms = 30000;
+        if (tls) so.tls = certs("sender");
+        Result send_result, recv_result;
+        std::thread receiver([&] {
+          recv_result = receive(*sink, listener.get(), ro, nullptr, nullptr);
+          if (close_listener) listener.reset();
+        });
+        const auto started = std::chrono::steady_clock::now();
+        send_result = send_to(*source, io::HostPort{"127.0.0.1", port}, so, nullptr, nullptr);
+        const auto took = std::chrono::steady_clock::now() - started;
+        receiver.join();
+        EXPECT_FALSE(send_result.committed);
+        EXPECT_FALSE(recv_result.committed);
+        EXPECT_EQ(recv_result.reason, c.reason) << recv_result.error;
+        EXPECT_TRUE(contains(send_result.error, c.text))
+            << send_result.error << " | receiver: " << recv_result.error;
+        EXPECT_TRUE(contains(send_result.error,
+                             std::string("receiver refused (") + wire::reason_name(c.reason) + "): "))
+            << send_result.error;
+        EXPECT_FALSE(contains(send_result.error, "TLS alert")) << send_result.error;
+        EXPECT_FALSE(contains(send_result.error, "closed the connection")) << send_result.error;
+        EXPECT_EQ(send_result.reason, wire::Reason::protocol) << send_result.error;  // as without TLS
+        EXPECT_LT(took, std::chrono::seconds(15)) << "the sender waited out a time-out: " << send_result.error;
+        expect_nothing_written();
+      }
+    }
+  }
+}
+
+// A receiver serving a transfer (listening, so it takes reconnections) refuses every connection of a second
+// sender: "busy". The second sender must report that, over TLS as without, while the first commits.
+TEST_F(TlsTest, BusyReceiverRefusalReachesTheSecondSender) {
+  for (const bool tls : {false, true}) {
+    SCOPED_TRACE(tls ? "TLS" : "plaintext");
+    auto source = open_source("file:" + src_.string());
+    auto sink = open_sink("file:" + sink_.string());
+    io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
+    const uint16_t port = io::bound_port(listener.get());
+    RecvOptions ro;
+    ro.accept_timeout_ms = 10000;
+    ro.handshake_timeout_ms = 5000;
+    if (tls) ro.tls = certs("receiver");
+    SendOptions so;
+    so.streams = 2;
+    so.handshake_timeout_ms = 5000;
+    so.bandwidth_bytes_per_second = 8 << 20;  // 12 MiB: the first transfer runs for over a second
+    if (tls) so.tls = certs("sender");
+    Stats recv_stats;
+    Result first_send, first_recv;
+    std::thread receiver([&] { first_recv = receive(*sink, listener.get(), ro, &recv_stats, nullptr); });
+    std::thread first([&] {
+      first_send = send_to(*source, io::HostPort{"127.0.0.1", port}, so, nullptr, nullptr);
+    });
+    for (int i = 0; i < 500 && recv_stats.bytes.load() == 0; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    ASSERT_GT(recv_stats.bytes.load(), 0u) << "the first transfer did not start";
+    auto second_source = open_source("file:" + src_.string());
+    SendOptions second = so;
+    second.streams = 3;
+    second.bandwidth_bytes_per_second = 0;
+    second.resume = false;
+    const Result r = send_to(*second_source, io::HostPort{"127.0.0.1", port}, second, nullptr, nullptr);
+    first.join();
+    receiver.join();
+    EXPECT_FALSE(r.committed);
+    EXPECT_TRUE(
+        contains(r.error, "receiver refused (session): busy: this receiver is serving another transfer"))
+        << r.error;
+    EXPECT_FALSE(contains(r.error, "TLS alert")) << r.error;
+    EXPECT_FALSE(contains(r.error, "closed the connection")) << r.error;
+    EXPECT_EQ(r.reason, wire::Reason::protocol) << r.error;  // as without TLS
+    EXPECT_TRUE(first_send.committed) << first_send.error << " | receiver: " << first_recv.error;
+    EXPECT_TRUE(first_recv.committed) << first_recv.error;
+    std::error_code ec;
+    fs::remove(sink_, ec);
+  }
+}
+
 // ---- damage on the path
 // ------------------------------------------------------------------------------------
 
