@@ -76,6 +76,7 @@ struct Shared {
   std::atomic<bool> committed{false};
   std::atomic<bool> done{false};  // the writer is out: committed or failed
   std::atomic<unsigned> running{0};
+  std::atomic<unsigned> fixed_file_streams{0};
   std::mutex done_mu;
   std::condition_variable done_cv;
   // Readable once the transfer is over (done or failed): the acceptor's wait for reconnections ends at once.
@@ -146,6 +147,12 @@ class StreamWorker {
   void run() {
     try {
       ring_ = io::make_ring(sh_.backend, io::RingOptions{.entries = 4});
+      // The stream's socket as a fixed file: io_uring neither looks it up nor references it per receive.
+      const int fd = link_.fd.load();
+      if (sh_.backend == io::Backend::uring && ring_->register_files(std::span(&fd, 1)) == 0) {
+        socket_file_ = 0;
+        sh_.fixed_file_streams.fetch_add(1, std::memory_order_relaxed);
+      }
       scratch_.resize(decode_buffer_bytes(sh_.chunk_bytes));
     } catch (const std::exception& e) {
       sh_.fail(Reason::internal, name_ + ": " + e.what());
@@ -160,7 +167,7 @@ class StreamWorker {
  private:
   // Reads and handles one frame. False: this worker is done (END with nothing more to come, or failure).
   bool next_frame() {
-    const HeaderRead hr = recv_header(*ring_, link_.fd.load(), sh_.chunk_bytes);
+    const HeaderRead hr = recv_header(*ring_, link_.fd.load(), sh_.chunk_bytes, socket_file_);
     if (sh_.failure.failed()) return false;
     if (hr.kind == HeaderRead::eof || hr.kind == HeaderRead::io_error) {
       if (ended_ && sh_.done) return false;  // the sender closed after COMMITTED
@@ -211,7 +218,7 @@ class StreamWorker {
     std::span<const std::byte> enc;
     if (!(h.flags & wire::kFlagZero)) {
       std::byte* into = h.codec == uint8_t(compress::Codec::none) ? raw.data() : scratch_.data();
-      const int64_t n = io::recv_full(*ring_, link_.fd.load(), into, h.payload_len);
+      const int64_t n = io::recv_full(*ring_, link_.fd.load(), into, h.payload_len, socket_file_);
       if (n != int64_t(h.payload_len)) {
         // The frame is lost with the connection; the sender sends it again after a resume.
         sh_.window.cancel(h.seq);
@@ -289,6 +296,9 @@ class StreamWorker {
       return false;
     }
     link_.owner = std::move(link_.pending);  // closes the broken connection
+    // ...once the ring's fixed file lets go of it too: point that at the new one (or stop using it).
+    if (socket_file_ >= 0 && ring_->update_file(unsigned(socket_file_), link_.owner.get()) != 0)
+      socket_file_ = -1;
     wire::Hello ack = sh_.hello_ack;
     ack.stream_index = uint16_t(index_);
     ack.flags = wire::kHelloResume;
@@ -308,6 +318,7 @@ class StreamWorker {
   Link& link_;
   const std::string name_;
   std::unique_ptr<io::Ring> ring_;
+  int socket_file_ = -1;  // ring_'s fixed-file slot for the stream's socket, -1 when not registered
   std::vector<std::byte> scratch_;
   uint64_t last_seq_ = 0;
   uint32_t ack_every_ = 1;
@@ -727,6 +738,7 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int l
   result.bytes = stats.bytes.load();
   result.wire_bytes = stats.wire_bytes.load();
   result.chunks = stats.chunks.load();
+  result.fixed_file_streams = sh.fixed_file_streams.load();
   if (sh.failure.failed() || !sh.committed) {
     result.reason = sh.failure.failed() ? sh.failure.reason() : Reason::internal;
     result.error = tls.annotate(sh.failure.failed() ? sh.failure.text() : "transfer ended without commit");

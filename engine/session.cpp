@@ -58,10 +58,10 @@ int wait_readable(int fd, int timeout_ms) {
   }
 }
 
-HeaderRead recv_header(io::Ring& ring, int fd, uint32_t max_chunk_bytes) {
+HeaderRead recv_header(io::Ring& ring, int fd, uint32_t max_chunk_bytes, int file_index) {
   HeaderRead out;
   std::byte buf[wire::kHeaderBytes];
-  const int64_t n = io::recv_full(ring, fd, buf, sizeof buf);
+  const int64_t n = io::recv_full(ring, fd, buf, sizeof buf, file_index);
   if (n == 0) {
     out.kind = HeaderRead::eof;
   } else if (n < 0) {

@@ -68,7 +68,7 @@ struct HeaderRead {
   wire::Error wire_error{};  // for bad
   wire::Header header;
 };
-HeaderRead recv_header(io::Ring& ring, int fd, uint32_t max_chunk_bytes);
+HeaderRead recv_header(io::Ring& ring, int fd, uint32_t max_chunk_bytes, int file_index = -1);
 
 // Reads an ABORTED frame's text (payload_len is already bounded by decode_header).
 std::string recv_abort_text(io::Ring& ring, int fd, const wire::Header& header);

@@ -85,7 +85,7 @@ struct Result {
   double seconds = 0;
   unsigned streams = 0;
   std::string io_backend;    // "io_uring" or "syscall", with the reason
-  unsigned fixed_file_streams = 0;  // sender: streams whose ring uses fixed files (registered fds)
+  unsigned fixed_file_streams = 0;  // streams whose ring uses fixed files (registered fds)
   std::string tls = "none";  // "none", "kTLS (…)" or "user-space TLS (…)": TlsSession::describe()
 };
 

@@ -100,7 +100,8 @@ int32_t run_one(Ring& ring, Completion& c) {
 }
 
 // The loop shared by the four helpers. A zero-byte result is EOF for reads; for writes it is an error.
-int64_t transfer_full(Ring& ring, Op op, int fd, void* buf, size_t len, int64_t offset) {
+int64_t transfer_full(Ring& ring, Op op, int fd, void* buf, size_t len, int64_t offset,
+                      int file_index = -1) {
   const bool inbound = op == Op::read || op == Op::recv;
   // The helpers reap whatever completes next; another operation in flight would be taken and lost.
   if (ring.in_flight() != 0) return -EBUSY;
@@ -129,6 +130,7 @@ int64_t transfer_full(Ring& ring, Op op, int fd, void* buf, size_t len, int64_t 
     Completion c;
     c.op = op;
     c.fd = fd;
+    c.file_index = file_index;
     c.buf = bytes + done;
     c.len = static_cast<uint32_t>(std::min(len - done, kMaxIoBytes));
     c.offset = offset >= 0 ? offset + static_cast<int64_t>(done) : -1;
@@ -238,8 +240,8 @@ int64_t send_full(Ring& ring, int fd, const void* buf, size_t len) {
   return transfer_full(ring, Op::send, fd, const_cast<void*>(buf), len, -1);
 }
 
-int64_t recv_full(Ring& ring, int fd, void* buf, size_t len) {
-  const int64_t got = transfer_full(ring, Op::recv, fd, buf, len, -1);
+int64_t recv_full(Ring& ring, int fd, void* buf, size_t len, int file_index) {
+  const int64_t got = transfer_full(ring, Op::recv, fd, buf, len, -1, file_index);
   if (got < 0 || static_cast<size_t>(got) == len) return got;
   return got == 0 ? 0 : -EPIPE;
 }

@@ -110,8 +110,9 @@ int64_t read_full(Ring& ring, int fd, void* buf, size_t len, int64_t offset);
 int64_t write_full(Ring& ring, int fd, const void* buf, size_t len, int64_t offset);
 int64_t send_full(Ring& ring, int fd, const void* buf, size_t len);
 // Receives exactly len bytes; returns len, 0 on EOF before the first byte, -EPIPE (short) on EOF mid-way,
-// or -errno.
-int64_t recv_full(Ring& ring, int fd, void* buf, size_t len);
+// or -errno. file_index >= 0: receive through that registered file (which must be fd's socket; fd is still
+// used for socket options and polls).
+int64_t recv_full(Ring& ring, int fd, void* buf, size_t len, int file_index = -1);
 // read_full without a ring: pread() on the calling thread. For files in memory (tmpfs), where io_uring would
 // hand every read to an async worker thread (shmem cannot say "would block"), only to copy the same bytes.
 int64_t pread_full(int fd, void* buf, size_t len, int64_t offset);

@@ -165,8 +165,9 @@ TEST_P(BackendTest, FileToFileEveryProfileAndOddSizes) {
       EXPECT_TRUE(same_file(in, out)) << io::profile_name(c.profile) << " size " << c.size;
       EXPECT_EQ(fs::file_size(out), c.size);
       EXPECT_FALSE(fs::exists(out.string() + ".partial"));
-      // io_uring: every stream's ring sends (and reads the file) through fixed files.
+      // io_uring: every stream's ring sends (and reads the file) and receives through fixed files.
       EXPECT_EQ(o.send.fixed_file_streams, GetParam() == io::Backend::uring ? 2u : 0u);
+      EXPECT_EQ(o.recv.fixed_file_streams, GetParam() == io::Backend::uring ? 2u : 0u);
     }
   }
 }
