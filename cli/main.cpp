@@ -68,7 +68,7 @@ const char* kSendHelp =
     "  --idle-timeout MS   fail when nothing moves for this long (default 30000; 0: never)\n"
     "  --bandwidth RATE    cap on the wire rate, e.g. 500M (bytes/s) or 1gbit\n"
     "  --reconnect-attempts N  per broken stream before giving up (default 5)\n"
-    "  --replay-buffer SIZE    unacknowledged frames kept for resuming (default 32M)\n"
+    "  --replay-buffer SIZE    unacknowledged frames kept for resuming (default 32M, at most 1G)\n"
     "  --no-resume         fail at the first broken connection instead of resuming\n"
     "  --zero-copy-min SIZE  send frames at least this large with SEND_ZC\n"
     "                      (default: the tune profile's, else 0: never)\n"

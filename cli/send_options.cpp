@@ -152,6 +152,8 @@ engine::SendOptions send_options(const Args& args) {
   o.register_buffers = args.has("register-buffers");
   o.reconnect_attempts = args.get_int("reconnect-attempts", o.reconnect_attempts, 1, 1000);
   o.replay_bytes = args.get_size("replay-buffer", o.replay_bytes);
+  if (o.replay_bytes > engine::kMaxReplayBytes)
+    throw UsageError("--replay-buffer " + *args.get("replay-buffer") + ": at most 1G");
   o.zero_copy_min_bytes = args.get_size("zero-copy-min", o.zero_copy_min_bytes);
   if (auto rate = args.get("bandwidth")) {
     try {

@@ -58,10 +58,14 @@ static_assert(offsetof(dstx_endpoint, reserved) + sizeof(uint32_t) == kEndpointS
                   offsetof(dstx_recv_config, user) + sizeof(void*) == kRecvConfigSizeV1 &&
                   offsetof(dstx_stats, digest) + sizeof(uint64_t) == kStatsSizeV1,
               "the last field of a first-version struct moved: new fields go after it");
-// Appended after the first release (for VFIO device endpoints), pinned the same way: later fields go after.
+// Appended after the first release (VFIO device endpoints, TLS, memory and zero-copy), pinned the same way:
+// later fields go after.
 static_assert(offsetof(dstx_send_config, before_stop_copy) == kSendConfigSizeV1 &&
-                  offsetof(dstx_send_config, replay_buffer_bytes) == kSendConfigSizeV1 + 6 * sizeof(void*) &&
-                  sizeof(dstx_send_config) == kSendConfigSizeV1 + 6 * sizeof(void*) + 24 &&
+                  offsetof(dstx_send_config, replay_buffer_bytes) == kSendConfigSizeV1 + 48 &&
+                  offsetof(dstx_send_config, zero_copy_min_bytes) == kSendConfigSizeV1 + 56 &&
+                  offsetof(dstx_send_config, send_flags) == kSendConfigSizeV1 + 64 &&
+                  offsetof(dstx_send_config, reserved2) == kSendConfigSizeV1 + 68 &&
+                  sizeof(dstx_send_config) == kSendConfigSizeV1 + 72 &&
                   offsetof(dstx_recv_config, tls_ca_file) == kRecvConfigSizeV1 &&
                   sizeof(dstx_recv_config) == kRecvConfigSizeV1 + 5 * sizeof(void*) &&
                   offsetof(dstx_stats, device_state) == kStatsSizeV1 &&
@@ -338,13 +342,17 @@ Status setup_send(Transfer& t, const dstx_send_config* config_in, const dstx_end
     return s;
   }
   o.bandwidth_bytes_per_second = c.bandwidth_bytes_per_second;
+  if (c.replay_buffer_bytes > engine::kMaxReplayBytes) {
+    return failure(DSTX_E_INVALID, "config.replay_buffer_bytes is " + std::to_string(c.replay_buffer_bytes) +
+                                       ": at most " + std::to_string(engine::kMaxReplayBytes) + " (1 GiB)");
+  }
   if (c.replay_buffer_bytes != 0) o.replay_bytes = c.replay_buffer_bytes;
   o.zero_copy_min_bytes = size_t(c.zero_copy_min_bytes);
-  if ((c.send_flags & ~DSTX_SEND_REGISTER_BUFFERS) != 0 || c.reserved2 != 0) {
+  if ((c.send_flags & ~DSTX_SEND_REGISTER_BUFFERS) != 0) {
     return failure(DSTX_E_UNSUPPORTED, "config.send_flags " + std::to_string(c.send_flags) +
-                                           (c.reserved2 ? " or config.reserved2" : "") +
                                            " has bits unknown to libdstx " + DSTX_LIBRARY_VERSION);
   }
+  if (c.reserved2 != 0) return failure(DSTX_E_INVALID, "config.reserved2 must be 0");
   o.register_buffers = (c.send_flags & DSTX_SEND_REGISTER_BUFFERS) != 0;
   if (c.reconnect_attempts < -1) {
     return failure(DSTX_E_INVALID, "config.reconnect_attempts is " + std::to_string(c.reconnect_attempts) +

@@ -52,6 +52,8 @@ void EffortController::end_period(Clock::time_point now, uint64_t delivered) {
     return;
   }
   const double dt = std::max(std::chrono::duration<double>(now - period_start_).count(), 1e-9);
+  // Workers report totals without a common order: one may be a little older than the last one seen.
+  delivered = std::max(delivered, period_bytes_);
   const double rate = (double(delivered) - double(period_bytes_)) / dt;
   const double link_share = double(waited_ns - period_link_wait_ns_) * 1e-9 / (dt * streams_);
   period_start_ = now;

@@ -50,9 +50,8 @@ class EffortController {
 
   // Called after each non-zero chunk with the total logical bytes of non-zero chunks handed to the kernel so
   // far and a function that tells how many of them still sit in the kernel's send queues (asked only when a
-  // period ends). Only what
-  // left those queues counts: the queues hold megabytes, and filling or draining them says nothing about the
-  // link or the codec. Calls that find another thread inside return at once.
+  // period ends). Only what left those queues counts: the queues hold megabytes, and filling or draining them
+  // says nothing about the link or the codec. Calls that find another thread inside return at once.
   template <typename Queued>
   void observe(Clock::time_point now, uint64_t sent_total, const Queued& queued) {
     std::unique_lock lock(mu_, std::try_to_lock);

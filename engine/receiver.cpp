@@ -14,6 +14,7 @@
 #include <functional>
 #include <mutex>
 #include <thread>
+#include <utility>
 
 #include "compress/codec.h"
 #include "engine/session.h"
@@ -295,19 +296,23 @@ class StreamWorker {
                                        std::to_string(sh_.options.resume_timeout_ms) + " ms");
       return false;
     }
-    link_.owner = std::move(link_.pending);  // closes the broken connection
-    // ...once the ring's fixed file lets go of it too: point that at the new one (or stop using it).
-    if (socket_file_ >= 0 && ring_->update_file(unsigned(socket_file_), link_.owner.get()) != 0)
+    // The new connection goes in before the broken one is closed, so that no thread ever finds the old
+    // number in link_.fd once it may be reused; the ring's fixed file is re-pointed (or the table dropped).
+    io::Fd broken = std::exchange(link_.owner, std::move(link_.pending));
+    link_.fd.store(link_.owner.get());
+    if (socket_file_ >= 0 && ring_->update_file(unsigned(socket_file_), link_.owner.get()) != 0) {
+      (void)ring_->register_files({});
       socket_file_ = -1;
+      sh_.fixed_file_streams.fetch_sub(1, std::memory_order_relaxed);
+    }
+    broken.reset();
     wire::Hello ack = sh_.hello_ack;
     ack.stream_index = uint16_t(index_);
     ack.flags = wire::kHelloResume;
     ack.resume_seq = last_seq_;
     if (send_hello_ack(*ring_, link_.owner.get(), ack) < 0) {
-      link_.fd.store(link_.owner.get());
       return true;  // broken again at once: the next read notices and waits for the next attempt
     }
-    link_.fd.store(link_.owner.get());
     since_ack_ = 0;
     sh_.stats.resumes.fetch_add(1, std::memory_order_relaxed);
     return true;
@@ -425,13 +430,15 @@ struct Refusal {
 };
 
 // Reads one HELLO. Returns the refusal, if any.
-std::optional<Refusal> read_hello(io::Ring& ring, int fd, int timeout_ms, const RecvOptions& o,
-                                  wire::Hello* out) {
+std::optional<Refusal> read_hello(int fd, int timeout_ms, const RecvOptions& o, wire::Hello* out) {
+  const auto deadline = io::deadline_in(timeout_ms);
+  const std::string late = "no complete HELLO within " + std::to_string(timeout_ms) + " ms";
   const int r = wait_readable(fd, timeout_ms);
   if (r == 0) return Refusal{Reason::timeout, "no HELLO within " + std::to_string(timeout_ms) + " ms"};
   if (r < 0) return Refusal{Reason::connection, "poll: " + errno_text(r)};
-  const HeaderRead hr = recv_header(ring, fd, wire::kMaxChunkBytes);
+  const HeaderRead hr = recv_header_by(fd, wire::kMaxChunkBytes, deadline);
   if (hr.kind == HeaderRead::eof) return Refusal{Reason::connection, "peer closed before HELLO"};
+  if (hr.kind == HeaderRead::io_error && hr.err == -ETIMEDOUT) return Refusal{Reason::timeout, late};
   if (hr.kind == HeaderRead::io_error)
     return Refusal{Reason::connection, "receive HELLO: " + errno_text(hr.err)};
   if (hr.kind == HeaderRead::bad) {
@@ -439,9 +446,9 @@ std::optional<Refusal> read_hello(io::Ring& ring, int fd, int timeout_ms, const 
   }
   if (hr.header.type != wire::FrameType::hello) return Refusal{Reason::protocol, "first frame is not HELLO"};
   std::byte payload[wire::kHelloBytes];
-  if (io::recv_full(ring, fd, payload, sizeof payload) != int64_t(sizeof payload)) {
-    return Refusal{Reason::protocol, "truncated HELLO"};
-  }
+  const int64_t got = io::recv_exact(fd, payload, sizeof payload, deadline);
+  if (got == -ETIMEDOUT) return Refusal{Reason::timeout, late};
+  if (got != int64_t(sizeof payload)) return Refusal{Reason::protocol, "truncated HELLO"};
   if (wire::decode_hello(std::span<const std::byte, wire::kHelloBytes>(payload), out) != wire::Error::ok) {
     return Refusal{Reason::protocol, "malformed HELLO"};
   }
@@ -517,7 +524,7 @@ void acceptor(Shared& sh, int listen_fd, const std::function<io::Fd(int)>& next_
     if (sh.tls->secure_server(c, sh.options.tls, sh.options.handshake_timeout_ms)) continue;
     wire::Hello hello;
     std::optional<Refusal> refusal =
-        read_hello(*ring, c.get(), sh.options.handshake_timeout_ms, sh.options, &hello);
+        read_hello(c.get(), sh.options.handshake_timeout_ms, sh.options, &hello);
     if (!refusal && !(hello.flags & wire::kHelloResume)) {
       refusal = Refusal{Reason::session, "busy: this receiver is serving another transfer"};
     }
@@ -607,7 +614,7 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int l
       return refuse_accepted(Refusal{e.reason, e.text});
     wire::Hello hello;
     std::optional<Refusal> refusal =
-        read_hello(*ring, c.get(), options.handshake_timeout_ms, options, &hello);
+        read_hello(c.get(), options.handshake_timeout_ms, options, &hello);
     // A resume belongs to a running session; there is none yet.
     if (!refusal && (hello.flags & wire::kHelloResume))
       refusal = Refusal{Reason::session, "no session to resume"};

@@ -69,20 +69,24 @@ std::string send_hello(io::Ring& ring, int fd, const wire::Hello& hello) {
 }
 
 // Handshake, second half: the receiver's HELLO_ACK (or its refusal). Returns an empty string or the error.
-std::string await_hello_ack(io::Ring& ring, int fd, const wire::Hello& hello, int timeout_ms,
-                            wire::Hello* reply_out) {
+std::string await_hello_ack(int fd, const wire::Hello& hello, int timeout_ms, wire::Hello* reply_out) {
+  const auto deadline = io::deadline_in(timeout_ms);
+  const std::string late = "no complete answer to HELLO within " + std::to_string(timeout_ms) + " ms";
   const int rc = wait_readable(fd, timeout_ms);
   if (rc == 0) return "no answer to HELLO within " + std::to_string(timeout_ms) + " ms";
   if (rc < 0) return "poll: " + errno_text(rc);
-  const HeaderRead hr = recv_header(ring, fd, wire::kMaxChunkBytes);
+  const HeaderRead hr = recv_header_by(fd, wire::kMaxChunkBytes, deadline);
   if (hr.kind == HeaderRead::eof) return "receiver closed the connection during the handshake";
+  if (hr.kind == HeaderRead::io_error && hr.err == -ETIMEDOUT) return late;
   if (hr.kind == HeaderRead::io_error) return "handshake: " + errno_text(hr.err);
   if (hr.kind == HeaderRead::bad) return std::string("handshake: ") + wire::error_text(hr.wire_error);
-  if (hr.header.type == wire::FrameType::aborted) return refusal_text(ring, fd, hr.header);
+  if (hr.header.type == wire::FrameType::aborted)
+    return refusal_text(Reason(hr.header.aux), recv_abort_text_by(fd, hr.header, deadline));
   if (hr.header.type != wire::FrameType::hello_ack) return "handshake: unexpected frame type";
   std::byte ack[wire::kHelloBytes];
-  if (io::recv_full(ring, fd, ack, sizeof ack) != int64_t(sizeof ack))
-    return "handshake: truncated HELLO_ACK";
+  const int64_t got = io::recv_exact(fd, ack, sizeof ack, deadline);
+  if (got == -ETIMEDOUT) return late;
+  if (got != int64_t(sizeof ack)) return "handshake: truncated HELLO_ACK";
   wire::Hello reply;
   const wire::Error err = wire::decode_hello(std::span<const std::byte, wire::kHelloBytes>(ack), &reply);
   if (err != wire::Error::ok) return std::string("handshake: HELLO_ACK: ") + wire::error_text(err);
@@ -264,7 +268,8 @@ class Worker {
                   compress::encode_bound(compress::Codec::sparse, sh_.chunk_bytes)}));
     size_t replay_buffers = 0;
     if (sh_.resume) {
-      replay_buffers = std::max<size_t>(4, sh_.options.replay_bytes / sh_.links.size() / buf_bytes_);
+      const uint64_t replay = std::min(sh_.options.replay_bytes, kMaxReplayBytes);
+      replay_buffers = std::max<size_t>(4, replay / sh_.links.size() / buf_bytes_);
     }
     const size_t count = 2 * depth + replay_buffers;
     memory_ = static_cast<std::byte*>(::operator new(buf_bytes_* count, std::align_val_t(4096)));
@@ -627,8 +632,9 @@ class Worker {
     // Zero chunks cost the same on every rung and next to nothing: the controller only sees the others, whose
     // share varies along the state and would otherwise swamp the difference between rungs.
     if (sh_.effort && !slot.enc.zero) {
-      const uint64_t coded = sh_.coded_bytes.fetch_add(slot.len, std::memory_order_relaxed) + slot.len;
-      sh_.effort->observe(Clock::now(), coded, [&] { return sh_.queued_coded_bytes(); });
+      sh_.coded_bytes.fetch_add(slot.len, std::memory_order_relaxed);
+      sh_.effort->observe(Clock::now(), sh_.coded_bytes.load(std::memory_order_relaxed),
+                          [&] { return sh_.queued_coded_bytes(); });
     }
     sh_.sequencer.complete(slot.seq, slot.len, slot.enc.hash);
     slot.state = State::free;
@@ -719,7 +725,7 @@ class Worker {
       std::string err = send_hello(*sync_ring_, c.get(), hello);
       wire::Hello reply;
       if (err.empty())
-        err = await_hello_ack(*sync_ring_, c.get(), hello, sh_.options.handshake_timeout_ms, &reply);
+        err = await_hello_ack(c.get(), hello, sh_.options.handshake_timeout_ms, &reply);
       if (!err.empty()) {
         last_error = err;
         if (err.find("receiver refused") != std::string::npos) break;  // the receiver will not take us back
@@ -728,8 +734,12 @@ class Worker {
       if (!resend_from(c.get(), reply.resume_seq, &last_error)) continue;
       const int lowat = int(sh_.chunk_bytes);
       (void)::setsockopt(c.get(), IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, sizeof lowat);
-      // The ring's fixed file still holds the old socket: point it at the new one (or stop using it).
-      if (socket_file_ >= 0 && ring_->update_file(unsigned(socket_file_), c.get()) != 0) socket_file_ = -1;
+      // The ring's fixed file still holds the old socket: point it at the new one, or drop the table.
+      if (socket_file_ >= 0 && ring_->update_file(unsigned(socket_file_), c.get()) != 0) {
+        (void)ring_->register_files({});
+        socket_file_ = source_file_ = -1;
+        sh_.fixed_file_streams.fetch_sub(1, std::memory_order_relaxed);
+      }
       link_.owner = std::move(c);
       link_.broken.store(false);
       link_.fd.store(link_.owner.get(), std::memory_order_release);
@@ -1073,13 +1083,13 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
     if (err.empty()) continue;
     // The receiver may have refused an earlier stream's HELLO and gone, its listener with it (which resets
     // this connection): its reason, already on that stream, says more than the reset.
-    const auto deadline = Clock::now() + std::chrono::milliseconds(250);
+    const auto deadline = Clock::now() + kRefusalGrace;
     for (size_t k = 0; k < i; ++k) {
       const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
       hello.stream_index = uint16_t(k);
       wire::Hello reply;
       const std::string answer =
-          await_hello_ack(*ring, links[k].fd, hello, int(std::max<int64_t>(0, left.count())), &reply);
+          await_hello_ack(links[k].fd, hello, int(std::max<int64_t>(0, left.count())), &reply);
       if (answer.rfind("receiver refused", 0) == 0)
         return fail(Reason::protocol, "stream " + std::to_string(k) + ": " + answer);
     }
@@ -1088,7 +1098,7 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
   for (size_t i = 0; i < links.size(); ++i) {
     hello.stream_index = uint16_t(i);
     wire::Hello reply;
-    const std::string err = await_hello_ack(*ring, links[i].fd, hello, options.handshake_timeout_ms, &reply);
+    const std::string err = await_hello_ack(links[i].fd, hello, options.handshake_timeout_ms, &reply);
     if (!err.empty()) return fail(Reason::protocol, "stream " + std::to_string(i) + ": " + err);
     caps &= reply.capabilities;
   }

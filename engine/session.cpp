@@ -8,6 +8,8 @@
 #include <cstring>
 #include <vector>
 
+#include "io/socket.h"
+
 namespace dstx::engine {
 
 bool Failure::set(wire::Reason reason, std::string text, bool from_peer) {
@@ -58,10 +60,10 @@ int wait_readable(int fd, int timeout_ms) {
   }
 }
 
-HeaderRead recv_header(io::Ring& ring, int fd, uint32_t max_chunk_bytes, int file_index) {
+namespace {
+
+HeaderRead header_read(int64_t n, const std::byte (&buf)[wire::kHeaderBytes], uint32_t max_chunk_bytes) {
   HeaderRead out;
-  std::byte buf[wire::kHeaderBytes];
-  const int64_t n = io::recv_full(ring, fd, buf, sizeof buf, file_index);
   if (n == 0) {
     out.kind = HeaderRead::eof;
   } else if (n < 0) {
@@ -75,10 +77,8 @@ HeaderRead recv_header(io::Ring& ring, int fd, uint32_t max_chunk_bytes, int fil
   return out;
 }
 
-std::string recv_abort_text(io::Ring& ring, int fd, const wire::Header& header) {
-  std::string text(header.payload_len, '\0');
-  if (header.payload_len == 0) return text;
-  const int64_t n = io::recv_full(ring, fd, text.data(), text.size());
+// An ABORTED frame's text as received (n bytes or -errno), made safe to print.
+std::string abort_text(std::string text, int64_t n) {
   if (n != int64_t(text.size())) return "(reason text lost: connection closed)";
   for (char& c : text) {
     if (static_cast<unsigned char>(c) < 0x20 && c != '\n') c = '?';  // never print a peer's control bytes
@@ -86,9 +86,35 @@ std::string recv_abort_text(io::Ring& ring, int fd, const wire::Header& header) 
   return text;
 }
 
-std::string refusal_text(io::Ring& ring, int fd, const wire::Header& aborted) {
-  return std::string("receiver refused (") + wire::reason_name(wire::Reason(aborted.aux)) +
-         "): " + recv_abort_text(ring, fd, aborted);
+}  // namespace
+
+HeaderRead recv_header(io::Ring& ring, int fd, uint32_t max_chunk_bytes, int file_index) {
+  std::byte buf[wire::kHeaderBytes];
+  return header_read(io::recv_full(ring, fd, buf, sizeof buf, file_index), buf, max_chunk_bytes);
+}
+
+HeaderRead recv_header_by(int fd, uint32_t max_chunk_bytes, std::chrono::steady_clock::time_point deadline) {
+  std::byte buf[wire::kHeaderBytes];
+  return header_read(io::recv_exact(fd, buf, sizeof buf, deadline), buf, max_chunk_bytes);
+}
+
+std::string recv_abort_text(io::Ring& ring, int fd, const wire::Header& header) {
+  std::string text(header.payload_len, '\0');
+  if (text.empty()) return text;
+  const int64_t n = io::recv_full(ring, fd, text.data(), text.size());
+  return abort_text(std::move(text), n);
+}
+
+std::string recv_abort_text_by(int fd, const wire::Header& header,
+                               std::chrono::steady_clock::time_point deadline) {
+  std::string text(header.payload_len, '\0');
+  if (text.empty()) return text;
+  const int64_t n = io::recv_exact(fd, text.data(), text.size(), deadline);
+  return abort_text(std::move(text), n);
+}
+
+std::string refusal_text(wire::Reason reason, const std::string& text) {
+  return std::string("receiver refused (") + wire::reason_name(reason) + "): " + text;
 }
 
 std::string errno_text(int err) {

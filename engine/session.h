@@ -69,12 +69,19 @@ struct HeaderRead {
   wire::Header header;
 };
 HeaderRead recv_header(io::Ring& ring, int fd, uint32_t max_chunk_bytes, int file_index = -1);
+// Handshake frames, read before a deadline (io::recv_exact): a peer that falls silent mid-frame is an
+// io_error of -ETIMEDOUT rather than a wait for ever.
+HeaderRead recv_header_by(int fd, uint32_t max_chunk_bytes, std::chrono::steady_clock::time_point deadline);
 
 // Reads an ABORTED frame's text (payload_len is already bounded by decode_header).
 std::string recv_abort_text(io::Ring& ring, int fd, const wire::Header& header);
-// A receiver's refusal (an ABORTED frame whose header was read), as the sender reports it: "receiver refused
-// (REASON): TEXT". Reads the text.
-std::string refusal_text(io::Ring& ring, int fd, const wire::Header& aborted);
+std::string recv_abort_text_by(int fd, const wire::Header& header,
+                               std::chrono::steady_clock::time_point deadline);
+// How long a sender whose stream failed in the handshake looks for the receiver's refusal on its other
+// streams: the refusal names the cause, the failure is often only its consequence (a reset, a close).
+inline constexpr std::chrono::milliseconds kRefusalGrace{250};
+// A receiver's refusal (an ABORTED frame's reason and text) as the sender reports it.
+std::string refusal_text(wire::Reason reason, const std::string& text);
 
 std::string errno_text(int err);  // "Connection reset by peer" for ECONNRESET, etc.
 uint64_t random_session_id();

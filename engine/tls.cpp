@@ -30,7 +30,6 @@
 #include <utility>
 
 #include "engine/session.h"
-#include "io/ring.h"
 
 namespace dstx::engine {
 namespace {
@@ -623,9 +622,10 @@ HandshakeResult handshake(Config& cfg, Conn& c, int timeout_ms, const std::funct
       if (w != 0 || (give_up && give_up())) break;
     }
     if (w == 0) {
-      out.error = {Reason::timeout, give_up && give_up() ? "TLS handshake abandoned: another stream failed"
-                                                         : "TLS handshake did not complete within " +
-                                                               std::to_string(timeout_ms) + " ms"};
+      out.error = {Reason::timeout,
+                   give_up && give_up() ? "TLS handshake abandoned: another stream failed or the receiver refused"
+                                        : "TLS handshake did not complete within " + std::to_string(timeout_ms) +
+                                              " ms"};
       out.generic = true;
       return out;
     }
@@ -1091,16 +1091,10 @@ void send_refusal(int fd, const std::string& text) {
 // words it without TLS ("receiver refused (reason): text"). No error when something else (or nothing, by
 // the deadline) is there.
 TlsError read_refusal(int fd, Clock::time_point deadline) {
-  const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
-  if (wait_readable(fd, int(std::max<int64_t>(0, left))) <= 0) return {};
-  try {
-    auto ring = io::make_ring(io::Backend::syscall, io::RingOptions{.entries = 1});
-    const HeaderRead hr = recv_header(*ring, fd, wire::kMaxChunkBytes);
-    if (hr.kind != HeaderRead::ok || hr.header.type != wire::FrameType::aborted) return {};
-    return {Reason::protocol, refusal_text(*ring, fd, hr.header)};
-  } catch (const std::exception&) {
-    return {};
-  }
+  if (wait_fd(fd, POLLIN, deadline) <= 0) return {};
+  const HeaderRead hr = recv_header_by(fd, wire::kMaxChunkBytes, deadline);
+  if (hr.kind != HeaderRead::ok || hr.header.type != wire::FrameType::aborted) return {};
+  return {Reason::protocol, refusal_text(Reason(hr.header.aux), recv_abort_text_by(fd, hr.header, deadline))};
 }
 
 // Peeks at the first bytes without consuming them: waits until `want` bytes are there, the peer closed, or
@@ -1360,7 +1354,7 @@ TlsError TlsSession::secure_client(std::vector<io::Fd>& conns, const TlsOptions&
     const bool any_through =
         std::any_of(results.begin(), results.end(), [](const HandshakeResult& r) { return !r.error; });
     // Likewise for the receiver's refusal (an ABORTED frame) on a stream that got through.
-    const auto deadline = Clock::now() + std::chrono::milliseconds(250);
+    const auto deadline = Clock::now() + kRefusalGrace;
     while (any_through && results[size_t(pick)].generic && !impl_->errors.failed() && !receiver_spoke() &&
            Clock::now() < deadline)
       std::this_thread::sleep_for(std::chrono::milliseconds(10));

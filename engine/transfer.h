@@ -20,6 +20,8 @@ const char* codec_mode_name(CodecMode mode);
 bool codec_mode_from_name(std::string_view name, CodecMode* out);  // "auto", "none", "lz4", "zstd"
 
 inline constexpr uint32_t kDefaultChunkBytes = 1u << 20;
+// The replay buffer (SendOptions::replay_bytes) is memory held on the sender: at most this much.
+inline constexpr uint64_t kMaxReplayBytes = 1ull << 30;
 
 struct SendOptions {
   unsigned streams = 0;  // 0: one per core

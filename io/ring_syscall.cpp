@@ -31,7 +31,7 @@ int32_t perform_once(const Completion& c) {
       break;
     case Op::send:
     case Op::send_zc:
-      n = ::send(c.fd, c.buf, c.len, MSG_NOSIGNAL | (c.more ? MSG_MORE : 0));
+      n = ::send(c.fd, c.buf, c.len, send_flags(c));
       break;
     case Op::recv:
       n = ::recv(c.fd, c.buf, c.len, 0);

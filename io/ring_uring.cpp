@@ -161,14 +161,14 @@ class UringRing final : public Ring {
         io_uring_prep_write_fixed(sqe, c.fd, c.buf, c.len, offset, c.buf_index);
         break;
       case Op::send:
-        io_uring_prep_send(sqe, c.fd, c.buf, c.len, MSG_NOSIGNAL | (c.more ? MSG_MORE : 0));
+        io_uring_prep_send(sqe, c.fd, c.buf, c.len, send_flags(c));
         break;
       case Op::send_zc:
         if (c.buf_index >= 0) {
-          io_uring_prep_send_zc_fixed(sqe, c.fd, c.buf, c.len, MSG_NOSIGNAL | (c.more ? MSG_MORE : 0), 0,
+          io_uring_prep_send_zc_fixed(sqe, c.fd, c.buf, c.len, send_flags(c), 0,
                                       static_cast<unsigned>(c.buf_index));
         } else {
-          io_uring_prep_send_zc(sqe, c.fd, c.buf, c.len, MSG_NOSIGNAL | (c.more ? MSG_MORE : 0), 0);
+          io_uring_prep_send_zc(sqe, c.fd, c.buf, c.len, send_flags(c), 0);
         }
         break;
       case Op::recv:

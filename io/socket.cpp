@@ -9,7 +9,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <charconv>
 #include <chrono>
 #include <stdexcept>
@@ -311,6 +313,32 @@ void apply_socket_options(int fd, const SocketOptions& options) {
     set_int_option(fd, SOL_SOCKET, SO_SNDBUF, options.buffer_bytes, "SO_SNDBUF");
     set_int_option(fd, SOL_SOCKET, SO_RCVBUF, options.buffer_bytes, "SO_RCVBUF");
   }
+}
+
+int64_t recv_exact(int fd, void* buf, size_t len, std::chrono::steady_clock::time_point deadline) {
+  auto* bytes = static_cast<char*>(buf);
+  size_t got = 0;
+  while (got < len) {
+    const ssize_t n = ::recv(fd, bytes + got, len - got, MSG_DONTWAIT);
+    if (n > 0) {
+      got += size_t(n);
+      continue;
+    }
+    if (n == 0) return got == 0 ? 0 : -EPIPE;
+    if (errno == EINTR) continue;
+    if (errno != EAGAIN && errno != EWOULDBLOCK) return -errno;
+    const auto now = std::chrono::steady_clock::now();
+    if (now >= deadline) return -ETIMEDOUT;
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now).count() + 1;
+    pollfd p{.fd = fd, .events = POLLIN, .revents = 0};
+    if (::poll(&p, 1, int(std::min<int64_t>(left, INT32_MAX))) < 0 && errno != EINTR) return -errno;
+  }
+  return int64_t(got);
+}
+
+std::chrono::steady_clock::time_point deadline_in(int timeout_ms) {
+  if (timeout_ms < 0) return std::chrono::steady_clock::time_point::max();
+  return std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
 }
 
 }  // namespace dstx::io

@@ -2,6 +2,8 @@
 // Errors throw std::system_error whose text names the call and the address.
 #pragma once
 
+#include <chrono>
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -51,5 +53,12 @@ Fd tcp_accept(int listen_fd, int timeout_ms, const SocketOptions& options);
 Fd tcp_connect(const HostPort& where, const SocketOptions& options);
 // Applies the liveness options to an already-connected socket (used for fds handed in by a caller too).
 void apply_socket_options(int fd, const SocketOptions& options);
+
+// Receives exactly len bytes before `deadline`, for handshakes, where a peer that sends part of a frame and
+// falls silent must not hold us for ever (the data path has its idle time-outs instead). Returns len, 0 on
+// EOF before the first byte, -EPIPE on EOF mid-way, -ETIMEDOUT, or -errno.
+int64_t recv_exact(int fd, void* buf, size_t len, std::chrono::steady_clock::time_point deadline);
+// The deadline timeout_ms from now; a negative timeout_ms means none.
+std::chrono::steady_clock::time_point deadline_in(int timeout_ms);
 
 }  // namespace dstx::io

@@ -61,6 +61,8 @@ TEST_F(CliTest, UsageErrorsExitTwoAndNameWhatWasWrong) {
   EXPECT_NE(err.find("missing --sink"), std::string::npos) << err;
   EXPECT_EQ(run({"send", "--source", "emu:", "--to", "127.0.0.1:1", "--codec", "gzip"}, nullptr, &err), 2);
   EXPECT_NE(err.find("gzip"), std::string::npos) << err;
+  EXPECT_EQ(run({"send", "--source", "emu:", "--to", "127.0.0.1:1", "--replay-buffer", "2G"}, nullptr, &err), 2);
+  EXPECT_NE(err.find("--replay-buffer 2G: at most 1G"), std::string::npos) << err;
 }
 
 TEST_F(CliTest, HelpOnEveryCommand) {

@@ -711,7 +711,8 @@ TEST_F(TlsTest, ReceiverRefusalOfAMultiStreamTransferReachesTheSender) {
         EXPECT_FALSE(contains(send_result.error, "TLS alert")) << send_result.error;
         EXPECT_FALSE(contains(send_result.error, "closed the connection")) << send_result.error;
         EXPECT_EQ(send_result.reason, wire::Reason::protocol) << send_result.error;  // as without TLS
-        EXPECT_LT(took, std::chrono::seconds(15)) << "the sender waited out a time-out: " << send_result.error;
+        EXPECT_LT(took, std::chrono::seconds(15))
+            << "the sender waited out a time-out: " << send_result.error;
         expect_nothing_written();
       }
     }

@@ -16,6 +16,7 @@
 #include <fstream>
 #include <functional>
 #include <random>
+#include <future>
 #include <thread>
 
 #include "compress/hash.h"
@@ -446,6 +447,11 @@ TEST(Resume, ABrokenStreamIsReconnectedAndTheTransferCompletes) {
     EXPECT_TRUE(recv_result.committed) << recv_result.error;
     EXPECT_EQ(send_result.digest, recv_result.digest);
     EXPECT_GE(send_stats.resumes.load(), 1u) << "the cut did not happen?";
+    // io_uring: the resumed streams' fixed files were re-pointed at the new connections, not dropped.
+    if (send_result.io_backend.rfind("io_uring", 0) == 0) {
+      EXPECT_EQ(send_result.fixed_file_streams, c.streams);
+      EXPECT_EQ(recv_result.fixed_file_streams, c.streams);
+    }
     if (getenv("DSTX_TEST_TRACE"))
       fprintf(stderr, "case %u/%d/%lld: %.3f s\n", c.streams, c.cut_connection, (long long)c.cut_after,
               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
@@ -533,6 +539,64 @@ TEST(Transfer, GarbageInsteadOfAHelloIsRefused) {
   receiver.join();
   EXPECT_FALSE(r.committed);
   EXPECT_NE(r.error.find("not a dstx HELLO"), std::string::npos) << r.error;
+}
+
+// A peer that starts a handshake frame and then goes silent, connection open: each side gives up at its
+// handshake time-out with that reason instead of waiting for the rest for ever.
+TEST(Transfer, APartialHandshakeFrameThenSilenceEndsAtTheHandshakeTimeOut) {
+  // A silent sender: five bytes of a HELLO header.
+  {
+    io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
+    const uint16_t port = io::bound_port(listener.get());
+    auto sink = io::open_null_sink();
+    RecvOptions ro;
+    ro.handshake_timeout_ms = 300;
+    std::promise<Result> done;
+    std::thread receiver([&] { done.set_value(receive(*sink, listener.get(), ro, nullptr, nullptr)); });
+    io::Fd c = io::tcp_connect(io::HostPort{"127.0.0.1", port}, {});
+    const char start[5] = {'D', 'S', 'T', 'X', 0};
+    ASSERT_EQ(send(c.get(), start, sizeof start, MSG_NOSIGNAL), ssize_t(sizeof start));
+    auto result = done.get_future();
+    const bool ended = result.wait_for(std::chrono::seconds(20)) == std::future_status::ready;
+    if (!ended) ::shutdown(c.get(), SHUT_RDWR);  // let the receiver go, then fail
+    receiver.join();
+    ASSERT_TRUE(ended) << "the receiver waited for the rest of the HELLO beyond its time-out";
+    const Result r = result.get();
+    EXPECT_FALSE(r.committed);
+    EXPECT_EQ(r.reason, wire::Reason::timeout) << r.error;
+  }
+  // A silent receiver: it reads the HELLO, answers five bytes of a frame header and stops.
+  {
+    io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
+    const uint16_t port = io::bound_port(listener.get());
+    io::Fd peer;
+    std::thread fake([&] {
+      peer = io::tcp_accept(listener.get(), 10000, {});
+      std::byte hello[wire::kHeaderBytes + wire::kHelloBytes];
+      if (peer && recv(peer.get(), hello, sizeof hello, MSG_WAITALL) == ssize_t(sizeof hello)) {
+        const char start[5] = {'D', 'S', 'T', 'X', 0};
+        (void)send(peer.get(), start, sizeof start, MSG_NOSIGNAL);
+      }
+    });
+    const io::ContentGenerator gen(io::Profile::mixed, 3);
+    auto src = io::open_emu_source(gen, 1 << 20);
+    SendOptions so;
+    so.streams = 1;
+    so.handshake_timeout_ms = 300;
+    std::promise<Result> done;
+    std::thread sender([&] {
+      done.set_value(send_to(*src, io::HostPort{"127.0.0.1", port}, so, nullptr, nullptr));
+    });
+    fake.join();
+    auto result = done.get_future();
+    const bool ended = result.wait_for(std::chrono::seconds(20)) == std::future_status::ready;
+    if (!ended && peer) ::shutdown(peer.get(), SHUT_RDWR);
+    sender.join();
+    ASSERT_TRUE(ended) << "the sender waited for the rest of the answer beyond its time-out";
+    const Result r = result.get();
+    EXPECT_FALSE(r.committed);
+    EXPECT_NE(r.error.find("within 300 ms"), std::string::npos) << r.error;
+  }
 }
 
 TEST(Transfer, CancelStopsBothSidesAndLeavesNoFile) {

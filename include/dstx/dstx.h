@@ -361,7 +361,8 @@ typedef struct dstx_send_config {
   const char* psk_file;      /* instead of certificates */
   /* Memory and zero-copy (appended after the TLS fields): */
   uint64_t replay_buffer_bytes; /* resume: sent frames kept until the receiver acknowledges them, all
-                                 * streams together (a full buffer makes the sender wait); 0: 32 MiB */
+                                 * streams together (a full buffer makes the sender wait); 0: 32 MiB;
+                                 * at most 1 GiB */
   uint64_t zero_copy_min_bytes; /* io_uring SEND_ZC for frames at least this large; 0: never (on loopback
                                  * and veth the kernel copies anyway; `dstx tune` measures the break-even) */
   uint32_t send_flags;          /* DSTX_SEND_REGISTER_BUFFERS, or 0 */

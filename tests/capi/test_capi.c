@@ -634,9 +634,14 @@ static void test_create_errors(void) {
   CHECK_CONTAINS(dstx_last_error(NULL), "send_flags");
   sc.send_flags = 0;
   sc.reserved2 = 1;
-  CHECK_STATUS(dstx_send_create(&sc, &emu, &t), DSTX_E_UNSUPPORTED);
+  CHECK_STATUS(dstx_send_create(&sc, &emu, &t), DSTX_E_INVALID);
   CHECK_CONTAINS(dstx_last_error(NULL), "reserved2");
   sc.reserved2 = 0;
+  /* The replay buffer is memory the sender holds: bounded. */
+  sc.replay_buffer_bytes = (1ull << 30) + 1;
+  CHECK_STATUS(dstx_send_create(&sc, &emu, &t), DSTX_E_INVALID);
+  CHECK_CONTAINS(dstx_last_error(NULL), "replay_buffer_bytes");
+  sc.replay_buffer_bytes = 0;
 
   dstx_endpoint device_spec = spec_endpoint("emu-v2:size=1M,colour=blue");
   CHECK_STATUS(dstx_send_create(&sc, &device_spec, &t), DSTX_E_INVALID);
