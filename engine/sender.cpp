@@ -280,7 +280,7 @@ class Worker {
     // Registered once, the buffers spare the kernel a page walk on every read (READ_FIXED). Where the kernel
     // refuses (RLIMIT_MEMLOCK, an old kernel), plain reads do the same job.
     if (sh_.options.register_buffers && sh_.backend == io::Backend::uring && io::probe().read_fixed &&
-        !sh_.source.reads_from_memory()) {
+        reads_through_ring()) {
       const iovec whole{memory_, buf_bytes_ * count};
       fixed_buffers_ = ring_->register_buffers(std::span(&whole, 1)) == 0;
     }
@@ -288,8 +288,7 @@ class Worker {
     // neither looks them up nor takes a reference on them per operation. Where the kernel refuses, plain
     // fds do the same job.
     if (sh_.backend == io::Backend::uring) {
-      const bool ring_reads =
-          sh_.source.random_access() && sh_.source.read_fd() >= 0 && !sh_.source.reads_from_memory();
+      const bool ring_reads = reads_through_ring();
       const int files[2] = {fd(), ring_reads ? sh_.source.read_fd() : -1};
       if (ring_->register_files(std::span(files, ring_reads ? 2 : 1)) == 0) {
         socket_file_ = 0;
@@ -297,6 +296,12 @@ class Worker {
         sh_.fixed_file_streams.fetch_add(1, std::memory_order_relaxed);
       }
     }
+  }
+
+  // Chunks are read with reads queued on ring_ (a file not in memory), not on this thread or in order.
+  bool reads_through_ring() const {
+    const io::Source& src = sh_.source;
+    return src.random_access() && src.read_fd() >= 0 && !src.reads_from_memory();
   }
 
   static size_t round_up(size_t n) { return (n + 4095) & ~size_t(4095); }
@@ -428,7 +433,7 @@ class Worker {
     slot.offset = (seq - 1) * sh_.chunk_bytes;
     slot.len = uint32_t(std::min<uint64_t>(sh_.chunk_bytes, size - slot.offset));
     fifo_.push_back(&slot);
-    if (src.read_fd() >= 0 && !src.reads_from_memory()) {
+    if (reads_through_ring()) {
       slot.io = io::Completion{.op = fixed_buffers_ ? io::Op::read_fixed : io::Op::read,
                                .fd = src.read_fd(),
                                .buf = data,

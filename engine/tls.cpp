@@ -1091,7 +1091,6 @@ void send_refusal(int fd, const std::string& text) {
 // words it without TLS ("receiver refused (reason): text"). No error when something else (or nothing, by
 // the deadline) is there.
 TlsError read_refusal(int fd, Clock::time_point deadline) {
-  if (wait_fd(fd, POLLIN, deadline) <= 0) return {};
   const HeaderRead hr = recv_header_by(fd, wire::kMaxChunkBytes, deadline);
   if (hr.kind != HeaderRead::ok || hr.header.type != wire::FrameType::aborted) return {};
   return {Reason::protocol, refusal_text(Reason(hr.header.aux), recv_abort_text_by(fd, hr.header, deadline))};
