@@ -285,10 +285,16 @@ class StreamWorker {
       sh_.fail(Reason::connection, name_ + ": " + why);
       return false;
     }
+    // `done` and the failure change without link_.mu, so a notify can fall between a check of the predicate
+    // and the wait: the wait is sliced, and such a wake-up is late by one slice at most.
+    const auto until = Clock::now() + std::chrono::milliseconds(sh_.options.resume_timeout_ms);
     std::unique_lock lock(link_.mu);
-    const bool back = link_.cv.wait_for(lock, std::chrono::milliseconds(sh_.options.resume_timeout_ms), [&] {
-      return bool(link_.pending) || sh_.failure.failed() || (sh_.done && ended_);
-    });
+    bool back = false;
+    for (;;) {
+      back = bool(link_.pending);
+      if (back || sh_.failure.failed() || (sh_.done && ended_) || Clock::now() >= until) break;
+      link_.cv.wait_until(lock, std::min(until, Clock::now() + std::chrono::milliseconds(20)));
+    }
     if (sh_.failure.failed() || (sh_.done && ended_)) return false;
     if (!back) {
       lock.unlock();
