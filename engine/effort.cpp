@@ -3,6 +3,10 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+
+#include <sched.h>
+#include <unistd.h>
 
 namespace dstx::engine {
 namespace {
@@ -18,11 +22,47 @@ constexpr unsigned kStalePeriods = 6;     // measurements older than this many p
 constexpr double kLinkBoundShare = 0.45;  // link wait at or above this: more effort may pay
 constexpr double kCpuBoundShare = 0.25;   // at or below this: less effort may pay
 
+constexpr double kSpareWindowSeconds = 0.5;  // spare CPU is averaged over this long at one level (at most)
+constexpr double kSpareMinSeconds = 0.05;     // and at least this long: /proc/stat counts in 10 ms ticks
+constexpr uint64_t kCostMinBytes = 4 << 20;    // a rung's encode cost is known after this many bytes
+
+// Idle seconds (idle + iowait) of the given CPUs, from /proc/stat; < 0 when it cannot be read.
+double proc_stat_idle_seconds(const cpu_set_t& cpus) {
+  static const double tick = 1.0 / double(std::max(1L, ::sysconf(_SC_CLK_TCK)));
+  std::FILE* f = std::fopen("/proc/stat", "re");
+  if (!f) return -1;
+  double idle = 0;
+  bool any = false;
+  char line[512];
+  while (std::fgets(line, sizeof line, f)) {
+    unsigned cpu = 0;
+    unsigned long long user, nice, system, idle_ticks, iowait;
+    if (std::strncmp(line, "cpu", 3) != 0) break;  // the per-CPU lines come first
+    if (std::sscanf(line, "cpu%u %llu %llu %llu %llu %llu", &cpu, &user, &nice, &system, &idle_ticks,
+                    &iowait) != 6)
+      continue;  // the "cpu " total line
+    if (cpu < CPU_SETSIZE && CPU_ISSET(cpu, &cpus)) {
+      idle += double(idle_ticks + iowait) * tick;
+      any = true;
+    }
+  }
+  std::fclose(f);
+  return any ? idle : -1;
+}
+
 }  // namespace
 
-EffortController::EffortController(double top, size_t streams)
+EffortController::EffortController(double top, size_t streams, IdleSeconds idle)
     : levels_(std::clamp(int(top * kLevelsPerRung) + 1, kLevelsPerRung + 1, kMaxLevels)),
-      streams_(double(std::max<size_t>(streams, 1))) {
+      streams_(double(std::max<size_t>(streams, 1))),
+      idle_(std::move(idle)) {
+  if (!idle_) {
+    cpu_set_t cpus;
+    CPU_ZERO(&cpus);
+    if (::sched_getaffinity(0, sizeof cpus, &cpus) == 0) {
+      idle_ = [cpus] { return proc_stat_idle_seconds(cpus); };
+    }
+  }
   estimate_.fill(-1);
   measured_at_.fill(0);
   opening_ = {kLevelsPerRung, 0, 2 * kLevelsPerRung};  // lz4, raw, then zstd if the ladder has it
@@ -70,6 +110,19 @@ void EffortController::end_period(Clock::time_point now, uint64_t delivered) {
   for (int l = 0; l < levels_; ++l) {  // what was measured long ago says little about the link now
     if (periods_ - measured_at_[size_t(l)] > kStalePeriods) estimate_[size_t(l)] = -1;
   }
+  // Spare CPU at this level, averaged over a window that restarts with each level and every half second.
+  const double idle = idle_ ? idle_() : -1;
+  const double at_level = std::chrono::duration<double>(now - level_start_).count();
+  if (idle < 0 || level_idle_ < 0) {
+    level_idle_ = idle;
+    level_start_ = now;
+  } else if (at_level >= kSpareMinSeconds) {
+    spare_cores_ = std::max(0.0, idle - level_idle_) / at_level;
+    if (at_level >= kSpareWindowSeconds) {
+      level_idle_ = idle;
+      level_start_ = now;
+    }
+  }
   const bool link_bound = link_share >= kLinkBoundShare;
   const bool cpu_bound = link_share <= kCpuBoundShare;
 
@@ -91,7 +144,7 @@ void EffortController::end_period(Clock::time_point now, uint64_t delivered) {
     double best = est * (1 + kMargin);
     for (int l : {current_ - 1, current_ + 1}) {
       if (l < 0 || l >= levels_) continue;
-      const bool worth_trying = l > current_ ? link_bound : cpu_bound;
+      const bool worth_trying = l > current_ ? link_bound && cpu_to_spare(est) : cpu_bound;
       const double score = estimate_[size_t(l)] >= 0 ? estimate_[size_t(l)] : worth_trying ? best * 1.001 : 0;
       if (score > best) {
         best = score;
@@ -100,14 +153,36 @@ void EffortController::end_period(Clock::time_point now, uint64_t delivered) {
     }
   }
   if (trace_) {
-    std::fprintf(stderr, "effort %.2f: %.3f GB/s, link wait %.2f\n", level_effort(current_), rate / 1e9,
-                 link_share);
+    std::fprintf(stderr, "effort %.2f: %.3f GB/s, link wait %.2f, spare cores %.2f\n", level_effort(current_),
+                 rate / 1e9, link_share, spare_cores_);
   }
   // In the opening a change is a whole rung: the data the socket buffers still hold was encoded the old way
   // and would be counted against the new one, so the next period only lets it drain.
   if (in_opening && next != current_) warmed_up_ = false;
+  if (next != current_) {
+    level_idle_ = idle;
+    level_start_ = now;
+    spare_cores_ = -1;
+  }
   current_ = next;
   effort_.store(level_effort(next), std::memory_order_relaxed);
+}
+
+// Whether the CPU left over could pay for a quarter of the chunks one rung up: a link that keeps the workers
+// waiting does not mean the CPU is free (on one machine, the receiver may be the one using it). Unknown costs
+// count as yes (the trial measures them), spare CPU not yet measured at this level as not yet.
+bool EffortController::cpu_to_spare(double rate) const {
+  const int rung = current_ / kLevelsPerRung;
+  if (rung + 1 >= kRungs || level_idle_ < 0 || rate <= 0) return true;  // no idle time to be read
+  if (spare_cores_ < 0) return false;  // not yet measured at this level: wait for it
+  double cost[2];
+  for (int i = 0; i < 2; ++i) {
+    const uint64_t bytes = encode_bytes_[size_t(rung + i)].load(std::memory_order_relaxed);
+    if (bytes < kCostMinBytes) return true;
+    cost[i] = double(encode_ns_[size_t(rung + i)].load(std::memory_order_relaxed)) * 1e-9 / double(bytes);
+  }
+  const double extra_cores = rate * (cost[1] - cost[0]) / kLevelsPerRung;
+  return spare_cores_ >= extra_cores;
 }
 
 }  // namespace dstx::engine

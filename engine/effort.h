@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <mutex>
 
 namespace dstx::engine {
@@ -25,7 +26,10 @@ namespace dstx::engine {
 //   wait"). Much of it means the link sets the pace and spare CPU could shrink the frames; little means the
 //   CPU (or the source) sets it and more effort can only slow things down.
 // The controller moves to a measured neighbour level that delivered clearly more, and tries an unmeasured
-// one only in the direction the link wait points to. It opens with one short period on each pure rung: lz4,
+// one only in the direction the link wait points to, and upwards only if the CPU left over (idle time of
+// the cores this process may use, /proc/stat) could pay for the step at each rung's measured encode cost:
+// workers waiting on their sockets do not mean spare CPU when something else (on one machine, the receiver)
+// keeps the cores busy. It opens with one short period on each pure rung: lz4,
 // then raw (skipped when lz4 already waited on the link: twice the bytes on the same link can only be
 // slower), then zstd (skipped when lz4 lost to raw: a link that outruns lz4 outruns zstd too), and starts
 // from the fastest; links much faster or much slower than the compressor, the common cases, are settled
@@ -36,8 +40,12 @@ class EffortController {
  public:
   using Clock = std::chrono::steady_clock;
 
+  // Cumulative idle CPU seconds of the cores this process may run on, or < 0 when unknown.
+  using IdleSeconds = std::function<double()>;
+
   // top: the highest effort (1 = lz4 is the top rung, 3 = the zstd rungs too). streams: workers reporting.
-  EffortController(double top, size_t streams);
+  // idle: where spare CPU is read (empty: /proc/stat, for the cores in this thread's affinity mask).
+  EffortController(double top, size_t streams, IdleSeconds idle = {});
 
   double effort() const { return effort_.load(std::memory_order_relaxed); }
   double top() const { return level_effort(levels_ - 1); }
@@ -45,6 +53,15 @@ class EffortController {
   // A worker waited this long for its socket (or the --bandwidth pacer) while holding an encoded frame.
   void add_link_wait(Clock::duration d) {
     link_wait_ns_.fetch_add(uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(d).count()),
+                            std::memory_order_relaxed);
+  }
+
+  // A worker spent `cpu` of its own CPU time encoding `bytes` logical bytes of non-zero chunks on `rung`
+  // (0 raw, 1 lz4, 2 zstd, 3 zstd+2).
+  void add_encode_cost(int rung, uint64_t bytes, Clock::duration cpu) {
+    const size_t r = size_t(std::clamp(rung, 0, kRungs - 1));
+    encode_bytes_[r].fetch_add(bytes, std::memory_order_relaxed);
+    encode_ns_[r].fetch_add(uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(cpu).count()),
                             std::memory_order_relaxed);
   }
 
@@ -61,17 +78,22 @@ class EffortController {
   }
 
  private:
+  static constexpr int kRungs = 4;
   static constexpr int kLevelsPerRung = 4;
   static constexpr int kMaxLevels = 3 * kLevelsPerRung + 1;
   static double level_effort(int level) { return double(level) / kLevelsPerRung; }
 
   bool period_over(Clock::time_point now);
   void end_period(Clock::time_point now, uint64_t delivered);
+  bool cpu_to_spare(double rate) const;
 
   const int levels_;
   const double streams_;
   std::atomic<uint64_t> link_wait_ns_{0};
   std::atomic<double> effort_{1.0};
+  std::array<std::atomic<uint64_t>, kRungs> encode_bytes_{};
+  std::array<std::atomic<uint64_t>, kRungs> encode_ns_{};
+  IdleSeconds idle_;
   std::mutex mu_;
   // Under mu_:
   std::array<double, kMaxLevels> estimate_;       // smoothed bytes/s per level, < 0 when unknown
@@ -87,6 +109,10 @@ class EffortController {
   uint64_t period_bytes_ = 0;
   uint64_t period_link_wait_ns_ = 0;
   unsigned period_chunks_ = 0;
+  // Spare CPU since the current level was entered: idle seconds and time then.
+  double level_idle_ = -1;
+  Clock::time_point level_start_{};
+  double spare_cores_ = -1;  // idle cores on average at the current level, < 0 when unknown
 };
 
 }  // namespace dstx::engine

@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <deque>
 #include <mutex>
 #include <new>
@@ -31,6 +32,13 @@ namespace dstx::engine {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+// CPU time the calling thread has used: what encoding costs, whatever else runs on the core.
+Clock::duration thread_cpu_time() {
+  timespec ts{};
+  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return std::chrono::seconds(ts.tv_sec) + std::chrono::nanoseconds(ts.tv_nsec);
+}
 using wire::Reason;
 
 // --bandwidth: a token bucket shared by all streams, on wire bytes. A frame waits until the bucket allows it;
@@ -466,9 +474,13 @@ class Worker {
       std::byte* in = buf(slot->in);
       std::byte* out = buf(slot->out);
       const std::span<const std::byte> raw(slot->view ? slot->view : in + wire::kHeaderBytes, slot->len);
+      const compress::EncodeOptions how = choose_encoding();
+      const Clock::duration cpu_before = sh_.effort ? thread_cpu_time() : Clock::duration{};
       slot->enc = compress::encode_chunk(
-          choose_encoding(), raw,
-          std::span<std::byte>(out + wire::kHeaderBytes, buf_bytes_ - wire::kHeaderBytes));
+          how, raw, std::span<std::byte>(out + wire::kHeaderBytes, buf_bytes_ - wire::kHeaderBytes));
+      if (sh_.effort && !slot->enc.zero) {  // what each rung costs: the controller weighs it against spare CPU
+        sh_.effort->add_encode_cost(rung_, slot->len, thread_cpu_time() - cpu_before);
+      }
       const uint16_t flags = uint16_t((slot->enc.zero ? wire::kFlagZero : 0) |
                                       (slot->end_of_transaction ? wire::kFlagEndOfTransaction : 0));
       wire::Header h{.type = wire::FrameType::data,
@@ -518,7 +530,8 @@ class Worker {
     }
     static constexpr compress::Codec kLadder[] = {compress::Codec::none, compress::Codec::lz4,
                                                   compress::Codec::zstd, compress::Codec::zstd};
-    opts.codec = kLadder[std::clamp(pick, 0, 3)];
+    rung_ = std::clamp(pick, 0, 3);
+    opts.codec = kLadder[rung_];
     if (pick >= 3) opts.level = std::min(opts.level + 2, 19);
     return opts;
   }
@@ -836,6 +849,7 @@ class Worker {
   wire::Header end_{};  // type data until END is built
   bool end_pending_ = false;
   double credit_ = 0.0;
+  int rung_ = 0;  // the auto ladder's rung of the last choose_encoding()
 };
 
 // Reads the return path of every stream: STREAM_ACKs, ACKs, then COMMITTED or ABORTED. A stream whose

@@ -32,6 +32,8 @@ struct Link {
   bool link_limited(double effort) const {
     return link_gbps / blend(kWire, effort) < cores / blend(kCpu, effort);
   }
+  // Cores idle at this effort: what the sender's CPU does not use.
+  double spare(double effort) const { return std::max(0.0, cores - rate(effort) * blend(kCpu, effort)); }
 };
 
 struct Trace {
@@ -40,8 +42,10 @@ struct Trace {
 };
 
 // Sends `chunks` chunks of 1 MiB over two streams, at the rate the model gives for the effort in force.
+// The machine's idle time and each chunk's encode cost follow the model too.
 Trace simulate(const Link& link, double top, int chunks) {
-  EffortController c(top, 2);
+  double idle_seconds = 0;
+  EffortController c(top, 2, [&] { return idle_seconds; });
   Trace run;
   auto now = Clock::time_point{} + std::chrono::seconds(1);
   uint64_t sent = 0;
@@ -50,6 +54,15 @@ Trace simulate(const Link& link, double top, int chunks) {
     run.efforts.push_back(effort);
     const double dt = double(1 << 20) / (link.rate(effort) * 1e9);
     run.seconds += dt;
+    idle_seconds += dt * link.spare(effort);
+    const int rung = std::min(int(effort), 2);
+    const double f = effort - rung;
+    for (const auto& [r, share] : {std::pair{rung, 1 - f}, std::pair{rung + 1, f}}) {
+      const double bytes = share * double(1 << 20);
+      c.add_encode_cost(r, uint64_t(bytes),
+                        std::chrono::duration_cast<Clock::duration>(
+                            std::chrono::duration<double>(bytes * kCpu[r] * 1e-9)));
+    }
     now += std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(dt));
     // Link-limited workers spend most of their time waiting with a frame ready, CPU-limited ones hardly.
     c.add_link_wait(std::chrono::duration_cast<Clock::duration>(
@@ -103,6 +116,21 @@ TEST(EffortController, ALinkBetweenTheTwoSettlesWhereLinkAndCpuMeet) {
     lz4_seconds += double(1 << 20) / (mid.rate(1) * 1e9);
   }
   EXPECT_LT(run.seconds, std::min(raw_seconds, lz4_seconds));
+}
+
+TEST(EffortController, WorkersWaitingOnTheLinkWithNoCpuToSpareDoNotTryMoreEffort) {
+  // Raw fills the link, so the workers wait on it; but a quarter of the chunks on lz4 would need more CPU
+  // than is left over (on one machine the receiver takes it), and would be slower.
+  const Link busy{.link_gbps = 2.5, .cores = 1.2};
+  ASSERT_TRUE(busy.link_limited(0));
+  ASSERT_LT(busy.rate(0.25), busy.rate(0));
+  const Trace run = simulate(busy, 3.0, 4000);
+  const auto settled = std::find(run.efforts.begin(), run.efforts.end(), 0.0);
+  ASSERT_NE(settled, run.efforts.end());
+  EXPECT_LT(settled - run.efforts.begin(), 64);
+  // Once the encode costs are known, no chunk leaves raw again.
+  const auto costs_known = settled + 64;
+  EXPECT_EQ(std::count_if(costs_known, run.efforts.end(), [](double e) { return e > 0; }), 0);
 }
 
 TEST(EffortController, WithoutZstdTheLadderStopsAtLz4) {
