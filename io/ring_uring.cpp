@@ -13,6 +13,10 @@
 
 #include "io/ring_backends.h"
 
+#if defined(__SANITIZE_THREAD__)
+#include <sanitizer/tsan_interface.h>
+#endif
+
 namespace dstx::io::detail {
 
 namespace {
@@ -31,6 +35,18 @@ constexpr int kBusyRetriesMax = 1000;
 // How long the destructor's safety net waits for cancelled operations before giving up.
 constexpr auto kCancelWait = std::chrono::seconds(2);
 
+// liburing maps and unmaps a ring's queues with raw system calls, which ThreadSanitizer does not see: when a
+// new ring's queues land where a closed ring's were, it takes the new owner's writes for a race with the old
+// owner's. The kernel orders the unmap before the map; these two tell ThreadSanitizer so.
+#if defined(__SANITIZE_THREAD__)
+char ring_memory_handover;
+void ring_memory_released() { __tsan_release(&ring_memory_handover); }
+void ring_memory_acquired() { __tsan_acquire(&ring_memory_handover); }
+#else
+void ring_memory_released() {}
+void ring_memory_acquired() {}
+#endif
+
 class UringRing final : public Ring {
  public:
   explicit UringRing(const RingOptions& options) {
@@ -40,12 +56,14 @@ class UringRing final : public Ring {
       throw std::system_error(-rc, std::generic_category(),
                               "io_uring_queue_init(" + std::to_string(options.entries) + ")");
     }
+    ring_memory_acquired();
   }
 
   ~UringRing() override {
     assert(in_flight_ == 0 && "reap every operation before destroying the ring");
     // Release builds: the kernel would otherwise keep writing into buffers the caller is about to free.
     if (in_flight_ != 0) cancel_all();
+    ring_memory_released();
     io_uring_queue_exit(&ring_);
   }
 
