@@ -5,8 +5,12 @@
 #include <cstdlib>
 #include <cstring>
 
+#include <fcntl.h>
 #include <sched.h>
 #include <unistd.h>
+
+#include <string>
+#include <vector>
 
 namespace dstx::engine {
 namespace {
@@ -22,9 +26,17 @@ constexpr unsigned kStalePeriods = 6;     // measurements older than this many p
 constexpr double kLinkBoundShare = 0.45;  // link wait at or above this: more effort may pay
 constexpr double kCpuBoundShare = 0.25;   // at or below this: less effort may pay
 
-constexpr double kSpareWindowSeconds = 0.5;  // spare CPU is averaged over this long at one level (at most)
-constexpr double kSpareMinSeconds = 0.05;     // and at least this long: /proc/stat counts in 10 ms ticks
+constexpr double kSpareWindowSeconds = 0.1;  // spare CPU is averaged over this long at most
+constexpr double kSpareMinSeconds = 0.01;     // and at least this long: cpuidle counts in microseconds,
+constexpr double kSpareMinSecondsCoarse = 0.05;  // but /proc/stat in 10 ms ticks per CPU
+constexpr size_t kMaxIdleFiles = 64;          // cpuidle files read per period at most (else /proc/stat)
 constexpr uint64_t kCostMinBytes = 4 << 20;    // a rung's encode cost is known after this many bytes
+// The share of a step's extra encode CPU that must be idle for an upward trial. Far less than all of it:
+// fewer bytes on the wire save kernel CPU on both ends, which encode costs do not show, and costs measured
+// while both hyperthreads of a core are busy overstate the step. On this project's 2-core machine, steps
+// whose encode cost was 2-4 times the idle CPU still paid (10 Gbit/s binary and mixed); what the bar holds
+// back is a machine with next to nothing idle (25 Gbit/s and faster, where sender and receiver share it).
+constexpr double kSpareBar = 0.1;
 
 // Idle seconds (idle + iowait) of the given CPUs, from /proc/stat; < 0 when it cannot be read.
 double proc_stat_idle_seconds(const cpu_set_t& cpus) {
@@ -50,17 +62,57 @@ double proc_stat_idle_seconds(const cpu_set_t& cpus) {
   return any ? idle : -1;
 }
 
+// cpuidle's residency files (microseconds per idle state) of the given CPUs; empty when a CPU has none or
+// there are too many to read each period.
+std::vector<std::string> cpuidle_files(const cpu_set_t& cpus) {
+  std::vector<std::string> files;
+  for (unsigned cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+    if (!CPU_ISSET(cpu, &cpus)) continue;
+    const size_t before = files.size();
+    for (unsigned state = 0;; ++state) {
+      std::string f = "/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/cpuidle/state" +
+                      std::to_string(state) + "/time";
+      if (::access(f.c_str(), R_OK) != 0) break;
+      files.push_back(std::move(f));
+    }
+    if (files.size() == before || files.size() > kMaxIdleFiles) return {};
+  }
+  return files;
+}
+
+// Idle seconds summed over the files; < 0 when one cannot be read.
+double cpuidle_seconds(const std::vector<std::string>& files) {
+  uint64_t us = 0;
+  for (const std::string& f : files) {
+    const int fd = ::open(f.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    char text[32];
+    const ssize_t n = ::read(fd, text, sizeof text - 1);
+    ::close(fd);
+    if (n <= 0) return -1;
+    text[n] = 0;
+    us += std::strtoull(text, nullptr, 10);
+  }
+  return double(us) * 1e-6;
+}
+
 }  // namespace
 
 EffortController::EffortController(double top, size_t streams, IdleSeconds idle)
     : levels_(std::clamp(int(top * kLevelsPerRung) + 1, kLevelsPerRung + 1, kMaxLevels)),
       streams_(double(std::max<size_t>(streams, 1))),
-      idle_(std::move(idle)) {
+      idle_(std::move(idle)),
+      spare_min_seconds_(kSpareMinSeconds) {
   if (!idle_) {
     cpu_set_t cpus;
     CPU_ZERO(&cpus);
     if (::sched_getaffinity(0, sizeof cpus, &cpus) == 0) {
-      idle_ = [cpus] { return proc_stat_idle_seconds(cpus); };
+      if (std::vector<std::string> files = cpuidle_files(cpus); !files.empty()) {
+        idle_ = [files = std::move(files)] { return cpuidle_seconds(files); };
+      } else {
+        idle_ = [cpus] { return proc_stat_idle_seconds(cpus); };
+        spare_min_seconds_ = kSpareMinSecondsCoarse;
+      }
     }
   }
   estimate_.fill(-1);
@@ -110,17 +162,19 @@ void EffortController::end_period(Clock::time_point now, uint64_t delivered) {
   for (int l = 0; l < levels_; ++l) {  // what was measured long ago says little about the link now
     if (periods_ - measured_at_[size_t(l)] > kStalePeriods) estimate_[size_t(l)] = -1;
   }
-  // Spare CPU at this level, averaged over a window that restarts with each level and every half second.
+  // Spare CPU, averaged over windows of kSpareMinSeconds to kSpareWindowSeconds at one level; a new window
+  // starts when one is full and with each new level, and until it has run kSpareMinSeconds the last value
+  // stands.
   const double idle = idle_ ? idle_() : -1;
-  const double at_level = std::chrono::duration<double>(now - level_start_).count();
-  if (idle < 0 || level_idle_ < 0) {
-    level_idle_ = idle;
-    level_start_ = now;
-  } else if (at_level >= kSpareMinSeconds) {
-    spare_cores_ = std::max(0.0, idle - level_idle_) / at_level;
-    if (at_level >= kSpareWindowSeconds) {
-      level_idle_ = idle;
-      level_start_ = now;
+  const double window = std::chrono::duration<double>(now - window_start_).count();
+  if (idle < 0 || window_idle_ < 0) {
+    window_idle_ = idle;
+    window_start_ = now;
+  } else if (window >= spare_min_seconds_) {
+    spare_cores_ = std::max(0.0, idle - window_idle_) / window;
+    if (window >= kSpareWindowSeconds) {
+      window_idle_ = idle;
+      window_start_ = now;
     }
   }
   const bool link_bound = link_share >= kLinkBoundShare;
@@ -159,10 +213,9 @@ void EffortController::end_period(Clock::time_point now, uint64_t delivered) {
   // In the opening a change is a whole rung: the data the socket buffers still hold was encoded the old way
   // and would be counted against the new one, so the next period only lets it drain.
   if (in_opening && next != current_) warmed_up_ = false;
-  if (next != current_) {
-    level_idle_ = idle;
-    level_start_ = now;
-    spare_cores_ = -1;
+  if (next != current_ && window_idle_ >= 0) {
+    window_idle_ = idle;
+    window_start_ = now;
   }
   current_ = next;
   effort_.store(level_effort(next), std::memory_order_relaxed);
@@ -170,11 +223,12 @@ void EffortController::end_period(Clock::time_point now, uint64_t delivered) {
 
 // Whether the CPU left over could pay for a quarter of the chunks one rung up: a link that keeps the workers
 // waiting does not mean the CPU is free (on one machine, the receiver may be the one using it). Unknown costs
-// count as yes (the trial measures them), spare CPU not yet measured at this level as not yet.
+// count as yes: the trial measures them. So does spare CPU not measured yet: waiting for it would hold the
+// climb on a slow link for the opening's length again (3 % at 10 Gbit/s binary), and on a link where CPU is
+// short, the one trial it lets through is measured and not repeated.
 bool EffortController::cpu_to_spare(double rate) const {
   const int rung = current_ / kLevelsPerRung;
-  if (rung + 1 >= kRungs || level_idle_ < 0 || rate <= 0) return true;  // no idle time to be read
-  if (spare_cores_ < 0) return false;  // not yet measured at this level: wait for it
+  if (rung + 1 >= kRungs || spare_cores_ < 0 || rate <= 0) return true;
   double cost[2];
   for (int i = 0; i < 2; ++i) {
     const uint64_t bytes = encode_bytes_[size_t(rung + i)].load(std::memory_order_relaxed);
@@ -182,7 +236,7 @@ bool EffortController::cpu_to_spare(double rate) const {
     cost[i] = double(encode_ns_[size_t(rung + i)].load(std::memory_order_relaxed)) * 1e-9 / double(bytes);
   }
   const double extra_cores = rate * (cost[1] - cost[0]) / kLevelsPerRung;
-  return spare_cores_ >= extra_cores;
+  return spare_cores_ >= kSpareBar * extra_cores;
 }
 
 }  // namespace dstx::engine

@@ -44,7 +44,8 @@ class EffortController {
   using IdleSeconds = std::function<double()>;
 
   // top: the highest effort (1 = lz4 is the top rung, 3 = the zstd rungs too). streams: workers reporting.
-  // idle: where spare CPU is read (empty: /proc/stat, for the cores in this thread's affinity mask).
+  // idle: where spare CPU is read (empty: cpuidle's residency counters, else /proc/stat, for the cores in
+  // this thread's affinity mask).
   EffortController(double top, size_t streams, IdleSeconds idle = {});
 
   double effort() const { return effort_.load(std::memory_order_relaxed); }
@@ -109,10 +110,11 @@ class EffortController {
   uint64_t period_bytes_ = 0;
   uint64_t period_link_wait_ns_ = 0;
   unsigned period_chunks_ = 0;
-  // Spare CPU since the current level was entered: idle seconds and time then.
-  double level_idle_ = -1;
-  Clock::time_point level_start_{};
-  double spare_cores_ = -1;  // idle cores on average at the current level, < 0 when unknown
+  // Spare CPU: the idle seconds and the time when the current window started, and the last window's average.
+  double window_idle_ = -1;
+  Clock::time_point window_start_{};
+  double spare_cores_ = -1;  // idle cores on average, < 0 when unknown
+  double spare_min_seconds_;  // the shortest window read (the idle counters' resolution)
 };
 
 }  // namespace dstx::engine

@@ -32,8 +32,11 @@ struct Link {
   bool link_limited(double effort) const {
     return link_gbps / blend(kWire, effort) < cores / blend(kCpu, effort);
   }
-  // Cores idle at this effort: what the sender's CPU does not use.
-  double spare(double effort) const { return std::max(0.0, cores - rate(effort) * blend(kCpu, effort)); }
+  double other_load = 0;  // cores something else on the machine keeps busy (a receiver on the same host)
+  // Cores idle at this effort: what neither the sender nor the other load uses.
+  double spare(double effort) const {
+    return std::max(0.0, cores - rate(effort) * blend(kCpu, effort) - other_load);
+  }
 };
 
 struct Trace {
@@ -121,7 +124,7 @@ TEST(EffortController, ALinkBetweenTheTwoSettlesWhereLinkAndCpuMeet) {
 TEST(EffortController, WorkersWaitingOnTheLinkWithNoCpuToSpareDoNotTryMoreEffort) {
   // Raw fills the link, so the workers wait on it; but a quarter of the chunks on lz4 would need more CPU
   // than is left over (on one machine the receiver takes it), and would be slower.
-  const Link busy{.link_gbps = 2.5, .cores = 1.2};
+  const Link busy{.link_gbps = 2.5, .cores = 1.2, .other_load = 0.2};
   ASSERT_TRUE(busy.link_limited(0));
   ASSERT_LT(busy.rate(0.25), busy.rate(0));
   const Trace run = simulate(busy, 3.0, 4000);
