@@ -27,8 +27,10 @@ constexpr double kLinkBoundShare = 0.45;  // link wait at or above this: more ef
 constexpr double kCpuBoundShare = 0.25;   // at or below this: less effort may pay
 
 constexpr double kSpareWindowSeconds = 0.1;  // spare CPU is averaged over this long at most
-constexpr double kSpareMinSeconds = 0.01;     // and at least this long: cpuidle counts in microseconds,
+constexpr double kSpareMinSeconds = 0.005;    // and at least this long: cpuidle counts in microseconds,
 constexpr double kSpareMinSecondsCoarse = 0.05;  // but /proc/stat in 10 ms ticks per CPU
+constexpr double kNoSpareCores = 0.1;         // less idle than this: the machine has no CPU to spare
+constexpr double kSkipLz4MinRatio = 0.4;     // see the warm-up in end_period
 constexpr size_t kMaxIdleFiles = 64;          // cpuidle files read per period at most (else /proc/stat)
 constexpr uint64_t kCostMinBytes = 4 << 20;    // a rung's encode cost is known after this many bytes
 // The share of a step's extra encode CPU that must be idle for an upward trial. Far less than all of it:
@@ -137,10 +139,13 @@ bool EffortController::period_over(Clock::time_point now) {
 
 void EffortController::end_period(Clock::time_point now, uint64_t delivered) {
   const uint64_t waited_ns = link_wait_ns_.load(std::memory_order_relaxed);
+  const double idle = idle_ ? idle_() : -1;
   if (period_start_ == Clock::time_point{}) {
     period_start_ = now;
     period_bytes_ = delivered;
     period_link_wait_ns_ = waited_ns;
+    window_idle_ = idle;
+    window_start_ = now;
     return;
   }
   const double dt = std::max(std::chrono::duration<double>(now - period_start_).count(), 1e-9);
@@ -152,20 +157,9 @@ void EffortController::end_period(Clock::time_point now, uint64_t delivered) {
   period_bytes_ = delivered;
   period_link_wait_ns_ = waited_ns;
   period_chunks_ = 0;
-  if (!warmed_up_) {
-    warmed_up_ = true;  // the first period measures socket buffers and slow start filling, not the link
-    return;
-  }
-  double& est = estimate_[size_t(current_)];
-  est = est < 0 ? rate : (1 - kSmoothing) * est + kSmoothing * rate;
-  measured_at_[size_t(current_)] = ++periods_;
-  for (int l = 0; l < levels_; ++l) {  // what was measured long ago says little about the link now
-    if (periods_ - measured_at_[size_t(l)] > kStalePeriods) estimate_[size_t(l)] = -1;
-  }
   // Spare CPU, averaged over windows of kSpareMinSeconds to kSpareWindowSeconds at one level; a new window
   // starts when one is full and with each new level, and until it has run kSpareMinSeconds the last value
   // stands.
-  const double idle = idle_ ? idle_() : -1;
   const double window = std::chrono::duration<double>(now - window_start_).count();
   if (idle < 0 || window_idle_ < 0) {
     window_idle_ = idle;
@@ -176,6 +170,30 @@ void EffortController::end_period(Clock::time_point now, uint64_t delivered) {
       window_idle_ = idle;
       window_start_ = now;
     }
+  }
+  if (!warmed_up_) {
+    warmed_up_ = true;  // the first period measures socket buffers and slow start filling, not the link
+    // But if lz4 kept every core busy and never waited on the link even then, while the link carried most
+    // of what lz4 was given (lz4 shrank it little), raw can only be faster: its warm-up starts now, and lz4
+    // counts as lost (so zstd is not tried either). Data lz4 shrinks a lot proves nothing of the kind: the
+    // socket buffers alone may have taken it.
+    const uint64_t lz4_bytes = encode_bytes_[1].load(std::memory_order_relaxed);
+    const double lz4_ratio =
+        lz4_bytes ? double(encoded_bytes_[1].load(std::memory_order_relaxed)) / double(lz4_bytes) : 0;
+    if (opened_ == 0 && link_share <= kCpuBoundShare && spare_cores_ >= 0 && spare_cores_ < kNoSpareCores &&
+        lz4_ratio >= kSkipLz4MinRatio) {
+      trace(rate, link_share);
+      opened_ = 1;
+      switch_to(opening_[1], now, idle);
+      warmed_up_ = false;
+    }
+    return;
+  }
+  double& est = estimate_[size_t(current_)];
+  est = est < 0 ? rate : (1 - kSmoothing) * est + kSmoothing * rate;
+  measured_at_[size_t(current_)] = ++periods_;
+  for (int l = 0; l < levels_; ++l) {  // what was measured long ago says little about the link now
+    if (periods_ - measured_at_[size_t(l)] > kStalePeriods) estimate_[size_t(l)] = -1;
   }
   const bool link_bound = link_share >= kLinkBoundShare;
   const bool cpu_bound = link_share <= kCpuBoundShare;
@@ -206,19 +224,28 @@ void EffortController::end_period(Clock::time_point now, uint64_t delivered) {
       }
     }
   }
+  trace(rate, link_share);
+  // In the opening a change is a whole rung: the data the socket buffers still hold was encoded the old way
+  // and would be counted against the new one, so the next period only lets it drain.
+  if (in_opening && next != current_) warmed_up_ = false;
+  switch_to(next, now, idle);
+}
+
+void EffortController::trace(double rate, double link_share) const {
   if (trace_) {
     std::fprintf(stderr, "effort %.2f: %.3f GB/s, link wait %.2f, spare cores %.2f\n", level_effort(current_),
                  rate / 1e9, link_share, spare_cores_);
   }
-  // In the opening a change is a whole rung: the data the socket buffers still hold was encoded the old way
-  // and would be counted against the new one, so the next period only lets it drain.
-  if (in_opening && next != current_) warmed_up_ = false;
-  if (next != current_ && window_idle_ >= 0) {
+}
+
+// A new level starts a new window of spare CPU.
+void EffortController::switch_to(int level, Clock::time_point now, double idle) {
+  if (level != current_ && window_idle_ >= 0) {
     window_idle_ = idle;
     window_start_ = now;
   }
-  current_ = next;
-  effort_.store(level_effort(next), std::memory_order_relaxed);
+  current_ = level;
+  effort_.store(level_effort(level), std::memory_order_relaxed);
 }
 
 // Whether the CPU left over could pay for a quarter of the chunks one rung up: a link that keeps the workers

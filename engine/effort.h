@@ -58,10 +58,11 @@ class EffortController {
   }
 
   // A worker spent `cpu` of its own CPU time encoding `bytes` logical bytes of non-zero chunks on `rung`
-  // (0 raw, 1 lz4, 2 zstd, 3 zstd+2).
-  void add_encode_cost(int rung, uint64_t bytes, Clock::duration cpu) {
+  // (0 raw, 1 lz4, 2 zstd, 3 zstd+2) into `encoded` bytes.
+  void add_encode_cost(int rung, uint64_t bytes, uint64_t encoded, Clock::duration cpu) {
     const size_t r = size_t(std::clamp(rung, 0, kRungs - 1));
     encode_bytes_[r].fetch_add(bytes, std::memory_order_relaxed);
+    encoded_bytes_[r].fetch_add(encoded, std::memory_order_relaxed);
     encode_ns_[r].fetch_add(uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(cpu).count()),
                             std::memory_order_relaxed);
   }
@@ -87,12 +88,15 @@ class EffortController {
   bool period_over(Clock::time_point now);
   void end_period(Clock::time_point now, uint64_t delivered);
   bool cpu_to_spare(double rate) const;
+  void trace(double rate, double link_share) const;
+  void switch_to(int level, Clock::time_point now, double idle);
 
   const int levels_;
   const double streams_;
   std::atomic<uint64_t> link_wait_ns_{0};
   std::atomic<double> effort_{1.0};
   std::array<std::atomic<uint64_t>, kRungs> encode_bytes_{};
+  std::array<std::atomic<uint64_t>, kRungs> encoded_bytes_{};
   std::array<std::atomic<uint64_t>, kRungs> encode_ns_{};
   IdleSeconds idle_;
   std::mutex mu_;

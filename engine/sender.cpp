@@ -479,7 +479,7 @@ class Worker {
       slot->enc = compress::encode_chunk(
           how, raw, std::span<std::byte>(out + wire::kHeaderBytes, buf_bytes_ - wire::kHeaderBytes));
       if (sh_.effort && !slot->enc.zero) {  // what each rung costs: the controller weighs it against spare CPU
-        sh_.effort->add_encode_cost(rung_, slot->len, thread_cpu_time() - cpu_before);
+        sh_.effort->add_encode_cost(rung_, slot->len, slot->enc.encoded_len, thread_cpu_time() - cpu_before);
       }
       const uint16_t flags = uint16_t((slot->enc.zero ? wire::kFlagZero : 0) |
                                       (slot->end_of_transaction ? wire::kFlagEndOfTransaction : 0));
