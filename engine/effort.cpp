@@ -30,15 +30,16 @@ constexpr double kSpareWindowSeconds = 0.1;  // spare CPU is averaged over this 
 constexpr double kSpareMinSeconds = 0.005;    // and at least this long: cpuidle counts in microseconds,
 constexpr double kSpareMinSecondsCoarse = 0.05;  // but /proc/stat in 10 ms ticks per CPU
 constexpr double kNoSpareCores = 0.1;         // less idle than this: the machine has no CPU to spare
+constexpr double kPathMargin = 1.5;          // TCP's path rate is a sample: raw is skipped below 1/1.5 of lz4
 constexpr double kSkipLz4MinRatio = 0.4;     // see the warm-up in end_period
 constexpr size_t kMaxIdleFiles = 64;          // cpuidle files read per period at most (else /proc/stat)
 constexpr uint64_t kCostMinBytes = 4 << 20;    // a rung's encode cost is known after this many bytes
-// The share of a step's extra encode CPU that must be idle for an upward trial. Far less than all of it:
+// The share of a step's extra encode CPU that must be idle for an upward trial. Well below all of it:
 // fewer bytes on the wire save kernel CPU on both ends, which encode costs do not show, and costs measured
 // while both hyperthreads of a core are busy overstate the step. On this project's 2-core machine, steps
 // whose encode cost was 2-4 times the idle CPU still paid (10 Gbit/s binary and mixed); what the bar holds
 // back is a machine with next to nothing idle (25 Gbit/s and faster, where sender and receiver share it).
-constexpr double kSpareBar = 0.1;
+constexpr double kSpareBar = 0.25;
 
 // Idle seconds (idle + iowait) of the given CPUs, from /proc/stat; < 0 when it cannot be read.
 double proc_stat_idle_seconds(const cpu_set_t& cpus) {
@@ -201,7 +202,10 @@ void EffortController::end_period(Clock::time_point now, uint64_t delivered) {
   const bool in_opening = opened_ < opening_count_;
   int next = current_;
   if (in_opening) {
-    if (opened_ == 0 && link_bound) ++opened_;  // lz4 waited on the link: raw would only be slower
+    // lz4 waited on the link, or TCP measured a path far slower than lz4's logical rate (what raw would
+    // have to carry): raw would only be slower.
+    const bool path_too_slow = path_rate_ >= 0 && path_rate_ * kPathMargin < est;
+    if (opened_ == 0 && (link_bound || path_too_slow)) ++opened_;
     const bool lz4_lost =
         opened_ == 1 && estimate_[0] >= 0 && estimate_[size_t(kLevelsPerRung)] <= estimate_[0];
     if (opened_ + 1 < opening_count_ && !lz4_lost) {

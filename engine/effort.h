@@ -67,16 +67,25 @@ class EffortController {
                             std::memory_order_relaxed);
   }
 
+  // What the sockets say when a period ends.
+  struct Sockets {
+    uint64_t queued = 0;     // logical bytes of non-zero chunks still in the kernel's send queues
+    double path_rate = -1;   // wire bytes/s TCP measured the path to carry (from samples not limited by
+                             // the sender), < 0 when unknown
+  };
+
   // Called after each non-zero chunk with the total logical bytes of non-zero chunks handed to the kernel so
-  // far and a function that tells how many of them still sit in the kernel's send queues (asked only when a
-  // period ends). Only what left those queues counts: the queues hold megabytes, and filling or draining them
-  // says nothing about the link or the codec. Calls that find another thread inside return at once.
-  template <typename Queued>
-  void observe(Clock::time_point now, uint64_t sent_total, const Queued& queued) {
+  // far and a function that returns Sockets (asked only when a period ends). Only what left the send queues
+  // counts: the queues hold megabytes, and filling or draining them says nothing about the link or the
+  // codec. Calls that find another thread inside return at once.
+  template <typename Probe>
+  void observe(Clock::time_point now, uint64_t sent_total, const Probe& probe) {
     std::unique_lock lock(mu_, std::try_to_lock);
     if (!lock.owns_lock()) return;
     if (period_start_ != Clock::time_point{} && !period_over(now)) return;
-    end_period(now, sent_total - std::min(sent_total, uint64_t(queued())));
+    const Sockets s = probe();
+    path_rate_ = s.path_rate;
+    end_period(now, sent_total - std::min(sent_total, s.queued));
   }
 
  private:
@@ -118,6 +127,7 @@ class EffortController {
   double window_idle_ = -1;
   Clock::time_point window_start_{};
   double spare_cores_ = -1;  // idle cores on average, < 0 when unknown
+  double path_rate_ = -1;    // the last Sockets::path_rate
   double spare_min_seconds_;  // the shortest window read (the idle counters' resolution)
 };
 

@@ -189,16 +189,24 @@ struct Shared {
 
   // Logical bytes of non-zero chunks still in the streams' kernel send queues (unsent or unacknowledged by
   // the peer's TCP), converted from wire bytes at the transfer's ratio so far.
-  uint64_t queued_coded_bytes() const {
+  // For --codec auto at the end of a period: the logical bytes still queued in the kernel, and the path rate
+  // from TCP's delivery rate samples: the streams share the path, so the fastest sample not limited by the
+  // sender times the stream count (-1 when every sample was limited by the sender).
+  EffortController::Sockets probe_sockets() const {
     uint64_t wire_queued = 0;
+    double fastest = -1;
     for (const Link& l : links) {
       int n = 0;
       const int fd = l.fd.load(std::memory_order_acquire);
-      if (fd >= 0 && ::ioctl(fd, SIOCOUTQ, &n) == 0 && n > 0) wire_queued += uint64_t(n);
+      if (fd < 0) continue;
+      if (::ioctl(fd, SIOCOUTQ, &n) == 0 && n > 0) wire_queued += uint64_t(n);
+      const io::TcpSendState t = io::tcp_send_state(fd);
+      if (t.ok && !t.app_limited && t.delivery_rate > 0) fastest = std::max(fastest, double(t.delivery_rate));
     }
     const double wire = double(stats.wire_bytes.load(std::memory_order_relaxed));
     const double logical = double(coded_bytes.load(std::memory_order_relaxed));
-    return wire > 0 ? uint64_t(double(wire_queued) * logical / wire) : 0;
+    return {.queued = wire > 0 ? uint64_t(double(wire_queued) * logical / wire) : 0,
+            .path_rate = fastest < 0 ? -1 : fastest * double(links.size())};
   }
 
   bool finished() {
@@ -652,7 +660,7 @@ class Worker {
     if (sh_.effort && !slot.enc.zero) {
       sh_.coded_bytes.fetch_add(slot.len, std::memory_order_relaxed);
       sh_.effort->observe(Clock::now(), sh_.coded_bytes.load(std::memory_order_relaxed),
-                          [&] { return sh_.queued_coded_bytes(); });
+                          [&] { return sh_.probe_sockets(); });
     }
     sh_.sequencer.complete(slot.seq, slot.len, slot.enc.hash);
     slot.state = State::free;

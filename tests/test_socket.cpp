@@ -11,6 +11,7 @@
 #include <stdexcept>
 #include <string>
 #include <system_error>
+#include <thread>
 
 #include "io/socket.h"
 
@@ -115,6 +116,34 @@ TEST(Tcp, ListenConnectAcceptExchange) {
   ASSERT_EQ(::send(server.get(), "pong", 4, MSG_NOSIGNAL), 4);
   ASSERT_EQ(::recv(client.get(), buf, 4, MSG_WAITALL), 4);
   EXPECT_EQ(std::string(buf, 4), "pong");
+}
+
+TEST(Tcp, SendStateReportsTheDeliveryRateAfterDataWasAcknowledged) {
+  Fd listener = tcp_listen(parse_host_port("127.0.0.1:0"));
+  Fd client = tcp_connect({"127.0.0.1", bound_port(listener.get())}, {});
+  Fd server = tcp_accept(listener.get(), 5000, {});
+  ASSERT_TRUE(client);
+  ASSERT_TRUE(server);
+  const TcpSendState before = tcp_send_state(client.get());
+  ASSERT_TRUE(before.ok) << "the kernel gives no delivery rate or busy times (before 4.10?)";
+  EXPECT_EQ(before.delivery_rate, 0u);  // nothing sent yet
+  const std::string data(4 << 20, 'x');
+  std::thread reader([&] {
+    std::string in(data.size(), 0);
+    EXPECT_EQ(::recv(server.get(), in.data(), in.size(), MSG_WAITALL), ssize_t(in.size()));
+  });
+  EXPECT_EQ(::send(client.get(), data.data(), data.size(), MSG_NOSIGNAL), ssize_t(data.size()));
+  reader.join();
+  const TcpSendState after = tcp_send_state(client.get());
+  EXPECT_TRUE(after.ok);
+  EXPECT_GT(after.delivery_rate, 0u);
+  EXPECT_GE(after.busy_us, before.busy_us);
+  // Not a TCP socket: nothing to report.
+  int fds[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds), 0);
+  Fd a(fds[0]), b(fds[1]);
+  EXPECT_FALSE(tcp_send_state(a.get()).ok);
+  EXPECT_FALSE(tcp_send_state(-1).ok);
 }
 
 TEST(Tcp, Ipv6Loopback) {
