@@ -27,6 +27,7 @@
 #include "engine/session.h"
 #include "engine/transfer.h"
 #include "engine/window.h"
+#include "io/memory.h"
 
 namespace dstx::engine {
 namespace {
@@ -288,7 +289,7 @@ class Worker {
       replay_buffers = std::max<size_t>(4, replay / sh_.links.size() / buf_bytes_);
     }
     const size_t count = 2 * depth + replay_buffers;
-    memory_ = static_cast<std::byte*>(::operator new(buf_bytes_* count, std::align_val_t(4096)));
+    memory_ = io::IoMemory(buf_bytes_ * count);
     for (size_t i = count; i-- > 0;) free_.push_back(int(i));
     slots_.resize(depth);
     if (sh_.backend == io::Backend::uring && io::probe().send_zc)
@@ -297,7 +298,7 @@ class Worker {
     // refuses (RLIMIT_MEMLOCK, an old kernel), plain reads do the same job.
     if (sh_.options.register_buffers && sh_.backend == io::Backend::uring && io::probe().read_fixed &&
         reads_through_ring()) {
-      const iovec whole{memory_, buf_bytes_ * count};
+      const iovec whole{memory_.data(), buf_bytes_ * count};
       fixed_buffers_ = ring_->register_buffers(std::span(&whole, 1)) == 0;
     }
     // Fixed files: the stream's socket and, when reads go through the ring, the source file. io_uring then
@@ -321,7 +322,7 @@ class Worker {
   }
 
   static size_t round_up(size_t n) { return (n + 4095) & ~size_t(4095); }
-  std::byte* buf(int i) const { return memory_ + size_t(i) * buf_bytes_; }
+  std::byte* buf(int i) const { return memory_.data() + size_t(i) * buf_bytes_; }
   int fd() const { return link_.fd.load(std::memory_order_acquire); }
 
   bool stopping() {
@@ -832,8 +833,7 @@ class Worker {
     }
     for (Slot& slot : slots_) release_view(slot);
     ring_.reset();
-    if (memory_) ::operator delete(memory_, std::align_val_t(4096));
-    memory_ = nullptr;
+    memory_ = io::IoMemory();
   }
 
   Shared& sh_;
@@ -843,7 +843,7 @@ class Worker {
   int socket_file_ = -1;  // ring_'s fixed-file slots (register_files), -1 when not registered
   int source_file_ = -1;
   std::unique_ptr<io::Ring> sync_ring_;
-  std::byte* memory_ = nullptr;
+  io::IoMemory memory_;
   size_t buf_bytes_ = 0;
   bool fixed_buffers_ = false;
   size_t zero_copy_min_ = 0;  // 0: never SEND_ZC

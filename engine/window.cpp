@@ -78,13 +78,7 @@ uint64_t SendSequencer::digest() const {
 ReorderWindow::ReorderWindow(uint32_t slots, size_t slot_bytes)
     : slots_(slots), slot_bytes_(slot_bytes), table_(slots) {
   assert(slots > 0);
-  if (slot_bytes > 0) {
-    memory_ = static_cast<std::byte*>(::operator new(size_t(slots) * slot_bytes, std::align_val_t(4096)));
-  }
-}
-
-ReorderWindow::~ReorderWindow() {
-  if (memory_) ::operator delete(memory_, std::align_val_t(4096));
+  if (slot_bytes > 0) memory_ = io::IoMemory(size_t(slots) * slot_bytes);
 }
 
 ReorderWindow::Admit ReorderWindow::admit(uint64_t seq, std::span<std::byte>* buf) {
@@ -96,7 +90,7 @@ ReorderWindow::Admit ReorderWindow::admit(uint64_t seq, std::span<std::byte>* bu
   if (slot.state != State::free) return Admit::duplicate;
   slot.state = State::filling;
   slot.meta.seq = seq;
-  if (buf) *buf = std::span<std::byte>(memory_ + (seq % slots_) * slot_bytes_, slot_bytes_);
+  if (buf) *buf = std::span<std::byte>(memory_.data() + (seq % slots_) * slot_bytes_, slot_bytes_);
   return Admit::ok;
 }
 
@@ -130,7 +124,7 @@ ReorderWindow::Wait ReorderWindow::wait_next(std::chrono::milliseconds timeout, 
   if (!ok || !ready) return Wait::timeout;
   const Slot& slot = table_[next_ % slots_];
   *meta = slot.meta;
-  *data = std::span<const std::byte>(memory_ + (next_ % slots_) * slot_bytes_, slot.meta.raw_len);
+  *data = std::span<const std::byte>(memory_.data() + (next_ % slots_) * slot_bytes_, slot.meta.raw_len);
   return Wait::ready;
 }
 

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "engine/wire.h"
+#include "io/memory.h"
 
 namespace dstx::engine {
 
@@ -67,7 +68,6 @@ class ReorderWindow {
  public:
   // slots * slot_bytes bytes are allocated once, up front.
   ReorderWindow(uint32_t slots, size_t slot_bytes);
-  ~ReorderWindow();
 
   enum class Admit { ok, duplicate, closed };
   // Reserves the slot of `seq`, blocking while seq lies beyond the window. `buf` receives the slot's buffer.
@@ -98,7 +98,7 @@ class ReorderWindow {
   };
   const uint32_t slots_;
   const size_t slot_bytes_;
-  std::byte* memory_ = nullptr;
+  io::IoMemory memory_;
   mutable std::mutex mu_;
   std::condition_variable admit_cv_;
   std::condition_variable ready_cv_;

@@ -1,0 +1,62 @@
+// io::IoMemory: the buffer memory of the sender's workers and the receiver's reorder window.
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <utility>
+
+#include "io/memory.h"
+
+namespace dstx::io {
+namespace {
+
+constexpr size_t kHuge = 2 << 20;
+
+// The VmFlags of this process's mapping that holds `p` (from /proc/self/smaps); empty if not found.
+std::string vm_flags(const void* p) {
+  std::ifstream smaps("/proc/self/smaps");
+  const auto addr = reinterpret_cast<uintptr_t>(p);
+  bool inside = false;
+  for (std::string line; std::getline(smaps, line);) {
+    unsigned long lo = 0, hi = 0;
+    if (std::sscanf(line.c_str(), "%lx-%lx ", &lo, &hi) == 2) {  // a mapping's first line
+      inside = addr >= lo && addr < hi;
+    } else if (inside && line.rfind("VmFlags:", 0) == 0) {
+      return line + " ";
+    }
+  }
+  return {};
+}
+
+TEST(IoMemory, IsAlignedWritableAndMovable) {
+  IoMemory m(5 << 20);
+  ASSERT_NE(m.data(), nullptr);
+  EXPECT_EQ(m.size(), size_t(5 << 20));
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(m.data()) % kHuge, 0u);
+  std::memset(m.data(), 0xab, m.size());
+  EXPECT_EQ(m.data()[m.size() - 1], std::byte{0xab});
+  std::byte* const before = m.data();
+  IoMemory n = std::move(m);
+  EXPECT_EQ(m.data(), nullptr);
+  EXPECT_EQ(m.size(), 0u);
+  EXPECT_EQ(n.data(), before);
+  n = IoMemory();
+  EXPECT_EQ(n.data(), nullptr);
+  EXPECT_EQ(IoMemory(0).data(), nullptr);
+}
+
+TEST(IoMemory, AsksForHugePages) {
+#if defined(__SANITIZE_ADDRESS__)
+  GTEST_SKIP() << "under AddressSanitizer the buffers come from the heap";
+#endif
+  IoMemory m(4 << 20);
+  const std::string flags = vm_flags(m.data());
+  ASSERT_FALSE(flags.empty()) << "no mapping in /proc/self/smaps holds the memory";
+  EXPECT_NE(flags.find(" hg "), std::string::npos) << flags;  // "hg": MADV_HUGEPAGE was applied
+}
+
+}  // namespace
+}  // namespace dstx::io
