@@ -20,6 +20,7 @@
 #include "engine/session.h"
 #include "engine/transfer.h"
 #include "engine/window.h"
+#include "io/memory.h"
 
 namespace dstx::engine {
 namespace {
@@ -154,7 +155,7 @@ class StreamWorker {
         socket_file_ = 0;
         sh_.fixed_file_streams.fetch_add(1, std::memory_order_relaxed);
       }
-      scratch_.resize(decode_buffer_bytes(sh_.chunk_bytes));
+      scratch_ = io::IoMemory(decode_buffer_bytes(sh_.chunk_bytes));
     } catch (const std::exception& e) {
       sh_.fail(Reason::internal, name_ + ": " + e.what());
       return;
@@ -330,7 +331,7 @@ class StreamWorker {
   const std::string name_;
   std::unique_ptr<io::Ring> ring_;
   int socket_file_ = -1;  // ring_'s fixed-file slot for the stream's socket, -1 when not registered
-  std::vector<std::byte> scratch_;
+  io::IoMemory scratch_;  // compressed payloads land here before decoding
   uint64_t last_seq_ = 0;
   uint32_t ack_every_ = 1;
   uint32_t since_ack_ = 0;
