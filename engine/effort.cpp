@@ -32,7 +32,7 @@ constexpr double kSpareMinSecondsCoarse = 0.05;  // but /proc/stat in 10 ms tick
 constexpr double kNoSpareCores = 0.1;         // less idle than this: the machine has no CPU to spare
 constexpr double kPathMargin = 1.5;          // TCP's path rate is a sample: raw is skipped below 1/1.5 of lz4
 constexpr double kSkipLz4MinRatio = 0.4;     // see the warm-up in end_period
-constexpr size_t kMaxIdleFiles = 64;          // cpuidle files read per period at most (else /proc/stat)
+constexpr size_t kMaxIdleFiles = 128;         // cpuidle files read per period at most (else /proc/stat)
 constexpr uint64_t kCostMinBytes = 4 << 20;    // a rung's encode cost is known after this many bytes
 // The share of a step's extra encode CPU that must be idle for an upward trial. Well below all of it:
 // fewer bytes on the wire save kernel CPU on both ends, which encode costs do not show, and costs measured
@@ -41,12 +41,12 @@ constexpr uint64_t kCostMinBytes = 4 << 20;    // a rung's encode cost is known 
 // back is a machine with next to nothing idle (25 Gbit/s and faster, where sender and receiver share it).
 constexpr double kSpareBar = 0.25;
 
-// Idle seconds (idle + iowait) of the given CPUs, from /proc/stat; < 0 when it cannot be read.
-double proc_stat_idle_seconds(const cpu_set_t& cpus) {
+// Idle seconds (idle + iowait) per CPU from /proc/stat, indexed by CPU number; false when it cannot be read.
+// It counts an idle period still in progress, but in ticks of 10 ms.
+bool proc_stat_idle(std::vector<double>& per_cpu) {
   static const double tick = 1.0 / double(std::max(1L, ::sysconf(_SC_CLK_TCK)));
   std::FILE* f = std::fopen("/proc/stat", "re");
-  if (!f) return -1;
-  double idle = 0;
+  if (!f) return false;
   bool any = false;
   char line[512];
   while (std::fgets(line, sizeof line, f)) {
@@ -54,38 +54,19 @@ double proc_stat_idle_seconds(const cpu_set_t& cpus) {
     unsigned long long user, nice, system, idle_ticks, iowait;
     if (std::strncmp(line, "cpu", 3) != 0) break;  // the per-CPU lines come first
     if (std::sscanf(line, "cpu%u %llu %llu %llu %llu %llu", &cpu, &user, &nice, &system, &idle_ticks,
-                    &iowait) != 6)
+                    &iowait) != 6 || cpu >= CPU_SETSIZE)
       continue;  // the "cpu " total line
-    if (cpu < CPU_SETSIZE && CPU_ISSET(cpu, &cpus)) {
-      idle += double(idle_ticks + iowait) * tick;
-      any = true;
-    }
+    if (per_cpu.size() <= cpu) per_cpu.resize(cpu + 1, -1);
+    per_cpu[cpu] = double(idle_ticks + iowait) * tick;
+    any = true;
   }
   std::fclose(f);
-  return any ? idle : -1;
+  return any;
 }
 
-// cpuidle's residency files (microseconds per idle state) of the given CPUs; empty when a CPU has none or
-// there are too many to read each period.
-std::vector<std::string> cpuidle_files(const cpu_set_t& cpus) {
-  std::vector<std::string> files;
-  for (unsigned cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
-    if (!CPU_ISSET(cpu, &cpus)) continue;
-    const size_t before = files.size();
-    for (unsigned state = 0;; ++state) {
-      std::string f = "/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/cpuidle/state" +
-                      std::to_string(state) + "/time";
-      if (::access(f.c_str(), R_OK) != 0) break;
-      files.push_back(std::move(f));
-    }
-    if (files.size() == before || files.size() > kMaxIdleFiles) return {};
-  }
-  return files;
-}
-
-// Idle seconds summed over the files; < 0 when one cannot be read.
-double cpuidle_seconds(const std::vector<std::string>& files) {
-  uint64_t us = 0;
+// Sum of the numbers in the files, or -1 if one cannot be read.
+int64_t sum_of_files(const std::vector<std::string>& files) {
+  int64_t sum = 0;
   for (const std::string& f : files) {
     const int fd = ::open(f.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) return -1;
@@ -94,10 +75,69 @@ double cpuidle_seconds(const std::vector<std::string>& files) {
     ::close(fd);
     if (n <= 0) return -1;
     text[n] = 0;
-    us += std::strtoull(text, nullptr, 10);
+    sum += int64_t(std::strtoull(text, nullptr, 10));
   }
-  return double(us) * 1e-6;
+  return sum;
 }
+
+// Cumulative idle seconds of a set of CPUs. cpuidle's per-state residency counters are exact (microseconds) but
+// count a sleep only when it ends: a CPU asleep all along would look busy. So a CPU that entered idle states
+// since the last reading counts by cpuidle, one that did not (asleep or busy all along) by /proc/stat, which
+// counts a sleep in progress, in 10 ms ticks. Without cpuidle (or for too many CPUs to read each period),
+// /proc/stat alone.
+class IdleMeter {
+ public:
+  explicit IdleMeter(const cpu_set_t& set) {
+    size_t files = 0;
+    for (unsigned id = 0; id < CPU_SETSIZE; ++id) {
+      if (!CPU_ISSET(id, &set)) continue;
+      Cpu cpu{.id = id};
+      for (unsigned state = 0;; ++state) {
+        const std::string dir =
+            "/sys/devices/system/cpu/cpu" + std::to_string(id) + "/cpuidle/state" + std::to_string(state);
+        if (::access((dir + "/time").c_str(), R_OK) != 0) break;
+        cpu.time_files.push_back(dir + "/time");
+        cpu.usage_files.push_back(dir + "/usage");
+      }
+      files += 2 * cpu.time_files.size();
+      precise_ = precise_ && !cpu.time_files.empty();
+      cpus_.push_back(std::move(cpu));
+    }
+    if (files > kMaxIdleFiles) precise_ = false;
+  }
+
+  bool precise() const { return precise_; }
+
+  double operator()() {
+    if (!proc_stat_idle(stat_)) return -1;
+    for (Cpu& cpu : cpus_) {
+      const double stat = cpu.id < stat_.size() ? stat_[cpu.id] : -1;
+      if (stat < 0) return -1;
+      const int64_t us = precise_ ? sum_of_files(cpu.time_files) : -1;
+      const int64_t entries = precise_ ? sum_of_files(cpu.usage_files) : -1;
+      if (cpu.last_stat >= 0) {
+        const bool by_cpuidle = us >= 0 && entries >= 0 && entries != cpu.last_entries;
+        total_ += std::max(0.0, by_cpuidle ? double(us - cpu.last_us) * 1e-6 : stat - cpu.last_stat);
+      }
+      cpu.last_stat = stat;
+      cpu.last_us = us;
+      cpu.last_entries = entries;
+    }
+    return total_;
+  }
+
+ private:
+  struct Cpu {
+    unsigned id = 0;
+    std::vector<std::string> time_files, usage_files;
+    double last_stat = -1;
+    int64_t last_us = -1, last_entries = -1;
+  };
+  std::vector<Cpu> cpus_;
+  std::vector<double> stat_;
+  bool precise_ = true;
+  double total_ = 0;
+};
 
 }  // namespace
 
@@ -110,12 +150,9 @@ EffortController::EffortController(double top, size_t streams, IdleSeconds idle)
     cpu_set_t cpus;
     CPU_ZERO(&cpus);
     if (::sched_getaffinity(0, sizeof cpus, &cpus) == 0) {
-      if (std::vector<std::string> files = cpuidle_files(cpus); !files.empty()) {
-        idle_ = [files = std::move(files)] { return cpuidle_seconds(files); };
-      } else {
-        idle_ = [cpus] { return proc_stat_idle_seconds(cpus); };
-        spare_min_seconds_ = kSpareMinSecondsCoarse;
-      }
+      IdleMeter meter(cpus);
+      if (!meter.precise()) spare_min_seconds_ = kSpareMinSecondsCoarse;
+      idle_ = [meter = std::move(meter)]() mutable { return meter(); };
     }
   }
   estimate_.fill(-1);
@@ -165,6 +202,7 @@ void EffortController::end_period(Clock::time_point now, uint64_t delivered) {
   if (idle < 0 || window_idle_ < 0) {
     window_idle_ = idle;
     window_start_ = now;
+    if (idle < 0) spare_cores_ = -1;  // no longer readable: unknown, not the last value
   } else if (window >= spare_min_seconds_) {
     spare_cores_ = std::max(0.0, idle - window_idle_) / window;
     if (window >= kSpareWindowSeconds) {
@@ -174,8 +212,8 @@ void EffortController::end_period(Clock::time_point now, uint64_t delivered) {
   }
   if (!warmed_up_) {
     warmed_up_ = true;  // the first period measures socket buffers and slow start filling, not the link
-    // But if lz4 kept every core busy and never waited on the link even then, while the link carried most
-    // of what lz4 was given (lz4 shrank it little), raw can only be faster: its warm-up starts now, and lz4
+    // But if lz4 kept every core busy and never waited on the link even then, while the link carried at least
+    // 40 % of what lz4 was given (lz4 shrank it to that or more), raw can only be faster: its warm-up starts now, and lz4
     // counts as lost (so zstd is not tried either). Data lz4 shrinks a lot proves nothing of the kind: the
     // socket buffers alone may have taken it.
     const uint64_t lz4_bytes = encode_bytes_[1].load(std::memory_order_relaxed);

@@ -27,13 +27,14 @@ namespace dstx::engine {
 //   CPU (or the source) sets it and more effort can only slow things down.
 // The controller moves to a measured neighbour level that delivered clearly more, and tries an unmeasured
 // one only in the direction the link wait points to, and upwards only if the CPU left over (idle time of
-// the cores this process may use, /proc/stat) could pay for the step at each rung's measured encode cost:
-// workers waiting on their sockets do not mean spare CPU when something else (on one machine, the receiver)
-// keeps the cores busy. It opens with one short period on each pure rung: lz4,
-// then raw (skipped when lz4 already waited on the link: twice the bytes on the same link can only be
-// slower), then zstd (skipped when lz4 lost to raw: a link that outruns lz4 outruns zstd too), and starts
-// from the fastest; links much faster or much slower than the compressor, the common cases, are settled
-// right there. The opening and the warm-up before it run at lz4 with short periods: on a slow link every
+// the cores this process may use: cpuidle's residency counters and /proc/stat) could pay for the step at
+// each rung's measured encode cost: workers waiting on their sockets do not mean spare CPU when something
+// else (on one machine, the receiver) keeps the cores busy. It opens with one short period on each pure
+// rung: lz4 (skipped when its warm-up kept every core busy without waiting on the link), then raw (skipped
+// when lz4 already waited on the link, or TCP's path rate is far below lz4's rate: twice the bytes on the
+// same link can only be slower), then zstd (skipped when lz4 lost to raw: a link that outruns lz4 outruns
+// zstd too), and starts from the fastest; links much faster or much slower than the compressor, the common
+// cases, are settled right there. The opening and the warm-up before it run at lz4 with short periods: on a slow link every
 // raw chunk costs a lot of link time, on a fast one every compressed chunk a lot of CPU, and lz4 is the
 // cheaper mistake in both.
 class EffortController {

@@ -188,9 +188,9 @@ struct Shared {
         chunk_bytes(o.chunk_bytes),
         sequencer(window) {}
 
-  // Logical bytes of non-zero chunks still in the streams' kernel send queues (unsent or unacknowledged by
-  // the peer's TCP), converted from wire bytes at the transfer's ratio so far.
-  // For --codec auto at the end of a period: the logical bytes still queued in the kernel, and the path rate
+  // For --codec auto at the end of a period: the logical bytes of non-zero chunks still in the streams'
+  // kernel send queues (unsent or unacknowledged by the peer's TCP; from wire bytes at the transfer's ratio
+  // so far), and the path rate
   // from TCP's delivery rate samples: the streams share the path, so the fastest sample not limited by the
   // sender times the stream count (-1 when every sample was limited by the sender).
   EffortController::Sockets probe_sockets() const {

@@ -61,16 +61,11 @@ int64_t recv_exact(int fd, void* buf, size_t len, std::chrono::steady_clock::tim
 // The deadline timeout_ms from now; a negative timeout_ms means none.
 std::chrono::steady_clock::time_point deadline_in(int timeout_ms);
 
-// What limited a TCP connection's sending so far (TCP_INFO; cumulative microseconds since it opened): busy is
-// the time with data in flight; of that, rwnd_limited the time the receiver's window was full (the receiver
-// is slower than the link) and sndbuf_limited the time the send buffer held too little. The rest of busy is
-// the network's pace. delivery_rate: the latest delivery rate sample (bytes/s), app_limited when the sender
-// had too little data in flight for it to show the path's rate. ok is false where the kernel gives none.
+// TCP's latest delivery rate sample of a connection (TCP_INFO, Linux 4.9+): bytes/s, and app_limited when the
+// sender had too little data in flight for it to show the path's rate. ok is false for anything but a TCP
+// socket on such a kernel.
 struct TcpSendState {
   bool ok = false;
-  uint64_t busy_us = 0;
-  uint64_t rwnd_limited_us = 0;
-  uint64_t sndbuf_limited_us = 0;
   uint64_t delivery_rate = 0;
   bool app_limited = false;
 };

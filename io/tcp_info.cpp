@@ -3,6 +3,8 @@
 #include <netinet/in.h>
 #include <sys/socket.h>
 
+#include <cstddef>
+
 #include "io/socket.h"
 
 namespace dstx::io {
@@ -11,15 +13,11 @@ TcpSendState tcp_send_state(int fd) {
   tcp_info info{};
   socklen_t len = sizeof info;
   if (::getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) != 0) return {};
-  TcpSendState s;
-  // Fields the running kernel does not fill stay zero (len says how much it wrote).
-  s.ok = len >= offsetof(tcp_info, tcpi_sndbuf_limited) + sizeof info.tcpi_sndbuf_limited;
-  s.busy_us = info.tcpi_busy_time;
-  s.rwnd_limited_us = info.tcpi_rwnd_limited;
-  s.sndbuf_limited_us = info.tcpi_sndbuf_limited;
-  s.delivery_rate = info.tcpi_delivery_rate;
-  s.app_limited = info.tcpi_delivery_rate_app_limited;
-  return s;
+  // Kernels before 4.9 write less and have no delivery rate.
+  if (len < offsetof(tcp_info, tcpi_delivery_rate) + sizeof info.tcpi_delivery_rate) return {};
+  return {.ok = true,
+          .delivery_rate = info.tcpi_delivery_rate,
+          .app_limited = bool(info.tcpi_delivery_rate_app_limited)};
 }
 
 }  // namespace dstx::io

@@ -7,6 +7,7 @@
 #include <fstream>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "io/memory.h"
 
@@ -35,7 +36,12 @@ TEST(IoMemory, IsAlignedWritableAndMovable) {
   IoMemory m(5 << 20);
   ASSERT_NE(m.data(), nullptr);
   EXPECT_EQ(m.size(), size_t(5 << 20));
+#if defined(__SANITIZE_ADDRESS__)
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(m.data()) % 4096, 0u);  // from the heap, page-aligned
+#else
   EXPECT_EQ(reinterpret_cast<uintptr_t>(m.data()) % kHuge, 0u);
+#endif
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(IoMemory(100).data()) % 4096, 0u);
   std::memset(m.data(), 0xab, m.size());
   EXPECT_EQ(m.data()[m.size() - 1], std::byte{0xab});
   std::byte* const before = m.data();
@@ -48,14 +54,42 @@ TEST(IoMemory, IsAlignedWritableAndMovable) {
   EXPECT_EQ(IoMemory(0).data(), nullptr);
 }
 
+bool thp_available() {
+  std::ifstream f("/sys/kernel/mm/transparent_hugepage/enabled");
+  std::string line;
+  return std::getline(f, line) && line.find("[never]") == std::string::npos;
+}
+
+// Resident memory of this process in KiB (/proc/self/statm counts pages).
+long rss_kib() {
+  std::ifstream f("/proc/self/statm");
+  long size = 0, resident = 0;
+  f >> size >> resident;
+  return resident * 4;
+}
+
 TEST(IoMemory, AsksForHugePages) {
 #if defined(__SANITIZE_ADDRESS__)
   GTEST_SKIP() << "under AddressSanitizer the buffers come from the heap";
 #endif
+  if (!thp_available()) GTEST_SKIP() << "this kernel has no transparent huge pages";
   IoMemory m(4 << 20);
   const std::string flags = vm_flags(m.data());
   ASSERT_FALSE(flags.empty()) << "no mapping in /proc/self/smaps holds the memory";
   EXPECT_NE(flags.find(" hg "), std::string::npos) << flags;  // "hg": MADV_HUGEPAGE was applied
+}
+
+// Small buffers (a receiver's decode buffers for small chunks, one per stream) must not each take a 2 MiB huge
+// page: the receiver's memory budget counts them at their size.
+TEST(IoMemory, SmallBuffersUseOnlyTheirOwnPages) {
+  const long before = rss_kib();
+  std::vector<IoMemory> many;
+  for (int i = 0; i < 32; ++i) {
+    many.emplace_back(64 << 10);
+    std::memset(many.back().data(), 1, many.back().size());
+  }
+  const long grown = rss_kib() - before;
+  EXPECT_LT(grown, 16 << 10) << "32 buffers of 64 KiB made this process grow by " << grown << " KiB";
 }
 
 }  // namespace
