@@ -1,6 +1,7 @@
 #include "engine/effort.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -32,7 +33,6 @@ constexpr double kSpareMinSecondsCoarse = 0.05;  // but /proc/stat in 10 ms tick
 constexpr double kNoSpareCores = 0.1;         // less idle than this: the machine has no CPU to spare
 constexpr double kPathMargin = 1.5;          // TCP's path rate is a sample: raw is skipped below 1/1.5 of lz4
 constexpr double kSkipLz4MinRatio = 0.4;     // see the warm-up in end_period
-constexpr size_t kMaxIdleFiles = 128;         // cpuidle files read per period at most (else /proc/stat)
 constexpr uint64_t kCostMinBytes = 4 << 20;    // a rung's encode cost is known after this many bytes
 // The share of a step's extra encode CPU that must be idle for an upward trial. Well below all of it:
 // fewer bytes on the wire save kernel CPU on both ends, which encode costs do not show, and costs measured
@@ -43,19 +43,21 @@ constexpr double kSpareBar = 0.25;
 
 // Idle seconds (idle + iowait) per CPU from /proc/stat, indexed by CPU number; false when it cannot be read.
 // It counts an idle period still in progress, but in ticks of 10 ms.
-bool proc_stat_idle(std::vector<double>& per_cpu) {
+bool proc_stat_idle(const std::string& path, std::vector<double>& per_cpu) {
   static const double tick = 1.0 / double(std::max(1L, ::sysconf(_SC_CLK_TCK)));
-  std::FILE* f = std::fopen("/proc/stat", "re");
+  std::FILE* f = std::fopen(path.c_str(), "re");
   if (!f) return false;
+  std::fill(per_cpu.begin(), per_cpu.end(), -1.0);  // a CPU gone offline has no line: not its last value
   bool any = false;
   char line[512];
   while (std::fgets(line, sizeof line, f)) {
     unsigned cpu = 0;
     unsigned long long user, nice, system, idle_ticks, iowait;
     if (std::strncmp(line, "cpu", 3) != 0) break;  // the per-CPU lines come first
+    if (!std::isdigit(static_cast<unsigned char>(line[3]))) continue;  // the "cpu  " total line
     if (std::sscanf(line, "cpu%u %llu %llu %llu %llu %llu", &cpu, &user, &nice, &system, &idle_ticks,
                     &iowait) != 6 || cpu >= CPU_SETSIZE)
-      continue;  // the "cpu " total line
+      continue;
     if (per_cpu.size() <= cpu) per_cpu.resize(cpu + 1, -1);
     per_cpu[cpu] = double(idle_ticks + iowait) * tick;
     any = true;
@@ -80,66 +82,45 @@ int64_t sum_of_files(const std::vector<std::string>& files) {
   return sum;
 }
 
-// Cumulative idle seconds of a set of CPUs. cpuidle's per-state residency counters are exact (microseconds) but
-// count a sleep only when it ends: a CPU asleep all along would look busy. So a CPU that entered idle states
-// since the last reading counts by cpuidle, one that did not (asleep or busy all along) by /proc/stat, which
-// counts a sleep in progress, in 10 ms ticks. Without cpuidle (or for too many CPUs to read each period),
-// /proc/stat alone.
-class IdleMeter {
- public:
-  explicit IdleMeter(const cpu_set_t& set) {
-    size_t files = 0;
-    for (unsigned id = 0; id < CPU_SETSIZE; ++id) {
-      if (!CPU_ISSET(id, &set)) continue;
-      Cpu cpu{.id = id};
-      for (unsigned state = 0;; ++state) {
-        const std::string dir =
-            "/sys/devices/system/cpu/cpu" + std::to_string(id) + "/cpuidle/state" + std::to_string(state);
-        if (::access((dir + "/time").c_str(), R_OK) != 0) break;
-        cpu.time_files.push_back(dir + "/time");
-        cpu.usage_files.push_back(dir + "/usage");
-      }
-      files += 2 * cpu.time_files.size();
-      precise_ = precise_ && !cpu.time_files.empty();
-      cpus_.push_back(std::move(cpu));
-    }
-    if (files > kMaxIdleFiles) precise_ = false;
-  }
-
-  bool precise() const { return precise_; }
-
-  double operator()() {
-    if (!proc_stat_idle(stat_)) return -1;
-    for (Cpu& cpu : cpus_) {
-      const double stat = cpu.id < stat_.size() ? stat_[cpu.id] : -1;
-      if (stat < 0) return -1;
-      const int64_t us = precise_ ? sum_of_files(cpu.time_files) : -1;
-      const int64_t entries = precise_ ? sum_of_files(cpu.usage_files) : -1;
-      if (cpu.last_stat >= 0) {
-        const bool by_cpuidle = us >= 0 && entries >= 0 && entries != cpu.last_entries;
-        total_ += std::max(0.0, by_cpuidle ? double(us - cpu.last_us) * 1e-6 : stat - cpu.last_stat);
-      }
-      cpu.last_stat = stat;
-      cpu.last_us = us;
-      cpu.last_entries = entries;
-    }
-    return total_;
-  }
-
- private:
-  struct Cpu {
-    unsigned id = 0;
-    std::vector<std::string> time_files, usage_files;
-    double last_stat = -1;
-    int64_t last_us = -1, last_entries = -1;
-  };
-  std::vector<Cpu> cpus_;
-  std::vector<double> stat_;
-  bool precise_ = true;
-  double total_ = 0;
-};
-
 }  // namespace
+
+IdleMeter::IdleMeter(const cpu_set_t& set, std::string root) : root_(std::move(root)) {
+  size_t files = 0;
+  for (unsigned id = 0; id < CPU_SETSIZE; ++id) {
+    if (!CPU_ISSET(id, &set)) continue;
+    Cpu cpu{.id = id};
+    for (unsigned state = 0;; ++state) {
+      const std::string dir = root_ + "/sys/devices/system/cpu/cpu" + std::to_string(id) + "/cpuidle/state" +
+                              std::to_string(state);
+      if (::access((dir + "/time").c_str(), R_OK) != 0) break;
+      cpu.time_files.push_back(dir + "/time");
+      cpu.usage_files.push_back(dir + "/usage");
+    }
+    files += 2 * cpu.time_files.size();
+    precise_ = precise_ && !cpu.time_files.empty();
+    cpus_.push_back(std::move(cpu));
+  }
+  if (files > kMaxFiles) precise_ = false;
+}
+
+double IdleMeter::operator()() {
+  if (!proc_stat_idle(root_ + "/proc/stat", stat_)) return -1;
+  for (Cpu& cpu : cpus_) {
+    const double stat = cpu.id < stat_.size() ? stat_[cpu.id] : -1;
+    if (stat < 0) return -1;
+    const int64_t us = precise_ ? sum_of_files(cpu.time_files) : -1;
+    const int64_t entries = precise_ ? sum_of_files(cpu.usage_files) : -1;
+    if (cpu.last_stat >= 0) {
+      const bool by_cpuidle =
+        us >= 0 && entries >= 0 && cpu.last_us >= 0 && cpu.last_entries >= 0 && entries != cpu.last_entries;
+      total_ += std::max(0.0, by_cpuidle ? double(us - cpu.last_us) * 1e-6 : stat - cpu.last_stat);
+    }
+    cpu.last_stat = stat;
+    cpu.last_us = us;
+    cpu.last_entries = entries;
+  }
+  return total_;
+}
 
 EffortController::EffortController(double top, size_t streams, IdleSeconds idle)
     : levels_(std::clamp(int(top * kLevelsPerRung) + 1, kLevelsPerRung + 1, kMaxLevels)),

@@ -9,8 +9,39 @@
 #include <cstdint>
 #include <functional>
 #include <mutex>
+#include <string>
+#include <vector>
+
+#include <sched.h>
 
 namespace dstx::engine {
+
+// Cumulative idle seconds of a set of CPUs. cpuidle's per-state residency counters are exact (microseconds) but
+// count a sleep only when it ends: a CPU asleep all along would look busy. So a CPU that entered idle states
+// since the last reading counts by cpuidle, one that did not (asleep or busy all along) by /proc/stat, which
+// counts a sleep in progress, in 10 ms ticks. Without cpuidle (or for too many CPUs to read each period),
+// /proc/stat alone. root: prepended to /proc and /sys (tests).
+class IdleMeter {
+ public:
+  static constexpr size_t kMaxFiles = 128;  // cpuidle files read per reading at most (else /proc/stat alone)
+
+  explicit IdleMeter(const cpu_set_t& set, std::string root = "");
+  bool precise() const { return precise_; }  // cpuidle's counters are read
+  double operator()();                        // < 0 when /proc/stat cannot be read or lacks a CPU
+
+ private:
+  struct Cpu {
+    unsigned id = 0;
+    std::vector<std::string> time_files, usage_files;
+    double last_stat = -1;
+    int64_t last_us = -1, last_entries = -1;
+  };
+  std::string root_;
+  std::vector<Cpu> cpus_;
+  std::vector<double> stat_;
+  bool precise_ = true;
+  double total_ = 0;
+};
 
 // --codec auto walks a ladder of encodings, cheapest first: raw (zero pages dropped), lz4, zstd, and zstd two
 // levels higher (at most level 19). The effort in [0, top] says where the sender stands: its integer part picks the lower rung,

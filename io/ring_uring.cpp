@@ -37,14 +37,22 @@ constexpr auto kCancelWait = std::chrono::seconds(2);
 
 // liburing maps and unmaps a ring's queues with raw system calls, which ThreadSanitizer does not see: when a
 // new ring's queues land where a closed ring's were, it takes the new owner's writes for a race with the old
-// owner's. The kernel orders the unmap before the map; these two tell ThreadSanitizer so.
+// owner's. The kernel orders the unmap before the map; a release on each queue's address before unmapping and
+// an acquire on it after mapping tell ThreadSanitizer so, for that memory only.
 #if defined(__SANITIZE_THREAD__)
-char ring_memory_handover;
-void ring_memory_released() { __tsan_release(&ring_memory_handover); }
-void ring_memory_acquired() { __tsan_acquire(&ring_memory_handover); }
+void ring_memory_released(const io_uring& ring) {
+  __tsan_release(ring.sq.ring_ptr);
+  __tsan_release(ring.cq.ring_ptr);
+  __tsan_release(ring.sq.sqes);
+}
+void ring_memory_acquired(const io_uring& ring) {
+  __tsan_acquire(ring.sq.ring_ptr);
+  __tsan_acquire(ring.cq.ring_ptr);
+  __tsan_acquire(ring.sq.sqes);
+}
 #else
-void ring_memory_released() {}
-void ring_memory_acquired() {}
+void ring_memory_released(const io_uring&) {}
+void ring_memory_acquired(const io_uring&) {}
 #endif
 
 class UringRing final : public Ring {
@@ -56,14 +64,14 @@ class UringRing final : public Ring {
       throw std::system_error(-rc, std::generic_category(),
                               "io_uring_queue_init(" + std::to_string(options.entries) + ")");
     }
-    ring_memory_acquired();
+    ring_memory_acquired(ring_);
   }
 
   ~UringRing() override {
     assert(in_flight_ == 0 && "reap every operation before destroying the ring");
     // Release builds: the kernel would otherwise keep writing into buffers the caller is about to free.
     if (in_flight_ != 0) cancel_all();
-    ring_memory_released();
+    ring_memory_released(ring_);
     io_uring_queue_exit(&ring_);
   }
 

@@ -2,7 +2,12 @@
 // rate and whether the link or the CPU sets it; time is simulated, so the tests are exact.
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <string>
 #include <cmath>
 #include <vector>
 
@@ -12,6 +17,7 @@ namespace dstx::engine {
 namespace {
 
 using Clock = EffortController::Clock;
+namespace fs = std::filesystem;
 
 // Per rung (raw, lz4, zstd, zstd+2): wire bytes per logical byte and CPU seconds per logical GB.
 constexpr double kWire[] = {1.0, 0.5, 0.37, 0.34};
@@ -164,6 +170,74 @@ TEST(EffortController, WithoutZstdTheLadderStopsAtLz4) {
   const Trace run = simulate(slow, 1.0, 400);
   EXPECT_EQ(run.efforts.back(), 1.0);
   EXPECT_GT(*std::min_element(run.efforts.begin(), run.efforts.end()), 0.9);  // lz4 waited: no raw period
+}
+
+// The idle meter on a made-up /proc and /sys: cpuidle's exact counters for a CPU that went in and out of idle
+// states, /proc/stat for one that did not (it may have slept all along).
+class IdleMeterTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    root_ = fs::temp_directory_path() / ("dstx-idle-" + std::to_string(::getpid()));
+    fs::remove_all(root_);
+    for (int cpu : {0, 1}) fs::create_directories(state_dir(cpu));
+  }
+  void TearDown() override { fs::remove_all(root_); }
+  fs::path state_dir(int cpu) const {
+    return root_ / "sys/devices/system/cpu" / ("cpu" + std::to_string(cpu)) / "cpuidle/state0";
+  }
+  void write(const fs::path& f, const std::string& text) const {
+    fs::create_directories(f.parent_path());
+    std::ofstream(f) << text;
+  }
+  // /proc/stat's per-CPU idle ticks (USER_HZ, 10 ms here) and each CPU's cpuidle residency (us) and entries.
+  void set(long idle0, long idle1, long us0, long entries0, long us1, long entries1) const {
+    write(root_ / "proc/stat", "cpu  10 0 10 " + std::to_string(idle0 + idle1) + " 0 0 0 0 0 0\n" +
+                                   "cpu0 5 0 5 " + std::to_string(idle0) + " 0 0 0 0 0 0\n" +
+                                   "cpu1 5 0 5 " + std::to_string(idle1) + " 0 0 0 0 0 0\nintr 1 2 3\n");
+    write(state_dir(0) / "time", std::to_string(us0) + "\n");
+    write(state_dir(0) / "usage", std::to_string(entries0) + "\n");
+    write(state_dir(1) / "time", std::to_string(us1) + "\n");
+    write(state_dir(1) / "usage", std::to_string(entries1) + "\n");
+  }
+  fs::path root_;
+};
+
+TEST_F(IdleMeterTest, CountsCpuidleForCpusThatWokeAndProcStatForTheOthers) {
+  if (::sysconf(_SC_CLK_TCK) != 100) GTEST_SKIP() << "USER_HZ is not 100 here";
+  cpu_set_t both;
+  CPU_ZERO(&both);
+  CPU_SET(0, &both);
+  CPU_SET(1, &both);
+  set(100, 100, 1000000, 10, 1000000, 10);
+  IdleMeter meter(both, root_.string());
+  ASSERT_TRUE(meter.precise());
+  EXPECT_DOUBLE_EQ(meter(), 0.0);  // the first reading is the baseline
+  // cpu0 slept 5 ms in 3 naps (cpuidle; /proc/stat's tick says 10 ms); cpu1 never woke up from a sleep that
+  // cpuidle has not counted yet: 20 ms by /proc/stat.
+  set(101, 102, 1005000, 13, 1000000, 10);
+  EXPECT_NEAR(meter(), 0.005 + 0.020, 1e-9);
+  // Counters that go backwards (a CPU hot-plugged) add nothing.
+  set(101, 101, 1004000, 14, 1000000, 10);
+  EXPECT_NEAR(meter(), 0.025, 1e-9);
+  // /proc/stat unreadable or without a CPU of the set: unknown.
+  fs::remove(root_ / "proc/stat");
+  EXPECT_LT(meter(), 0);
+  write(root_ / "proc/stat", "cpu  1 0 1 1 0 0 0 0 0 0\ncpu0 1 0 1 1 0 0 0 0 0 0\n");
+  EXPECT_LT(meter(), 0);
+}
+
+TEST_F(IdleMeterTest, WithoutCpuidleForEveryCpuOnlyProcStatCounts) {
+  if (::sysconf(_SC_CLK_TCK) != 100) GTEST_SKIP() << "USER_HZ is not 100 here";
+  cpu_set_t three;
+  CPU_ZERO(&three);
+  for (int cpu : {0, 1, 2}) CPU_SET(cpu, &three);
+  set(100, 100, 1000000, 10, 1000000, 10);
+  write(root_ / "proc/stat", "cpu0 1 0 1 100 0 0 0 0 0 0\ncpu1 1 0 1 100 0 0 0 0 0 0\ncpu2 1 0 1 100 0\n");
+  IdleMeter meter(three, root_.string());
+  EXPECT_FALSE(meter.precise());  // cpu2 has no cpuidle
+  EXPECT_DOUBLE_EQ(meter(), 0.0);
+  write(root_ / "proc/stat", "cpu0 1 0 1 101 0 0 0 0 0 0\ncpu1 1 0 1 100 0 0 0 0 0 0\ncpu2 1 0 1 103 0\n");
+  EXPECT_NEAR(meter(), 0.040, 1e-9);  // cpuidle's counters are not read at all
 }
 
 }  // namespace
