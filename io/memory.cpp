@@ -22,8 +22,7 @@ IoMemory::IoMemory(size_t bytes) : size_(bytes) {
 #if defined(__SANITIZE_ADDRESS__)
   // AddressSanitizer guards heap blocks, not mappings: keep overruns of the buffers detectable.
   data_ = static_cast<std::byte*>(::operator new(bytes, std::align_val_t(4096)));
-  return;
-#endif
+#else
   // Exactly the pages asked for, so that memory budgets count what is used: the kernel backs only the whole
   // 2 MiB extents inside the mapping with huge pages, and its tail with small ones.
   mapped_ = round_up(bytes, kSmallPage);
@@ -39,6 +38,7 @@ IoMemory::IoMemory(size_t bytes) : size_(bytes) {
   if (base + over > end) ::munmap(reinterpret_cast<void*>(end), base + over - end);
   data_ = reinterpret_cast<std::byte*>(aligned);
   if (bytes >= kHugePage) (void)::madvise(data_, mapped_, MADV_HUGEPAGE);  // a hint: small pages do too
+#endif
 }
 
 void IoMemory::release() {

@@ -21,6 +21,7 @@
 #include <random>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "cli_proc.h"
@@ -148,6 +149,24 @@ class TlsTest : public ::testing::Test {
     return o;
   }
 
+  // Options for the two ends of a loopback transfer: these handshake time-outs and TLS settings.
+  static std::pair<RecvOptions, SendOptions> options(const TlsOptions& recv_tls, const TlsOptions& send_tls,
+                                                     int handshake_timeout_ms) {
+    RecvOptions ro;
+    ro.accept_timeout_ms = 10000;
+    ro.handshake_timeout_ms = handshake_timeout_ms;
+    ro.tls = recv_tls;
+    SendOptions so;
+    so.handshake_timeout_ms = handshake_timeout_ms;
+    so.tls = send_tls;
+    return {ro, so};
+  }
+  // Each end's options for the refusal tests: TLS with the test certificates, or plaintext.
+  static std::pair<RecvOptions, SendOptions> options(bool tls, int handshake_timeout_ms) {
+    return options(tls ? certs("receiver") : TlsOptions{}, tls ? certs("sender") : TlsOptions{},
+                   handshake_timeout_ms);
+  }
+
   struct Outcome {
     Result send;
     Result recv;
@@ -157,14 +176,8 @@ class TlsTest : public ::testing::Test {
     auto sink = open_sink("file:" + sink_.string());
     io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
     const uint16_t port = io::bound_port(listener.get());
-    RecvOptions ro;
-    ro.accept_timeout_ms = 10000;
-    ro.handshake_timeout_ms = 5000;
-    ro.tls = recv_tls;
-    SendOptions so;
+    auto [ro, so] = options(recv_tls, send_tls, 5000);
     so.streams = streams;
-    so.handshake_timeout_ms = 5000;
-    so.tls = send_tls;
     Outcome out;
     std::thread receiver([&] { out.recv = receive(*sink, listener.get(), ro, nullptr, nullptr); });
     out.send = send_to(*source, io::HostPort{"127.0.0.1", port}, so, nullptr, nullptr);
@@ -680,17 +693,11 @@ TEST_F(TlsTest, ReceiverRefusalOfAMultiStreamTransferReachesTheSender) {
         auto sink = open_sink("file:" + sink_.string());
         io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
         const uint16_t port = io::bound_port(listener.get());
-        RecvOptions ro;
-        ro.accept_timeout_ms = 10000;
         // Time-outs long enough that waiting one out stands out from any slowness (sanitizers).
-        ro.handshake_timeout_ms = 30000;
-        if (tls) ro.tls = certs("receiver");
+        auto [ro, so] = options(tls, 30000);
         c.limit(ro);
-        SendOptions so;
         so.streams = c.streams;
         so.chunk_bytes = c.chunk_bytes;
-        so.handshake_timeout_ms = 30000;
-        if (tls) so.tls = certs("sender");
         Result send_result, recv_result;
         std::thread receiver([&] {
           recv_result = receive(*sink, listener.get(), ro, nullptr, nullptr);
@@ -728,15 +735,9 @@ TEST_F(TlsTest, BusyReceiverRefusalReachesTheSecondSender) {
     auto sink = open_sink("file:" + sink_.string());
     io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
     const uint16_t port = io::bound_port(listener.get());
-    RecvOptions ro;
-    ro.accept_timeout_ms = 10000;
-    ro.handshake_timeout_ms = 5000;
-    if (tls) ro.tls = certs("receiver");
-    SendOptions so;
+    auto [ro, so] = options(tls, 5000);
     so.streams = 2;
-    so.handshake_timeout_ms = 5000;
     so.bandwidth_bytes_per_second = 4 << 20;  // 12 MiB: the first transfer runs for 3 s
-    if (tls) so.tls = certs("sender");
     Stats recv_stats;
     Result first_send, first_recv;
     std::thread receiver([&] { first_recv = receive(*sink, listener.get(), ro, &recv_stats, nullptr); });
