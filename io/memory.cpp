@@ -12,7 +12,7 @@ namespace {
 constexpr size_t kHugePage = 2 << 20;
 constexpr size_t kSmallPage = 4096;
 
-size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
+constexpr size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
 }  // namespace
 
