@@ -246,31 +246,53 @@ bool is_zero(const void* data, size_t len) {
   return vec_zero(load16(p + len - 16));
 }
 
-bool looks_incompressible(std::span<const std::byte> raw) {
-  if (raw.empty()) return false;
-  char scratch[LZ4_COMPRESSBOUND(kProbeSampleBytes)];
+namespace {
+
+// lz4's compressed/raw size of `pieces` pieces of `piece_bytes` spread evenly over `raw` (the first at its
+// start, the last at its end, the others aligned to 4 KiB, or to the piece size when smaller). `together`:
+// gathered and compressed in one call, one state initialisation instead of one per piece, but a piece that
+// repeats another counts as compressible. An input no bigger than the sample is compressed whole.
+double sampled_ratio(std::span<const std::byte> raw, size_t pieces, size_t piece_bytes, bool together) {
+  if (raw.empty()) return 0;
+  static constexpr size_t kMaxSample = 16 * 1024;
+  char sample[kMaxSample];
+  char scratch[LZ4_COMPRESSBOUND(kMaxSample)];
+  const char* in = reinterpret_cast<const char*>(raw.data());
   size_t in_bytes = 0;
   size_t out_bytes = 0;
-  auto sample = [&](size_t offset, size_t len) {
-    const int n = LZ4_compress_default(reinterpret_cast<const char*>(raw.data()) + offset, scratch,
-                                       static_cast<int>(len), static_cast<int>(sizeof(scratch)));
+  auto compress = [&](const char* data, size_t len) {
+    const int n = LZ4_compress_default(data, scratch, static_cast<int>(len), static_cast<int>(sizeof scratch));
     in_bytes += len;
     out_bytes += n > 0 ? static_cast<size_t>(n) : len;
   };
-  if (raw.size() <= kProbeSamples * kProbeSampleBytes) {
-    for (size_t offset = 0; offset < raw.size(); offset += kProbeSampleBytes) {
-      sample(offset, std::min(kProbeSampleBytes, raw.size() - offset));
-    }
+  const size_t sample_bytes = std::min(pieces * piece_bytes, kMaxSample);
+  if (raw.size() <= sample_bytes) {
+    compress(in, raw.size());
   } else {
-    // Start, middle and end, page-aligned where possible: device state tends to change character at page
-    // boundaries.
-    const size_t middle = (raw.size() / 2) & ~(kProbeSampleBytes - 1);
-    sample(0, kProbeSampleBytes);
-    sample(middle, kProbeSampleBytes);
-    sample(raw.size() - kProbeSampleBytes, kProbeSampleBytes);
+    const size_t n = sample_bytes / piece_bytes;
+    const size_t align = std::min<size_t>(piece_bytes, 4096);
+    for (size_t i = 0; i < n; ++i) {
+      const size_t offset =
+        std::min(n > 1 ? (raw.size() * i / (n - 1)) & ~(align - 1) : 0, raw.size() - piece_bytes);
+      if (together) {
+        std::memcpy(sample + i * piece_bytes, in + offset, piece_bytes);
+      } else {
+        compress(in + offset, piece_bytes);
+      }
+    }
+    if (together) compress(sample, n * piece_bytes);
   }
-  return out_bytes * 100 > in_bytes * 97;
+  return double(out_bytes) / double(in_bytes);
 }
+
+}  // namespace
+
+bool looks_incompressible(std::span<const std::byte> raw) {
+  // Start, middle and end, page-aligned: device state tends to change character at page boundaries.
+  return !raw.empty() && sampled_ratio(raw, kProbeSamples, kProbeSampleBytes, false) > kIncompressibleRatio;
+}
+
+double estimate_ratio(std::span<const std::byte> raw) { return sampled_ratio(raw, 32, 256, true); }
 
 EncodeResult encode_chunk(const EncodeOptions& opts, std::span<const std::byte> raw,
                           std::span<std::byte> out) {
@@ -295,8 +317,12 @@ EncodeResult encode_chunk(const EncodeOptions& opts, std::span<const std::byte> 
     return result;
   };
   if (opts.codec == Codec::none || raw.size() < 2) return raw_result();
-  if (opts.probe_incompressible && raw.size() >= kProbeMinBytes && looks_incompressible(raw))
+  if (opts.max_estimate >= 0 && raw.size() >= kProbeMinBytes) {
+    result.estimate = estimate_ratio(raw);
+    if (result.estimate > std::min(opts.max_estimate, kIncompressibleRatio)) return raw_result();
+  } else if (opts.probe_incompressible && raw.size() >= kProbeMinBytes && looks_incompressible(raw)) {
     return raw_result();
+  }
 
   // Capping the output below raw.size() lets the compressor give up as soon as the chunk cannot shrink,
   // and makes "does not fit" and "did not shrink" the same answer: send raw.

@@ -2,9 +2,11 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 
 #include <fcntl.h>
 #include <sched.h>
@@ -120,6 +122,36 @@ double IdleMeter::operator()() {
     cpu.last_entries = entries;
   }
   return total_;
+}
+
+double ShareSelector::limit(double share) const {
+  if (share >= 1) return std::numeric_limits<double>::infinity();
+  if (share <= 0) return -1;
+  if (count_ < kMinHistory) return evenly(share) ? std::numeric_limits<double>::infinity() : -1;
+  // Runs of compressible (or incompressible) chunks would otherwise leave the link (or the CPU) idle
+  // meanwhile: the buffers between them hold a few chunks only.
+  if (credit_ + share - 1 < -kCreditLimit) return -1;
+  if (credit_ + share > kCreditLimit) return std::numeric_limits<double>::infinity();
+  // The share's quantile of the recent estimates, moved by the credit: behind the share, a little higher.
+  const double q = std::clamp(share + kCreditGain * credit_, 0.0, 1.0);
+  if (q <= 0) return -1;
+  std::array<float, kHistory> sorted;
+  std::copy_n(history_.begin(), count_, sorted.begin());
+  const size_t k = std::clamp<size_t>(size_t(q * double(count_) + 0.5), 1, count_);
+  std::nth_element(sorted.begin(), sorted.begin() + ptrdiff_t(k - 1), sorted.begin() + ptrdiff_t(count_));
+  const double value = sorted[k - 1];
+  // Estimates that tie (chunks of zero pages and little else) all fall on one side: below when ahead.
+  return credit_ < 0 ? std::nextafter(value, -1.0) : value;
+}
+
+void ShareSelector::record(double share, double estimate, bool up) {
+  if (estimate >= 0) {
+    history_[next_] = float(estimate);
+    next_ = (next_ + 1) % kHistory;
+    count_ = std::min(count_ + 1, kHistory);
+  }
+  // Bounded: a run of incompressible chunks (above kIncompressibleRatio, raw whatever the limit) owes nothing.
+  credit_ = std::clamp(credit_ + share - (up ? 1 : 0), -kCreditLimit - 1, kCreditLimit + 1);
 }
 
 EffortController::EffortController(double top, size_t streams, IdleSeconds idle)
@@ -256,8 +288,9 @@ void EffortController::end_period(Clock::time_point now, uint64_t delivered) {
 
 void EffortController::trace(double rate, double link_share) const {
   if (trace_) {
-    std::fprintf(stderr, "effort %.2f: %.3f GB/s, link wait %.2f, spare cores %.2f\n", level_effort(current_),
-                 rate / 1e9, link_share, spare_cores_);
+    std::fprintf(stderr, "%7.1f ms: effort %.2f: %.3f GB/s, link wait %.2f, spare cores %.2f, path %.3f GB/s\n",
+                 std::chrono::duration<double, std::milli>(period_start_ - created_).count(), level_effort(current_),
+                 rate / 1e9, link_share, spare_cores_, path_rate_ / 1e9);
   }
 }
 

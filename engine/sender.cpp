@@ -488,6 +488,7 @@ class Worker {
       slot->enc = compress::encode_chunk(
           how, raw, std::span<std::byte>(out + wire::kHeaderBytes, buf_bytes_ - wire::kHeaderBytes));
       if (sh_.effort && !slot->enc.zero) {  // what each rung costs: the controller weighs it against spare CPU
+        chosen(how, slot->enc);
         sh_.effort->add_encode_cost(rung_, slot->len, slot->enc.encoded_len, thread_cpu_time() - cpu_before);
       }
       const uint16_t flags = uint16_t((slot->enc.zero ? wire::kFlagZero : 0) |
@@ -524,25 +525,38 @@ class Worker {
     }
   }
 
-  // --codec auto: this stream's share of chunks on each rung follows the controller's effort. The rungs:
-  // raw, lz4, zstd at the configured level, zstd two levels higher (for links slower than zstd).
+  // --codec auto: this stream's share of chunks on each rung follows the controller's effort (the rungs: raw,
+  // lz4, zstd at the configured level, zstd two levels higher, for links slower than zstd); selector_ picks
+  // which chunks go up, between raw and lz4 by their estimated compressibility (encode_chunk makes the
+  // estimate and sends a chunk above the limit raw).
   compress::EncodeOptions choose_encoding() {
     compress::EncodeOptions opts = sh_.encode;
     if (!sh_.effort) return opts;
     const double effort = sh_.effort->effort();
     const int rung = std::min(int(effort), int(sh_.effort->top()) - 1);
-    credit_ += effort - rung;
-    int pick = rung;
-    if (credit_ >= 1.0) {
-      credit_ -= 1.0;
-      pick = rung + 1;
-    }
+    base_rung_ = rung;
+    share_ = effort - rung;
+    // Between raw and lz4 every chunk is estimated (encode_chunk sends those above the limit raw), so the
+    // selector knows the data; above, the share is spread evenly.
+    const bool by_estimate = rung == 0 && share_ > 0 && share_ < 1;
+    double limit = by_estimate ? selector_.limit(share_) : selector_.evenly(share_) ? 1e9 : -1;
     static constexpr compress::Codec kLadder[] = {compress::Codec::none, compress::Codec::lz4,
                                                   compress::Codec::zstd, compress::Codec::zstd};
+    const int pick = by_estimate || limit >= 0 ? rung + 1 : rung;
     rung_ = std::clamp(pick, 0, 3);
     opts.codec = kLadder[rung_];
     if (pick >= 3) opts.level = std::min(opts.level + 2, 19);
+    if (by_estimate) opts.max_estimate = std::clamp(limit, 0.0, 1e9);
     return opts;
+  }
+
+  // After encoding a non-zero chunk picked by choose_encoding(): its estimate for selector_, and which rung
+  // it took (a chunk rated above the limit went raw: its cost is raw's).
+  void chosen(const compress::EncodeOptions& how, const compress::EncodeResult& enc) {
+    if (!sh_.effort) return;
+    if (how.max_estimate >= 0 && enc.estimate > std::min(how.max_estimate, compress::kIncompressibleRatio))
+      rung_ = base_rung_;
+    selector_.record(share_, enc.estimate, rung_ > base_rung_);
   }
 
   void start_send() {
@@ -856,8 +870,10 @@ class Worker {
   bool exhausted_ = false;
   wire::Header end_{};  // type data until END is built
   bool end_pending_ = false;
-  double credit_ = 0.0;
-  int rung_ = 0;  // the auto ladder's rung of the last choose_encoding()
+  ShareSelector selector_;
+  double share_ = 0;   // of the last choose_encoding(): the share of chunks to go above base_rung_,
+  int base_rung_ = 0;  // the effort's lower rung,
+  int rung_ = 0;       // and the rung the chunk took
 };
 
 // Reads the return path of every stream: STREAM_ACKs, ACKs, then COMMITTED or ABORTED. A stream whose

@@ -230,6 +230,72 @@ TEST(Incompressible, CompressibleAndSmallInputs) {
   EXPECT_TRUE(looks_incompressible(mixed));
 }
 
+// --- compressibility estimates (--codec auto's choice of the chunks it compresses) ---------------------------
+
+// Text with every n-th 256-byte piece replaced by noise: compressibility falls as the noise share grows.
+Bytes noisy_text(size_t len, size_t noise_every, uint64_t seed) {
+  Bytes out = text_bytes(len, seed);
+  const Bytes noise = random_bytes(len, seed + 1);
+  for (size_t at = 0; at + 256 <= len; at += 256) {
+    if (noise_every && (at / 256) % noise_every == 0) std::memcpy(out.data() + at, noise.data() + at, 256);
+  }
+  return out;
+}
+
+TEST(Estimate, RanksChunksAsCompressingThemWholeDoes) {
+  const size_t size = 1 << 20;
+  const Bytes chunks[] = {Bytes(size), text_bytes(size, 1), noisy_text(size, 4, 2), noisy_text(size, 2, 3),
+                          random_bytes(size, 4)};
+  double last_estimate = -1;
+  size_t last_size = 0;
+  for (const Bytes& c : chunks) {
+    const double e = estimate_ratio(c);
+    Bytes out(encode_bound(Codec::lz4, size));
+    const EncodeResult r = encode_chunk(EncodeOptions{.codec = Codec::lz4, .detect_zero = false,
+                                                      .probe_incompressible = false},
+                                        c, out);
+    const size_t whole = r.encoded_len;
+    EXPECT_GT(e, last_estimate);
+    EXPECT_GT(whole, last_size);
+    last_estimate = e;
+    last_size = whole;
+  }
+  EXPECT_LT(estimate_ratio(chunks[0]), 0.05);
+  EXPECT_GT(estimate_ratio(chunks[4]), kIncompressibleRatio);
+  EXPECT_EQ(estimate_ratio({}), 0.0);
+  // Up to 8 KiB the input is compressed whole: a small random input is as incompressible as a large one.
+  EXPECT_GT(estimate_ratio(random_bytes(5000, 5)), kIncompressibleRatio);
+  EXPECT_LT(estimate_ratio(text_bytes(5000, 6)), 0.5);
+}
+
+TEST(Estimate, ChunksAboveTheLimitGoRawAndReportTheirEstimate) {
+  const size_t size = 1 << 20;
+  const Bytes good = text_bytes(size, 7);
+  const Bytes fair = noisy_text(size, 2, 8);
+  const double limit = (estimate_ratio(good) + estimate_ratio(fair)) / 2;
+  for (const Bytes* c : {&good, &fair}) {
+    Bytes out(encode_bound(Codec::lz4, size));
+    const EncodeResult r = encode_chunk(EncodeOptions{.codec = Codec::lz4, .max_estimate = limit}, *c, out);
+    EXPECT_DOUBLE_EQ(r.estimate, estimate_ratio(*c));
+    EXPECT_EQ(r.codec, c == &good ? Codec::lz4 : Codec::none);
+    Bytes back(size);
+    const Bytes payload = r.codec == Codec::none ? *c : Bytes(out.begin(), out.begin() + r.encoded_len);
+    EXPECT_EQ(decode_chunk(r.codec, r.zero, payload, back, r.hash), DecodeError::ok);
+    EXPECT_EQ(back, *c);
+  }
+  // Incompressible data goes raw whatever the limit; no limit asked for: no estimate made.
+  Bytes out(encode_bound(Codec::lz4, size));
+  EXPECT_EQ(encode_chunk(EncodeOptions{.codec = Codec::lz4, .max_estimate = 1e9}, random_bytes(size, 9), out).codec,
+            Codec::none);
+  EXPECT_LT(encode_chunk(EncodeOptions{.codec = Codec::lz4}, good, out).estimate, 0);
+  // A chunk going raw with zero pages still drops them (sparse) when allowed.
+  Bytes sparse = fair;
+  std::fill(sparse.begin(), sparse.begin() + (size / 2), std::byte{0});
+  const EncodeResult r = encode_chunk(
+      EncodeOptions{.codec = Codec::lz4, .sparse_fallback = true, .max_estimate = 0.0}, sparse, out);
+  EXPECT_EQ(r.codec, Codec::sparse);
+}
+
 // --- zero detection --------------------------------------------------------------------------------------
 
 TEST(IsZero, EmptyAndAllZero) {

@@ -240,5 +240,79 @@ TEST_F(IdleMeterTest, WithoutCpuidleForEveryCpuOnlyProcStatCounts) {
   EXPECT_NEAR(meter(), 0.040, 1e-9);  // cpuidle's counters are not read at all
 }
 
+// --- which chunks take the rung above ---------------------------------------------------------------------
+
+// Feeds `estimates` in order, with the share asked; returns which chunks went up.
+std::vector<bool> pick(ShareSelector& sel, double share, const std::vector<double>& estimates) {
+  std::vector<bool> up;
+  for (double e : estimates) {
+    const double limit = sel.limit(share);
+    up.push_back(limit >= 0 && e <= limit);
+    sel.record(share, e, up.back());
+  }
+  return up;
+}
+
+TEST(ShareSelector, TakesTheMostCompressibleShareOfMixedChunks) {
+  ShareSelector sel;
+  // Alternating: a compressible chunk (0.3), a poor one (0.9), a fair one (0.6), a poor one.
+  std::vector<double> e;
+  for (int i = 0; i < 400; ++i) e.push_back(i % 2 ? 0.9 : i % 4 == 0 ? 0.3 : 0.6);
+  const std::vector<bool> up = pick(sel, 0.25, e);
+  size_t good = 0, other = 0;
+  for (size_t i = 100; i < e.size(); ++i) (e[i] == 0.3 ? good : other) += up[i];
+  EXPECT_EQ(good, 75u);  // every compressible chunk after the warm-up, and nothing else
+  EXPECT_EQ(other, 0u);
+  // At a half share, the fair ones join them; the poor ones still never go.
+  const std::vector<bool> half = pick(sel, 0.5, e);
+  size_t poor = 0, taken = 0;
+  for (size_t i = 100; i < e.size(); ++i) {
+    taken += half[i];
+    poor += half[i] && e[i] == 0.9;
+  }
+  EXPECT_EQ(poor, 0u);
+  EXPECT_NEAR(double(taken), 150, 3);
+}
+
+TEST(ShareSelector, KeepsTheShareWhenEstimatesTie) {
+  ShareSelector sel;
+  const std::vector<bool> up = pick(sel, 0.25, std::vector<double>(400, 0.01));  // zero pages everywhere
+  EXPECT_NEAR(double(std::count(up.begin(), up.end(), true)), 100, ShareSelector::kCreditLimit + 1);
+}
+
+TEST(ShareSelector, HoldsRunsToTheCreditLimit) {
+  ShareSelector sel;
+  std::vector<double> e;
+  for (int i = 0; i < 64; ++i) e.push_back(i % 2 ? 0.8 : 0.4);  // history: half of it compressible
+  pick(sel, 0.5, e);
+  // A long run of very compressible chunks: only kCreditLimit of them beyond the half share go up.
+  const std::vector<bool> run = pick(sel, 0.5, std::vector<double>(40, 0.1));
+  const double taken = double(std::count(run.begin(), run.end(), true));
+  EXPECT_LE(taken, 20 + ShareSelector::kCreditLimit + 1);
+  EXPECT_GE(taken, 20);
+  // And a run of poor ones (still compressible): once the credit has gone from ahead to behind, the share
+  // takes them too.
+  const std::vector<bool> poor = pick(sel, 0.5, std::vector<double>(40, 0.95));
+  EXPECT_GE(double(std::count(poor.begin(), poor.end(), true)), 20 - 2 * ShareSelector::kCreditLimit - 1);
+}
+
+TEST(ShareSelector, WithoutEstimatesSpreadsTheShareEvenly) {
+  ShareSelector sel;
+  std::vector<bool> up;
+  for (int i = 0; i < 12; ++i) {
+    up.push_back(sel.evenly(0.25));
+    sel.record(0.25, -1, up.back());
+  }
+  EXPECT_EQ(up, std::vector<bool>({false, false, false, true, false, false, false, true, false, false, false,
+                                   true}));
+  EXPECT_LT(ShareSelector().limit(0), 0);
+  EXPECT_TRUE(std::isinf(ShareSelector().limit(1)));
+  // Too few estimates: evenly.
+  ShareSelector fresh;
+  EXPECT_LT(fresh.limit(0.5), 0);
+  fresh.record(0.5, 0.7, false);
+  EXPECT_TRUE(std::isinf(fresh.limit(0.5)));
+}
+
 }  // namespace
 }  // namespace dstx::engine
