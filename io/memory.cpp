@@ -23,8 +23,8 @@ IoMemory::IoMemory(size_t bytes) : size_(bytes) {
   // AddressSanitizer guards heap blocks, not mappings: keep overruns of the buffers detectable.
   data_ = static_cast<std::byte*>(::operator new(bytes, std::align_val_t(4096)));
 #else
-  // Exactly the pages asked for, so that memory budgets count what is used: the kernel backs only the whole
-  // 2 MiB extents inside the mapping with huge pages, and its tail with small ones.
+  // Exactly the pages asked for, so that memory budgets count what is used: a kernel that uses huge pages
+  // backs only the whole 2 MiB extents inside the mapping with them, and its tail with small ones.
   mapped_ = round_up(bytes, kSmallPage);
   const size_t align = bytes >= kHugePage ? kHugePage : kSmallPage;
   // Map `align` more than needed and trim both ends to the boundary.
@@ -37,7 +37,6 @@ IoMemory::IoMemory(size_t bytes) : size_(bytes) {
   const uintptr_t end = aligned + mapped_;
   if (base + over > end) ::munmap(reinterpret_cast<void*>(end), base + over - end);
   data_ = reinterpret_cast<std::byte*>(aligned);
-  if (bytes >= kHugePage) (void)::madvise(data_, mapped_, MADV_HUGEPAGE);  // a hint: small pages do too
 #endif
 }
 
