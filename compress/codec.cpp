@@ -317,7 +317,7 @@ EncodeResult encode_chunk(const EncodeOptions& opts, std::span<const std::byte> 
     return result;
   };
   if (opts.codec == Codec::none || raw.size() < 2) return raw_result();
-  if (opts.max_estimate >= 0 && raw.size() >= kProbeMinBytes) {
+  if (opts.max_estimate >= 0) {
     result.estimate = estimate_ratio(raw);
     if (result.estimate > std::min(opts.max_estimate, kIncompressibleRatio)) return raw_result();
   } else if (opts.probe_incompressible && raw.size() >= kProbeMinBytes && looks_incompressible(raw)) {

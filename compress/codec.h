@@ -46,7 +46,7 @@ struct EncodeOptions {
   bool probe_incompressible = true;  // use looks_incompressible() to skip hopeless compressions
   bool sparse_fallback = false;      // a chunk that would go raw goes sparse instead when it has zero pages
   // >= 0: compress only a chunk whose estimate_ratio() is at most this (and kIncompressibleRatio), send the
-  // others raw (sparse with sparse_fallback); replaces probe_incompressible for chunks of 32 KiB and more.
+  // others raw (sparse with sparse_fallback), whatever the chunk's size; replaces probe_incompressible.
   double max_estimate = -1;
 };
 

@@ -288,6 +288,11 @@ TEST(Estimate, ChunksAboveTheLimitGoRawAndReportTheirEstimate) {
   EXPECT_EQ(encode_chunk(EncodeOptions{.codec = Codec::lz4, .max_estimate = 1e9}, random_bytes(size, 9), out).codec,
             Codec::none);
   EXPECT_LT(encode_chunk(EncodeOptions{.codec = Codec::lz4}, good, out).estimate, 0);
+  // Small chunks too (below the incompressible probe's minimum): the limit holds whatever the size.
+  const Bytes small = text_bytes(16 << 10, 10);
+  const EncodeResult below = encode_chunk(EncodeOptions{.codec = Codec::lz4, .max_estimate = 0.0}, small, out);
+  EXPECT_EQ(below.codec, Codec::none);
+  EXPECT_GT(below.estimate, 0);
   // A chunk going raw with zero pages still drops them (sparse) when allowed.
   Bytes sparse = fair;
   std::fill(sparse.begin(), sparse.begin() + (size / 2), std::byte{0});
