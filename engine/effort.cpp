@@ -232,8 +232,12 @@ void EffortController::end_period(Clock::time_point now, uint64_t delivered) {
     const uint64_t lz4_bytes = encode_bytes_[1].load(std::memory_order_relaxed);
     const double lz4_ratio =
         lz4_bytes ? double(encoded_bytes_[1].load(std::memory_order_relaxed)) / double(lz4_bytes) : 0;
+    // A start-up can look CPU-bound on any link (threads and buffers being set up, socket buffers swallowing
+    // the first megabytes): when TCP already measured a path slower than lz4's rate, raw (which has to carry
+    // about that rate) cannot win, and lz4 keeps its period.
+    const bool path_allows_raw = path_rate_ < 0 || path_rate_ >= rate;
     if (opened_ == 0 && link_share <= kCpuBoundShare && spare_cores_ >= 0 && spare_cores_ < kNoSpareCores &&
-        lz4_ratio >= kSkipLz4MinRatio) {
+        lz4_ratio >= kSkipLz4MinRatio && path_allows_raw) {
       trace(rate, link_share);
       opened_ = 1;
       switch_to(opening_[1], now, idle);
@@ -259,7 +263,14 @@ void EffortController::end_period(Clock::time_point now, uint64_t delivered) {
     if (opened_ == 0 && (link_bound || path_too_slow)) ++opened_;
     const bool lz4_lost =
         opened_ == 1 && estimate_[0] >= 0 && estimate_[size_t(kLevelsPerRung)] <= estimate_[0];
-    if (opened_ + 1 < opening_count_ && !lz4_lost) {
+    if (opened_ == 1 && current_ == 0 && estimate_[size_t(kLevelsPerRung)] < 0 && link_bound &&
+        lz4_outruns(2 * est)) {
+      // lz4's period was skipped for a warm-up that looked CPU-bound, yet raw waits on the link at less than
+      // half what lz4's encode cost allows: the start misled (set-up work, TCP's first rate samples on a
+      // shaped link). lz4 gets its period after all, and the comparison above decides when it ends. (On a
+      // link that merely outruns lz4 a little, 10 Gbit/s with binary state, the period would cost 3 %.)
+      next = opening_[0];
+    } else if (opened_ + 1 < opening_count_ && !lz4_lost) {
       next = opening_[++opened_];
     } else {
       opened_ = opening_count_;
@@ -292,6 +303,15 @@ void EffortController::trace(double rate, double link_share) const {
                  std::chrono::duration<double, std::milli>(period_start_ - created_).count(), level_effort(current_),
                  rate / 1e9, link_share, spare_cores_, path_rate_ / 1e9);
   }
+}
+
+// Whether lz4's measured encode cost lets the workers (a core each at most) encode more than `rate`
+// logical bytes per second; false while the cost is unknown.
+bool EffortController::lz4_outruns(double rate) const {
+  const uint64_t bytes = encode_bytes_[1].load(std::memory_order_relaxed);
+  if (bytes < kCostMinBytes) return false;
+  const double cost = double(encode_ns_[1].load(std::memory_order_relaxed)) * 1e-9 / double(bytes);
+  return rate * cost < streams_;
 }
 
 // A new level starts a new window of spare CPU.

@@ -93,7 +93,9 @@ class ShareSelector {
 // the cores this process may use: cpuidle's residency counters and /proc/stat) could pay for the step at
 // each rung's measured encode cost: workers waiting on their sockets do not mean spare CPU when something
 // else (on one machine, the receiver) keeps the cores busy. It opens with one short period on each pure
-// rung: lz4 (skipped when its warm-up kept every core busy without waiting on the link), then raw (skipped
+// rung: lz4 (skipped when its warm-up kept every core busy without waiting on the link, unless TCP measured
+// a path slower than lz4, and given back its period when raw then waits on the link at less than half what
+// lz4's encode cost allows: a start-up can look CPU-bound on any link), then raw (skipped
 // when lz4 already waited on the link, or TCP's path rate is far below lz4's rate: twice the bytes on the
 // same link can only be slower), then zstd (skipped when lz4 lost to raw: a link that outruns lz4 outruns
 // zstd too), and starts from the fastest; links much faster or much slower than the compressor, the common
@@ -161,6 +163,7 @@ class EffortController {
   bool period_over(Clock::time_point now);
   void end_period(Clock::time_point now, uint64_t delivered);
   bool cpu_to_spare(double rate) const;
+  bool lz4_outruns(double rate) const;
   void trace(double rate, double link_share) const;
   void switch_to(int level, Clock::time_point now, double idle);
 

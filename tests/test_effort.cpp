@@ -43,6 +43,10 @@ struct Link {
     return link_gbps / blend(kWire, effort) < cores / blend(kCpu, effort);
   }
   double other_load = 0;  // cores something else on the machine keeps busy (a receiver on the same host)
+  // The first chunks look CPU-bound whatever the link (set-up, socket buffers filling): no link wait, no
+  // idle CPU, but TCP reports the path's rate.
+  int busy_start_chunks = 0;
+  double start_path_gbps = -1;  // what TCP reports meanwhile, if not the link's rate (a burst's sample)
   // Cores idle at this effort: what neither the sender nor the other load uses.
   double spare(double effort) const {
     return std::max(0.0, cores - rate(effort) * blend(kCpu, effort) - other_load);
@@ -67,7 +71,8 @@ Trace simulate(const Link& link, double top, int chunks) {
     run.efforts.push_back(effort);
     const double dt = double(1 << 20) / (link.rate(effort) * 1e9);
     run.seconds += dt;
-    idle_seconds += dt * link.spare(effort);
+    const bool busy_start = i < link.busy_start_chunks;
+    idle_seconds += busy_start ? 0 : dt * link.spare(effort);
     const int rung = std::min(int(effort), 2);
     const double f = effort - rung;
     for (const auto& [r, share] : {std::pair{rung, 1 - f}, std::pair{rung + 1, f}}) {
@@ -78,12 +83,13 @@ Trace simulate(const Link& link, double top, int chunks) {
     }
     now += std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(dt));
     // Link-limited workers spend most of their time waiting with a frame ready, CPU-limited ones hardly.
-    c.add_link_wait(std::chrono::duration_cast<Clock::duration>(
-        std::chrono::duration<double>(dt * 2 * (link.link_limited(effort) ? link.link_wait : 0.05))));
+    const double wait = busy_start ? 0 : link.link_limited(effort) ? link.link_wait : 0.05;
+    c.add_link_wait(std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(dt * 2 * wait)));
     sent += 1 << 20;
     c.observe(now, sent, [&] {
-      return EffortController::Sockets{
-          .path_rate = link.tcp_path_rate && link.link_limited(effort) ? link.link_gbps * 1e9 : -1};
+      const bool path_known = link.tcp_path_rate && (busy_start || link.link_limited(effort));
+      const double path = busy_start && link.start_path_gbps >= 0 ? link.start_path_gbps : link.link_gbps;
+      return EffortController::Sockets{.path_rate = path_known ? path * 1e9 : -1};
     });
   }
   return run;
@@ -163,6 +169,26 @@ TEST(EffortController, APathFarSlowerThanLz4SkipsRawEvenWhenTheWorkersHardlyWait
   slow.tcp_path_rate = false;
   run = simulate(slow, 3.0, 600);
   EXPECT_GT(std::count(run.efforts.begin(), run.efforts.end(), 0.0), 0);
+}
+
+TEST(EffortController, AStartThatLooksCpuBoundOnASlowPathKeepsLz4sPeriod) {
+  // 1 Gbit/s whose first chunks look CPU-bound (no link wait, no idle CPU); TCP measured the path. Skipping
+  // lz4's period would start raw, and lz4 would count as lost: the climb would then start from raw.
+  Link slow{.link_gbps = 0.12, .cores = 1.5, .tcp_path_rate = true, .busy_start_chunks = 16};
+  Trace run = simulate(slow, 3.0, 600);
+  EXPECT_EQ(std::count(run.efforts.begin(), run.efforts.end(), 0.0), 0);
+  EXPECT_GE(tail_mean(run.efforts, 300), 1.9);
+  // TCP's first samples can be far off (a shaper's burst): then raw starts, but waits on the link, and lz4
+  // and zstd get their periods after all, instead of a climb from raw a quarter step at a time.
+  slow.start_path_gbps = 16;
+  run = simulate(slow, 3.0, 600);
+  EXPECT_LE(std::count(run.efforts.begin(), run.efforts.end(), 0.0), 24);
+  EXPECT_LT(std::find(run.efforts.begin(), run.efforts.end(), 2.0) - run.efforts.begin(), 80);
+  EXPECT_GE(tail_mean(run.efforts, 300), 1.9);
+  // A fast path (faster than lz4) still skips it.
+  Link fast{.link_gbps = 10, .cores = 1.0, .tcp_path_rate = true, .busy_start_chunks = 16};
+  run = simulate(fast, 3.0, 200);
+  EXPECT_LE(std::find(run.efforts.begin(), run.efforts.end(), 0.0) - run.efforts.begin(), 9);
 }
 
 TEST(EffortController, WithoutZstdTheLadderStopsAtLz4) {
