@@ -265,11 +265,17 @@ class Worker {
     int frame_buf = -1;  // the buffer holding the whole frame (for replay)
     compress::EncodeResult enc;
   };
+  // A frame kept for resuming: in a pool buffer, or (a zero chunk's frame: the header alone) inline, so that
+  // zero chunks, common in device state, hold no 1 MiB buffer each until acknowledged.
   struct Replay {
     uint64_t seq;
-    int buf;
+    int buf;  // -1: the frame is `header`
     size_t len;
+    std::array<std::byte, wire::kHeaderBytes> header{};
+    const std::byte* data(const Worker& w) const { return buf >= 0 ? w.buf(buf) : header.data(); }
   };
+  // Frames kept inline cost no buffer; this bounds their number per stream (~80 bytes each).
+  static constexpr size_t kMaxReplayFrames = 4096;
 
   void setup() {
     const unsigned depth = std::max(1u, sh_.options.depth);
@@ -323,6 +329,9 @@ class Worker {
 
   static size_t round_up(size_t n) { return (n + 4095) & ~size_t(4095); }
   std::byte* buf(int i) const { return memory_.data() + size_t(i) * buf_bytes_; }
+  // No room for another chunk until acknowledgements free some: a chunk takes two buffers, and the frames kept
+  // for resuming are bounded.
+  bool pool_short() const { return free_.size() < 2 || replay_.size() >= kMaxReplayFrames; }
   int fd() const { return link_.fd.load(std::memory_order_acquire); }
 
   bool stopping() {
@@ -347,7 +356,7 @@ class Worker {
         // Nothing in the kernel: wait for other workers to move the window, or for acknowledgements to free
         // replay buffers, unless there is CPU work.
         if (blocked && !has_state(State::read)) {
-          if (sh_.resume && free_.size() < 2)
+          if (sh_.resume && pool_short())
             wait_for_ack();
           else
             sh_.sequencer.wait_for_progress(std::chrono::milliseconds(20));
@@ -383,7 +392,7 @@ class Worker {
   void release_acked() {
     const uint64_t acked = link_.acked_seq.load(std::memory_order_acquire);
     while (!replay_.empty() && replay_.front().seq <= acked) {
-      free_.push_back(replay_.front().buf);
+      if (replay_.front().buf >= 0) free_.push_back(replay_.front().buf);
       replay_.pop_front();
     }
   }
@@ -394,7 +403,7 @@ class Worker {
     for (Slot& slot : slots_) {
       if (exhausted_) return false;
       if (slot.state != State::free) continue;
-      if (free_.size() < 2) return true;
+      if (pool_short()) return true;
       const SendSequencer::Claim claim = claim_into(slot);
       if (claim == SendSequencer::Claim::window_full) return true;
       if (claim == SendSequencer::Claim::exhausted) {
@@ -657,7 +666,13 @@ class Worker {
     else
       st.compressed_chunks.fetch_add(1, std::memory_order_relaxed);
     if (!slot.enc.zero) st.codec_chunks[unsigned(slot.enc.codec) & 3].fetch_add(1, std::memory_order_relaxed);
-    if (sh_.resume) {
+    if (sh_.resume && slot.frame_len == wire::kHeaderBytes) {
+      Replay r{.seq = slot.seq, .buf = -1, .len = slot.frame_len};
+      std::memcpy(r.header.data(), buf(slot.frame_buf), wire::kHeaderBytes);
+      replay_.push_back(r);
+      free_.push_back(slot.in);
+      free_.push_back(slot.out);
+    } else if (sh_.resume) {
       // Keep the frame, whole and contiguous, until the receiver acknowledges it.
       if (slot.seg_count == 2) {
         std::memcpy(buf(slot.frame_buf) + wire::kHeaderBytes, slot.seg[1].data, slot.seg[1].len);
@@ -802,7 +817,7 @@ class Worker {
     release_acked();
     for (const Replay& r : replay_) {
       if (r.seq <= resume_seq) continue;
-      const int64_t n = io::send_full(*sync_ring_, new_fd, buf(r.buf), r.len);
+      const int64_t n = io::send_full(*sync_ring_, new_fd, r.data(*this), r.len);
       if (n < 0) {
         *error = "resend: " + errno_text(int(n));
         return false;

@@ -422,9 +422,15 @@ TEST(Resume, ABrokenStreamIsReconnectedAndTheTransferCompletes) {
     unsigned streams;
     int cut_connection;
     int64_t cut_after;
+    io::Profile profile = io::Profile::mixed;
+    uint32_t chunk_bytes = 256 << 10;
   };
-  for (const Case c : {Case{1, 0, 3 << 20}, Case{3, 1, 5 << 20}, Case{3, 0, 200}, Case{2, 1, 300}}) {
-    const io::ContentGenerator gen(io::Profile::mixed, 31);
+  // Zero chunks' frames are kept for replay inline (no buffer each), and their number per stream is bounded:
+  // all-zero state in 4 KiB chunks (6144 frames of 48 bytes per stream) cut after 2000 and 100000 bytes.
+  for (const Case c : {Case{1, 0, 3 << 20}, Case{3, 1, 5 << 20}, Case{3, 0, 200}, Case{2, 1, 300},
+                       Case{2, 1, 2000, io::Profile::zero, 4096}, Case{2, 0, 100000, io::Profile::zero, 4096},
+                       Case{2, 0, 1 << 20, io::Profile::zero_heavy}}) {
+    const io::ContentGenerator gen(c.profile, 31);
     auto src = io::open_emu_source(gen, 48 << 20);
     auto sink = io::open_emu_sink(gen, 48 << 20);
     std::unique_ptr<FaultProxy> proxy;
@@ -436,7 +442,7 @@ TEST(Resume, ABrokenStreamIsReconnectedAndTheTransferCompletes) {
         [&] { recv_result = receive(*sink, listener.get(), RecvOptions{}, nullptr, nullptr); });
     proxy = std::make_unique<FaultProxy>(
         port, Fault{.kind = Fault::cut, .connection = c.cut_connection, .at = c.cut_after});
-    SendOptions so{.streams = c.streams, .chunk_bytes = 256 << 10};
+    SendOptions so{.streams = c.streams, .chunk_bytes = c.chunk_bytes};
     so.reconnect_backoff_ms = 20;
     const auto t0 = std::chrono::steady_clock::now();
     const Result send_result =
