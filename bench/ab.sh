@@ -4,23 +4,26 @@
 # alike. Per tool: median and min wall time from the sender's launch to the receiver's exit (what e2e.py
 # measures), GB/s from that, and CPU seconds per GB on each side (user+sys of the process).
 #
-#   bench/ab.sh [--rate GBIT] [--runs N] FILE TOOL...   (as root)
+#   bench/ab.sh [--rate GBIT] [--runs N] [--pause S] FILE TOOL...   (as root)
 #     TOOL = a dstx binary, optionally with send arguments after a colon ("build/dstx:--codec auto"),
 #            or "plain" (bench/plain_loop from --build, default build)
 #   e.g. bench/ab.sh --rate 10 --runs 10 /dev/shm/state.bin old/dstx:--codec\ none build/dstx:--codec\ none
+#   --pause S sleeps S seconds before each run: memory freed by the run before is then cold again (a VM's
+#   host may have taken it back), as at the start of a migration.
 #
 # Addresses: 10.79.0.1 -> 10.79.0.2 only. The namespaces are removed on exit.
 set -euo pipefail
-rate="" runs=5 build=build
+rate="" runs=5 build=build pause=0
 while [ $# -gt 0 ]; do
   case $1 in
     --rate) rate=$2; shift 2 ;;
     --runs) runs=$2; shift 2 ;;
+    --pause) pause=$2; shift 2 ;;
     --build) build=$2; shift 2 ;;
     *) break ;;
   esac
 done
-[ $# -ge 2 ] || { sed -n '2,12p' "$0" >&2; exit 2; }
+[ $# -ge 2 ] || { sed -n '2,14p' "$0" >&2; exit 2; }
 file=$1; shift
 [ -r "$file" ] || { echo "ab.sh: cannot read $file" >&2; exit 2; }
 src=dstxab$$s dst=dstxab$$d
@@ -52,6 +55,7 @@ for ((i = 0; i < runs; i++)); do
       # shellcheck disable=SC2206  # the arguments after the colon are meant to split
       send=("$bin" send --source "file:$file" --to "10.79.0.2:$port" $args)
     fi
+    sleep "$pause"
     ip netns exec "$dst" /usr/bin/time -f "%U %S" -o "$out/r" "${recv[@]}" >/dev/null 2>&1 &
     rpid=$!
     sleep 0.15
