@@ -319,7 +319,8 @@ EncodeResult encode_chunk(const EncodeOptions& opts, std::span<const std::byte> 
   if (opts.codec == Codec::none || raw.size() < 2) return raw_result();
   if (opts.max_estimate >= 0) {
     result.estimate = estimate_ratio(raw);
-    if (result.estimate > std::min(opts.max_estimate, kIncompressibleRatio)) return raw_result();
+    result.over_limit = result.estimate > std::min(opts.max_estimate, kIncompressibleRatio);
+    if (result.over_limit) return raw_result();
   } else if (opts.probe_incompressible && raw.size() >= kProbeMinBytes && looks_incompressible(raw)) {
     return raw_result();
   }

@@ -56,6 +56,7 @@ struct EncodeResult {
   uint32_t encoded_len = 0;   // bytes of payload (0 if zero, raw.size() if codec none)
   uint64_t hash = 0;          // XXH3-64 of the raw bytes (0 for a zero chunk)
   double estimate = -1;       // estimate_ratio() when max_estimate asked for it, else < 0
+  bool over_limit = false;    // the estimate was above max_estimate (or kIncompressibleRatio): sent raw
 };
 
 // Encodes `raw` into `out` (out.size() >= encode_bound(opts.codec, raw.size())).

@@ -1,12 +1,17 @@
 #include "compress/hash.h"
 
-// Debian's libxxhash, through its x86 dispatcher (xxh_x86dispatch.h renames the XXH3 calls below to their
+// Debian's libxxhash, on x86 through its dispatcher (xxh_x86dispatch.h renames the XXH3 calls below to their
 // *_dispatch versions): it picks the widest vector unit the CPU has at run time, where code compiled for the
-// x86-64 baseline gets SSE2. On this project's machine (AVX-512) a 1 MiB chunk hashes at ~85 GB/s instead of
-// ~21, and every chunk is hashed twice (sender and receiver). The state's layout comes from the same package.
+// x86-64 baseline gets SSE2. On this project's machine (AVX-512) a 1 MiB chunk hashes at ~80 GB/s instead of
+// ~19, and every chunk is hashed twice (sender and receiver). Other architectures call the library's plain
+// XXH3. The state's layout comes from the same package as the library. These are global symbols: a host
+// program that exports its own, different xxHash could take their place in libdstx (before, dstx inlined
+// xxHash and shared no symbol with anyone).
 #define XXH_STATIC_LINKING_ONLY
 #include <xxhash.h>
+#if defined(__x86_64__) || defined(__i386__)
 #include <xxh_x86dispatch.h>
+#endif
 
 namespace dstx::compress {
 

@@ -135,7 +135,7 @@ double ShareSelector::limit(double share) const {
   // The share's quantile of the recent estimates, moved by the credit: behind the share, a little higher.
   const double q = std::clamp(share + kCreditGain * credit_, 0.0, 1.0);
   if (q <= 0) return -1;
-  std::array<float, kHistory> sorted;
+  std::array<double, kHistory> sorted;
   std::copy_n(history_.begin(), count_, sorted.begin());
   const size_t k = std::clamp<size_t>(size_t(q * double(count_) + 0.5), 1, count_);
   std::nth_element(sorted.begin(), sorted.begin() + ptrdiff_t(k - 1), sorted.begin() + ptrdiff_t(count_));
@@ -146,7 +146,7 @@ double ShareSelector::limit(double share) const {
 
 void ShareSelector::record(double share, double estimate, bool up) {
   if (estimate >= 0) {
-    history_[next_] = float(estimate);
+    history_[next_] = estimate;
     next_ = (next_ + 1) % kHistory;
     count_ = std::min(count_ + 1, kHistory);
   }
@@ -308,10 +308,15 @@ void EffortController::trace(double rate, double link_share) const {
 // Whether lz4's measured encode cost lets the workers (a core each at most) encode more than `rate`
 // logical bytes per second; false while the cost is unknown.
 bool EffortController::lz4_outruns(double rate) const {
-  const uint64_t bytes = encode_bytes_[1].load(std::memory_order_relaxed);
-  if (bytes < kCostMinBytes) return false;
-  const double cost = double(encode_ns_[1].load(std::memory_order_relaxed)) * 1e-9 / double(bytes);
-  return rate * cost < streams_;
+  const double cost = cost_per_byte(1);
+  return cost >= 0 && rate * cost < streams_;
+}
+
+// A rung's measured encode cost in CPU seconds per byte; < 0 until kCostMinBytes were encoded on it.
+double EffortController::cost_per_byte(int rung) const {
+  const uint64_t bytes = encode_bytes_[size_t(rung)].load(std::memory_order_relaxed);
+  if (bytes < kCostMinBytes) return -1;
+  return double(encode_ns_[size_t(rung)].load(std::memory_order_relaxed)) * 1e-9 / double(bytes);
 }
 
 // A new level starts a new window of spare CPU.
@@ -332,12 +337,8 @@ void EffortController::switch_to(int level, Clock::time_point now, double idle) 
 bool EffortController::cpu_to_spare(double rate) const {
   const int rung = current_ / kLevelsPerRung;
   if (rung + 1 >= kRungs || spare_cores_ < 0 || rate <= 0) return true;
-  double cost[2];
-  for (int i = 0; i < 2; ++i) {
-    const uint64_t bytes = encode_bytes_[size_t(rung + i)].load(std::memory_order_relaxed);
-    if (bytes < kCostMinBytes) return true;
-    cost[i] = double(encode_ns_[size_t(rung + i)].load(std::memory_order_relaxed)) * 1e-9 / double(bytes);
-  }
+  const double cost[2] = {cost_per_byte(rung), cost_per_byte(rung + 1)};
+  if (cost[0] < 0 || cost[1] < 0) return true;
   const double extra_cores = rate * (cost[1] - cost[0]) / kLevelsPerRung;
   return spare_cores_ >= kSpareBar * extra_cores;
 }

@@ -69,7 +69,7 @@ class ShareSelector {
   void record(double share, double estimate, bool up);
 
  private:
-  std::array<float, kHistory> history_{};
+  std::array<double, kHistory> history_{};
   size_t count_ = 0;
   size_t next_ = 0;
   double credit_ = 0;
@@ -164,6 +164,7 @@ class EffortController {
   void end_period(Clock::time_point now, uint64_t delivered);
   bool cpu_to_spare(double rate) const;
   bool lz4_outruns(double rate) const;
+  double cost_per_byte(int rung) const;
   void trace(double rate, double link_share) const;
   void switch_to(int level, Clock::time_point now, double idle);
 

@@ -275,7 +275,7 @@ class Worker {
     const std::byte* data(const Worker& w) const { return buf >= 0 ? w.buf(buf) : header.data(); }
   };
   // Frames kept inline cost no buffer; this bounds their number per stream (~80 bytes each).
-  static constexpr size_t kMaxReplayFrames = 4096;
+  static constexpr size_t kMaxInlineReplays = 4096;
 
   void setup() {
     const unsigned depth = std::max(1u, sh_.options.depth);
@@ -330,8 +330,8 @@ class Worker {
   static size_t round_up(size_t n) { return (n + 4095) & ~size_t(4095); }
   std::byte* buf(int i) const { return memory_.data() + size_t(i) * buf_bytes_; }
   // No room for another chunk until acknowledgements free some: a chunk takes two buffers, and the frames kept
-  // for resuming are bounded.
-  bool pool_short() const { return free_.size() < 2 || replay_.size() >= kMaxReplayFrames; }
+  // inline for resuming are bounded.
+  bool pool_short() const { return free_.size() < 2 || inline_replays_ >= kMaxInlineReplays; }
   int fd() const { return link_.fd.load(std::memory_order_acquire); }
 
   bool stopping() {
@@ -392,7 +392,10 @@ class Worker {
   void release_acked() {
     const uint64_t acked = link_.acked_seq.load(std::memory_order_acquire);
     while (!replay_.empty() && replay_.front().seq <= acked) {
-      if (replay_.front().buf >= 0) free_.push_back(replay_.front().buf);
+      if (replay_.front().buf >= 0)
+        free_.push_back(replay_.front().buf);
+      else
+        --inline_replays_;
       replay_.pop_front();
     }
   }
@@ -497,7 +500,7 @@ class Worker {
       slot->enc = compress::encode_chunk(
           how, raw, std::span<std::byte>(out + wire::kHeaderBytes, buf_bytes_ - wire::kHeaderBytes));
       if (sh_.effort && !slot->enc.zero) {  // what each rung costs: the controller weighs it against spare CPU
-        chosen(how, slot->enc);
+        chosen(slot->enc);
         sh_.effort->add_encode_cost(rung_, slot->len, slot->enc.encoded_len, thread_cpu_time() - cpu_before);
       }
       const uint16_t flags = uint16_t((slot->enc.zero ? wire::kFlagZero : 0) |
@@ -561,10 +564,9 @@ class Worker {
 
   // After encoding a non-zero chunk picked by choose_encoding(): its estimate for selector_, and which rung
   // it took (a chunk rated above the limit went raw: its cost is raw's).
-  void chosen(const compress::EncodeOptions& how, const compress::EncodeResult& enc) {
+  void chosen(const compress::EncodeResult& enc) {
     if (!sh_.effort) return;
-    if (how.max_estimate >= 0 && enc.estimate > std::min(how.max_estimate, compress::kIncompressibleRatio))
-      rung_ = base_rung_;
+    if (enc.over_limit) rung_ = base_rung_;
     selector_.record(share_, enc.estimate, rung_ > base_rung_);
   }
 
@@ -670,6 +672,7 @@ class Worker {
       Replay r{.seq = slot.seq, .buf = -1, .len = slot.frame_len};
       std::memcpy(r.header.data(), buf(slot.frame_buf), wire::kHeaderBytes);
       replay_.push_back(r);
+      ++inline_replays_;
       free_.push_back(slot.in);
       free_.push_back(slot.out);
     } else if (sh_.resume) {
@@ -878,6 +881,7 @@ class Worker {
   size_t zero_copy_min_ = 0;  // 0: never SEND_ZC
   std::vector<int> free_;
   std::deque<Replay> replay_;
+  size_t inline_replays_ = 0;  // entries of replay_ without a buffer
   std::vector<Slot> slots_;
   std::deque<Slot*> fifo_;
   io::Completion send_io_;

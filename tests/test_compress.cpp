@@ -278,6 +278,7 @@ TEST(Estimate, ChunksAboveTheLimitGoRawAndReportTheirEstimate) {
     const EncodeResult r = encode_chunk(EncodeOptions{.codec = Codec::lz4, .max_estimate = limit}, *c, out);
     EXPECT_DOUBLE_EQ(r.estimate, estimate_ratio(*c));
     EXPECT_EQ(r.codec, c == &good ? Codec::lz4 : Codec::none);
+    EXPECT_EQ(r.over_limit, c != &good);
     Bytes back(size);
     const Bytes payload = r.codec == Codec::none ? *c : Bytes(out.begin(), out.begin() + r.encoded_len);
     EXPECT_EQ(decode_chunk(r.codec, r.zero, payload, back, r.hash), DecodeError::ok);
@@ -285,8 +286,11 @@ TEST(Estimate, ChunksAboveTheLimitGoRawAndReportTheirEstimate) {
   }
   // Incompressible data goes raw whatever the limit; no limit asked for: no estimate made.
   Bytes out(encode_bound(Codec::lz4, size));
-  EXPECT_EQ(encode_chunk(EncodeOptions{.codec = Codec::lz4, .max_estimate = 1e9}, random_bytes(size, 9), out).codec,
-            Codec::none);
+  const EncodeResult noise =
+      encode_chunk(EncodeOptions{.codec = Codec::lz4, .max_estimate = 1e9}, random_bytes(size, 9), out);
+  EXPECT_EQ(noise.codec, Codec::none);
+  EXPECT_TRUE(noise.over_limit);  // the estimate decided, not a failed compression
+  EXPECT_GT(noise.estimate, kIncompressibleRatio);
   EXPECT_LT(encode_chunk(EncodeOptions{.codec = Codec::lz4}, good, out).estimate, 0);
   // Small chunks too (below the incompressible probe's minimum): the limit holds whatever the size.
   const Bytes small = text_bytes(16 << 10, 10);

@@ -425,8 +425,9 @@ TEST(Resume, ABrokenStreamIsReconnectedAndTheTransferCompletes) {
     io::Profile profile = io::Profile::mixed;
     uint32_t chunk_bytes = 256 << 10;
   };
-  // Zero chunks' frames are kept for replay inline (no buffer each), and their number per stream is bounded:
-  // all-zero state in 4 KiB chunks (6144 frames of 48 bytes per stream) cut after 2000 and 100000 bytes.
+  // Zero chunks' frames are kept for replay inline (no buffer each): all-zero state in 4 KiB chunks (6144
+  // frames of 48 bytes per stream) cut after 2000 and 100000 bytes. (Their bound, 4096 per stream, is not
+  // reached: the receiver acknowledges every 64 chunks of 4 KiB.)
   for (const Case c : {Case{1, 0, 3 << 20}, Case{3, 1, 5 << 20}, Case{3, 0, 200}, Case{2, 1, 300},
                        Case{2, 1, 2000, io::Profile::zero, 4096}, Case{2, 0, 100000, io::Profile::zero, 4096},
                        Case{2, 0, 1 << 20, io::Profile::zero_heavy}}) {
