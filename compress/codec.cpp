@@ -4,6 +4,8 @@
 #include <zstd.h>
 
 #include <algorithm>
+#include <array>
+#include <memory>
 #include <climits>
 #include <cstring>
 #include <new>
@@ -105,8 +107,8 @@ typedef uint64_t Vec16 __attribute__((vector_size(16)));
 size_t sparse_pages(size_t raw_len) {
   return (raw_len + kSparsePageBytes - 1) / kSparsePageBytes;
 }
-size_t sparse_bitmap_bytes(size_t raw_len) {
-  return (sparse_pages(raw_len) + 7) / 8;
+bool sparse_present(std::span<const std::byte> bitmap, size_t page) {
+  return (std::to_integer<unsigned>(bitmap[page / 8]) >> (page % 8)) & 1u;
 }
 
 // Returns the payload size, or 0 when the chunk has no zero page or the payload does not fit.
@@ -137,21 +139,26 @@ size_t compress_sparse(std::span<const std::byte> raw, std::byte* out, size_t ca
   return n;
 }
 
-DecodeError decode_sparse(std::span<const std::byte> enc, std::span<std::byte> raw_out) {
-  const size_t pages = sparse_pages(raw_out.size());
-  const size_t bitmap = sparse_bitmap_bytes(raw_out.size());
+// The whole layout, before anything is written: bits past the last page must be clear and the present pages
+// must account for the payload exactly.
+DecodeError check_sparse(std::span<const std::byte> enc, size_t raw_len) {
+  if (enc.size() > encode_bound(Codec::sparse, raw_len)) return DecodeError::bad_length;
+  const size_t pages = sparse_pages(raw_len);
+  const size_t bitmap = sparse_bitmap_bytes(raw_len);
   if (enc.size() < bitmap) return DecodeError::bad_length;
-  // Check the whole layout before writing anything: bits past the last page must be clear and the present
-  // pages must account for the payload exactly.
   size_t expect = bitmap;
   for (size_t i = 0; i < bitmap * 8; ++i) {
-    const bool present = (std::to_integer<unsigned>(enc[i / 8]) >> (i % 8)) & 1u;
-    if (!present) continue;
+    if (!sparse_present(enc, i)) continue;
     if (i >= pages) return DecodeError::corrupt;
-    expect += std::min(kSparsePageBytes, raw_out.size() - i * kSparsePageBytes);
+    expect += std::min(kSparsePageBytes, raw_len - i * kSparsePageBytes);
   }
-  if (expect != enc.size()) return DecodeError::bad_length;
-  size_t n = bitmap;
+  return expect == enc.size() ? DecodeError::ok : DecodeError::bad_length;
+}
+
+DecodeError decode_sparse(std::span<const std::byte> enc, std::span<std::byte> raw_out) {
+  if (const DecodeError err = check_sparse(enc, raw_out.size()); err != DecodeError::ok) return err;
+  const size_t pages = sparse_pages(raw_out.size());
+  size_t n = sparse_bitmap_bytes(raw_out.size());
   for (size_t i = 0; i < pages; ++i) {
     const size_t off = i * kSparsePageBytes;
     const size_t len = std::min(kSparsePageBytes, raw_out.size() - off);
@@ -388,13 +395,64 @@ DecodeError decode_chunk(Codec codec, bool zero, std::span<const std::byte> enc,
       err = decode_zstd(enc, raw_out);
       break;
     case Codec::sparse:
-      if (enc.size() > encode_bound(Codec::sparse, raw_out.size())) return DecodeError::bad_length;
       err = decode_sparse(enc, raw_out);
       break;
   }
   if (err != DecodeError::ok) return err;
   if (hash64(raw_out.data(), raw_out.size()) != expect_hash) return DecodeError::hash_mismatch;
   return DecodeError::ok;
+}
+
+DecodeError verify_sparse(std::span<const std::byte> enc, size_t raw_len, uint64_t expect_hash,
+                          Hasher64& hasher) {
+  if (const DecodeError err = check_sparse(enc, raw_len); err != DecodeError::ok) return err;
+  // Zero runs are hashed from this buffer, which stays in the L1 cache: no page of the chunk is written.
+  alignas(64) static constexpr std::byte kZeroRun[4 * kSparsePageBytes]{};
+  hasher.reset();
+  for_each_sparse_run(enc, raw_len, [&](size_t, size_t len, const std::byte* data) {
+    if (data) {
+      hasher.update(data, len);
+      return;
+    }
+    for (size_t done = 0; done < len;) {
+      const size_t n = std::min(len - done, sizeof kZeroRun);
+      hasher.update(kZeroRun, n);
+      done += n;
+    }
+  });
+  return hasher.digest() == expect_hash ? DecodeError::ok : DecodeError::hash_mismatch;
+}
+
+void expand_sparse_at_end(std::span<std::byte> buf, size_t enc_len, size_t raw_len) {
+  if (raw_len > buf.size() || enc_len > buf.size()) throw std::length_error("dstx: sparse payload beyond its buffer");
+  std::byte* base = buf.data();
+  const std::byte* enc = base + buf.size() - enc_len;
+  // The first pages may land on the bitmap: keep a copy (one bit per page; 512 bytes for 16 MiB).
+  const size_t bitmap_len = sparse_bitmap_bytes(raw_len);
+  std::array<std::byte, 512> small{};
+  std::unique_ptr<std::byte[]> large;
+  std::byte* bitmap = small.data();
+  if (bitmap_len > small.size()) {
+    large = std::make_unique<std::byte[]>(bitmap_len);
+    bitmap = large.get();
+  }
+  std::memcpy(bitmap, enc, bitmap_len);
+  const std::span<const std::byte> bits(bitmap, bitmap_len);
+  // Page i's place starts at or before its bytes (the payload is packed against the end of a buffer at
+  // least raw_len long), and ends before the next present page's bytes begin: moving the pages in order,
+  // each with memmove, never overwrites one still to come.
+  const std::byte* from = enc + bitmap_len;
+  const size_t pages = sparse_pages(raw_len);
+  for (size_t i = 0; i < pages; ++i) {
+    const size_t off = i * kSparsePageBytes;
+    const size_t len = std::min(kSparsePageBytes, raw_len - off);
+    if (sparse_present(bits, i)) {
+      if (base + off != from) std::memmove(base + off, from, len);
+      from += len;
+    } else {
+      std::memset(base + off, 0, len);
+    }
+  }
 }
 
 }  // namespace dstx::compress

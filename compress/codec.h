@@ -2,6 +2,7 @@
 // Knows nothing of the wire protocol or of I/O.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -15,6 +16,8 @@ namespace dstx::compress {
 enum class Codec : uint8_t { none = 0, lz4 = 1, zstd = 2, sparse = 3 };
 inline constexpr unsigned kCodecCount = 4;
 inline constexpr size_t kSparsePageBytes = 4096;
+
+class Hasher64;
 
 std::string_view codec_name(Codec codec);
 // Accepts "none", "lz4", "zstd", "sparse". Returns false for anything else.
@@ -78,5 +81,39 @@ const char* decode_error_text(DecodeError err);
 // none (then nothing is copied). A zero chunk requires enc.size()==0 and expect_hash==0 and fills zeros.
 DecodeError decode_chunk(Codec codec, bool zero, std::span<const std::byte> enc, std::span<std::byte> raw_out,
                          uint64_t expect_hash);
+
+// Sparse payloads taken as they are, without expanding them first (the receiver keeps a sparse chunk so until
+// its sink takes it: zero pages are then never written, or written straight where they belong).
+// The bitmap's size for a chunk of raw_len bytes (one bit per page, rounded up to bytes).
+inline size_t sparse_bitmap_bytes(size_t raw_len) {
+  return (raw_len + kSparsePageBytes * 8 - 1) / (kSparsePageBytes * 8);
+}
+// Checks the layout of a sparse payload for a chunk of raw_len bytes (what decode_chunk checks before it
+// writes anything), then that the chunk it stands for hashes to expect_hash. The zero pages are hashed from a
+// static zero page; `hasher` is scratch state.
+DecodeError verify_sparse(std::span<const std::byte> enc, size_t raw_len, uint64_t expect_hash,
+                          Hasher64& hasher);
+// Calls fn(offset, len, data) for each maximal run of present pages (data points into enc) and of zero pages
+// (data is nullptr), in order. Only for a payload that passed verify_sparse.
+template <class Fn>
+void for_each_sparse_run(std::span<const std::byte> enc, size_t raw_len, Fn&& fn) {
+  const size_t pages = (raw_len + kSparsePageBytes - 1) / kSparsePageBytes;
+  auto present = [&](size_t i) { return (std::to_integer<unsigned>(enc[i / 8]) >> (i % 8)) & 1u; };
+  const std::byte* at = enc.data() + sparse_bitmap_bytes(raw_len);
+  for (size_t i = 0; i < pages;) {
+    const unsigned kind = present(i);
+    size_t j = i + 1;
+    while (j < pages && present(j) == kind) ++j;
+    const size_t off = i * kSparsePageBytes;
+    const size_t len = std::min(j * kSparsePageBytes, raw_len) - off;
+    fn(off, len, kind ? at : nullptr);
+    if (kind) at += len;
+    i = j;
+  }
+}
+// Expands a payload that passed verify_sparse and lies at the end of buf (its last enc_len bytes) into
+// buf's first raw_len bytes, in place (buf.size() >= raw_len). Every page moves towards the start of buf or
+// stays, so one pass from the first page to the last never overwrites bytes it has yet to move.
+void expand_sparse_at_end(std::span<std::byte> buf, size_t enc_len, size_t raw_len);
 
 }  // namespace dstx::compress

@@ -69,6 +69,9 @@ class BufferSink final : public io::Sink {
     end_ = offset + len;
   }
 
+  // Pieces land where they belong: a sparse chunk is never expanded anywhere else first.
+  bool takes_pieces() const override { return true; }
+
   void commit(io::Ring&, uint64_t total_bytes) override {
     if (total_bytes != end_) {
       throw std::runtime_error(name_ + ": commit of " + std::to_string(total_bytes) + " bytes, but " +

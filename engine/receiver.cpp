@@ -17,6 +17,7 @@
 #include <utility>
 
 #include "compress/codec.h"
+#include "compress/hash.h"
 #include "engine/session.h"
 #include "engine/transfer.h"
 #include "engine/window.h"
@@ -217,18 +218,25 @@ class StreamWorker {
       return false;
     }
     const std::span<std::byte> raw = slot.first(h.raw_len);
-    std::span<const std::byte> enc;
+    // A sparse payload that fits is kept as it came, packed against the end of the slot: it is verified
+    // without writing its zero pages, and the writer expands it in place, or hands its runs to a sink that
+    // takes them (zero pages then never get written at all).
+    const bool packed =
+        h.codec == uint8_t(compress::Codec::sparse) && !(h.flags & wire::kFlagZero) && h.payload_len <= slot.size();
     if (!(h.flags & wire::kFlagZero)) {
-      std::byte* into = h.codec == uint8_t(compress::Codec::none) ? raw.data() : scratch_.data();
+      std::byte* into = h.codec == uint8_t(compress::Codec::none) ? raw.data()
+                        : packed                                  ? slot.data() + slot.size() - h.payload_len
+                                                                  : scratch_.data();
       const int64_t n = io::recv_full(*ring_, link_.fd.load(), into, h.payload_len, socket_file_);
       if (n != int64_t(h.payload_len)) {
         // The frame is lost with the connection; the sender sends it again after a resume.
         sh_.window.cancel(h.seq);
         return lost("connection lost inside chunk " + std::to_string(h.seq));
       }
-      enc = std::span<const std::byte>(into, h.payload_len);
+      const std::span<const std::byte> enc(into, h.payload_len);
       const compress::DecodeError de =
-          compress::decode_chunk(compress::Codec(h.codec), false, enc, raw, h.hash);
+          packed ? compress::verify_sparse(enc, h.raw_len, h.hash, hasher_)
+                 : compress::decode_chunk(compress::Codec(h.codec), false, enc, raw, h.hash);
       if (de != compress::DecodeError::ok) {
         sh_.fail(Reason::checksum, name_ + ": chunk " + std::to_string(h.seq) + " at offset " +
                                        std::to_string(h.offset) + ": " + compress::decode_error_text(de));
@@ -243,8 +251,12 @@ class StreamWorker {
           .fetch_add(1, std::memory_order_relaxed);
       sh_.stats.codec_chunks[h.codec & 3].fetch_add(1, std::memory_order_relaxed);
     }
-    sh_.window.publish(
-        ChunkMeta{.seq = h.seq, .offset = h.offset, .raw_len = h.raw_len, .hash = h.hash, .flags = h.flags});
+    sh_.window.publish(ChunkMeta{.seq = h.seq,
+                                 .offset = h.offset,
+                                 .raw_len = h.raw_len,
+                                 .hash = h.hash,
+                                 .flags = h.flags,
+                                 .packed_len = packed ? h.payload_len : 0});
     if (++since_ack_ >= ack_every_) stream_ack();
     return true;
   }
@@ -332,6 +344,7 @@ class StreamWorker {
   std::unique_ptr<io::Ring> ring_;
   int socket_file_ = -1;  // ring_'s fixed-file slot for the stream's socket, -1 when not registered
   io::IoMemory scratch_;  // compressed payloads land here before decoding
+  compress::Hasher64 hasher_;  // verifies sparse payloads kept packed
   uint64_t last_seq_ = 0;
   uint32_t ack_every_ = 1;
   uint32_t since_ack_ = 0;
@@ -361,8 +374,8 @@ void writer(Shared& sh) {
         if (all_ended && applied == sh.end.seq) break;
       }
       ChunkMeta meta;
-      std::span<const std::byte> data;
-      const auto w = sh.window.wait_next(std::chrono::milliseconds(20), &meta, &data);
+      std::span<std::byte> slot;
+      const auto w = sh.window.wait_next(std::chrono::milliseconds(20), &meta, &slot);
       if (w == ReorderWindow::Wait::closed) return;
       if (w == ReorderWindow::Wait::timeout) {
         if (all_ended) {
@@ -376,10 +389,20 @@ void writer(Shared& sh) {
                                       std::to_string(meta.offset) + ", expected " + std::to_string(bytes));
         return;
       }
-      if (meta.flags & wire::kFlagZero)
+      if (meta.flags & wire::kFlagZero) {
         sh.sink.write_zero(*ring, bytes, meta.raw_len);
-      else
-        sh.sink.write(*ring, bytes, data);
+      } else if (meta.packed_len > 0 && sh.sink.takes_pieces()) {
+        const auto enc = std::span<const std::byte>(slot).last(meta.packed_len);
+        compress::for_each_sparse_run(enc, meta.raw_len, [&](size_t at, size_t len, const std::byte* run) {
+          if (run)
+            sh.sink.write(*ring, bytes + at, std::span<const std::byte>(run, len));
+          else
+            sh.sink.write_zero(*ring, bytes + at, len);
+        });
+      } else {
+        if (meta.packed_len > 0) compress::expand_sparse_at_end(slot, meta.packed_len, meta.raw_len);
+        sh.sink.write(*ring, bytes, slot.first(meta.raw_len));
+      }
       if (meta.flags & wire::kFlagEndOfTransaction) sh.sink.end_transaction(*ring);
       digest.add(meta.seq, meta.raw_len, meta.hash);
       bytes += meta.raw_len;

@@ -79,6 +79,12 @@ ReorderWindow::ReorderWindow(uint32_t slots, size_t slot_bytes)
     : slots_(slots), slot_bytes_(slot_bytes), table_(slots) {
   assert(slots > 0);
   if (slot_bytes > 0) memory_ = io::IoMemory(size_t(slots) * slot_bytes);
+  free_bufs_.reserve(slots);
+  for (uint32_t i = slots; i-- > 0;) free_bufs_.push_back(i);
+}
+
+std::byte* ReorderWindow::buffer(uint32_t index) const {
+  return memory_.data() + size_t(index) * slot_bytes_;
 }
 
 ReorderWindow::Admit ReorderWindow::admit(uint64_t seq, std::span<std::byte>* buf) {
@@ -88,16 +94,24 @@ ReorderWindow::Admit ReorderWindow::admit(uint64_t seq, std::span<std::byte>* bu
   if (seq < next_) return Admit::duplicate;
   Slot& slot = table_[seq % slots_];
   if (slot.state != State::free) return Admit::duplicate;
+  // Every slot that is not free holds a buffer, so one is left for this one. The most recently freed buffer
+  // is taken first: its lines are still in the cache the stream thread and the writer share.
+  assert(!free_bufs_.empty());
   slot.state = State::filling;
   slot.meta.seq = seq;
-  if (buf) *buf = std::span<std::byte>(memory_.data() + (seq % slots_) * slot_bytes_, slot_bytes_);
+  slot.buf = free_bufs_.back();
+  free_bufs_.pop_back();
+  if (buf) *buf = std::span<std::byte>(buffer(slot.buf), slot_bytes_);
   return Admit::ok;
 }
 
 void ReorderWindow::cancel(uint64_t seq) {
   std::lock_guard lock(mu_);
   Slot& slot = table_[seq % slots_];
-  if (slot.state == State::filling && slot.meta.seq == seq) slot.state = State::free;
+  if (slot.state == State::filling && slot.meta.seq == seq) {
+    slot.state = State::free;
+    free_bufs_.push_back(slot.buf);
+  }
 }
 
 void ReorderWindow::publish(const ChunkMeta& meta) {
@@ -114,7 +128,7 @@ void ReorderWindow::publish(const ChunkMeta& meta) {
 }
 
 ReorderWindow::Wait ReorderWindow::wait_next(std::chrono::milliseconds timeout, ChunkMeta* meta,
-                                             std::span<const std::byte>* data) {
+                                             std::span<std::byte>* data) {
   std::unique_lock lock(mu_);
   const bool ok = ready_cv_.wait_for(
       lock, timeout, [&] { return closed_ || woken_ || table_[next_ % slots_].state == State::ready; });
@@ -124,14 +138,16 @@ ReorderWindow::Wait ReorderWindow::wait_next(std::chrono::milliseconds timeout, 
   if (!ok || !ready) return Wait::timeout;
   const Slot& slot = table_[next_ % slots_];
   *meta = slot.meta;
-  *data = std::span<const std::byte>(memory_.data() + (next_ % slots_) * slot_bytes_, slot.meta.raw_len);
+  *data = std::span<std::byte>(buffer(slot.buf), slot_bytes_);
   return Wait::ready;
 }
 
 void ReorderWindow::release_next() {
   {
     std::lock_guard lock(mu_);
-    table_[next_ % slots_].state = State::free;
+    Slot& slot = table_[next_ % slots_];
+    slot.state = State::free;
+    free_bufs_.push_back(slot.buf);
     ++next_;
   }
   admit_cv_.notify_all();

@@ -1,8 +1,10 @@
 // Sequence bookkeeping on both sides.
 //  - SendSequencer hands out sequence numbers to the sender's workers, keeps them within a bounded window of
 //    the oldest unfinished chunk, and folds finished chunks into the whole-stream digest in sequence order.
-//  - ReorderWindow holds decoded chunks on the receiver until the sink can take them in order. Its slots are
-//    the receive buffers, so its size is the receiver's memory bound.
+//  - ReorderWindow holds decoded chunks on the receiver until the sink can take them in order. Its buffers are
+//    the receive buffers, so its size is the receiver's memory bound. A sequence number owns a table entry
+//    (seq % slots) and, while admitted, one buffer from a stack of free ones: the buffer freed last is reused
+//    first, so the few chunks in flight keep landing in memory that is still in the cache.
 // Sequence numbers start at 1 (0 means "none").
 #pragma once
 
@@ -62,6 +64,9 @@ struct ChunkMeta {
   uint32_t raw_len = 0;
   uint64_t hash = 0;
   uint16_t flags = 0;
+  // > 0: the slot holds the chunk's sparse payload, this many bytes packed against the slot's end (verified
+  // as it is; compress::expand_sparse_at_end makes it the raw bytes), not the raw bytes at its start.
+  uint32_t packed_len = 0;
 };
 
 class ReorderWindow {
@@ -78,8 +83,9 @@ class ReorderWindow {
   void publish(const ChunkMeta& meta);
 
   enum class Wait { ready, timeout, closed };
-  // Consumer: waits for the next chunk in order.
-  Wait wait_next(std::chrono::milliseconds timeout, ChunkMeta* meta, std::span<const std::byte>* data);
+  // Consumer: waits for the next chunk in order. `slot` receives the chunk's whole buffer (at least raw_len
+  // bytes), the consumer's until release_next.
+  Wait wait_next(std::chrono::milliseconds timeout, ChunkMeta* meta, std::span<std::byte>* slot);
   // Consumer: frees the slot returned by wait_next and moves the window on.
   void release_next();
   // Wakes every waiter; admit and wait_next return closed from now on.
@@ -95,7 +101,9 @@ class ReorderWindow {
   struct Slot {
     State state = State::free;
     ChunkMeta meta;
+    uint32_t buf = 0;  // the buffer held while filling or ready
   };
+  std::byte* buffer(uint32_t index) const;
   const uint32_t slots_;
   const size_t slot_bytes_;
   io::IoMemory memory_;
@@ -106,6 +114,7 @@ class ReorderWindow {
   bool closed_ = false;
   bool woken_ = false;
   std::vector<Slot> table_;
+  std::vector<uint32_t> free_bufs_;  // buffers of no slot, the one freed last at the back
 };
 
 }  // namespace dstx::engine

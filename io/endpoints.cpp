@@ -362,6 +362,7 @@ class NullSink final : public Sink {
     advance(offset, data.size());
   }
   void write_zero(Ring&, uint64_t offset, uint64_t len) override { advance(offset, len); }
+  bool takes_pieces() const override { return true; }
   void commit(Ring&, uint64_t total_bytes) override {
     // Counting costs nothing and keeps "null:" a faithful stand-in for the other sinks in tests and benches.
     if (total_bytes != seen_) {
@@ -409,6 +410,8 @@ class EmuSink final : public Sink {
     }
     received_ = offset + len;
   }
+
+  bool takes_pieces() const override { return true; }
 
   void commit(Ring&, uint64_t total_bytes) override {
     if (received_ != size_) {

@@ -59,8 +59,12 @@ class Sink {
   virtual std::string describe() const = 0;
   // Bytes arrive strictly in order: `offset` is the number of bytes written before. One caller at a time.
   virtual void write(Ring& ring, uint64_t offset, std::span<const std::byte> data) = 0;
-  // A run of zero bytes (a zero chunk). Default: writes zeros from a static zero page.
+  // A run of zero bytes (a zero chunk, or a chunk's zero pages). Default: writes zeros from a static zero page.
   virtual void write_zero(Ring& ring, uint64_t offset, uint64_t len);
+  // True when a chunk written in pieces (write for its data, write_zero for its runs of zero pages; up to a
+  // piece per 4 KiB page) costs no more than one write of the whole: the receiver then never expands a chunk
+  // whose zero pages were left out on the wire. Default: false (a system call per write, or a stream).
+  virtual bool takes_pieces() const { return false; }
   // The bytes written since the previous call complete one source transaction (VFIO v1: write data_size).
   // Default: nothing.
   virtual void end_transaction(Ring& ring);

@@ -633,5 +633,67 @@ TEST(Sparse, RejectsMalformedPayloads) {
   EXPECT_EQ(decode_chunk(Codec::sparse, false, std::span(enc.data(), 0), back, r.hash), DecodeError::bad_length);
 }
 
+// The receiver's way with a sparse payload: verified without expanding it, handed on in runs or expanded in
+// place from the end of a buffer. Every bitmap of 9 pages (the last one short), against decode_chunk.
+TEST(Sparse, VerifiedRunsAndInPlaceExpansionMatchTheDecoder) {
+  const size_t len = 8 * 4096 + 123;
+  const Bytes random = random_bytes(len, 8);
+  Hasher64 hasher;
+  for (unsigned mask = 1; mask < (1u << 9) - 1; ++mask) {  // at least one page present, one zero
+    Bytes raw = random;
+    for (size_t page = 0; page < 9; ++page)
+      if (!(mask >> page & 1)) std::memset(raw.data() + page * 4096, 0, std::min<size_t>(4096, len - page * 4096));
+    Bytes out(encode_bound(Codec::sparse, len));
+    const EncodeResult r = encode_chunk(EncodeOptions{.codec = Codec::sparse, .detect_zero = false, .probe_incompressible = false}, raw, out);
+    ASSERT_EQ(r.codec, Codec::sparse) << mask << " " << r.encoded_len;
+    const std::span<const std::byte> enc(out.data(), r.encoded_len);
+    ASSERT_EQ(verify_sparse(enc, len, r.hash, hasher), DecodeError::ok) << mask;
+    EXPECT_EQ(verify_sparse(enc, len, r.hash ^ 1, hasher), DecodeError::hash_mismatch) << mask;
+    // Runs: alternate between present and zero, cover the chunk in order, and carry its bytes.
+    Bytes joined;
+    int last_kind = -1;
+    for_each_sparse_run(enc, len, [&](size_t off, size_t n, const std::byte* data) {
+      EXPECT_EQ(off, joined.size());
+      EXPECT_NE(int(data != nullptr), last_kind);
+      last_kind = data != nullptr;
+      if (data)
+        joined.insert(joined.end(), data, data + n);
+      else
+        joined.resize(joined.size() + n, std::byte{0});
+    });
+    EXPECT_EQ(joined, raw) << mask;
+    // In place, in a buffer the chunk's size and in a larger one, whatever was in it before.
+    for (size_t extra : {size_t{0}, size_t{1}, size_t{4096 + 7}}) {
+      Bytes buf(len + extra, std::byte{0xa5});
+      std::memcpy(buf.data() + buf.size() - enc.size(), enc.data(), enc.size());
+      expand_sparse_at_end(buf, enc.size(), len);
+      ASSERT_TRUE(std::equal(raw.begin(), raw.end(), buf.begin())) << mask << " extra " << extra;
+    }
+  }
+}
+
+TEST(Sparse, VerifyRejectsWhatTheDecoderRejects) {
+  Bytes raw = random_bytes(3 * 4096 + 10, 6);
+  std::memset(raw.data() + 4096, 0, 4096);
+  Bytes out(encode_bound(Codec::sparse, raw.size()));
+  const EncodeResult r = encode_chunk(EncodeOptions{.codec = Codec::sparse}, raw, out);
+  ASSERT_EQ(r.codec, Codec::sparse);
+  Bytes enc(out.begin(), out.begin() + r.encoded_len);
+  Hasher64 h;
+  EXPECT_EQ(verify_sparse(std::span(enc.data(), enc.size() - 1), raw.size(), r.hash, h), DecodeError::bad_length);
+  Bytes beyond = enc;
+  beyond[0] |= std::byte{1u << 4};
+  EXPECT_EQ(verify_sparse(beyond, raw.size(), r.hash, h), DecodeError::corrupt);
+  Bytes flipped = enc;
+  flipped[0] |= std::byte{1u << 1};
+  EXPECT_EQ(verify_sparse(flipped, raw.size(), r.hash, h), DecodeError::bad_length);
+  Bytes changed = enc;
+  changed[5] ^= std::byte{1};
+  EXPECT_EQ(verify_sparse(changed, raw.size(), r.hash, h), DecodeError::hash_mismatch);
+  EXPECT_EQ(verify_sparse(std::span(enc.data(), 0), raw.size(), r.hash, h), DecodeError::bad_length);
+  Bytes huge(encode_bound(Codec::sparse, raw.size()) + 1);
+  EXPECT_EQ(verify_sparse(huge, raw.size(), r.hash, h), DecodeError::bad_length);
+}
+
 }  // namespace
 }  // namespace dstx::compress

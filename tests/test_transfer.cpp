@@ -12,13 +12,16 @@
 #include <array>
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <functional>
 #include <random>
 #include <future>
 #include <thread>
 
+#include "compress/codec.h"
 #include "compress/hash.h"
 #include "engine/spec.h"
 #include "engine/transfer.h"
@@ -38,12 +41,13 @@ struct Outcome {
 // Runs one transfer: receiver on an ephemeral loopback port, sender connecting to `port_override` when set
 // (a proxy), else straight to the receiver.
 Outcome transfer(io::Source& src, io::Sink& sink, SendOptions so, RecvOptions ro = {},
-                 std::function<uint16_t(uint16_t)> interpose = nullptr, const Cancel* cancel = nullptr) {
+                 std::function<uint16_t(uint16_t)> interpose = nullptr, const Cancel* cancel = nullptr,
+                 Stats* recv_stats = nullptr) {
   io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
   const uint16_t port = io::bound_port(listener.get());
   ro.accept_timeout_ms = 10000;
   Outcome out;
-  std::thread receiver([&] { out.recv = receive(sink, listener.get(), ro, nullptr, cancel); });
+  std::thread receiver([&] { out.recv = receive(sink, listener.get(), ro, recv_stats, cancel); });
   const uint16_t target = interpose ? interpose(port) : port;
   out.send = send_to(src, io::HostPort{"127.0.0.1", target}, so, nullptr, cancel);
   receiver.join();
@@ -297,6 +301,35 @@ class TransactionSink final : public io::Sink {
   io::ContentGenerator gen_;
   uint64_t bytes_ = 0;
   uint64_t txn_bytes_ = 0;
+};
+
+// Keeps what it is given in memory. With `pieces` it says it takes chunks in pieces, and the receiver hands
+// it a sparse chunk's present pages and zero runs as they are; without, the receiver expands such chunks in
+// the reorder window first.
+class MemorySink final : public io::Sink {
+ public:
+  explicit MemorySink(bool pieces) : pieces_(pieces) {}
+  std::string describe() const override { return "test:memory"; }
+  void write(io::Ring&, uint64_t offset, std::span<const std::byte> data) override {
+    EXPECT_EQ(offset, bytes_.size());
+    bytes_.insert(bytes_.end(), data.begin(), data.end());
+    ++writes_;
+  }
+  void write_zero(io::Ring&, uint64_t offset, uint64_t len) override {
+    EXPECT_EQ(offset, bytes_.size());
+    bytes_.resize(bytes_.size() + len, std::byte{0});
+    ++zero_writes_;
+  }
+  bool takes_pieces() const override { return pieces_; }
+  void commit(io::Ring&, uint64_t total) override { committed_ = total == bytes_.size(); }
+  void abort() noexcept override {}
+  std::vector<std::byte> bytes_;
+  uint64_t writes_ = 0;
+  uint64_t zero_writes_ = 0;
+  bool committed_ = false;
+
+ private:
+  bool pieces_;
 };
 
 TEST_P(BackendTest, TransactionBoundariesAndZeroCopyViewsSurviveTheTrip) {
@@ -752,6 +785,21 @@ class RawSender {
                          .hash = compress::hash64(bytes.data(), bytes.size())};
     frame(h, send_payload ? bytes : std::span<const std::byte>());
   }
+  // A DATA frame of `bytes` encoded with `codec` (compress::encode_chunk; zero detection off).
+  void encoded(uint64_t seq, uint64_t offset, std::span<const std::byte> bytes, compress::Codec codec) {
+    std::vector<std::byte> out(compress::encode_bound(compress::Codec::sparse, bytes.size()));
+    const compress::EncodeResult e =
+        compress::encode_chunk(compress::EncodeOptions{.codec = codec, .detect_zero = false, .probe_incompressible = false}, bytes, out);
+    ASSERT_EQ(e.codec, codec);
+    frame(wire::Header{.type = wire::FrameType::data,
+                       .codec = uint8_t(e.codec),
+                       .seq = seq,
+                       .offset = offset,
+                       .raw_len = uint32_t(bytes.size()),
+                       .payload_len = e.encoded_len,
+                       .hash = e.hash},
+          std::span(out.data(), e.encoded_len));
+  }
   void close() { fd_.reset(); }
 
  private:
@@ -760,17 +808,20 @@ class RawSender {
   bool ok_ = false;
 };
 
-// Runs a receiver and lets `script` drive a RawSender; returns the receiver's result.
-Result against_receiver(const std::function<void(RawSender&)>& script) {
+// Runs a receiver into `into` (default: a null sink) and lets `script` drive a RawSender of `chunk`-byte
+// chunks; returns the receiver's result.
+Result against_receiver(const std::function<void(RawSender&)>& script, io::Sink* into = nullptr,
+                        uint32_t chunk = 4096, Stats* stats = nullptr) {
   io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
   const uint16_t port = io::bound_port(listener.get());
-  auto sink = io::open_null_sink();
+  auto null_sink = io::open_null_sink();
+  io::Sink& sink = into ? *into : *null_sink;
   RecvOptions ro;
   ro.idle_timeout_ms = 5000;
   Result r;
-  std::thread receiver([&] { r = receive(*sink, listener.get(), ro, nullptr, nullptr); });
+  std::thread receiver([&] { r = receive(sink, listener.get(), ro, stats, nullptr); });
   {
-    RawSender s(port);
+    RawSender s(port, chunk);
     EXPECT_TRUE(s.ok());
     script(s);
     receiver.join();
@@ -887,6 +938,111 @@ TEST(ReceiverStateMachine, ASenderAbortCarriesItsReason) {
   });
   EXPECT_EQ(r.reason, wire::Reason::source);
   EXPECT_NE(r.error.find("sender aborted (source): source device fell over"), std::string::npos) << r.error;
+}
+
+// Sparse chunks (zero pages left out on the wire) are verified as they came and kept packed in the reorder
+// window: a sink that takes pieces gets their present pages and zero runs, any other sink the expanded chunk,
+// and both the same bytes. Zero pages single and in runs, at a chunk's start and end, a short last page, and
+// a sparse payload larger than a chunk (every page present: valid, if pointless), which takes the decode
+// buffer instead.
+TEST(ReceiverStateMachine, SparseChunksReachEveryKindOfSinkExactly) {
+  constexpr size_t kPage = 4096, kChunk = 16 * kPage;
+  const size_t size = 6 * kChunk + kPage + 1000;  // 7 chunks, the last of a page and 1000 bytes
+  std::vector<std::byte> state(size);
+  std::mt19937_64 rng(11);
+  for (auto& b : state) b = std::byte(rng());
+  for (size_t page = 0; page * kPage < size; ++page) {
+    const size_t in_chunk = page % 16;
+    const bool zero = (page < 64 && (in_chunk == 0 || (in_chunk >= 5 && in_chunk <= 7) || in_chunk == 15)) ||
+                      (page >= 80 && page % 2 == 0);
+    if (zero) std::memset(state.data() + page * kPage, 0, std::min(kPage, size - page * kPage));
+  }
+  // Chunk 5 (pages 64..79) has no zero page: sent sparse with every page present.
+  auto script = [&](RawSender& s) {
+    wire::StreamDigest d;
+    uint64_t seq = 0;
+    for (size_t off = 0; off < size; off += kChunk) {
+      const auto bytes = std::span<const std::byte>(state).subspan(off, std::min(kChunk, size - off));
+      ++seq;
+      if (off == 4 * kChunk) {
+        std::vector<std::byte> payload(compress::sparse_bitmap_bytes(bytes.size()), std::byte{0xff});
+        payload.insert(payload.end(), bytes.begin(), bytes.end());
+        s.frame(wire::Header{.type = wire::FrameType::data,
+                             .codec = uint8_t(compress::Codec::sparse),
+                             .seq = seq,
+                             .offset = off,
+                             .raw_len = uint32_t(bytes.size()),
+                             .payload_len = uint32_t(payload.size()),
+                             .hash = compress::hash64(bytes.data(), bytes.size())},
+                payload);
+      } else {
+        s.encoded(seq, off, bytes, compress::Codec::sparse);
+      }
+      d.add(seq, uint32_t(bytes.size()), compress::hash64(bytes.data(), bytes.size()));
+    }
+    s.frame(wire::make_end(seq, size, d.value()));
+  };
+  for (const bool pieces : {true, false}) {
+    SCOPED_TRACE(pieces ? "a sink that takes pieces" : "a sink that takes whole chunks");
+    MemorySink sink(pieces);
+    Stats stats;
+    const Result r = against_receiver(script, &sink, kChunk, &stats);
+    ASSERT_TRUE(r.committed) << r.error;
+    EXPECT_TRUE(sink.committed_);
+    EXPECT_TRUE(sink.bytes_ == state);
+    EXPECT_EQ(stats.codec_chunks[unsigned(compress::Codec::sparse)].load(), 7u);
+    if (pieces) {
+      // Zero runs: 3 in each of chunks 1-4, 8 in chunk 6 (pages 80, 82, ... 94), 1 in chunk 7 (page 96).
+      EXPECT_EQ(sink.zero_writes_, 4u * 3 + 8 + 1);
+    } else {
+      EXPECT_EQ(sink.zero_writes_, 0u);
+      EXPECT_EQ(sink.writes_, 7u);
+    }
+  }
+  // A file sink.
+  const fs::path dir = fs::temp_directory_path() / ("dstx-sparse-" + std::to_string(getpid()));
+  fs::create_directories(dir);
+  auto file = open_sink("file:" + (dir / "out").string());
+  const Result r = against_receiver(script, file.get(), kChunk);
+  ASSERT_TRUE(r.committed) << r.error;
+  std::ifstream in(dir / "out", std::ios::binary);
+  const std::vector<char> got((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(got.size(), size);
+  EXPECT_TRUE(got.size() == size && std::memcmp(got.data(), state.data(), size) == 0);
+  fs::remove_all(dir);
+}
+
+// A packed sparse payload is checked like a decoded one: a bitmap that does not add up, and pages that do not
+// hash to the header's XXH3, fail the transfer naming the chunk; nothing reaches the sink.
+TEST(ReceiverStateMachine, RejectsMalformedSparseChunks) {
+  constexpr size_t kChunk = 4 * 4096;
+  std::vector<std::byte> bytes(kChunk, std::byte{7});
+  std::memset(bytes.data() + 4096, 0, 4096);
+  std::vector<std::byte> out(compress::encode_bound(compress::Codec::sparse, kChunk));
+  const compress::EncodeResult e =
+      compress::encode_chunk(compress::EncodeOptions{.codec = compress::Codec::sparse}, bytes, out);
+  ASSERT_EQ(e.codec, compress::Codec::sparse);
+  out.resize(e.encoded_len);
+  auto header = [&](uint32_t payload_len, uint64_t hash) {
+    return wire::Header{.type = wire::FrameType::data,
+                        .codec = uint8_t(compress::Codec::sparse),
+                        .seq = 1,
+                        .raw_len = uint32_t(kChunk),
+                        .payload_len = payload_len,
+                        .hash = hash};
+  };
+  MemorySink sink(true);
+  Result r = against_receiver([&](RawSender& s) { s.frame(header(e.encoded_len, e.hash ^ 1), out); }, &sink,
+                              kChunk);
+  EXPECT_EQ(r.reason, wire::Reason::checksum);
+  EXPECT_NE(r.error.find("chunk 1 at offset 0: decoded bytes do not match their XXH3-64"), std::string::npos)
+      << r.error;
+  auto bad = out;
+  bad[0] |= std::byte{1u << 1};  // the zero page marked present: the pages no longer fill the payload
+  r = against_receiver([&](RawSender& s) { s.frame(header(e.encoded_len, e.hash), bad); }, &sink, kChunk);
+  EXPECT_EQ(r.reason, wire::Reason::checksum);
+  EXPECT_NE(r.error.find("encoded length impossible"), std::string::npos) << r.error;
+  EXPECT_TRUE(sink.bytes_.empty());
 }
 
 }  // namespace

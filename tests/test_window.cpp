@@ -64,14 +64,14 @@ TEST(ReorderWindow, DeliversInOrderWhateverOrderChunksArriveIn) {
   }
   for (uint64_t want = 1; want <= 8; ++want) {
     ChunkMeta m;
-    std::span<const std::byte> data;
+    std::span<std::byte> data;
     ASSERT_EQ(w.wait_next(100ms, &m, &data), ReorderWindow::Wait::ready);
     EXPECT_EQ(m.seq, want);
     EXPECT_EQ(data[0], std::byte(want));
     w.release_next();
   }
   ChunkMeta m;
-  std::span<const std::byte> data;
+  std::span<std::byte> data;
   EXPECT_EQ(w.wait_next(10ms, &m, &data), ReorderWindow::Wait::timeout);
 }
 
@@ -83,7 +83,7 @@ TEST(ReorderWindow, RejectsDuplicatesAndStaleChunks) {
   ASSERT_EQ(w.admit(1, &buf), ReorderWindow::Admit::ok);
   w.publish(ChunkMeta{.seq = 1, .raw_len = 8});
   ChunkMeta m;
-  std::span<const std::byte> data;
+  std::span<std::byte> data;
   ASSERT_EQ(w.wait_next(100ms, &m, &data), ReorderWindow::Wait::ready);
   w.release_next();
   EXPECT_EQ(w.admit(1, &buf), ReorderWindow::Admit::duplicate);  // already applied
@@ -104,7 +104,7 @@ TEST(ReorderWindow, AdmitBlocksBeyondTheWindowUntilItMoves) {
   EXPECT_FALSE(admitted.load());  // chunk 3 must wait: the window holds 1 and 2
   w.publish(ChunkMeta{.seq = 1, .raw_len = 8});
   ChunkMeta m;
-  std::span<const std::byte> data;
+  std::span<std::byte> data;
   ASSERT_EQ(w.wait_next(100ms, &m, &data), ReorderWindow::Wait::ready);
   w.release_next();
   t.join();
@@ -120,7 +120,7 @@ TEST(ReorderWindow, CloseWakesBlockedProducersAndConsumers) {
   std::thread p([&] { producer = w.admit(2, &buf); });
   std::thread c([&] {
     ChunkMeta m;
-    std::span<const std::byte> d;
+    std::span<std::byte> d;
     consumer = w.wait_next(10s, &m, &d);
   });
   std::this_thread::sleep_for(30ms);
@@ -137,7 +137,7 @@ TEST(ReorderWindow, CloseWakesBlockedProducersAndConsumers) {
 TEST(ReorderWindow, WakeEndsTheConsumersWaitEarly) {
   ReorderWindow w(4, 8);
   ChunkMeta m;
-  std::span<const std::byte> d;
+  std::span<std::byte> d;
   ReorderWindow::Wait consumer = ReorderWindow::Wait::ready;
   std::thread c([&] { consumer = w.wait_next(std::chrono::hours(1), &m, &d); });
   std::this_thread::sleep_for(30ms);
@@ -154,6 +154,37 @@ TEST(ReorderWindow, WakeEndsTheConsumersWaitEarly) {
   w.wake();
   EXPECT_EQ(w.wait_next(std::chrono::hours(1), &m, &d), ReorderWindow::Wait::ready);
   EXPECT_EQ(m.seq, 1u);
+}
+
+// A chunk takes the buffer freed last (still in the cache), not one fixed by its sequence number; a buffer is
+// never handed out twice at once, and the consumer sees the whole buffer its chunk was written into.
+TEST(ReorderWindow, ReusesTheBufferFreedLast) {
+  ReorderWindow w(4, 8);
+  std::span<std::byte> b1, b2, b3;
+  ASSERT_EQ(w.admit(1, &b1), ReorderWindow::Admit::ok);
+  ASSERT_EQ(w.admit(2, &b2), ReorderWindow::Admit::ok);
+  EXPECT_NE(b1.data(), b2.data());
+  EXPECT_EQ(b1.size(), 8u);
+  b1[7] = std::byte{42};
+  w.publish(ChunkMeta{.seq = 1, .raw_len = 3});
+  ChunkMeta m;
+  std::span<std::byte> d;
+  ASSERT_EQ(w.wait_next(100ms, &m, &d), ReorderWindow::Wait::ready);
+  EXPECT_EQ(d.data(), b1.data());
+  EXPECT_EQ(d.size(), 8u);  // the whole buffer, whatever raw_len says
+  EXPECT_EQ(d[7], std::byte{42});
+  w.release_next();
+  // seq 3 would have had buffer 3 by seq % slots; it gets chunk 1's, freed last.
+  ASSERT_EQ(w.admit(3, &b3), ReorderWindow::Admit::ok);
+  EXPECT_EQ(b3.data(), b1.data());
+  // A cancelled chunk's buffer goes back too, and is the next one taken.
+  std::span<std::byte> b4, b5;
+  ASSERT_EQ(w.admit(4, &b4), ReorderWindow::Admit::ok);
+  EXPECT_NE(b4.data(), b2.data());
+  EXPECT_NE(b4.data(), b3.data());
+  w.cancel(4);
+  ASSERT_EQ(w.admit(4, &b5), ReorderWindow::Admit::ok);
+  EXPECT_EQ(b5.data(), b4.data());
 }
 
 }  // namespace
