@@ -111,8 +111,9 @@ bool sparse_present(std::span<const std::byte> bitmap, size_t page) {
   return (std::to_integer<unsigned>(bitmap[page / 8]) >> (page % 8)) & 1u;
 }
 
-// Returns the payload size, or 0 when the chunk has no zero page or the payload does not fit.
-size_t compress_sparse(std::span<const std::byte> raw, std::byte* out, size_t capacity) {
+// Returns the payload size, or 0 when the chunk has no zero page or the payload does not fit. `gather`: writes
+// the bitmap only (the caller sends the present pages from raw).
+size_t compress_sparse(std::span<const std::byte> raw, std::byte* out, size_t capacity, bool gather = false) {
   const size_t pages = sparse_pages(raw.size());
   const size_t bitmap = sparse_bitmap_bytes(raw.size());
   if (capacity < bitmap) return 0;
@@ -128,6 +129,7 @@ size_t compress_sparse(std::span<const std::byte> raw, std::byte* out, size_t ca
     n += len;
   }
   if (n == bitmap + raw.size() || n > capacity) return 0;  // no zero page, or no room
+  if (gather) return n;
   size_t at = bitmap;
   for (size_t i = 0; i < pages; ++i) {
     if (!((std::to_integer<unsigned>(out[i / 8]) >> (i % 8)) & 1u)) continue;
@@ -315,7 +317,8 @@ EncodeResult encode_chunk(const EncodeOptions& opts, std::span<const std::byte> 
   // Raw after all: still worth dropping the zero pages when the caller allows it.
   auto raw_result = [&] {
     if (opts.sparse_fallback && raw.size() > kSparsePageBytes) {
-      const size_t n = compress_sparse(raw, out.data(), std::min(out.size(), raw.size() - 1));
+      const size_t n =
+          compress_sparse(raw, out.data(), std::min(out.size(), raw.size() - 1), opts.sparse_gather);
       if (n > 0) {
         result.codec = Codec::sparse;
         result.encoded_len = static_cast<uint32_t>(n);
@@ -345,7 +348,7 @@ EncodeResult encode_chunk(const EncodeOptions& opts, std::span<const std::byte> 
       n = compress_zstd(raw, out.data(), capacity, opts.level);
       break;
     case Codec::sparse:
-      n = compress_sparse(raw, out.data(), capacity);
+      n = compress_sparse(raw, out.data(), capacity, opts.sparse_gather);
       break;
     case Codec::none:
       break;

@@ -51,6 +51,9 @@ struct EncodeOptions {
   // >= 0: compress only a chunk whose estimate_ratio() is at most this (and kIncompressibleRatio), send the
   // others raw (sparse with sparse_fallback), whatever the chunk's size; replaces probe_incompressible.
   double max_estimate = -1;
+  // A sparse result writes only its bitmap into `out`; its present pages stay where they are in `raw`, for a
+  // caller that sends them from there in pieces (for_each_sparse_page_run). encoded_len counts them all.
+  bool sparse_gather = false;
 };
 
 struct EncodeResult {
@@ -93,23 +96,31 @@ inline size_t sparse_bitmap_bytes(size_t raw_len) {
 // static zero page; `hasher` is scratch state.
 DecodeError verify_sparse(std::span<const std::byte> enc, size_t raw_len, uint64_t expect_hash,
                           Hasher64& hasher);
+// Calls fn(offset, len, present) for each maximal run of present or of zero pages of a chunk of raw_len bytes,
+// in order, as `bitmap` (sparse_bitmap_bytes(raw_len) bytes) has them.
+template <class Fn>
+void for_each_sparse_page_run(std::span<const std::byte> bitmap, size_t raw_len, Fn&& fn) {
+  const size_t pages = (raw_len + kSparsePageBytes - 1) / kSparsePageBytes;
+  auto present = [&](size_t i) { return bool((std::to_integer<unsigned>(bitmap[i / 8]) >> (i % 8)) & 1u); };
+  for (size_t i = 0; i < pages;) {
+    const bool kind = present(i);
+    size_t j = i + 1;
+    while (j < pages && present(j) == kind) ++j;
+    const size_t off = i * kSparsePageBytes;
+    fn(off, std::min(j * kSparsePageBytes, raw_len) - off, kind);
+    i = j;
+  }
+}
 // Calls fn(offset, len, data) for each maximal run of present pages (data points into enc) and of zero pages
 // (data is nullptr), in order. Only for a payload that passed verify_sparse.
 template <class Fn>
 void for_each_sparse_run(std::span<const std::byte> enc, size_t raw_len, Fn&& fn) {
-  const size_t pages = (raw_len + kSparsePageBytes - 1) / kSparsePageBytes;
-  auto present = [&](size_t i) { return (std::to_integer<unsigned>(enc[i / 8]) >> (i % 8)) & 1u; };
-  const std::byte* at = enc.data() + sparse_bitmap_bytes(raw_len);
-  for (size_t i = 0; i < pages;) {
-    const unsigned kind = present(i);
-    size_t j = i + 1;
-    while (j < pages && present(j) == kind) ++j;
-    const size_t off = i * kSparsePageBytes;
-    const size_t len = std::min(j * kSparsePageBytes, raw_len) - off;
-    fn(off, len, kind ? at : nullptr);
-    if (kind) at += len;
-    i = j;
-  }
+  const size_t bitmap = sparse_bitmap_bytes(raw_len);
+  const std::byte* at = enc.data() + bitmap;
+  for_each_sparse_page_run(enc.first(bitmap), raw_len, [&](size_t off, size_t len, bool present) {
+    fn(off, len, present ? at : nullptr);
+    if (present) at += len;
+  });
 }
 // Expands a payload that passed verify_sparse and lies at the end of buf (its last enc_len bytes) into
 // buf's first raw_len bytes, in place (buf.size() >= raw_len). Every page moves towards the start of buf or

@@ -252,27 +252,30 @@ class Worker {
     bool end_of_transaction = false;
     const std::byte* view = nullptr;  // zero-copy source bytes (a mapped data section)
     uint64_t view_token = 0;
-    // What goes on the wire: the header, then the payload; one segment when they are contiguous.
-    struct Segment {
-      const std::byte* data = nullptr;
-      size_t len = 0;
-    };
-    Segment seg[2];
-    unsigned seg_count = 0;
-    unsigned seg_index = 0;
-    size_t seg_sent = 0;
+    // What goes on the wire, in pieces (build_iov): the frame in one piece where it is contiguous; the header
+    // and then the payload where the payload stays in a source's mapping; the header with a sparse chunk's
+    // bitmap and then each run of its present pages, which stay where they were read.
+    std::vector<iovec> iov;
+    size_t iov_at = 0;      // the first piece not wholly sent; the pieces before it are consumed
+    size_t sent = 0;        // bytes of the frame sent so far
+    std::byte* frame = nullptr;  // where the frame starts (its header) in frame_buf
     size_t frame_len = 0;
-    int frame_buf = -1;  // the buffer holding the whole frame (for replay)
+    int frame_buf = -1;     // the buffer holding the frame (for replay)
+    bool gathered = false;  // sparse, its present pages left in the read buffer
     compress::EncodeResult enc;
   };
   // A frame kept for resuming: in a pool buffer, or (a zero chunk's frame: the header alone) inline, so that
   // zero chunks, common in device state, hold no 1 MiB buffer each until acknowledged.
+  // A gathered sparse frame keeps its read buffer: the header and bitmap in front of the chunk's bytes, whose
+  // present pages it sends again in pieces.
   struct Replay {
     uint64_t seq;
     int buf;  // -1: the frame is `header`
     size_t len;
+    size_t at = 0;             // where the frame starts in buf
+    uint32_t gathered_raw = 0;  // > 0: a gathered sparse frame of a chunk of this many bytes
     std::array<std::byte, wire::kHeaderBytes> header{};
-    const std::byte* data(const Worker& w) const { return buf >= 0 ? w.buf(buf) : header.data(); }
+    const std::byte* data(const Worker& w) const { return buf >= 0 ? w.buf(buf) + at : header.data(); }
   };
   // Frames kept inline cost no buffer; this bounds their number per stream (~80 bytes each).
   static constexpr size_t kMaxInlineReplays = 4096;
@@ -283,9 +286,11 @@ class Worker {
     // Synchronous source reads (sequential sources, generated content, finishing a short read) and
     // replays get their own ring: the synchronous helpers need a ring with nothing else in flight.
     sync_ring_ = io::make_ring(sh_.backend, io::RingOptions{.entries = 4});
-    // Room for any codec the auto ladder may pick (encode_chunk never writes past raw size - 1 anyway).
+    // Room for any codec the auto ladder may pick (encode_chunk never writes past raw size - 1 anyway), and
+    // in front of a chunk's bytes for a header and a sparse bitmap.
+    front_ = (wire::kHeaderBytes + compress::sparse_bitmap_bytes(sh_.chunk_bytes) + 63) & ~size_t(63);
     buf_bytes_ = round_up(
-        wire::kHeaderBytes +
+        front_ +
         std::max({size_t(sh_.chunk_bytes), compress::encode_bound(compress::Codec::lz4, sh_.chunk_bytes),
                   compress::encode_bound(compress::Codec::zstd, sh_.chunk_bytes),
                   compress::encode_bound(compress::Codec::sparse, sh_.chunk_bytes)}));
@@ -298,6 +303,8 @@ class Worker {
     memory_ = io::IoMemory(buf_bytes_ * count);
     for (size_t i = count; i-- > 0;) free_.push_back(int(i));
     slots_.resize(depth);
+    // A sparse frame's pieces: the header with the bitmap, then at most one run per two pages.
+    for (Slot& slot : slots_) slot.iov.reserve(2 + compress::sparse_bitmap_bytes(sh_.chunk_bytes) * 4);
     if (sh_.backend == io::Backend::uring && io::probe().send_zc)
       zero_copy_min_ = sh_.options.zero_copy_min_bytes;
     // Registered once, the buffers spare the kernel a page walk on every read (READ_FIXED). Where the kernel
@@ -329,6 +336,8 @@ class Worker {
 
   static size_t round_up(size_t n) { return (n + 4095) & ~size_t(4095); }
   std::byte* buf(int i) const { return memory_.data() + size_t(i) * buf_bytes_; }
+  // Where a chunk is read into its input buffer: behind room for a header and a sparse bitmap.
+  std::byte* chunk_data(int i) const { return buf(i) + front_; }
   // No room for another chunk until acknowledgements free some: a chunk takes two buffers, and the frames kept
   // inline for resuming are bounded.
   bool pool_short() const { return free_.size() < 2 || inline_replays_ >= kMaxInlineReplays; }
@@ -420,7 +429,7 @@ class Worker {
   SendSequencer::Claim claim_into(Slot& slot) {
     io::Source& src = sh_.source;
     const int in = free_.back();
-    std::byte* data = buf(in) + wire::kHeaderBytes;
+    std::byte* data = chunk_data(in);
     if (!src.random_access()) {
       // Sequential claims happen only here, under the source lock: check for room, read, then claim.
       std::lock_guard lock(sh_.source_mu);
@@ -492,10 +501,12 @@ class Worker {
   void encode_ready() {
     for (Slot* slot : fifo_) {
       if (slot->state != State::read) continue;
-      std::byte* in = buf(slot->in);
+      std::byte* in = chunk_data(slot->in);
       std::byte* out = buf(slot->out);
-      const std::span<const std::byte> raw(slot->view ? slot->view : in + wire::kHeaderBytes, slot->len);
-      const compress::EncodeOptions how = choose_encoding();
+      const std::span<const std::byte> raw(slot->view ? slot->view : in, slot->len);
+      compress::EncodeOptions how = choose_encoding();
+      // A sparse chunk read into our buffer goes out in pieces from there: its pages are not copied.
+      how.sparse_gather = !slot->view;
       const Clock::duration cpu_before = sh_.effort ? thread_cpu_time() : Clock::duration{};
       slot->enc = compress::encode_chunk(
           how, raw, std::span<std::byte>(out + wire::kHeaderBytes, buf_bytes_ - wire::kHeaderBytes));
@@ -513,27 +524,63 @@ class Worker {
                      .raw_len = slot->len,
                      .payload_len = slot->enc.encoded_len,
                      .hash = slot->enc.hash};
-      // Raw and zero chunks go out from the input buffer (header room in front), compressed ones from the
-      // output buffer; raw bytes still in a source's mapping go out from there, after a separate header.
+      // Raw and zero chunks go out from the input buffer (header in front of the chunk), compressed ones from
+      // the output buffer; raw bytes still in a source's mapping go out from there, after a separate header;
+      // a gathered sparse chunk's header and bitmap go in front of the chunk, its present pages from it.
       const bool raw_chunk = slot->enc.codec == compress::Codec::none;
-      slot->frame_buf = raw_chunk ? slot->in : slot->out;
-      std::byte* header = buf(slot->frame_buf);
-      wire::encode_header(h, std::span<std::byte, wire::kHeaderBytes>(header, wire::kHeaderBytes));
-      slot->frame_len = wire::kHeaderBytes + slot->enc.encoded_len;
-      if (raw_chunk && slot->view && !slot->enc.zero) {
-        slot->seg[0] = {header, wire::kHeaderBytes};
-        slot->seg[1] = {slot->view, slot->enc.encoded_len};
-        slot->seg_count = 2;
+      slot->gathered = slot->enc.codec == compress::Codec::sparse && how.sparse_gather;
+      slot->frame_buf = raw_chunk || slot->gathered ? slot->in : slot->out;
+      if (slot->gathered) {
+        const size_t bitmap = compress::sparse_bitmap_bytes(slot->len);
+        std::memcpy(in - bitmap, out + wire::kHeaderBytes, bitmap);
+        slot->frame = in - bitmap - wire::kHeaderBytes;
       } else {
-        slot->seg[0] = {header, slot->frame_len};
-        slot->seg_count = 1;
-        release_view(*slot);  // encoded (or zero): the mapping is no longer needed
+        slot->frame = raw_chunk ? in - wire::kHeaderBytes : out;
       }
-      slot->seg_index = 0;
-      slot->seg_sent = 0;
+      wire::encode_header(h, std::span<std::byte, wire::kHeaderBytes>(slot->frame, wire::kHeaderBytes));
+      slot->frame_len = wire::kHeaderBytes + slot->enc.encoded_len;
+      if (!(raw_chunk && slot->view && !slot->enc.zero))
+        release_view(*slot);  // encoded (or zero): the mapping is no longer needed
+      build_iov(*slot);
       slot->state = State::encoded;
       // Encoding is the CPU-heavy step: do one, then let the ring make progress.
       return;
+    }
+  }
+
+  // The frame's pieces, from the start (again, after a reconnection).
+  void build_iov(Slot& slot) {
+    slot.iov.clear();
+    slot.iov_at = 0;
+    slot.sent = 0;
+    if (slot.gathered) {
+      const size_t bitmap = compress::sparse_bitmap_bytes(slot.len);
+      slot.iov.push_back({slot.frame, wire::kHeaderBytes + bitmap});
+      std::byte* data = chunk_data(slot.in);
+      compress::for_each_sparse_page_run(std::span<const std::byte>(slot.frame + wire::kHeaderBytes, bitmap),
+                                         slot.len, [&](size_t off, size_t len, bool present) {
+                                           if (present) slot.iov.push_back({data + off, len});
+                                         });
+    } else if (slot.view && slot.enc.codec == compress::Codec::none && !slot.enc.zero) {
+      slot.iov.push_back({slot.frame, wire::kHeaderBytes});
+      slot.iov.push_back({const_cast<std::byte*>(slot.view), slot.enc.encoded_len});
+    } else {
+      slot.iov.push_back({slot.frame, slot.frame_len});
+    }
+  }
+
+  // `n` more bytes of the slot's frame went out: drop the pieces they finish, trim the one they end in.
+  static void consume(Slot& slot, size_t n) {
+    slot.sent += n;
+    while (n > 0 && slot.iov_at < slot.iov.size()) {
+      iovec& v = slot.iov[slot.iov_at];
+      if (n < v.iov_len) {
+        v.iov_base = static_cast<std::byte*>(v.iov_base) + n;
+        v.iov_len -= n;
+        return;
+      }
+      n -= v.iov_len;
+      ++slot.iov_at;
     }
   }
 
@@ -589,18 +636,27 @@ class Worker {
   }
 
   void queue_send(Slot& slot) {
-    const Slot::Segment& seg = slot.seg[slot.seg_index];
-    const size_t left = seg.len - slot.seg_sent;
-    // Zero-copy send above the break-even size (dstx tune measures it; off by default, since on loopback and
-    // veth the kernel copies anyway). The ring hands the completion back only after the kernel's
-    // notification, so the buffer is never reused early.
-    const bool zero_copy = zero_copy_min_ > 0 && left >= zero_copy_min_;
-    send_io_ = io::Completion{.op = zero_copy ? io::Op::send_zc : io::Op::send,
-                              .fd = fd(),
-                              .buf = const_cast<std::byte*>(seg.data + slot.seg_sent),
-                              .len = uint32_t(std::min(left, io::kMaxIoBytes)),
-                              .more = slot.seg_index + 1 < slot.seg_count,
-                              .file_index = socket_file_};
+    const size_t pieces = slot.iov.size() - slot.iov_at;
+    if (pieces > 1) {  // one sendmsg for the pieces (up to the kernel's limit; the rest follows at once)
+      const size_t n = std::min(pieces, io::kMaxIov);
+      send_io_ = io::Completion{.op = io::Op::sendmsg,
+                                .fd = fd(),
+                                .more = n < pieces,
+                                .file_index = socket_file_,
+                                .iov = &slot.iov[slot.iov_at],
+                                .iov_count = unsigned(n)};
+    } else {
+      const iovec& piece = slot.iov[slot.iov_at];
+      // Zero-copy send above the break-even size (dstx tune measures it; off by default, since on loopback
+      // and veth the kernel copies anyway). The ring hands the completion back only after the kernel's
+      // notification, so the buffer is never reused early.
+      const bool zero_copy = zero_copy_min_ > 0 && piece.iov_len >= zero_copy_min_;
+      send_io_ = io::Completion{.op = zero_copy ? io::Op::send_zc : io::Op::send,
+                                .fd = fd(),
+                                .buf = piece.iov_base,
+                                .len = uint32_t(std::min(piece.iov_len, io::kMaxIoBytes)),
+                                .file_index = socket_file_};
+    }
     if (!ring_->queue(&send_io_)) {
       ring_->submit(0);
       if (!ring_->queue(&send_io_)) throw std::runtime_error("io ring full");
@@ -625,7 +681,7 @@ class Worker {
       if (uint32_t(slot.io.result) != slot.len) {
         // A short read of a regular file: finish it synchronously.
         const int64_t more =
-            io::read_full(*sync_ring_, slot.io.fd, buf(slot.in) + wire::kHeaderBytes + slot.io.result,
+            io::read_full(*sync_ring_, slot.io.fd, chunk_data(slot.in) + slot.io.result,
                           slot.len - slot.io.result, int64_t(slot.offset) + slot.io.result);
         if (more != int64_t(slot.len - slot.io.result)) {
           throw std::runtime_error(sh_.source.describe() + ": short read at offset " +
@@ -643,12 +699,8 @@ class Worker {
         reconnect("send: " + errno_text(err));
         return;
       }
-      slot.seg_sent += size_t(send_io_.result);
-      if (slot.seg_sent == slot.seg[slot.seg_index].len && slot.seg_index + 1 < slot.seg_count) {
-        ++slot.seg_index;
-        slot.seg_sent = 0;
-      }
-      if (slot.seg_sent < slot.seg[slot.seg_index].len) {
+      consume(slot, size_t(send_io_.result));
+      if (slot.iov_at < slot.iov.size()) {
         queue_send(slot);
         return;
       }
@@ -670,23 +722,29 @@ class Worker {
     if (!slot.enc.zero) st.codec_chunks[unsigned(slot.enc.codec) & 3].fetch_add(1, std::memory_order_relaxed);
     if (sh_.resume && slot.frame_len == wire::kHeaderBytes) {
       Replay r{.seq = slot.seq, .buf = -1, .len = slot.frame_len};
-      std::memcpy(r.header.data(), buf(slot.frame_buf), wire::kHeaderBytes);
+      std::memcpy(r.header.data(), slot.frame, wire::kHeaderBytes);
       replay_.push_back(r);
       ++inline_replays_;
       free_.push_back(slot.in);
       free_.push_back(slot.out);
     } else if (sh_.resume) {
-      // Keep the frame, whole and contiguous, until the receiver acknowledges it.
-      if (slot.seg_count == 2) {
-        std::memcpy(buf(slot.frame_buf) + wire::kHeaderBytes, slot.seg[1].data, slot.seg[1].len);
+      // Keep the frame until the receiver acknowledges it: contiguous (bytes sent from a mapping are copied
+      // behind their header), or a gathered sparse frame as it is.
+      if (slot.view && !slot.gathered && slot.frame == chunk_data(slot.in) - wire::kHeaderBytes) {
+        std::memcpy(slot.frame + wire::kHeaderBytes, slot.view, slot.enc.encoded_len);
       }
-      replay_.push_back(Replay{slot.seq, slot.frame_buf, slot.frame_len});
+      replay_.push_back(Replay{.seq = slot.seq,
+                               .buf = slot.frame_buf,
+                               .len = slot.frame_len,
+                               .at = size_t(slot.frame - buf(slot.frame_buf)),
+                               .gathered_raw = slot.gathered ? slot.len : 0});
       free_.push_back(slot.frame_buf == slot.in ? slot.out : slot.in);
     } else {
       free_.push_back(slot.in);
       free_.push_back(slot.out);
     }
     slot.in = slot.out = slot.frame_buf = -1;
+    slot.frame = nullptr;
     release_view(slot);
     // Zero chunks cost the same on every rung and next to nothing: the controller only sees the others, whose
     // share varies along the state and would otherwise swamp the difference between rungs.
@@ -820,9 +878,8 @@ class Worker {
     release_acked();
     for (const Replay& r : replay_) {
       if (r.seq <= resume_seq) continue;
-      const int64_t n = io::send_full(*sync_ring_, new_fd, r.data(*this), r.len);
-      if (n < 0) {
-        *error = "resend: " + errno_text(int(n));
+      if (const int64_t n = resend(new_fd, r); n < 0) {
+        *error = "resend: " + errno_text(int(-n));
         return false;
       }
     }
@@ -831,13 +888,29 @@ class Worker {
       if (slot.seq <= resume_seq) {
         finish(slot);  // it arrived whole before the break
       } else {
-        slot.seg_index = 0;
-        slot.seg_sent = 0;
+        build_iov(slot);
         slot.state = State::encoded;  // goes out again, first, from start_send
       }
     }
     if (end_.type == wire::FrameType::end) end_pending_ = true;
     return true;
+  }
+
+  // One kept frame, on a fresh connection. Returns 0 or -errno.
+  int64_t resend(int fd, const Replay& r) {
+    if (r.gathered_raw == 0) {
+      const int64_t n = io::send_full(*sync_ring_, fd, r.data(*this), r.len);
+      return n < 0 ? n : 0;
+    }
+    const size_t bitmap = compress::sparse_bitmap_bytes(r.gathered_raw);
+    const std::byte* head = r.data(*this);
+    int64_t rc = io::send_full(*sync_ring_, fd, head, wire::kHeaderBytes + bitmap);
+    const std::byte* data = chunk_data(r.buf);
+    compress::for_each_sparse_page_run(std::span<const std::byte>(head + wire::kHeaderBytes, bitmap),
+                                       r.gathered_raw, [&](size_t off, size_t len, bool present) {
+                                         if (present && rc >= 0) rc = io::send_full(*sync_ring_, fd, data + off, len);
+                                       });
+    return rc < 0 ? rc : 0;
   }
 
   // No buffer may be freed while the kernel still uses it.
@@ -855,12 +928,9 @@ class Worker {
     if (!ring_) return;
     if (!fifo_.empty() && fifo_.front()->state == State::sending) {
       Slot& slot = *fifo_.front();
-      if (sending_ && send_io_.done && send_io_.result > 0) slot.seg_sent += size_t(send_io_.result);
-      const bool started = slot.seg_index > 0 || slot.seg_sent > 0;
-      for (unsigned k = slot.seg_index; started && k < slot.seg_count; ++k) {
-        const size_t from = k == slot.seg_index ? slot.seg_sent : 0;
-        if (from >= slot.seg[k].len) continue;
-        if (io::send_full(*sync_ring_, fd(), slot.seg[k].data + from, slot.seg[k].len - from) < 0) break;
+      if (sending_ && send_io_.done && send_io_.result > 0) consume(slot, size_t(send_io_.result));
+      for (size_t k = slot.iov_at; slot.sent > 0 && k < slot.iov.size(); ++k) {
+        if (io::send_full(*sync_ring_, fd(), slot.iov[k].iov_base, slot.iov[k].iov_len) < 0) break;
       }
     }
     for (Slot& slot : slots_) release_view(slot);
@@ -877,6 +947,7 @@ class Worker {
   std::unique_ptr<io::Ring> sync_ring_;
   io::IoMemory memory_;
   size_t buf_bytes_ = 0;
+  size_t front_ = 0;  // a buffer's room before its chunk: a header and a sparse bitmap
   bool fixed_buffers_ = false;
   size_t zero_copy_min_ = 0;  // 0: never SEND_ZC
   std::vector<int> free_;

@@ -5,6 +5,7 @@
 // from reap().
 #pragma once
 
+#include <sys/socket.h>
 #include <sys/uio.h>
 
 #include <cstddef>
@@ -26,7 +27,11 @@ enum class Op : uint8_t {
   send,         // send(fd, buf, len, MSG_NOSIGNAL, plus MSG_MORE when `more`)
   send_zc,      // zero-copy send; result arrives first, buffer is reusable only after `notified` is set
   recv,         // recv(fd, buf, len, 0)
+  sendmsg,      // sendmsg(fd, {iov, iov_count}, MSG_NOSIGNAL plus MSG_MORE when `more`): one frame in pieces
 };
+
+// The most pieces one sendmsg may carry (the kernel's UIO_MAXIOV).
+inline constexpr size_t kMaxIov = 1024;
 
 struct Completion {
   Op op = Op::read;
@@ -38,11 +43,14 @@ struct Completion {
   bool more = false;   // send/send_zc: more bytes of the same message follow at once (MSG_MORE): the kernel
                        // holds a short piece back to fill segments instead of sending it on its own
   int file_index = -1;  // >= 0: use registered file `file_index` (register_files) instead of fd
+  const iovec* iov = nullptr;  // sendmsg: the pieces (at most kMaxIov), the caller's until reaped
+  unsigned iov_count = 0;
   uint64_t user = 0;   // caller's tag, untouched by the ring
   // Filled in by the ring:
   int32_t result = 0;    // bytes transferred (>= 0) or -errno
   bool done = false;     // the result is valid
   bool notified = true;  // send_zc: the kernel no longer references buf (always true for other ops)
+  msghdr msg{};          // sendmsg: filled by the ring from iov (io_uring reads it until the operation ends)
 };
 
 struct RingOptions {

@@ -36,6 +36,13 @@ int32_t perform_once(const Completion& c) {
     case Op::recv:
       n = ::recv(c.fd, c.buf, c.len, 0);
       break;
+    case Op::sendmsg: {
+      msghdr msg{};
+      msg.msg_iov = const_cast<iovec*>(c.iov);
+      msg.msg_iovlen = c.iov_count;
+      n = ::sendmsg(c.fd, &msg, send_flags(c));
+      break;
+    }
   }
   return n < 0 ? -errno : static_cast<int32_t>(n);
 }

@@ -162,43 +162,51 @@ class UringRing final : public Ring {
   unsigned in_flight() const override { return in_flight_; }
 
  private:
-  static void prep(struct io_uring_sqe* sqe, Completion c) {
+  static void prep(struct io_uring_sqe* sqe, Completion& c) {
     // -1 becomes ~0ULL, which the kernel reads as "use and advance the file position" (pipes, sockets).
     const auto offset = static_cast<uint64_t>(c.offset);
-    if (c.file_index >= 0) c.fd = c.file_index;  // the slot, with IOSQE_FIXED_FILE set below
-    prep_op(sqe, c, offset);
+    const int fd = c.file_index >= 0 ? c.file_index : c.fd;  // the slot, with IOSQE_FIXED_FILE set below
+    if (c.op == Op::sendmsg) {
+      c.msg = msghdr{};
+      c.msg.msg_iov = const_cast<iovec*>(c.iov);
+      c.msg.msg_iovlen = c.iov_count;
+    }
+    prep_op(sqe, c, fd, offset);
     if (c.file_index >= 0) io_uring_sqe_set_flags(sqe, IOSQE_FIXED_FILE);
   }
 
-  static void prep_op(struct io_uring_sqe* sqe, const Completion& c, uint64_t offset) {
+  static void prep_op(struct io_uring_sqe* sqe, const Completion& c, int fd, uint64_t offset) {
     switch (c.op) {
       case Op::read:
-        io_uring_prep_read(sqe, c.fd, c.buf, c.len, offset);
+        io_uring_prep_read(sqe, fd, c.buf, c.len, offset);
         break;
       case Op::write:
-        io_uring_prep_write(sqe, c.fd, c.buf, c.len, offset);
+        io_uring_prep_write(sqe, fd, c.buf, c.len, offset);
         break;
       case Op::read_fixed:
         assert(c.buf_index >= 0);
-        io_uring_prep_read_fixed(sqe, c.fd, c.buf, c.len, offset, c.buf_index);
+        io_uring_prep_read_fixed(sqe, fd, c.buf, c.len, offset, c.buf_index);
         break;
       case Op::write_fixed:
         assert(c.buf_index >= 0);
-        io_uring_prep_write_fixed(sqe, c.fd, c.buf, c.len, offset, c.buf_index);
+        io_uring_prep_write_fixed(sqe, fd, c.buf, c.len, offset, c.buf_index);
         break;
       case Op::send:
-        io_uring_prep_send(sqe, c.fd, c.buf, c.len, send_flags(c));
+        io_uring_prep_send(sqe, fd, c.buf, c.len, send_flags(c));
         break;
       case Op::send_zc:
         if (c.buf_index >= 0) {
-          io_uring_prep_send_zc_fixed(sqe, c.fd, c.buf, c.len, send_flags(c), 0,
+          io_uring_prep_send_zc_fixed(sqe, fd, c.buf, c.len, send_flags(c), 0,
                                       static_cast<unsigned>(c.buf_index));
         } else {
-          io_uring_prep_send_zc(sqe, c.fd, c.buf, c.len, send_flags(c), 0);
+          io_uring_prep_send_zc(sqe, fd, c.buf, c.len, send_flags(c), 0);
         }
         break;
       case Op::recv:
-        io_uring_prep_recv(sqe, c.fd, c.buf, c.len, 0);
+        io_uring_prep_recv(sqe, fd, c.buf, c.len, 0);
+        break;
+      case Op::sendmsg:
+        io_uring_prep_sendmsg(sqe, fd, &c.msg, static_cast<unsigned>(send_flags(c)));
         break;
     }
   }

@@ -695,5 +695,34 @@ TEST(Sparse, VerifyRejectsWhatTheDecoderRejects) {
   EXPECT_EQ(verify_sparse(huge, raw.size(), r.hash, h), DecodeError::bad_length);
 }
 
+// sparse_gather: the same result, but only the bitmap is written; the pages stay in raw, and the page runs
+// of the bitmap pick them out.
+TEST(Sparse, GatherWritesTheBitmapOnly) {
+  Bytes raw = random_bytes(6 * 4096 + 5, 12);
+  std::memset(raw.data() + 4096, 0, 2 * 4096);
+  std::memset(raw.data() + 5 * 4096, 0, 4096);
+  Bytes copied(encode_bound(Codec::sparse, raw.size()));
+  Bytes gathered(copied.size(), std::byte{0x3c});
+  EncodeOptions opts{.codec = Codec::sparse, .probe_incompressible = false};
+  const EncodeResult a = encode_chunk(opts, raw, copied);
+  opts.sparse_gather = true;
+  const EncodeResult b = encode_chunk(opts, raw, gathered);
+  ASSERT_EQ(a.codec, Codec::sparse);
+  ASSERT_EQ(b.codec, Codec::sparse);
+  EXPECT_EQ(b.encoded_len, a.encoded_len);
+  EXPECT_EQ(b.hash, a.hash);
+  const size_t bitmap = sparse_bitmap_bytes(raw.size());
+  ASSERT_EQ(bitmap, 1u);
+  EXPECT_EQ(gathered[0], copied[0]);
+  for (size_t i = bitmap; i < gathered.size(); ++i) ASSERT_EQ(gathered[i], std::byte{0x3c}) << i;
+  Bytes joined(copied.begin(), copied.begin() + bitmap);
+  for_each_sparse_page_run(std::span<const std::byte>(gathered.data(), bitmap), raw.size(),
+                           [&](size_t off, size_t len, bool present) {
+                             if (present) joined.insert(joined.end(), raw.begin() + off, raw.begin() + off + len);
+                           });
+  EXPECT_TRUE(std::equal(joined.begin(), joined.end(), copied.begin()));
+  EXPECT_EQ(joined.size(), a.encoded_len);
+}
+
 }  // namespace
 }  // namespace dstx::compress
