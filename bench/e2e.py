@@ -71,11 +71,12 @@ so they share its C cores. Per logical byte, with z = fraction of all-zero 4 KiB
 wire), and a fraction f of the non-zero bytes compressed with codec c (lz4 or zstd level 1), the rest raw:
   wire(f) = (1 - z) * (f * w_c + (1 - f))                       bytes on the link per logical byte
   cpu(f)  = 1/M + (1 - z) * f * (1/E_c + 1/D_c) + wire(f) * k    core-seconds per logical byte, both sides
-  T(f)    = min(L / wire(f), C / cpu(f))
+  T(f)    = min(L / wire(f), C / cpu(f), M_C)
   ideal   = max over c in {lz4, zstd} and f in [0, 1] of T(f)      (f = 0 is plain raw with zero skipping)
 L = link ceiling: best of iperf3 with 1 and N streams on that link. k = CPU cost of moving one byte through
 TCP on this path (both sides' CPU seconds per byte of iperf3 on the unlimited link). M = single-core memory
-read speed (dd from tmpfs): every byte is read once. E_c, D_c, w_c = single-core encode and decode speed and
+read speed (dd from tmpfs): every byte is read once. M_C = the read speed of C such readers at once on
+disjoint halves (C dd's; the cores share the memory bus, so M_C < C * M on this machine). E_c, D_c, w_c = single-core encode and decode speed and
 compressed/original size of the CLI's own benchmark (lz4 -b1, zstd -b1) on the profile's non-zero pages.
 Per run the ideal time is S / ideal + the harness' launch overhead (nsenter + /usr/bin/time, a few ms).
 It leaves out hashing, framing, syscalls and connection set-up, so it is an upper bound: dstx / ideal <= 1
@@ -537,7 +538,25 @@ def mem_read_speed(path):
     return int(m.group(1)) / float(m.group(2))
 
 
-def ideal(L, C, k, M, z, codecs):
+def mem_read_speed_parallel(path, readers):
+    """M_C: `readers` dd's at once, each over its own part of the file; total bytes over the slowest one's own
+    copy time (their start-up is left out, as it is for M)."""
+    size = os.path.getsize(path)
+    part = size // readers // (1 << 20)
+    if part == 0:
+        return None
+    procs = [subprocess.Popen(["dd", f"if={path}", "of=/dev/null", "bs=1M", f"skip={i * part}", f"count={part}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for i in range(readers)]
+    times = []
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        m = re.search(r"(\d+) bytes .* copied, ([\d.e-]+) s", err)
+        times.append(float(m.group(2)))
+    return readers * part * (1 << 20) / max(times)
+
+
+def ideal(L, C, k, M, z, codecs, MC=math.inf):
     """The model in IDEAL_MODEL. Returns (B/s, choice)."""
     best, choice = 0.0, "raw"
     options = [("raw", None)] + [(name, c) for name, c in codecs.items()]
@@ -548,7 +567,7 @@ def ideal(L, C, k, M, z, codecs):
             w = c["ratio"] if c else 1.0
             wire = (1 - z) * (f * w + (1 - f))
             cpu = 1 / M + (1 - z) * f * ((1 / c["enc_Bps"] + 1 / c["dec_Bps"]) if c else 0) + wire * k
-            t = min(L / wire if wire > 0 else math.inf, C / cpu)
+            t = min(L / wire if wire > 0 else math.inf, C / cpu, MC)
             if t > best:
                 best, choice = t, f"{name} f={f:.2f}" if c else "raw"
     return best, choice
@@ -603,7 +622,7 @@ def derive(results, summary):
             best_fixed_tool = max(fixed, key=fixed.get) if fixed else None
             pc = cal["profiles"][prof]
             idl, choice = ideal(ceil, cal["cores"], cal["k_s_per_byte"], cal["mem_Bps"], pc["zero_fraction"],
-                                pc["codecs"])
+                                pc["codecs"], cal.get("mem_parallel_Bps") or math.inf)
             size = results["args"]["size"]
             idl = size / (size / idl + cal["launch_overhead_s"])  # the harness' own launch cost, same for all
             auto = g.get("dstx-auto")
@@ -786,7 +805,8 @@ def write_md(results, summary, derived, tgts, path, png_name):
     L.append("## Ideal model\n")
     L.append("```\n" + IDEAL_MODEL + "\n```\n")
     L.append(f"Measured: C = {cal['cores']} cores, k = {cal['k_s_per_byte'] * 1e9:.3f} core-s/GB "
-             f"(iperf3 {cal['k_streams']} streams unlimited), M = {cal['mem_Bps'] / 1e9:.2f} GB/s.\n")
+             f"(iperf3 {cal['k_streams']} streams unlimited), M = {cal['mem_Bps'] / 1e9:.2f} GB/s, "
+             f"M_C = {(cal.get('mem_parallel_Bps') or 0) / 1e9:.2f} GB/s ({cal['cores']} readers).\n")
     L.append("| profile | z (zero pages) | lz4 enc/dec MB/s, ratio | zstd enc/dec MB/s, ratio |")
     L.append("|---|---:|---|---|")
     for prof in results["args"]["profiles"]:
@@ -885,6 +905,8 @@ def calibrate(h, files, a):
         t.append(time.monotonic() - t0)
     cal["launch_overhead_s"] = min(t)  # the fixed part; the rest is noise
     cal["mem_Bps"] = max(mem_read_speed(files[p]) for p in files)
+    biggest = max(files.values(), key=os.path.getsize)
+    cal["mem_parallel_Bps"] = max(mem_read_speed_parallel(biggest, cal["cores"]) or 0 for _ in range(3)) or None
     cal["profiles"] = {}
     for prof, path in files.items():
         sample = h.tmp(f"{prof}.sample")
@@ -1003,6 +1025,7 @@ def self_test(a, h, out_dir):
     check("ideal: link-bound raw", abs(ideal(1e8, 2, 1e-10, 1e10, 0.0, {})[0] - 1e8) < 1)
     check("ideal: compression pays on a slow link", ideal(1e8, 2, 1e-10, 1e10, 0.0, c)[0] > 1.9e8)
     check("ideal: zero pages are CPU-bound only", ideal(1e8, 2, 1e-10, 1e10, 1.0, c)[0] == 2e10)
+    check("ideal: the shared memory bus caps it", ideal(1e8, 2, 1e-10, 1e10, 1.0, c, 1.5e10)[0] == 1.5e10)
     check("median", median([3, 1, 2, None]) == 2)
     check("parse_size", parse_size("64M") == 64 << 20 and parse_size("1G") == 1 << 30)
     results = main_run(a, h)
