@@ -42,7 +42,7 @@ const char* kMigrateHelp =
     "  --precopy-max-rounds N   pre-copy rounds at most (default 8; 0: straight to stop-copy)\n"
     "  --downtime-target MS     leave pre-copy once the rest fits in this many ms (default 300)\n"
     "  --vfio-protocol P        v1, v2 or auto (default: v2 when the device offers it, else v1)\n"
-    "  --codec MODE             auto (default), none, lz4, zstd\n"
+    "  --codec MODE             auto (default), none, sparse, lz4, zstd\n"
     "  --chunk-size SIZE        4K..16M (default 1M)\n"
     "  --connect-timeout MS, --commit-timeout MS, --idle-timeout MS, --bandwidth RATE,\n"
     "  --reconnect-attempts N, --replay-buffer SIZE, --no-resume, --tcp-user-timeout MS, and the\n"

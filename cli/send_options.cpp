@@ -134,7 +134,7 @@ engine::SendOptions send_options(const Args& args) {
   o.streams = args.get_unsigned("streams", o.streams, 1, engine::wire::kMaxStreams);
   if (auto c = args.get("codec")) {
     if (!engine::codec_mode_from_name(*c, &o.codec)) {
-      throw UsageError("--codec '" + *c + "': expected auto, none, lz4 or zstd");
+      throw UsageError("--codec '" + *c + "': expected auto, none, sparse, lz4 or zstd");
     }
   }
   o.zstd_level = args.get_int("zstd-level", 1, 1, 19);

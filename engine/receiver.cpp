@@ -31,7 +31,11 @@ using wire::Reason;
 
 inline constexpr uint64_t kAckEveryChunks = 16;
 inline constexpr auto kAckEvery = std::chrono::milliseconds(100);
-inline constexpr uint32_t kStreamAckBytes = 256 << 10;  // STREAM_ACK at least this often (in chunk bytes)
+// STREAM_ACK frees the sender's replay buffers: one after this many bytes of chunks that hold a buffer there
+// (at least one such chunk), and one every kStreamAckZeroChunks zero chunks, whose frames (a header) the
+// sender keeps without a buffer: all-zero state does not wake the sender for every chunk.
+inline constexpr uint32_t kStreamAckBytes = 256 << 10;
+inline constexpr uint32_t kStreamAckZeroChunks = 64;
 
 uint64_t our_capabilities() {
   return wire::kCapLz4 | wire::kCapZstd | wire::kCapTransactions | wire::kCapResume;
@@ -61,6 +65,7 @@ struct Link {
 
 struct Shared {
   io::Sink& sink;
+  const bool sink_takes_pieces;  // sink.takes_pieces(), asked once
   const RecvOptions& options;
   std::vector<Link>& links;
   Stats& stats;
@@ -87,7 +92,14 @@ struct Shared {
 
   Shared(io::Sink& s, const RecvOptions& o, std::vector<Link>& l, Stats& st, io::Backend b, uint32_t chunk,
          uint32_t slots)
-      : sink(s), options(o), links(l), stats(st), backend(b), chunk_bytes(chunk), window(slots, chunk) {}
+      : sink(s),
+        sink_takes_pieces(s.takes_pieces()),
+        options(o),
+        links(l),
+        stats(st),
+        backend(b),
+        chunk_bytes(chunk),
+        window(slots, chunk) {}
 
   void fail(Reason reason, std::string text, bool from_peer = false) {
     if (failure.set(reason, std::move(text), from_peer)) {
@@ -218,14 +230,15 @@ class StreamWorker {
       return false;
     }
     const std::span<std::byte> raw = slot.first(h.raw_len);
-    // A sparse payload that fits is kept as it came, packed against the end of the slot: it is verified
-    // without writing its zero pages, and the writer expands it in place, or hands its runs to a sink that
-    // takes them (zero pages then never get written at all).
-    const bool packed =
+    // A sparse payload that fits lands packed against the end of the slot and is verified as it is, its zero
+    // pages hashed from a static page. For a sink that takes pieces it stays so (the writer hands on its
+    // runs: zero pages are never written at all); for any other it is expanded in place here.
+    const bool sparse_in_slot =
         h.codec == uint8_t(compress::Codec::sparse) && !(h.flags & wire::kFlagZero) && h.payload_len <= slot.size();
+    uint32_t packed_len = 0;
     if (!(h.flags & wire::kFlagZero)) {
       std::byte* into = h.codec == uint8_t(compress::Codec::none) ? raw.data()
-                        : packed                                  ? slot.data() + slot.size() - h.payload_len
+                        : sparse_in_slot                          ? slot.data() + slot.size() - h.payload_len
                                                                   : scratch_.data();
       const int64_t n = io::recv_full(*ring_, link_.fd.load(), into, h.payload_len, socket_file_);
       if (n != int64_t(h.payload_len)) {
@@ -235,13 +248,17 @@ class StreamWorker {
       }
       const std::span<const std::byte> enc(into, h.payload_len);
       const compress::DecodeError de =
-          packed ? compress::verify_sparse(enc, h.raw_len, h.hash, hasher_)
-                 : compress::decode_chunk(compress::Codec(h.codec), false, enc, raw, h.hash);
+          sparse_in_slot ? compress::verify_sparse(enc, h.raw_len, h.hash, hasher_)
+                         : compress::decode_chunk(compress::Codec(h.codec), false, enc, raw, h.hash);
       if (de != compress::DecodeError::ok) {
         sh_.fail(Reason::checksum, name_ + ": chunk " + std::to_string(h.seq) + " at offset " +
                                        std::to_string(h.offset) + ": " + compress::decode_error_text(de));
         return false;
       }
+      if (sparse_in_slot && sh_.sink_takes_pieces)
+        packed_len = h.payload_len;
+      else if (sparse_in_slot)
+        compress::expand_sparse_at_end(slot, h.payload_len, h.raw_len);
     }
     // Zero chunks are never materialised: the sink gets a zero run.
     last_seq_ = h.seq;
@@ -256,8 +273,9 @@ class StreamWorker {
                                  .raw_len = h.raw_len,
                                  .hash = h.hash,
                                  .flags = h.flags,
-                                 .packed_len = packed ? h.payload_len : 0});
-    if (++since_ack_ >= ack_every_) stream_ack();
+                                 .packed_len = packed_len});
+    if (h.flags & wire::kFlagZero ? ++since_ack_zero_ >= kStreamAckZeroChunks : ++since_ack_ >= ack_every_)
+      stream_ack();
     return true;
   }
 
@@ -287,7 +305,7 @@ class StreamWorker {
   }
 
   void stream_ack() {
-    since_ack_ = 0;
+    since_ack_ = since_ack_zero_ = 0;
     sh_.send_on(*ring_, index_, wire::make_stream_ack(last_seq_));  // a lost one is repeated by the next
   }
 
@@ -332,7 +350,7 @@ class StreamWorker {
     if (send_hello_ack(*ring_, link_.owner.get(), ack) < 0) {
       return true;  // broken again at once: the next read notices and waits for the next attempt
     }
-    since_ack_ = 0;
+    since_ack_ = since_ack_zero_ = 0;
     sh_.stats.resumes.fetch_add(1, std::memory_order_relaxed);
     return true;
   }
@@ -347,7 +365,8 @@ class StreamWorker {
   compress::Hasher64 hasher_;  // verifies sparse payloads kept packed
   uint64_t last_seq_ = 0;
   uint32_t ack_every_ = 1;
-  uint32_t since_ack_ = 0;
+  uint32_t since_ack_ = 0;       // chunks since the last STREAM_ACK, but zero chunks
+  uint32_t since_ack_zero_ = 0;  // zero chunks since then
   bool ended_ = false;
 };
 
@@ -391,7 +410,7 @@ void writer(Shared& sh) {
       }
       if (meta.flags & wire::kFlagZero) {
         sh.sink.write_zero(*ring, bytes, meta.raw_len);
-      } else if (meta.packed_len > 0 && sh.sink.takes_pieces()) {
+      } else if (meta.packed_len > 0) {  // only for a sink that takes pieces
         const auto enc = std::span<const std::byte>(slot).last(meta.packed_len);
         compress::for_each_sparse_run(enc, meta.raw_len, [&](size_t at, size_t len, const std::byte* run) {
           if (run)
@@ -400,7 +419,6 @@ void writer(Shared& sh) {
             sh.sink.write_zero(*ring, bytes + at, len);
         });
       } else {
-        if (meta.packed_len > 0) compress::expand_sparse_at_end(slot, meta.packed_len, meta.raw_len);
         sh.sink.write(*ring, bytes, slot.first(meta.raw_len));
       }
       if (meta.flags & wire::kFlagEndOfTransaction) sh.sink.end_transaction(*ring);

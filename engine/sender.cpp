@@ -121,6 +121,11 @@ std::string pick_codec(const SendOptions& o, uint64_t caps, compress::EncodeOpti
       enc->codec = compress::Codec::none;
       enc->probe_incompressible = false;
       return {};
+    case CodecMode::sparse:  // every receiver decodes sparse payloads (no capability bit)
+      enc->codec = compress::Codec::none;
+      enc->probe_incompressible = false;
+      enc->sparse_fallback = true;
+      return {};
     case CodecMode::auto_select:
       enc->codec = (caps & wire::kCapLz4) ? compress::Codec::lz4 : compress::Codec::none;
       enc->probe_incompressible = true;
@@ -357,9 +362,11 @@ class Worker {
       }
       release_acked();
       complete_ops();  // also picks up reads that finished while a reconnection drained the ring
-      const bool blocked = start_reads();
+      bool blocked = start_reads();
       encode_ready();
       start_send();
+      // Read on this thread: the next chunk now, while the one just encoded is on its way.
+      if (!reads_through_ring() && !has_state(State::read)) blocked = start_reads();
       if (exhausted_ && fifo_.empty()) return;  // all our chunks are on the wire
       if (ring_->in_flight() == 0) {
         // Nothing in the kernel: wait for other workers to move the window, or for acknowledgements to free
@@ -412,9 +419,13 @@ class Worker {
   // Claims chunks into free slots and starts reading them. Returns true if the window or the buffer pool
   // stopped us.
   bool start_reads() {
+    // A chunk read on this thread is encoded before the next is read, while its bytes are still in this
+    // core's cache (reading `depth` chunks ahead pushed the first out before the encoder came to it).
+    const bool one_ahead = !reads_through_ring();
     for (Slot& slot : slots_) {
       if (exhausted_) return false;
       if (slot.state != State::free) continue;
+      if (one_ahead && has_state(State::read)) return false;
       if (pool_short()) return true;
       const SendSequencer::Claim claim = claim_into(slot);
       if (claim == SendSequencer::Claim::window_full) return true;
@@ -489,6 +500,15 @@ class Worker {
       slot.state = State::read;
     }
     return claim;
+  }
+
+  // Both buffers of a slot back to the pool, `hot` on top: the next chunk is read into it. A chunk is always
+  // read into its input buffer but its output buffer is written only when it is compressed, so the input
+  // goes on top: the worker keeps reusing memory it has touched (a first touch is a page fault, and in a VM
+  // whose host takes freed memory back a costly one) and all-zero or raw state never touches the rest.
+  void give_back(int cold, int hot) {
+    free_.push_back(cold);
+    free_.push_back(hot);
   }
 
   void take_buffers(Slot& slot) {
@@ -635,10 +655,20 @@ class Worker {
     slot.view = nullptr;
   }
 
+  // Zero-copy send above the break-even size (dstx tune measures it; off by default, since on loopback and
+  // veth the kernel copies anyway). The ring hands the completion back only after the kernel's notification,
+  // so the buffer is never reused early.
+  bool zero_copy(const iovec& piece) const { return zero_copy_min_ > 0 && piece.iov_len >= zero_copy_min_; }
+
   void queue_send(Slot& slot) {
     const size_t pieces = slot.iov.size() - slot.iov_at;
-    if (pieces > 1) {  // one sendmsg for the pieces (up to the kernel's limit; the rest follows at once)
-      const size_t n = std::min(pieces, io::kMaxIov);
+    // One sendmsg for the pieces up to the kernel's limit, or up to one that goes zero-copy on its own; the
+    // rest follows at once (MSG_MORE).
+    size_t n = 1;
+    if (!zero_copy(slot.iov[slot.iov_at])) {
+      while (n < std::min(pieces, io::kMaxIov) && !zero_copy(slot.iov[slot.iov_at + n])) ++n;
+    }
+    if (n > 1) {
       send_io_ = io::Completion{.op = io::Op::sendmsg,
                                 .fd = fd(),
                                 .more = n < pieces,
@@ -647,14 +677,11 @@ class Worker {
                                 .iov_count = unsigned(n)};
     } else {
       const iovec& piece = slot.iov[slot.iov_at];
-      // Zero-copy send above the break-even size (dstx tune measures it; off by default, since on loopback
-      // and veth the kernel copies anyway). The ring hands the completion back only after the kernel's
-      // notification, so the buffer is never reused early.
-      const bool zero_copy = zero_copy_min_ > 0 && piece.iov_len >= zero_copy_min_;
-      send_io_ = io::Completion{.op = zero_copy ? io::Op::send_zc : io::Op::send,
+      send_io_ = io::Completion{.op = zero_copy(piece) ? io::Op::send_zc : io::Op::send,
                                 .fd = fd(),
                                 .buf = piece.iov_base,
                                 .len = uint32_t(std::min(piece.iov_len, io::kMaxIoBytes)),
+                                .more = pieces > 1,
                                 .file_index = socket_file_};
     }
     if (!ring_->queue(&send_io_)) {
@@ -725,12 +752,12 @@ class Worker {
       std::memcpy(r.header.data(), slot.frame, wire::kHeaderBytes);
       replay_.push_back(r);
       ++inline_replays_;
-      free_.push_back(slot.in);
-      free_.push_back(slot.out);
+      give_back(slot.out, slot.in);
     } else if (sh_.resume) {
       // Keep the frame until the receiver acknowledges it: contiguous (bytes sent from a mapping are copied
-      // behind their header), or a gathered sparse frame as it is.
-      if (slot.view && !slot.gathered && slot.frame == chunk_data(slot.in) - wire::kHeaderBytes) {
+      // behind their header: only a raw chunk still holds its view here), or a gathered sparse frame as it is.
+      if (slot.view) {
+        assert(!slot.gathered && slot.frame == chunk_data(slot.in) - wire::kHeaderBytes);
         std::memcpy(slot.frame + wire::kHeaderBytes, slot.view, slot.enc.encoded_len);
       }
       replay_.push_back(Replay{.seq = slot.seq,
@@ -740,8 +767,7 @@ class Worker {
                                .gathered_raw = slot.gathered ? slot.len : 0});
       free_.push_back(slot.frame_buf == slot.in ? slot.out : slot.in);
     } else {
-      free_.push_back(slot.in);
-      free_.push_back(slot.out);
+      give_back(slot.out, slot.in);
     }
     slot.in = slot.out = slot.frame_buf = -1;
     slot.frame = nullptr;
@@ -896,21 +922,24 @@ class Worker {
     return true;
   }
 
-  // One kept frame, on a fresh connection. Returns 0 or -errno.
+  // One kept frame, on a fresh connection: contiguous, or a gathered sparse frame's header and bitmap and
+  // then its present pages, in as few sendmsg calls as the pieces allow. Returns 0 or -errno.
   int64_t resend(int fd, const Replay& r) {
     if (r.gathered_raw == 0) {
       const int64_t n = io::send_full(*sync_ring_, fd, r.data(*this), r.len);
       return n < 0 ? n : 0;
     }
     const size_t bitmap = compress::sparse_bitmap_bytes(r.gathered_raw);
-    const std::byte* head = r.data(*this);
-    int64_t rc = io::send_full(*sync_ring_, fd, head, wire::kHeaderBytes + bitmap);
-    const std::byte* data = chunk_data(r.buf);
+    std::byte* head = buf(r.buf) + r.at;
+    resend_iov_.clear();
+    resend_iov_.push_back({head, wire::kHeaderBytes + bitmap});
+    std::byte* data = chunk_data(r.buf);
     compress::for_each_sparse_page_run(std::span<const std::byte>(head + wire::kHeaderBytes, bitmap),
                                        r.gathered_raw, [&](size_t off, size_t len, bool present) {
-                                         if (present && rc >= 0) rc = io::send_full(*sync_ring_, fd, data + off, len);
+                                         if (present) resend_iov_.push_back({data + off, len});
                                        });
-    return rc < 0 ? rc : 0;
+    const int64_t n = io::sendmsg_full(*sync_ring_, fd, resend_iov_);
+    return n < 0 ? n : 0;
   }
 
   // No buffer may be freed while the kernel still uses it.
@@ -929,9 +958,8 @@ class Worker {
     if (!fifo_.empty() && fifo_.front()->state == State::sending) {
       Slot& slot = *fifo_.front();
       if (sending_ && send_io_.done && send_io_.result > 0) consume(slot, size_t(send_io_.result));
-      for (size_t k = slot.iov_at; slot.sent > 0 && k < slot.iov.size(); ++k) {
-        if (io::send_full(*sync_ring_, fd(), slot.iov[k].iov_base, slot.iov[k].iov_len) < 0) break;
-      }
+      if (slot.sent > 0 && slot.iov_at < slot.iov.size())
+        (void)io::sendmsg_full(*sync_ring_, fd(), std::span(slot.iov).subspan(slot.iov_at));
     }
     for (Slot& slot : slots_) release_view(slot);
     ring_.reset();
@@ -952,6 +980,7 @@ class Worker {
   size_t zero_copy_min_ = 0;  // 0: never SEND_ZC
   std::vector<int> free_;
   std::deque<Replay> replay_;
+  std::vector<iovec> resend_iov_;  // a gathered frame's pieces while it is sent again
   size_t inline_replays_ = 0;  // entries of replay_ without a buffer
   std::vector<Slot> slots_;
   std::deque<Slot*> fifo_;
@@ -1102,12 +1131,15 @@ const char* codec_mode_name(CodecMode mode) {
       return "lz4";
     case CodecMode::zstd:
       return "zstd";
+    case CodecMode::sparse:
+      return "sparse";
   }
   return "?";
 }
 
 bool codec_mode_from_name(std::string_view name, CodecMode* out) {
-  for (CodecMode m : {CodecMode::auto_select, CodecMode::none, CodecMode::lz4, CodecMode::zstd}) {
+  for (CodecMode m :
+       {CodecMode::auto_select, CodecMode::none, CodecMode::lz4, CodecMode::zstd, CodecMode::sparse}) {
     if (name == codec_mode_name(m)) {
       *out = m;
       return true;

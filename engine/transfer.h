@@ -15,9 +15,11 @@
 
 namespace dstx::engine {
 
-enum class CodecMode : uint8_t { auto_select, none, lz4, zstd };
+// sparse: no compression, but a chunk's zero pages are left out (the least CPU that still skips zeros: what
+// auto does on links faster than its compressors).
+enum class CodecMode : uint8_t { auto_select, none, lz4, zstd, sparse };
 const char* codec_mode_name(CodecMode mode);
-bool codec_mode_from_name(std::string_view name, CodecMode* out);  // "auto", "none", "lz4", "zstd"
+bool codec_mode_from_name(std::string_view name, CodecMode* out);  // "auto", "none", "lz4", "zstd", "sparse"
 
 inline constexpr uint32_t kDefaultChunkBytes = 1u << 20;
 // The replay buffer (SendOptions::replay_bytes) is memory held on the sender: at most this much.

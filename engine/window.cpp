@@ -128,7 +128,7 @@ void ReorderWindow::publish(const ChunkMeta& meta) {
 }
 
 ReorderWindow::Wait ReorderWindow::wait_next(std::chrono::milliseconds timeout, ChunkMeta* meta,
-                                             std::span<std::byte>* data) {
+                                             std::span<std::byte>* slot_out) {
   std::unique_lock lock(mu_);
   const bool ok = ready_cv_.wait_for(
       lock, timeout, [&] { return closed_ || woken_ || table_[next_ % slots_].state == State::ready; });
@@ -138,7 +138,7 @@ ReorderWindow::Wait ReorderWindow::wait_next(std::chrono::milliseconds timeout, 
   if (!ok || !ready) return Wait::timeout;
   const Slot& slot = table_[next_ % slots_];
   *meta = slot.meta;
-  *data = std::span<std::byte>(buffer(slot.buf), slot_bytes_);
+  *slot_out = std::span<std::byte>(buffer(slot.buf), slot_bytes_);
   return Wait::ready;
 }
 
@@ -146,6 +146,7 @@ void ReorderWindow::release_next() {
   {
     std::lock_guard lock(mu_);
     Slot& slot = table_[next_ % slots_];
+    assert(slot.state == State::ready);  // one buffer on the free stack twice would serve two chunks
     slot.state = State::free;
     free_bufs_.push_back(slot.buf);
     ++next_;

@@ -65,7 +65,7 @@ struct ChunkMeta {
   uint64_t hash = 0;
   uint16_t flags = 0;
   // > 0: the slot holds the chunk's sparse payload, this many bytes packed against the slot's end (verified
-  // as it is; compress::expand_sparse_at_end makes it the raw bytes), not the raw bytes at its start.
+  // as it is, kept so for a sink that takes pieces), not the raw bytes at its start.
   uint32_t packed_len = 0;
 };
 

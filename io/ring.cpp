@@ -240,6 +240,42 @@ int64_t send_full(Ring& ring, int fd, const void* buf, size_t len) {
   return transfer_full(ring, Op::send, fd, const_cast<void*>(buf), len, -1);
 }
 
+int64_t sendmsg_full(Ring& ring, int fd, std::span<iovec> pieces) {
+  if (ring.in_flight() != 0) return -EBUSY;
+  int64_t total = 0;
+  size_t at = 0;
+  while (at < pieces.size()) {
+    if (pieces[at].iov_len == 0) {
+      ++at;
+      continue;
+    }
+    const size_t n = std::min(pieces.size() - at, kMaxIov);
+    Completion c{.op = Op::sendmsg, .fd = fd, .more = at + n < pieces.size(), .iov = &pieces[at],
+                 .iov_count = unsigned(n)};
+    int32_t r = run_one(ring, c);
+    if (r == -EAGAIN) {  // a non-blocking socket: wait for room, as send_full does
+      wait_ready(fd, POLLOUT);
+      continue;
+    }
+    if (r == -EINTR) continue;
+    if (r < 0) return r;
+    if (r == 0) return -EIO;  // no progress: looping on it would never end
+    total += r;
+    for (size_t left = size_t(r); left > 0;) {  // drop what went, trim the piece it ended in
+      iovec& v = pieces[at];
+      if (left < v.iov_len) {
+        v.iov_base = static_cast<std::byte*>(v.iov_base) + left;
+        v.iov_len -= left;
+        break;
+      }
+      left -= v.iov_len;
+      v.iov_len = 0;
+      ++at;
+    }
+  }
+  return total;
+}
+
 int64_t recv_full(Ring& ring, int fd, void* buf, size_t len, int file_index) {
   const int64_t got = transfer_full(ring, Op::recv, fd, buf, len, -1, file_index);
   if (got < 0 || static_cast<size_t>(got) == len) return got;

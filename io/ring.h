@@ -117,6 +117,10 @@ std::unique_ptr<Ring> make_ring(Backend backend, const RingOptions& options = {}
 int64_t read_full(Ring& ring, int fd, void* buf, size_t len, int64_t offset);
 int64_t write_full(Ring& ring, int fd, const void* buf, size_t len, int64_t offset);
 int64_t send_full(Ring& ring, int fd, const void* buf, size_t len);
+// Sends every byte of `pieces`, in order, kMaxIov pieces per sendmsg (MSG_MORE on all but the last batch).
+// Consumes the pieces as they go (a piece sent is left empty, a piece sent in part is trimmed). Returns the
+// bytes sent or -errno.
+int64_t sendmsg_full(Ring& ring, int fd, std::span<iovec> pieces);
 // Receives exactly len bytes; returns len, 0 on EOF before the first byte, -EPIPE (short) on EOF mid-way,
 // or -errno. file_index >= 0: receive through that registered file (which must be fd's socket; fd is still
 // used for socket options and polls).

@@ -634,7 +634,7 @@ TEST(Sparse, RejectsMalformedPayloads) {
 }
 
 // The receiver's way with a sparse payload: verified without expanding it, handed on in runs or expanded in
-// place from the end of a buffer. Every bitmap of 9 pages (the last one short), against decode_chunk.
+// place from the end of a buffer. Every bitmap of 9 pages (the last one short), against the raw bytes.
 TEST(Sparse, VerifiedRunsAndInPlaceExpansionMatchTheDecoder) {
   const size_t len = 8 * 4096 + 123;
   const Bytes random = random_bytes(len, 8);

@@ -42,14 +42,14 @@ struct Outcome {
 // (a proxy), else straight to the receiver.
 Outcome transfer(io::Source& src, io::Sink& sink, SendOptions so, RecvOptions ro = {},
                  std::function<uint16_t(uint16_t)> interpose = nullptr, const Cancel* cancel = nullptr,
-                 Stats* recv_stats = nullptr) {
+                 Stats* recv_stats = nullptr, Stats* send_stats = nullptr) {
   io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
   const uint16_t port = io::bound_port(listener.get());
   ro.accept_timeout_ms = 10000;
   Outcome out;
   std::thread receiver([&] { out.recv = receive(sink, listener.get(), ro, recv_stats, cancel); });
   const uint16_t target = interpose ? interpose(port) : port;
-  out.send = send_to(src, io::HostPort{"127.0.0.1", target}, so, nullptr, cancel);
+  out.send = send_to(src, io::HostPort{"127.0.0.1", target}, so, send_stats, cancel);
   receiver.join();
   return out;
 }
@@ -332,6 +332,51 @@ class MemorySink final : public io::Sink {
   bool pieces_;
 };
 
+// --codec sparse: raw chunks without their zero pages. The sender sends each chunk's present pages from where
+// they were read, in pieces: in 16 MiB chunks with every other page zero, 2049 pieces a frame, more than one
+// sendmsg takes. Both kinds of sink get the same bytes; the wire carries the present pages only.
+TEST_P(BackendTest, SparseCodecSendsOnlyThePresentPages) {
+  constexpr size_t kPage = 4096, kChunk = 16 << 20;
+  const size_t size = 2 * kChunk + 3 * kPage + 100;
+  std::vector<std::byte> state(size);
+  std::mt19937_64 rng(5);
+  for (auto& b : state) b = std::byte(rng());
+  size_t zero_bytes = 0;
+  for (size_t page = 1; page * kPage < size; page += 2) {
+    const size_t n = std::min(kPage, size - page * kPage);
+    std::memset(state.data() + page * kPage, 0, n);
+    zero_bytes += n;
+  }
+  const fs::path in = dir_ / "alternate.bin";
+  {
+    std::ofstream f(in, std::ios::binary);
+    f.write(reinterpret_cast<const char*>(state.data()), std::streamsize(state.size()));
+  }
+  for (const bool pieces : {true, false}) {
+    SCOPED_TRACE(pieces ? "a sink that takes pieces" : "a sink that takes whole chunks");
+    auto src = open_source("file:" + in.string());
+    MemorySink sink(pieces);
+    SendOptions so;
+    so.streams = 2;
+    so.chunk_bytes = kChunk;
+    so.codec = CodecMode::sparse;
+    RecvOptions ro;
+    ro.memory_budget_bytes = 128ull << 20;
+    Stats sent, received;
+    const Outcome o = transfer(*src, sink, so, ro, nullptr, nullptr, &received, &sent);
+    ASSERT_TRUE(o.send.committed) << o.send.error;
+    ASSERT_TRUE(o.recv.committed) << o.recv.error;
+    EXPECT_TRUE(sink.bytes_ == state);
+    EXPECT_EQ(sent.codec_chunks[unsigned(compress::Codec::sparse)].load(), 3u);
+    EXPECT_EQ(received.codec_chunks[unsigned(compress::Codec::sparse)].load(), 3u);
+    // Frames: 3 headers and bitmaps and the present pages; END frames on top.
+    const uint64_t frames = 3 * wire::kHeaderBytes + 2 * compress::sparse_bitmap_bytes(kChunk) +
+                            compress::sparse_bitmap_bytes(3 * kPage + 100) + (size - zero_bytes);
+    EXPECT_GE(o.send.wire_bytes, frames);
+    EXPECT_LE(o.send.wire_bytes, frames + 4 * wire::kHeaderBytes);
+  }
+}
+
 TEST_P(BackendTest, TransactionBoundariesAndZeroCopyViewsSurviveTheTrip) {
   std::vector<uint32_t> sizes;
   std::mt19937 rng(3);
@@ -457,13 +502,18 @@ TEST(Resume, ABrokenStreamIsReconnectedAndTheTransferCompletes) {
     int64_t cut_after;
     io::Profile profile = io::Profile::mixed;
     uint32_t chunk_bytes = 256 << 10;
+    CodecMode codec = CodecMode::auto_select;
   };
   // Zero chunks' frames are kept for replay inline (no buffer each): all-zero state in 4 KiB chunks (6144
   // frames of 48 bytes per stream) cut after 2000 and 100000 bytes. (Their bound, 4096 per stream, is not
   // reached: the receiver acknowledges every 64 chunks of 4 KiB.)
   for (const Case c : {Case{1, 0, 3 << 20}, Case{3, 1, 5 << 20}, Case{3, 0, 200}, Case{2, 1, 300},
                        Case{2, 1, 2000, io::Profile::zero, 4096}, Case{2, 0, 100000, io::Profile::zero, 4096},
-                       Case{2, 0, 1 << 20, io::Profile::zero_heavy}}) {
+                       Case{2, 0, 1 << 20, io::Profile::zero_heavy},
+                       // Sparse frames sent gathered (their pages from the read buffer) are kept and sent again
+                       // as pieces.
+                       Case{2, 1, 1 << 20, io::Profile::zero_heavy, 256 << 10, CodecMode::sparse},
+                       Case{1, 0, 700000, io::Profile::mixed, 1 << 20, CodecMode::sparse}}) {
     const io::ContentGenerator gen(c.profile, 31);
     auto src = io::open_emu_source(gen, 48 << 20);
     auto sink = io::open_emu_sink(gen, 48 << 20);
@@ -476,7 +526,7 @@ TEST(Resume, ABrokenStreamIsReconnectedAndTheTransferCompletes) {
         [&] { recv_result = receive(*sink, listener.get(), RecvOptions{}, nullptr, nullptr); });
     proxy = std::make_unique<FaultProxy>(
         port, Fault{.kind = Fault::cut, .connection = c.cut_connection, .at = c.cut_after});
-    SendOptions so{.streams = c.streams, .chunk_bytes = c.chunk_bytes};
+    SendOptions so{.streams = c.streams, .chunk_bytes = c.chunk_bytes, .codec = c.codec};
     so.reconnect_backoff_ms = 20;
     const auto t0 = std::chrono::steady_clock::now();
     const Result send_result =
@@ -486,7 +536,11 @@ TEST(Resume, ABrokenStreamIsReconnectedAndTheTransferCompletes) {
         << c.streams << " streams, cut " << c.cut_connection << ": " << send_result.error;
     EXPECT_TRUE(recv_result.committed) << recv_result.error;
     EXPECT_EQ(send_result.digest, recv_result.digest);
-    EXPECT_GE(send_stats.resumes.load(), 1u) << "the cut did not happen?";
+    EXPECT_GE(send_stats.resumes.load(), 1u)
+        << "the cut did not happen? " << c.streams << " streams, cut " << c.cut_connection << " after " << c.cut_after;
+    if (c.codec == CodecMode::sparse) {
+      EXPECT_GT(send_stats.codec_chunks[unsigned(compress::Codec::sparse)].load(), 0u);
+    }
     // io_uring: the resumed streams' fixed files were re-pointed at the new connections, not dropped.
     if (send_result.io_backend.rfind("io_uring", 0) == 0) {
       EXPECT_EQ(send_result.fixed_file_streams, c.streams);
