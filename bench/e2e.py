@@ -76,8 +76,9 @@ wire), and a fraction f of the non-zero bytes compressed with codec c (lz4 or zs
 L = link ceiling: best of iperf3 with 1 and N streams on that link. k = CPU cost of moving one byte through
 TCP on this path (both sides' CPU seconds per byte of iperf3 on the unlimited link). M = single-core memory
 read speed (dd from tmpfs): every byte is read once. M_C = the read speed of C such readers at once on
-disjoint halves (C dd's; the cores share the memory bus, so M_C < C * M on this machine). E_c, D_c, w_c = single-core encode and decode speed and
-compressed/original size of the CLI's own benchmark (lz4 -b1, zstd -b1) on the profile's non-zero pages.
+disjoint parts (C dd's; the cores share the memory bus, so M_C < C * M on this machine). E_c, D_c, w_c =
+single-core encode and decode speed and compressed/original size of the CLI's own benchmark (lz4 -b1,
+zstd -b1) on the profile's non-zero pages.
 Per run the ideal time is S / ideal + the harness' launch overhead (nsenter + /usr/bin/time, a few ms).
 It leaves out hashing, framing, syscalls and connection set-up, so it is an upper bound: dstx / ideal <= 1
 up to noise."""
