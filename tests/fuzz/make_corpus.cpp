@@ -384,11 +384,15 @@ void receiver_corpus() {
       {"stream-auto-zero-heavy", engine::CodecMode::auto_select, 16384, io::Profile::zero_heavy, 128 << 10},
       {"stream-auto-binary", engine::CodecMode::auto_select, 8192, io::Profile::binary, 48 << 10},
       {"stream-all-zero", engine::CodecMode::lz4, 65536, io::Profile::zero, 1 << 20},
+      {"stream-sparse-zero-heavy", engine::CodecMode::sparse, 16384, io::Profile::zero_heavy, 256 << 10},
+      {"stream-sparse-mixed", engine::CodecMode::sparse, 16384, io::Profile::mixed, 96 << 10},
   };
   for (const Spec& s : specs) {
     const Bytes stream = capture(s.mode, s.chunk, s.profile, s.size);
     describe(s.name, stream);
     put("receiver", s.name, cat({u8s({0}), stream}));
+    // The same stream into a sink that takes pieces (fix-up bit 5).
+    if (s.mode == engine::CodecMode::sparse) put("receiver", std::string(s.name) + "-pieces", cat({u8s({0x20}), stream}));
   }
   // Variants of one capture: with every fix-up (a valid stream stays valid), cut short, a flipped payload
   // byte, END missing, a chunk dropped, a chunk repeated, and an ABORTED from the sender.
