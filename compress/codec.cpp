@@ -5,9 +5,9 @@
 
 #include <algorithm>
 #include <array>
-#include <memory>
 #include <climits>
 #include <cstring>
+#include <memory>
 #include <new>
 #include <stdexcept>
 
@@ -104,17 +104,10 @@ DecodeError decode_zstd(std::span<const std::byte> enc, std::span<std::byte> raw
 // calling convention without -mavx and draws -Wpsabi), NEON on arm64.
 typedef uint64_t Vec16 __attribute__((vector_size(16)));
 
-size_t sparse_pages(size_t raw_len) {
-  return (raw_len + kSparsePageBytes - 1) / kSparsePageBytes;
-}
-bool sparse_present(std::span<const std::byte> bitmap, size_t page) {
-  return (std::to_integer<unsigned>(bitmap[page / 8]) >> (page % 8)) & 1u;
-}
-
 // Returns the payload size, or 0 when the chunk has no zero page or the payload does not fit. `gather`: writes
 // the bitmap only (the caller sends the present pages from raw).
 size_t compress_sparse(std::span<const std::byte> raw, std::byte* out, size_t capacity, bool gather = false) {
-  const size_t pages = sparse_pages(raw.size());
+  const size_t pages = sparse_page_count(raw.size());
   const size_t bitmap = sparse_bitmap_bytes(raw.size());
   if (capacity < bitmap) return 0;
   // Find the zero pages first (a non-zero page usually shows it in its first bytes), and copy only when
@@ -132,7 +125,7 @@ size_t compress_sparse(std::span<const std::byte> raw, std::byte* out, size_t ca
   if (gather) return n;
   size_t at = bitmap;
   for (size_t i = 0; i < pages; ++i) {
-    if (!((std::to_integer<unsigned>(out[i / 8]) >> (i % 8)) & 1u)) continue;
+    if (!sparse_page_present(std::span<const std::byte>(out, bitmap), i)) continue;
     const size_t off = i * kSparsePageBytes;
     const size_t len = std::min(kSparsePageBytes, raw.size() - off);
     std::memcpy(out + at, raw.data() + off, len);
@@ -145,12 +138,12 @@ size_t compress_sparse(std::span<const std::byte> raw, std::byte* out, size_t ca
 // must account for the payload exactly.
 DecodeError check_sparse(std::span<const std::byte> enc, size_t raw_len) {
   if (enc.size() > encode_bound(Codec::sparse, raw_len)) return DecodeError::bad_length;
-  const size_t pages = sparse_pages(raw_len);
+  const size_t pages = sparse_page_count(raw_len);
   const size_t bitmap = sparse_bitmap_bytes(raw_len);
   if (enc.size() < bitmap) return DecodeError::bad_length;
   size_t expect = bitmap;
   for (size_t i = 0; i < bitmap * 8; ++i) {
-    if (!sparse_present(enc, i)) continue;
+    if (!sparse_page_present(enc, i)) continue;
     if (i >= pages) return DecodeError::corrupt;
     expect += std::min(kSparsePageBytes, raw_len - i * kSparsePageBytes);
   }
@@ -159,12 +152,12 @@ DecodeError check_sparse(std::span<const std::byte> enc, size_t raw_len) {
 
 DecodeError decode_sparse(std::span<const std::byte> enc, std::span<std::byte> raw_out) {
   if (const DecodeError err = check_sparse(enc, raw_out.size()); err != DecodeError::ok) return err;
-  const size_t pages = sparse_pages(raw_out.size());
+  const size_t pages = sparse_page_count(raw_out.size());
   size_t n = sparse_bitmap_bytes(raw_out.size());
   for (size_t i = 0; i < pages; ++i) {
     const size_t off = i * kSparsePageBytes;
     const size_t len = std::min(kSparsePageBytes, raw_out.size() - off);
-    if ((std::to_integer<unsigned>(enc[i / 8]) >> (i % 8)) & 1u) {
+    if (sparse_page_present(enc, i)) {
       std::memcpy(raw_out.data() + off, enc.data() + n, len);
       n += len;
     } else {
@@ -445,11 +438,11 @@ void expand_sparse_at_end(std::span<std::byte> buf, size_t enc_len, size_t raw_l
   // least raw_len long), and ends before the next present page's bytes begin: moving the pages in order,
   // each with memmove, never overwrites one still to come.
   const std::byte* from = enc + bitmap_len;
-  const size_t pages = sparse_pages(raw_len);
+  const size_t pages = sparse_page_count(raw_len);
   for (size_t i = 0; i < pages; ++i) {
     const size_t off = i * kSparsePageBytes;
     const size_t len = std::min(kSparsePageBytes, raw_len - off);
-    if (sparse_present(bits, i)) {
+    if (sparse_page_present(bits, i)) {
       if (base + off != from) std::memmove(base + off, from, len);
       from += len;
     } else {

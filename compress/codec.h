@@ -87,9 +87,15 @@ DecodeError decode_chunk(Codec codec, bool zero, std::span<const std::byte> enc,
 
 // Sparse payloads taken as they are, without expanding them first (the receiver keeps a sparse chunk so until
 // its sink takes it: zero pages are then never written, or written straight where they belong).
-// The bitmap's size for a chunk of raw_len bytes (one bit per page, rounded up to bytes).
+// A chunk's pages (the last may be short), its bitmap's size (one bit per page), and whether page i is present.
+inline size_t sparse_page_count(size_t raw_len) {
+  return (raw_len + kSparsePageBytes - 1) / kSparsePageBytes;
+}
 inline size_t sparse_bitmap_bytes(size_t raw_len) {
-  return (raw_len + kSparsePageBytes * 8 - 1) / (kSparsePageBytes * 8);
+  return (sparse_page_count(raw_len) + 7) / 8;
+}
+inline bool sparse_page_present(std::span<const std::byte> bitmap, size_t i) {
+  return (std::to_integer<unsigned>(bitmap[i / 8]) >> (i % 8)) & 1u;
 }
 // Checks the layout of a sparse payload for a chunk of raw_len bytes (what decode_chunk checks before it
 // writes anything), then that the chunk it stands for hashes to expect_hash. The zero pages are hashed from a
@@ -100,12 +106,11 @@ DecodeError verify_sparse(std::span<const std::byte> enc, size_t raw_len, uint64
 // in order, as `bitmap` (sparse_bitmap_bytes(raw_len) bytes) has them.
 template <class Fn>
 void for_each_sparse_page_run(std::span<const std::byte> bitmap, size_t raw_len, Fn&& fn) {
-  const size_t pages = (raw_len + kSparsePageBytes - 1) / kSparsePageBytes;
-  auto present = [&](size_t i) { return bool((std::to_integer<unsigned>(bitmap[i / 8]) >> (i % 8)) & 1u); };
+  const size_t pages = sparse_page_count(raw_len);
   for (size_t i = 0; i < pages;) {
-    const bool kind = present(i);
+    const bool kind = sparse_page_present(bitmap, i);
     size_t j = i + 1;
-    while (j < pages && present(j) == kind) ++j;
+    while (j < pages && sparse_page_present(bitmap, j) == kind) ++j;
     const size_t off = i * kSparsePageBytes;
     fn(off, std::min(j * kSparsePageBytes, raw_len) - off, kind);
     i = j;

@@ -574,13 +574,7 @@ class Worker {
     slot.iov_at = 0;
     slot.sent = 0;
     if (slot.gathered) {
-      const size_t bitmap = compress::sparse_bitmap_bytes(slot.len);
-      slot.iov.push_back({slot.frame, wire::kHeaderBytes + bitmap});
-      std::byte* data = chunk_data(slot.in);
-      compress::for_each_sparse_page_run(std::span<const std::byte>(slot.frame + wire::kHeaderBytes, bitmap),
-                                         slot.len, [&](size_t off, size_t len, bool present) {
-                                           if (present) slot.iov.push_back({data + off, len});
-                                         });
+      gathered_pieces(slot.frame, slot.in, slot.len, &slot.iov);
     } else if (slot.view && slot.enc.codec == compress::Codec::none && !slot.enc.zero) {
       slot.iov.push_back({slot.frame, wire::kHeaderBytes});
       slot.iov.push_back({const_cast<std::byte*>(slot.view), slot.enc.encoded_len});
@@ -589,19 +583,22 @@ class Worker {
     }
   }
 
-  // `n` more bytes of the slot's frame went out: drop the pieces they finish, trim the one they end in.
+  // A gathered sparse frame's pieces: its header and bitmap at `head`, then each run of present pages of the
+  // chunk of raw_len bytes in buffer `in`.
+  void gathered_pieces(std::byte* head, int in, size_t raw_len, std::vector<iovec>* out) const {
+    const size_t bitmap = compress::sparse_bitmap_bytes(raw_len);
+    out->push_back({head, wire::kHeaderBytes + bitmap});
+    std::byte* data = chunk_data(in);
+    compress::for_each_sparse_page_run(std::span<const std::byte>(head + wire::kHeaderBytes, bitmap), raw_len,
+                                       [&](size_t off, size_t len, bool present) {
+                                         if (present) out->push_back({data + off, len});
+                                       });
+  }
+
+  // `n` more bytes of the slot's frame went out.
   static void consume(Slot& slot, size_t n) {
     slot.sent += n;
-    while (n > 0 && slot.iov_at < slot.iov.size()) {
-      iovec& v = slot.iov[slot.iov_at];
-      if (n < v.iov_len) {
-        v.iov_base = static_cast<std::byte*>(v.iov_base) + n;
-        v.iov_len -= n;
-        return;
-      }
-      n -= v.iov_len;
-      ++slot.iov_at;
-    }
+    io::consume_pieces(slot.iov, &slot.iov_at, n);
   }
 
   // --codec auto: this stream's share of chunks on each rung follows the controller's effort (the rungs: raw,
@@ -929,15 +926,8 @@ class Worker {
       const int64_t n = io::send_full(*sync_ring_, fd, r.data(*this), r.len);
       return n < 0 ? n : 0;
     }
-    const size_t bitmap = compress::sparse_bitmap_bytes(r.gathered_raw);
-    std::byte* head = buf(r.buf) + r.at;
     resend_iov_.clear();
-    resend_iov_.push_back({head, wire::kHeaderBytes + bitmap});
-    std::byte* data = chunk_data(r.buf);
-    compress::for_each_sparse_page_run(std::span<const std::byte>(head + wire::kHeaderBytes, bitmap),
-                                       r.gathered_raw, [&](size_t off, size_t len, bool present) {
-                                         if (present) resend_iov_.push_back({data + off, len});
-                                       });
+    gathered_pieces(buf(r.buf) + r.at, r.buf, r.gathered_raw, &resend_iov_);
     const int64_t n = io::sendmsg_full(*sync_ring_, fd, resend_iov_);
     return n < 0 ? n : 0;
   }

@@ -83,9 +83,9 @@ class ReorderWindow {
   void publish(const ChunkMeta& meta);
 
   enum class Wait { ready, timeout, closed };
-  // Consumer: waits for the next chunk in order. `slot` receives the chunk's whole buffer (at least raw_len
+  // Consumer: waits for the next chunk in order. `slot_out` receives the chunk's whole buffer (at least raw_len
   // bytes), the consumer's until release_next.
-  Wait wait_next(std::chrono::milliseconds timeout, ChunkMeta* meta, std::span<std::byte>* slot);
+  Wait wait_next(std::chrono::milliseconds timeout, ChunkMeta* meta, std::span<std::byte>* slot_out);
   // Consumer: frees the slot returned by wait_next and moves the window on.
   void release_next();
   // Wakes every waiter; admit and wait_next return closed from now on.

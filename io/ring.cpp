@@ -261,19 +261,23 @@ int64_t sendmsg_full(Ring& ring, int fd, std::span<iovec> pieces) {
     if (r < 0) return r;
     if (r == 0) return -EIO;  // no progress: looping on it would never end
     total += r;
-    for (size_t left = size_t(r); left > 0;) {  // drop what went, trim the piece it ended in
-      iovec& v = pieces[at];
-      if (left < v.iov_len) {
-        v.iov_base = static_cast<std::byte*>(v.iov_base) + left;
-        v.iov_len -= left;
-        break;
-      }
-      left -= v.iov_len;
-      v.iov_len = 0;
-      ++at;
-    }
+    consume_pieces(pieces, &at, size_t(r));
   }
   return total;
+}
+
+void consume_pieces(std::span<iovec> pieces, size_t* at, size_t n) {
+  while (n > 0 && *at < pieces.size()) {
+    iovec& v = pieces[*at];
+    if (n < v.iov_len) {
+      v.iov_base = static_cast<std::byte*>(v.iov_base) + n;
+      v.iov_len -= n;
+      return;
+    }
+    n -= v.iov_len;
+    v.iov_len = 0;
+    ++*at;
+  }
 }
 
 int64_t recv_full(Ring& ring, int fd, void* buf, size_t len, int file_index) {

@@ -121,6 +121,9 @@ int64_t send_full(Ring& ring, int fd, const void* buf, size_t len);
 // Consumes the pieces as they go (a piece sent is left empty, a piece sent in part is trimmed). Returns the
 // bytes sent or -errno.
 int64_t sendmsg_full(Ring& ring, int fd, std::span<iovec> pieces);
+// `n` more bytes of `pieces` went out, from pieces[*at] on: empties the pieces they cover and trims the one they
+// end in, and moves *at past the emptied ones.
+void consume_pieces(std::span<iovec> pieces, size_t* at, size_t n);
 // Receives exactly len bytes; returns len, 0 on EOF before the first byte, -EPIPE (short) on EOF mid-way,
 // or -errno. file_index >= 0: receive through that registered file (which must be fd's socket; fd is still
 // used for socket options and polls).
