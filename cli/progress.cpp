@@ -61,15 +61,16 @@ void print_summary(std::FILE* out, const char* role, const engine::Result& r, co
   if (r.committed) {
     std::fprintf(out,
                  "%s: committed %s in %.2f s (%.2f GB/s), %s on the wire (ratio %.3f)\n"
-                 "  %" PRIu64 " chunks: %" PRIu64 " zero, %" PRIu64 " raw, %" PRIu64
+                 "  %" PRIu64 " chunks%s: %" PRIu64 " zero, %" PRIu64 " raw, %" PRIu64
                  " compressed; %u streams; %s\n"
                  "  transport: %s\n"
                  "  verified: every chunk XXH3-64, stream digest %016" PRIx64 " matched on both sides\n",
                  role, format_bytes(double(r.bytes)).c_str(), r.seconds, gbps,
                  format_bytes(double(r.wire_bytes)).c_str(),
-                 r.bytes ? double(r.wire_bytes) / double(r.bytes) : 1.0, r.chunks, st.zero_chunks.load(),
-                 st.raw_chunks.load(), st.compressed_chunks.load(), r.streams, r.io_backend.c_str(),
-                 r.tls == "none" ? "plain TCP (no TLS)" : r.tls.c_str(), r.digest);
+                 r.bytes ? double(r.wire_bytes) / double(r.bytes) : 1.0, r.chunks,
+                 r.chunk_bytes ? (" of " + format_bytes(double(r.chunk_bytes))).c_str() : "",
+                 st.zero_chunks.load(), st.raw_chunks.load(), st.compressed_chunks.load(), r.streams,
+                 r.io_backend.c_str(), r.tls == "none" ? "plain TCP (no TLS)" : r.tls.c_str(), r.digest);
   } else {
     std::fprintf(out, "%s: FAILED (%s): %s\n  after %s in %.2f s; nothing was committed\n", role,
                  engine::wire::reason_name(r.reason), r.error.c_str(), format_bytes(double(r.bytes)).c_str(),
@@ -123,6 +124,7 @@ void print_json(std::FILE* out, const char* role, const engine::Result& r, const
                "},\"resumes\":%" PRIu64,
                st.codec_chunks[0].load(), st.codec_chunks[1].load(), st.codec_chunks[2].load(),
                st.codec_chunks[3].load(), st.resumes.load());
+  if (r.chunk_bytes) std::fprintf(out, ",\"chunk_bytes\":%" PRIu32, r.chunk_bytes);
   if (!r.committed) {
     std::fprintf(out, ",\"reason\":\"%s\",\"error\":\"%s\"", engine::wire::reason_name(r.reason),
                  json_escape(r.error).c_str());

@@ -143,6 +143,7 @@ engine::SendOptions send_options(const Args& args) {
     throw UsageError("--chunk-size " + engine::format_bytes(double(chunk)) + ": must be between 4K and 16M");
   }
   o.chunk_bytes = uint32_t(chunk);
+  o.fit_chunks = !args.has("chunk-size");  // explicit: exactly that size; else smaller for a small state
   o.depth = args.get_unsigned("depth", 4, 1, 64);
   o.socket.connect_timeout_ms = args.get_int("connect-timeout", 10000, 1, 3600000);
   o.socket.user_timeout_ms = args.get_int("tcp-user-timeout", o.socket.user_timeout_ms, 0, 3600000);

@@ -308,6 +308,7 @@ Status setup_send(Transfer& t, const dstx_send_config* config_in, const dstx_end
       !s.ok()) {
     return s;
   }
+  o.fit_chunks = c.chunk_bytes == 0;  // asked for: exactly that size
   switch (c.codec) {
     case DSTX_CODEC_AUTO:
       o.codec = engine::CodecMode::auto_select;

@@ -199,7 +199,8 @@ Status Transfer::run_send() {
   streams_in_use = unsigned(conns.size());
   log_line(DSTX_LOG_DEBUG, "send: " + source.source->describe() + " over " + std::to_string(conns.size()) +
                                " streams, codec " + engine::codec_mode_name(send_options.codec) +
-                               ", chunks of " + engine::format_bytes(double(send_options.chunk_bytes)));
+                               ", chunks of " + (send_options.fit_chunks ? "at most " : "") +
+                               engine::format_bytes(double(send_options.chunk_bytes)));
   if (source.device != nullptr) return run_migrate(std::move(conns));
   phase = DSTX_PHASE_STOP_COPY;
   const int64_t t0 = now_ns();

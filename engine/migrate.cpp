@@ -189,6 +189,11 @@ void MigrationSource::fail(const std::string& what, int err) const {
                                 : std::string()));
 }
 
+std::optional<uint64_t> MigrationSource::size_estimate() {
+  if (dev_.device->protocol() != Protocol::v2) return std::nullopt;  // v1's pending_bytes needs SAVING
+  return dev_.device->stop_copy_length();
+}
+
 void MigrationSource::close_data_fd() {
   if (data_fd_ >= 0) dev_.device->kernel().close(data_fd_);
   data_fd_ = -1;

@@ -79,6 +79,7 @@ class MigrationSource final : public io::Source {
 
   std::string describe() const override { return dev_.spec; }
   std::optional<uint64_t> size() const override { return std::nullopt; }
+  std::optional<uint64_t> size_estimate() override;  // v2: MIG_DATA_SIZE (the whole state before pre-copy)
   bool random_access() const override { return false; }
   size_t read_next(io::Ring& ring, std::span<std::byte> out, io::ReadInfo* info) override;
   void release_view(uint64_t view_token) override;

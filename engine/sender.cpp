@@ -183,14 +183,14 @@ struct Shared {
   wire::Header committed_header;
 
   Shared(io::Source& s, const SendOptions& o, std::vector<Link>& l, Stats& st, const Cancel* ca,
-         io::Backend b, uint32_t window)
+         io::Backend b, uint32_t chunk, uint32_t window)
       : source(s),
         options(o),
         links(l),
         stats(st),
         cancel(ca),
         backend(b),
-        chunk_bytes(o.chunk_bytes),
+        chunk_bytes(chunk),
         sequencer(window) {}
 
   // For --codec auto at the end of a period: the logical bytes of non-zero chunks still in the streams'
@@ -1138,6 +1138,12 @@ bool codec_mode_from_name(std::string_view name, CodecMode* out) {
   return false;
 }
 
+uint32_t fit_chunk_bytes(uint32_t chunk_bytes, uint64_t size) {
+  if (size / kFitChunks >= chunk_bytes) return chunk_bytes;
+  const uint64_t fit = std::bit_ceil(std::max<uint64_t>(size / kFitChunks, kMinFitChunkBytes));
+  return uint32_t(std::min<uint64_t>(fit, chunk_bytes));
+}
+
 unsigned default_streams() {
   return std::clamp(std::thread::hardware_concurrency(), 1u, unsigned(wire::kMaxStreams));
 }
@@ -1200,6 +1206,9 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
   result.io_backend = why;
   const std::optional<uint64_t> size = source.size();
   stats.total_bytes.store(size.value_or(0));
+  const std::optional<uint64_t> estimate = options.fit_chunks ? source.size_estimate() : std::nullopt;
+  const uint32_t chunk_bytes = estimate ? fit_chunk_bytes(options.chunk_bytes, *estimate) : options.chunk_bytes;
+  result.chunk_bytes = chunk_bytes;
   const unsigned depth = std::max(1u, options.depth);
   const uint32_t window = options.window_chunks ? options.window_chunks : uint32_t(conns.size() * depth * 2);
   std::vector<Link> links(conns.size());
@@ -1207,12 +1216,12 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
     links[i].owner = std::move(conns[i]);
     links[i].fd.store(links[i].owner.get());
   }
-  Shared sh(source, options, links, stats, cancel, backend, window);
-  if (size) sh.sequencer.set_total((*size + options.chunk_bytes - 1) / options.chunk_bytes);
+  Shared sh(source, options, links, stats, cancel, backend, chunk_bytes, window);
+  if (size) sh.sequencer.set_total((*size + chunk_bytes - 1) / chunk_bytes);
 
   // Handshake on every stream, then agree on a codec and on resuming.
   sh.hello = wire::Hello{.stream_count = uint16_t(links.size()),
-                         .max_chunk_bytes = options.chunk_bytes,
+                         .max_chunk_bytes = chunk_bytes,
                          .session_id = random_session_id(),
                          .capabilities = our_capabilities(),
                          .total_bytes = size.value_or(wire::kUnknownSize)};
@@ -1272,7 +1281,7 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
   // Keep little unsent data queued in the kernel: the throughput the codec controller measures is then close
   // to what the link carries, not what the socket buffers swallow. Not a TCP socket (UNIX): nothing to do.
   for (Link& l : links) {
-    const int lowat = int(options.chunk_bytes);
+    const int lowat = int(chunk_bytes);
     (void)::setsockopt(l.fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, sizeof lowat);
   }
   if (options.bandwidth_bytes_per_second > 0)

@@ -34,6 +34,9 @@ class Source {
   virtual std::string describe() const = 0;
   // Total bytes, when known before the transfer (files, generators). nullopt for streams.
   virtual std::optional<uint64_t> size() const = 0;
+  // What a stream expects to produce, for sizing chunks only (it may produce more or less): size() when known;
+  // a VFIO v2 device says what stop-copy would take now. nullopt when it cannot tell.
+  virtual std::optional<uint64_t> size_estimate() { return size(); }
   // True: any range can be read at any time, from several threads at once (read_at). False: read_next only.
   virtual bool random_access() const = 0;
   // Random access through a file descriptor: when >= 0, logical offset == file offset in this fd and the

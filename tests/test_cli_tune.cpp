@@ -108,7 +108,9 @@ TEST_F(TuneCliTest, QuickTuneWritesASaneProfile) {
   setenv("DSTX_TUNE_PROFILE", path.c_str(), 1);
   std::string json;
   ASSERT_EQ(send_once({}, &json, &err), 0) << json << err;
-  EXPECT_EQ(number_field(json, "chunks"), (8ll << 20) / chunk) << json;
+  // An 8 MiB state is cut finer than the profile's chunk: 8M / 512 = 16K, raised to 64K.
+  EXPECT_EQ(number_field(json, "chunk_bytes"), std::min(chunk, 64ll << 10)) << json;
+  EXPECT_EQ(number_field(json, "chunks"), (8ll << 20) / std::min(chunk, 64ll << 10)) << json;
 }
 
 TEST_F(TuneCliTest, JsonAndPlan) {
@@ -128,35 +130,40 @@ TEST_F(TuneCliTest, JsonAndPlan) {
 }
 
 TEST_F(TuneCliTest, SendTakesItsDefaultsFromTheProfileAndOptionsOverride) {
-  // Nested "chunk_bytes"/"streams" (in runs) must not be read: only the top-level ones.
+  // Nested "chunk_bytes"/"streams" (in runs) must not be read: only the top-level ones. The profile's chunk
+  // is below what an 8 MiB state is cut into (8M / 512 = 16K, raised to 64K), so it shows unchanged.
   write_profile(
-      "{\"version\":1,\"machine\":{\"cores\":2},\"link\":\"loopback\",\"chunk_bytes\":262144,\"streams\":1,"
+      "{\"version\":1,\"machine\":{\"cores\":2},\"link\":\"loopback\",\"chunk_bytes\":16384,\"streams\":1,"
       "\"zero_copy_min_bytes\":0,\"codecs\":{},\"runs\":[{\"chunk_bytes\":4194304,\"streams\":8}]}\n");
   std::string out;
   ASSERT_EQ(send_once({}, &out), 0) << out;
-  EXPECT_EQ(number_field(out, "chunks"), 32) << out;  // 8M / 256K
+  EXPECT_EQ(number_field(out, "chunks"), 512) << out;  // 8M / 16K
+  EXPECT_EQ(number_field(out, "chunk_bytes"), 16384) << out;
   EXPECT_EQ(number_field(out, "streams"), 1) << out;
+  // An explicit size is taken exactly, even above what the state's size would get.
   ASSERT_EQ(send_once({"--chunk-size", "1M", "--streams", "2"}, &out), 0) << out;
   EXPECT_EQ(number_field(out, "chunks"), 8) << out;
+  EXPECT_EQ(number_field(out, "chunk_bytes"), 1 << 20) << out;
   EXPECT_EQ(number_field(out, "streams"), 2) << out;
   ASSERT_EQ(send_once({"--no-tune"}, &out), 0) << out;
-  EXPECT_EQ(number_field(out, "chunks"), 8) << out;  // the built-in 1M
+  EXPECT_EQ(number_field(out, "chunk_bytes"), 64 << 10) << out;  // the built-in 1M, cut for 8 MiB
+  EXPECT_EQ(number_field(out, "chunks"), 128) << out;
   // demo shares the parser.
   ASSERT_EQ(run({"demo", "--size", "8M", "--json"}, &out), 0) << out;
-  EXPECT_EQ(number_field(out, "chunks"), 32) << out;
+  EXPECT_EQ(number_field(out, "chunks"), 512) << out;
 }
 
 TEST_F(TuneCliTest, MissingProfileIsSilent) {
   setenv("DSTX_TUNE_PROFILE", "/nonexistent/dstx/tune.json", 1);
   std::string out, err;
   ASSERT_EQ(send_once({}, &out, &err), 0) << out << err;
-  EXPECT_EQ(number_field(out, "chunks"), 8) << out;
+  EXPECT_EQ(number_field(out, "chunks"), 128) << out;  // built-in 1M, cut to 64K for 8 MiB
   EXPECT_EQ(err.find("tune"), std::string::npos) << err;
   // Nor does XDG_CONFIG_HOME pointing nowhere matter.
   unsetenv("DSTX_TUNE_PROFILE");
   setenv("XDG_CONFIG_HOME", (dir_ / "nothing-here").c_str(), 1);
   ASSERT_EQ(send_once({}, &out, &err), 0) << out << err;
-  EXPECT_EQ(number_field(out, "chunks"), 8) << out;
+  EXPECT_EQ(number_field(out, "chunks"), 128) << out;  // built-in 1M, cut to 64K for 8 MiB
   unsetenv("XDG_CONFIG_HOME");
 }
 

@@ -188,6 +188,28 @@ TEST(Migrate, StraightToStopCopy) {
   EXPECT_EQ(o.send.precopy_rounds, 0u);
 }
 
+TEST(Migrate, AV2StateGoesInChunksSizedByTheDevicesStopCopyEstimate) {
+  // 16 MiB by MIG_DATA_SIZE (plus the emulated stream's header and trailer): 16M / 512 is 32K, raised to 64K.
+  // v1 has no estimate while RUNNING, and an explicit size is taken as it is.
+  struct Want {
+    std::string kind;
+    bool fit;
+    uint32_t chunk;
+  };
+  for (const Want& w : {Want{"emu-v2:", true, 64u << 10}, Want{"emu-v1:", true, 1u << 20},
+                        Want{"emu-v2:", false, 1u << 20}}) {
+    const std::string what = w.kind + (w.fit ? " fitted" : " exact");
+    auto src = source(w.kind + "size=16M,profile=binary");
+    auto dst = sink(w.kind + "size=16M");
+    RunOptions ro;
+    ro.send.fit_chunks = w.fit;
+    const Outcome o = run(*src, *dst, ro);
+    expect_migrated(o, what);
+    EXPECT_EQ(o.send.transfer.chunk_bytes, w.chunk) << what;
+    EXPECT_GE(o.send.transfer.chunks, o.send.transfer.bytes / w.chunk) << what;
+  }
+}
+
 TEST(Migrate, EveryOpenPathAndFeatureSet) {
   for (const std::string opts : {"open=group", "open=cdev", "p2p=0", "p2p=0,precopy=0", "temp-end=zero"}) {
     auto src = source("emu-v2:size=4M," + opts);

@@ -359,6 +359,7 @@ TEST_P(BackendTest, SparseCodecSendsOnlyThePresentPages) {
     SendOptions so;
     so.streams = 2;
     so.chunk_bytes = kChunk;
+    so.fit_chunks = false;  // 16 MiB chunks: a chunk's pieces take more than one sendmsg
     so.codec = CodecMode::sparse;
     RecvOptions ro;
     ro.memory_budget_bytes = 128ull << 20;
@@ -592,7 +593,7 @@ TEST(Transfer, ReceiverRefusesAChunkSizeAboveItsLimitAndSaysWhy) {
   auto sink = io::open_null_sink();
   RecvOptions ro;
   ro.max_chunk_bytes = 64 << 10;
-  const Outcome o = transfer(*src, *sink, SendOptions{.streams = 2, .chunk_bytes = 1 << 20}, ro);
+  const Outcome o = transfer(*src, *sink, SendOptions{.streams = 2, .chunk_bytes = 1 << 20, .fit_chunks = false}, ro);
   EXPECT_FALSE(o.send.committed);
   EXPECT_NE(o.send.error.find("receiver refused"), std::string::npos) << o.send.error;
   EXPECT_NE(o.send.error.find("chunk size"), std::string::npos) << o.send.error;
@@ -604,10 +605,45 @@ TEST(Transfer, ReceiverRefusesASessionThatWouldExceedItsMemoryBudget) {
   auto sink = io::open_null_sink();
   RecvOptions ro;
   ro.memory_budget_bytes = 16 << 20;
-  const Outcome o = transfer(*src, *sink, SendOptions{.streams = 4, .chunk_bytes = 8 << 20}, ro);
+  const Outcome o = transfer(*src, *sink, SendOptions{.streams = 4, .chunk_bytes = 8 << 20, .fit_chunks = false}, ro);
   EXPECT_FALSE(o.send.committed);
   EXPECT_NE(o.send.error.find("above this receiver's 16 MiB budget"), std::string::npos) << o.send.error;
   EXPECT_EQ(o.recv.reason, wire::Reason::chunk_size);
+}
+
+TEST(Transfer, FitChunkBytesCutsOnlyStatesOfFewerThan512Chunks) {
+  EXPECT_EQ(fit_chunk_bytes(1 << 20, 512ull << 20), 1u << 20);
+  EXPECT_EQ(fit_chunk_bytes(1 << 20, 8ull << 30), 1u << 20);
+  EXPECT_EQ(fit_chunk_bytes(1 << 20, (512ull << 20) - 1), 1u << 20);  // rounded up to a power of two
+  EXPECT_EQ(fit_chunk_bytes(1 << 20, 256ull << 20), 512u << 10);
+  EXPECT_EQ(fit_chunk_bytes(1 << 20, 100ull << 20), 256u << 10);
+  EXPECT_EQ(fit_chunk_bytes(1 << 20, 1 << 20), kMinFitChunkBytes);
+  EXPECT_EQ(fit_chunk_bytes(1 << 20, 0), kMinFitChunkBytes);
+  EXPECT_EQ(fit_chunk_bytes(16 << 10, 1 << 20), 16u << 10);  // never above the chunk asked for
+  EXPECT_EQ(fit_chunk_bytes(16 << 20, 4ull << 30), 8u << 20);
+}
+
+TEST(Transfer, SmallStateGoesInSmallerChunksAndTheHelloSaysSo) {
+  // 2 MiB + 100 bytes: 64 KiB chunks, the last one short. A receiver that takes at most 64 KiB chunks
+  // accepts the sender's default (1 MiB): the HELLO announces the size used.
+  const uint64_t size = (2 << 20) + 100;
+  const io::ContentGenerator gen(io::Profile::mixed, 3);
+  auto src = io::open_emu_source(gen, size);
+  auto sink = io::open_emu_sink(gen, size);
+  RecvOptions ro;
+  ro.max_chunk_bytes = 64 << 10;
+  const Outcome o = transfer(*src, *sink, SendOptions{.streams = 2}, ro);
+  ASSERT_TRUE(o.send.committed) << o.send.error;
+  ASSERT_TRUE(o.recv.committed) << o.recv.error;
+  EXPECT_EQ(o.send.chunk_bytes, 64u << 10);
+  EXPECT_EQ(o.send.chunks, 33u);
+  EXPECT_EQ(o.recv.bytes, size);
+  // Asked for exactly: the receiver refuses it.
+  auto src2 = io::open_emu_source(gen, size);
+  auto sink2 = io::open_null_sink();
+  const Outcome refused = transfer(*src2, *sink2, SendOptions{.streams = 2, .fit_chunks = false}, ro);
+  EXPECT_FALSE(refused.send.committed);
+  EXPECT_EQ(refused.recv.reason, wire::Reason::chunk_size);
 }
 
 TEST(Transfer, SinkMismatchAbortsBothSidesWithTheSinksReason) {
