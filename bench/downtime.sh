@@ -17,7 +17,8 @@ set -euo pipefail
 rate="" runs=5
 while [ $# -gt 0 ]; do
   case $1 in
-    --rate) rate=$2; shift 2 ;;
+    --rate) rate=$2; shift 2
+      [[ $rate =~ ^[0-9]+$ ]] || { echo "downtime.sh: --rate takes whole Gbit/s, not '$rate'" >&2; exit 2; } ;;
     --runs) runs=$2; shift 2 ;;
     *) break ;;
   esac
@@ -31,9 +32,20 @@ esac
 kind=${device%%:*}
 size=$(tr ',' '\n' <<<"${device#*:}" | sed -n 's/^size=//p')
 [ -n "$size" ] || { echo "downtime.sh: DEVICE needs size=SIZE" >&2; exit 2; }
-src=dstxdt$$s dst=dstxdt$$d
-cleanup() { ip netns del "$src" 2>/dev/null || true; ip netns del "$dst" 2>/dev/null || true; }
-trap cleanup EXIT INT TERM
+# The destination: the same kind, size and device features (how it is opened, what it offers); not what only
+# the source does (content, dirtying, faults).
+sink="$kind:size=$size"
+for kv in $(tr ',' ' ' <<<"${device#*:}"); do
+  case $kv in open=*|p2p=*|precopy=*|temp-end=*|section=*|mmap=*) sink+=",$kv" ;; esac
+done
+src=dstxdt$$s dst=dstxdt$$d rpid="" out=""
+cleanup() {
+  [ -n "$rpid" ] && kill "$rpid" 2>/dev/null
+  ip netns del "$src" 2>/dev/null || true; ip netns del "$dst" 2>/dev/null || true
+  [ -n "$out" ] &&   return 0
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 ip netns add "$src"; ip netns add "$dst"
 ip link add vdt$$s netns "$src" type veth peer name vdt$$d netns "$dst"
 ip -n "$src" addr add 10.79.0.1/24 dev vdt$$s; ip -n "$dst" addr add 10.79.0.2/24 dev vdt$$d
@@ -51,14 +63,17 @@ for ((i = 0; i < runs; i++)); do
     port=$((port + 1))
     bin=${variant%%:*} args=""
     [[ $variant == *:* ]] && args=${variant#*:}
-    ip netns exec "$dst" "$bin" recv --listen "10.79.0.2:$port" --sink "$kind:size=$size" >/dev/null 2>&1 &
+    ip netns exec "$dst" "$bin" recv --listen "10.79.0.2:$port" --sink "$sink" >/dev/null 2>&1 &
     rpid=$!
     sleep 0.15
     rc=0
-    # shellcheck disable=SC2086  # the arguments after the colon are meant to split
+    set -f  # the arguments after the colon are split, never globbed
+    # shellcheck disable=SC2086
     json=$(ip netns exec "$src" "$bin" migrate --device "$device" --to "10.79.0.2:$port" --json $args 2>/dev/null) ||
       rc=$?
+    set +f
     wait "$rpid" || rc=$?
+    rpid=""
     printf '%s\t%s\t%s\n' "$variant" "$rc" "$json" >>"$out/runs"
   done
 done

@@ -405,7 +405,6 @@ int cmd_tune(const std::vector<std::string>& argv) {
       for (const unsigned streams : plan.streams) {
         engine::SendOptions so;
         so.chunk_bytes = chunk;
-        so.fit_chunks = false;  // the size measured, whatever the sweep's state size
         so.streams = streams;
         so.codec = engine::CodecMode::auto_select;
         const Run r = runner.run(mixed, so, "sweep");
@@ -423,7 +422,6 @@ int cmd_tune(const std::vector<std::string>& argv) {
         for (const bool zc : {false, true}) {
           engine::SendOptions so;
           so.chunk_bytes = plan.zc_frames[i];
-          so.fit_chunks = false;
           so.streams = best.streams;
           so.codec = engine::CodecMode::none;
           so.zero_copy_min_bytes = zc ? plan.zc_frames[i] : 0;

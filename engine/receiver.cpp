@@ -699,6 +699,7 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int l
   const uint32_t slots = uint32_t(std::clamp<uint64_t>(budget_slots, 2, std::max<uint64_t>(16, 8ull * n)));
   stats.total_bytes.store(first.total_bytes == wire::kUnknownSize ? 0 : first.total_bytes);
   result.streams = n;
+  result.chunk_bytes = chunk;
 
   std::vector<Link> links(n);
   for (unsigned i = 0; i < n; ++i) {

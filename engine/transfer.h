@@ -38,8 +38,9 @@ uint32_t fit_chunk_bytes(uint32_t chunk_bytes, uint64_t size);
 struct SendOptions {
   unsigned streams = 0;  // 0: one per core
   uint32_t chunk_bytes = kDefaultChunkBytes;  // the largest chunk; see fit_chunks
-  bool fit_chunks = true;  // a state of known size gets fit_chunk_bytes(chunk_bytes, size); off: chunk_bytes
-                           // (the CLI's --chunk-size and the C ABI's chunk_bytes turn it off)
+  // A state of known size gets fit_chunk_bytes(chunk_bytes, size); off: chunk_bytes exactly. The CLI turns it
+  // on unless --chunk-size is given, the C ABI unless chunk_bytes is.
+  bool fit_chunks = false;
   CodecMode codec = CodecMode::auto_select;
   int zstd_level = 1;
   unsigned depth = 4;          // chunks in flight per stream (reads, encodes, sends)
@@ -97,7 +98,7 @@ struct Result {
   uint64_t bytes = 0;
   uint64_t wire_bytes = 0;
   uint64_t chunks = 0;
-  uint32_t chunk_bytes = 0;  // sender: the chunk size used (SendOptions::fit_chunks)
+  uint32_t chunk_bytes = 0;  // the chunk size the sender used (SendOptions::fit_chunks) and announced
   uint64_t digest = 0;
   double seconds = 0;
   unsigned streams = 0;

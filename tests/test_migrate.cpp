@@ -189,18 +189,19 @@ TEST(Migrate, StraightToStopCopy) {
 }
 
 TEST(Migrate, AV2StateGoesInChunksSizedByTheDevicesStopCopyEstimate) {
-  // 16 MiB by MIG_DATA_SIZE (plus the emulated stream's header and trailer): 16M / 512 is 32K, raised to 64K.
-  // v1 has no estimate while RUNNING, and an explicit size is taken as it is.
+  // 48 MiB by MIG_DATA_SIZE (plus the emulated stream's header and trailer): 48M / 512 is 96K and a little,
+  // rounded up to 128K (no estimate, or one of 0, would give 1M or 64K). v1 has no estimate while RUNNING,
+  // and without fit_chunks the size asked for is taken as it is.
   struct Want {
     std::string kind;
     bool fit;
     uint32_t chunk;
   };
-  for (const Want& w : {Want{"emu-v2:", true, 64u << 10}, Want{"emu-v1:", true, 1u << 20},
+  for (const Want& w : {Want{"emu-v2:", true, 128u << 10}, Want{"emu-v1:", true, 1u << 20},
                         Want{"emu-v2:", false, 1u << 20}}) {
     const std::string what = w.kind + (w.fit ? " fitted" : " exact");
-    auto src = source(w.kind + "size=16M,profile=binary");
-    auto dst = sink(w.kind + "size=16M");
+    auto src = source(w.kind + "size=48M,profile=binary");
+    auto dst = sink(w.kind + "size=48M");
     RunOptions ro;
     ro.send.fit_chunks = w.fit;
     const Outcome o = run(*src, *dst, ro);

@@ -698,7 +698,6 @@ TEST_F(TlsTest, ReceiverRefusalOfAMultiStreamTransferReachesTheSender) {
         c.limit(ro);
         so.streams = c.streams;
         so.chunk_bytes = c.chunk_bytes;
-        so.fit_chunks = false;
         Result send_result, recv_result;
         std::thread receiver([&] {
           recv_result = receive(*sink, listener.get(), ro, nullptr, nullptr);

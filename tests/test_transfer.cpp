@@ -359,7 +359,6 @@ TEST_P(BackendTest, SparseCodecSendsOnlyThePresentPages) {
     SendOptions so;
     so.streams = 2;
     so.chunk_bytes = kChunk;
-    so.fit_chunks = false;  // 16 MiB chunks: a chunk's pieces take more than one sendmsg
     so.codec = CodecMode::sparse;
     RecvOptions ro;
     ro.memory_budget_bytes = 128ull << 20;
@@ -593,7 +592,7 @@ TEST(Transfer, ReceiverRefusesAChunkSizeAboveItsLimitAndSaysWhy) {
   auto sink = io::open_null_sink();
   RecvOptions ro;
   ro.max_chunk_bytes = 64 << 10;
-  const Outcome o = transfer(*src, *sink, SendOptions{.streams = 2, .chunk_bytes = 1 << 20, .fit_chunks = false}, ro);
+  const Outcome o = transfer(*src, *sink, SendOptions{.streams = 2, .chunk_bytes = 1 << 20}, ro);
   EXPECT_FALSE(o.send.committed);
   EXPECT_NE(o.send.error.find("receiver refused"), std::string::npos) << o.send.error;
   EXPECT_NE(o.send.error.find("chunk size"), std::string::npos) << o.send.error;
@@ -605,7 +604,7 @@ TEST(Transfer, ReceiverRefusesASessionThatWouldExceedItsMemoryBudget) {
   auto sink = io::open_null_sink();
   RecvOptions ro;
   ro.memory_budget_bytes = 16 << 20;
-  const Outcome o = transfer(*src, *sink, SendOptions{.streams = 4, .chunk_bytes = 8 << 20, .fit_chunks = false}, ro);
+  const Outcome o = transfer(*src, *sink, SendOptions{.streams = 4, .chunk_bytes = 8 << 20}, ro);
   EXPECT_FALSE(o.send.committed);
   EXPECT_NE(o.send.error.find("above this receiver's 16 MiB budget"), std::string::npos) << o.send.error;
   EXPECT_EQ(o.recv.reason, wire::Reason::chunk_size);
@@ -625,23 +624,24 @@ TEST(Transfer, FitChunkBytesCutsOnlyStatesOfFewerThan512Chunks) {
 
 TEST(Transfer, SmallStateGoesInSmallerChunksAndTheHelloSaysSo) {
   // 2 MiB + 100 bytes: 64 KiB chunks, the last one short. A receiver that takes at most 64 KiB chunks
-  // accepts the sender's default (1 MiB): the HELLO announces the size used.
+  // accepts the sender's default (1 MiB) fitted: the HELLO announces the size used.
   const uint64_t size = (2 << 20) + 100;
   const io::ContentGenerator gen(io::Profile::mixed, 3);
   auto src = io::open_emu_source(gen, size);
   auto sink = io::open_emu_sink(gen, size);
   RecvOptions ro;
   ro.max_chunk_bytes = 64 << 10;
-  const Outcome o = transfer(*src, *sink, SendOptions{.streams = 2}, ro);
+  const Outcome o = transfer(*src, *sink, SendOptions{.streams = 2, .fit_chunks = true}, ro);
   ASSERT_TRUE(o.send.committed) << o.send.error;
   ASSERT_TRUE(o.recv.committed) << o.recv.error;
   EXPECT_EQ(o.send.chunk_bytes, 64u << 10);
+  EXPECT_EQ(o.recv.chunk_bytes, 64u << 10);
   EXPECT_EQ(o.send.chunks, 33u);
   EXPECT_EQ(o.recv.bytes, size);
-  // Asked for exactly: the receiver refuses it.
+  // Not fitted (the engine's default): 1 MiB, which the receiver refuses.
   auto src2 = io::open_emu_source(gen, size);
   auto sink2 = io::open_null_sink();
-  const Outcome refused = transfer(*src2, *sink2, SendOptions{.streams = 2, .fit_chunks = false}, ro);
+  const Outcome refused = transfer(*src2, *sink2, SendOptions{.streams = 2}, ro);
   EXPECT_FALSE(refused.send.committed);
   EXPECT_EQ(refused.recv.reason, wire::Reason::chunk_size);
 }

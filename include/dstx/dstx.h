@@ -319,8 +319,9 @@ typedef struct dstx_send_config {
   const char* address;        /* ADDRESS: the receiver's "HOST:PORT" (copied by create) */
   const int* fds;             /* FDS: connected sockets, one per stream (duplicated by create) */
   uint32_t fd_count;          /* FDS: 1..64 */
-  uint32_t chunk_bytes;       /* 0: 1 MiB, less for a source of known size under 512 MiB (size / 512
-                               * rounded up to a power of two, at least 64 KiB); else 4096..16 MiB, exactly */
+  uint32_t chunk_bytes;       /* 0: 1 MiB, less for a source of known size under 512 MiB (a buffer, a
+                               * file, a VFIO v2 device by its stop-copy estimate): size / 512 rounded up to
+                               * a power of two, at least 64 KiB; else 4096..16 MiB, exactly */
   uint32_t codec;             /* dstx_codec */
   int32_t zstd_level;         /* 0: 1; else 1..19 (DSTX_CODEC_ZSTD) */
   uint32_t depth;             /* chunks in flight per stream; 0: 4 */
