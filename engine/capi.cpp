@@ -92,7 +92,8 @@ static_assert(DSTX_DEVICE_NONE == 0 && DSTX_DEVICE_UNKNOWN == 1 && DSTX_DEVICE_E
               DSTX_DEVICE_RESUMING == 6 && DSTX_DEVICE_RUNNING_P2P == 7 && DSTX_DEVICE_PRE_COPY == 8 &&
               DSTX_DEVICE_PRE_COPY_P2P == 9);
 static_assert(DSTX_LOG_ERROR == 1 && DSTX_LOG_WARN == 2 && DSTX_LOG_INFO == 3 && DSTX_LOG_DEBUG == 4);
-static_assert(DSTX_CODEC_AUTO == 0 && DSTX_CODEC_NONE == 1 && DSTX_CODEC_LZ4 == 2 && DSTX_CODEC_ZSTD == 3);
+static_assert(DSTX_CODEC_AUTO == 0 && DSTX_CODEC_NONE == 1 && DSTX_CODEC_LZ4 == 2 && DSTX_CODEC_ZSTD == 3 &&
+              DSTX_CODEC_SPARSE == 4);
 static_assert(DSTX_ABI_VERSION == 1, "the SONAME is libdstx.so.1 (cmake/DstxCapi.cmake)");
 
 // The text dstx_last_error(NULL) returns: the outcome of the calling thread's latest create. A plain array,
@@ -321,6 +322,9 @@ Status setup_send(Transfer& t, const dstx_send_config* config_in, const dstx_end
       break;
     case DSTX_CODEC_ZSTD:
       o.codec = engine::CodecMode::zstd;
+      break;
+    case DSTX_CODEC_SPARSE:
+      o.codec = engine::CodecMode::sparse;
       break;
     default:
       return failure(DSTX_E_UNSUPPORTED, "config.codec " + std::to_string(c.codec) +

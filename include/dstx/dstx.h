@@ -308,7 +308,9 @@ typedef enum dstx_codec {
   DSTX_CODEC_AUTO = 0, /* zero-chunk skipping + lz4, raw where compression does not pay */
   DSTX_CODEC_NONE = 1,
   DSTX_CODEC_LZ4 = 2,
-  DSTX_CODEC_ZSTD = 3
+  DSTX_CODEC_ZSTD = 3,
+  DSTX_CODEC_SPARSE = 4 /* no compression, zero pages left out: the least CPU that still skips zeros (a
+                         * libdstx built before it answers DSTX_E_UNSUPPORTED) */
 } dstx_codec;
 
 /* Time-outs in milliseconds: 0 means the default, -1 means no limit. */
