@@ -299,9 +299,11 @@ static void test_buffer_loopback(void) {
   free(dst);
 }
 
-/* Runs one transfer between a sink and a source over loopback; returns both statuses. */
-static void loopback(const dstx_endpoint* source, const dstx_endpoint* sink, int* send_status,
-                     int* recv_status, char* send_error, char* recv_error, size_t error_size) {
+/* Runs one transfer between a sink and a source over loopback with the sender's config `base` (NULL: the
+ * defaults and 2 streams); returns both statuses, and the sender's final stats when send_stats is not NULL. */
+static void loopback_with(const dstx_send_config* base, const dstx_endpoint* source, const dstx_endpoint* sink,
+                          int* send_status, int* recv_status, char* send_error, char* recv_error,
+                          size_t error_size, dstx_stats* send_stats) {
   dstx_recv_config rc = DSTX_RECV_CONFIG_INIT;
   dstx_transfer *recv = NULL, *send = NULL;
   uint16_t port = 0;
@@ -310,6 +312,7 @@ static void loopback(const dstx_endpoint* source, const dstx_endpoint* sink, int
   REQUIRE_OK(dstx_transfer_start(recv));
   dstx_send_config sc = DSTX_SEND_CONFIG_INIT;
   sc.streams = 2;
+  if (base != NULL) sc = *base;
   if (make_sender(&sc, source, port, &send) != DSTX_OK) {
     fprintf(stderr, "  send create: %s\n", dstx_last_error(NULL));
     ++g_failures;
@@ -325,8 +328,14 @@ static void loopback(const dstx_endpoint* source, const dstx_endpoint* sink, int
     fprintf(stderr, "  (loopback: sender %s: \"%s\"; receiver %s: \"%s\")\n", dstx_strerror(*send_status),
             dstx_last_error(send), dstx_strerror(*recv_status), dstx_last_error(recv));
   }
+  if (send_stats != NULL) REQUIRE_OK(dstx_transfer_stats(send, send_stats));
   dstx_transfer_destroy(send);
   dstx_transfer_destroy(recv);
+}
+
+static void loopback(const dstx_endpoint* source, const dstx_endpoint* sink, int* send_status,
+                     int* recv_status, char* send_error, char* recv_error, size_t error_size) {
+  loopback_with(NULL, source, sink, send_status, recv_status, send_error, recv_error, error_size, NULL);
 }
 
 /* Generated state -> file, then that file -> a sink that checks every byte against the generator. */
@@ -615,29 +624,21 @@ static void test_codecs(void) {
   uint64_t digest[3] = {0, 0, 0};
   for (size_t i = 0; i < 3; ++i) {
     memset(dst, 0xAB, n);
-    dstx_recv_config rc = DSTX_RECV_CONFIG_INIT;
-    dstx_endpoint sink = buffer_endpoint(dst, n);
-    dstx_transfer *recv = NULL, *send = NULL;
-    uint16_t port = 0;
-    REQUIRE_OK(make_receiver(&rc, &sink, &recv, &port));
-    REQUIRE_OK(dstx_transfer_start(recv));
     dstx_send_config sc = DSTX_SEND_CONFIG_INIT;
     sc.streams = 2;
     sc.codec = codecs[i];
-    dstx_endpoint source = buffer_endpoint(src, n);
-    REQUIRE_OK(make_sender(&sc, &source, port, &send));
-    CHECK_STATUS(dstx_transfer_run(send), DSTX_OK);
-    CHECK_STATUS(dstx_transfer_wait(recv, -1), DSTX_OK);
-    CHECK(memcmp(src, dst, n) == 0);
+    const dstx_endpoint source = buffer_endpoint(src, n), sink = buffer_endpoint(dst, n);
     dstx_stats ss = DSTX_STATS_INIT;
-    REQUIRE_OK(dstx_transfer_stats(send, &ss));
+    int s = -1, r = -1;
+    loopback_with(&sc, &source, &sink, &s, &r, NULL, NULL, 0, &ss);
+    CHECK_STATUS(s, DSTX_OK);
+    CHECK_STATUS(r, DSTX_OK);
+    CHECK(memcmp(src, dst, n) == 0);
     ratio[i] = ss.ratio;
     digest[i] = ss.digest;
     if (codecs[i] == DSTX_CODEC_NONE) CHECK(ss.wire_bytes > n && ss.raw_chunks == ss.chunks); /* + headers */
     /* Every 64 KiB chunk has zero pages; the 777-byte tail has none and goes raw. */
     if (codecs[i] == DSTX_CODEC_SPARSE) CHECK(ss.raw_chunks == 1 && ss.compressed_chunks == ss.chunks - 1);
-    dstx_transfer_destroy(send);
-    dstx_transfer_destroy(recv);
   }
   CHECK(ratio[1] > 0.75 && ratio[1] < 0.85);
   CHECK(ratio[2] < ratio[1]);
