@@ -151,6 +151,10 @@ std::string pick_codec(const SendOptions& o, uint64_t caps, compress::EncodeOpti
 struct Link {
   std::atomic<int> fd{-1};
   io::Fd owner;                        // touched only by the stream's worker (and at setup/teardown)
+  // Held by the control thread while it reads a frame from fd, and by the worker while it closes the
+  // connection: a reconnection reuses the closed descriptor's number, and a read begun on the old
+  // connection must not take bytes of the new one's handshake (the worker's HELLO_ACK).
+  std::mutex read_mu;
   std::atomic<uint64_t> acked_seq{0};  // STREAM_ACK: the receiver holds every chunk of this stream up to here
   std::atomic<bool> broken{false};     // the control thread saw the return path fail
 };
@@ -829,8 +833,11 @@ class Worker {
       reap();
     }
     sending_ = false;
-    link_.fd.store(-1, std::memory_order_release);
-    link_.owner.reset();
+    {
+      std::lock_guard read_lock(link_.read_mu);  // the shutdown above ends a read in progress
+      link_.fd.store(-1, std::memory_order_release);
+      link_.owner.reset();
+    }
     std::string last_error = why;
     int backoff_ms = std::max(1, sh_.options.reconnect_backoff_ms);
     for (int attempt = 0; attempt < std::max(1, sh_.options.reconnect_attempts); ++attempt) {
@@ -1040,7 +1047,8 @@ void control_loop(Shared& sh, const std::atomic<bool>& stop) {
       const unsigned i = which[k];
       Link& link = sh.links[i];
       const int fd = pfds[k].fd;
-      if (link.fd.load() != fd) continue;  // replaced meanwhile
+      std::unique_lock read_lock(link.read_mu);
+      if (link.fd.load() != fd) continue;  // replaced meanwhile (possibly by a connection with the same number)
       const std::string name = "stream " + std::to_string(i);
       const HeaderRead hr = recv_header(*ring, fd, sh.chunk_bytes);
       if (stop.load()) return;
