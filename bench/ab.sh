@@ -27,18 +27,11 @@ done
 file=$1; shift
 [ -r "$file" ] || { echo "ab.sh: cannot read $file" >&2; exit 2; }
 src=dstxab$$s dst=dstxab$$d
-cleanup() { ip netns del "$src" 2>/dev/null || true; ip netns del "$dst" 2>/dev/null || true; }
+# shellcheck source=bench/veth.sh
+. "$(dirname "$0")/veth.sh"
+cleanup() { veth_down "$src" "$dst"; }
 trap cleanup EXIT INT TERM
-ip netns add "$src"; ip netns add "$dst"
-ip link add vab$$s netns "$src" type veth peer name vab$$d netns "$dst"
-ip -n "$src" addr add 10.79.0.1/24 dev vab$$s; ip -n "$dst" addr add 10.79.0.2/24 dev vab$$d
-for ns in "$src" "$dst"; do ip -n "$ns" link set lo up; done
-ip -n "$src" link set vab$$s up; ip -n "$dst" link set vab$$d up
-if [ -n "$rate" ]; then  # as bench/e2e.py: burst 2 ms at the rate (>= 256 KiB), queue 5 ms
-  burst=$(( rate * 1000000000 / 8 * 2 / 1000 )); [ "$burst" -ge 262144 ] || burst=262144
-  ip netns exec "$src" tc qdisc add dev vab$$s root tbf rate "${rate}gbit" burst "$burst" latency 5ms
-  ip netns exec "$dst" tc qdisc add dev vab$$d root tbf rate "${rate}gbit" burst "$burst" latency 5ms
-fi
+veth_up "$src" "$dst" vab$$ "$rate"
 size=$(stat -c %s "$file")
 out=$(mktemp -d)
 port=$((20000 + $$ % 20000))

@@ -39,23 +39,16 @@ for kv in $(tr ',' ' ' <<<"${device#*:}"); do
   case $kv in open=*|p2p=*|precopy=*|temp-end=*|section=*|mmap=*) sink+=",$kv" ;; esac
 done
 src=dstxdt$$s dst=dstxdt$$d rpid="" out=""
+# shellcheck source=bench/veth.sh
+. "$(dirname "$0")/veth.sh"
 cleanup() {
-  [ -n "$rpid" ] && kill "$rpid" 2>/dev/null
-  ip netns del "$src" 2>/dev/null || true; ip netns del "$dst" 2>/dev/null || true
-  [ -n "$out" ] &&   return 0
+  if [ -n "$rpid" ]; then kill "$rpid" 2>/dev/null || true; fi
+  veth_down "$src" "$dst"
+  if [ -n "$out" ]; then rm -rf "$out"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-ip netns add "$src"; ip netns add "$dst"
-ip link add vdt$$s netns "$src" type veth peer name vdt$$d netns "$dst"
-ip -n "$src" addr add 10.79.0.1/24 dev vdt$$s; ip -n "$dst" addr add 10.79.0.2/24 dev vdt$$d
-for ns in "$src" "$dst"; do ip -n "$ns" link set lo up; done
-ip -n "$src" link set vdt$$s up; ip -n "$dst" link set vdt$$d up
-if [ -n "$rate" ]; then  # as bench/e2e.py and bench/ab.sh
-  burst=$(( rate * 1000000000 / 8 * 2 / 1000 )); [ "$burst" -ge 262144 ] || burst=262144
-  ip netns exec "$src" tc qdisc add dev vdt$$s root tbf rate "${rate}gbit" burst "$burst" latency 5ms
-  ip netns exec "$dst" tc qdisc add dev vdt$$d root tbf rate "${rate}gbit" burst "$burst" latency 5ms
-fi
+veth_up "$src" "$dst" vdt$$ "$rate"
 out=$(mktemp -d)
 port=$((20000 + $$ % 20000))
 for ((i = 0; i < runs; i++)); do
@@ -99,4 +92,3 @@ for variant, v in runs.items():
     print(f"{variant:52} {statistics.median(down):11.2f} {min(down):7.2f} "
           f"{statistics.median(d['seconds'] for d in ok):8.4f} {chunk // 1024:7d}K {len(v) - len(ok)}")
 EOF
-rm -rf "$out"

@@ -41,8 +41,9 @@ constexpr uint64_t kCostMinBytes = 4 << 20;    // a rung's encode cost is known 
 // while both hyperthreads of a core are busy overstate the step. On this project's 2-core machine, steps
 // whose encode cost was 2-4 times the idle CPU still paid (10 Gbit/s binary and mixed), and on the slower
 // machine of session 8 at 10 Gbit/s binary 5 times (0.06-0.1 cores idle, 0.3-0.5 asked: 0.25 held the trial
-// back and auto lost 2-4 % to raw; 0.15 lets it through, 1-3.4 % faster than 0.25 in three invocations); what the bar holds back is
-// a machine with next to nothing idle (25 Gbit/s and faster, where sender and receiver share it).
+// back and auto lost 2-4 % to raw; 0.15 lets it through, 1-3.4 % faster than 0.25 in three invocations);
+// what the bar holds back is a machine with next to nothing idle (25 Gbit/s and faster, where sender and
+// receiver share it).
 constexpr double kSpareBar = 0.15;
 
 // Idle seconds (idle + iowait) per CPU from /proc/stat, indexed by CPU number; false when it cannot be read.

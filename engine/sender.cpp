@@ -1147,9 +1147,8 @@ bool codec_mode_from_name(std::string_view name, CodecMode* out) {
 }
 
 uint32_t fit_chunk_bytes(uint32_t chunk_bytes, uint64_t size) {
-  if (size / kFitChunks >= chunk_bytes) return chunk_bytes;
-  const uint64_t fit = std::bit_ceil(std::max<uint64_t>(size / kFitChunks, kMinFitChunkBytes));
-  return uint32_t(std::min<uint64_t>(fit, chunk_bytes));
+  const uint64_t share = std::min<uint64_t>(size / kFitChunks, chunk_bytes);
+  return uint32_t(std::min<uint64_t>(std::bit_ceil(std::max<uint64_t>(share, kMinFitChunkBytes)), chunk_bytes));
 }
 
 unsigned default_streams() {

@@ -27,10 +27,10 @@ inline constexpr uint64_t kMaxReplayBytes = 1ull << 30;
 
 // The chunk size for a state of known (or estimated: io::Source::size_estimate) size: chunk_bytes, or when
 // the state holds fewer than kFitChunks of them, size / kFitChunks rounded up to a power of two and at least
-// kMinFitChunkBytes. A small state cut into
-// large chunks keeps one thread at a time busy (one 1 MiB chunk is read, encoded and sent by one worker, step
-// after step) and faults in buffers it never fills: on this project's machine a 1-64 MiB state took 15-25 %
-// less time in chunks of 64-128 KiB than of 1 MiB, while from a few hundred MiB up 1 MiB is faster.
+// kMinFitChunkBytes. A small state cut into large chunks keeps one thread at a time busy (one 1 MiB chunk is
+// read, encoded and sent by one worker, step after step) and faults in buffers it never fills: on this
+// project's machine states of 1-128 MiB took 4-17 % less time in chunks of 64-256 KiB than of 1 MiB, while
+// at 512 MiB 1 MiB was faster (docs/performance.md, session 8).
 inline constexpr uint64_t kFitChunks = 512;
 inline constexpr uint32_t kMinFitChunkBytes = 64u << 10;
 uint32_t fit_chunk_bytes(uint32_t chunk_bytes, uint64_t size);
