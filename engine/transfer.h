@@ -51,8 +51,9 @@ struct SendOptions {
   int commit_timeout_ms = 120000;  // after END, how long to wait for COMMITTED
   int idle_timeout_ms = 30000;     // fail when nothing moves (no byte sent, no ACK) for this long; 0: never
   uint64_t bandwidth_bytes_per_second = 0;  // cap on wire bytes per second, all streams together; 0: none
-  // Resume: a broken stream is reconnected and carries on from the receiver's last chunk on it. Frames stay
-  // in a replay buffer until the receiver acknowledges them (a VFIO data_fd cannot be read twice).
+  // Resume: a broken stream is reconnected and carries on from the receiver's last chunk on it. Frames of a
+  // sequential source stay in a replay buffer until the receiver acknowledges them (a VFIO data_fd cannot be
+  // read twice); chunks of a random-access one (a file, a buffer) are read from it again.
   bool resume = true;
   int reconnect_attempts = 5;           // per break; past them the transfer fails
   int reconnect_backoff_ms = 200;       // before the 2nd attempt; doubles, at most 5 s

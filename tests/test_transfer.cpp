@@ -18,6 +18,8 @@
 #include <iterator>
 #include <functional>
 #include <random>
+#include <set>
+#include <mutex>
 #include <future>
 #include <thread>
 
@@ -494,7 +496,36 @@ TEST(Transfer, AFlippedByteOnTheWireIsAlwaysCaught) {
   fs::remove_all(dir);
 }
 
-// A connection that breaks mid-transfer is reconnected and resumed: the transfer commits byte-exact.
+// Generated content as a random-access source that counts what it reads (a resume reads sent chunks again),
+// or as a sequential one (the engine must keep its frames).
+class CountingSource final : public io::Source {
+ public:
+  CountingSource(const io::ContentGenerator& gen, uint64_t size, bool sequential)
+      : inner_(io::open_emu_source(gen, size)), size_(size), sequential_(sequential) {}
+  std::string describe() const override { return "test:counting"; }
+  std::optional<uint64_t> size() const override { return sequential_ ? std::nullopt : std::optional(size_); }
+  bool random_access() const override { return !sequential_; }
+  void read_at(io::Ring& ring, uint64_t offset, std::span<std::byte> out) override {
+    inner_->read_at(ring, offset, out);
+    bytes_read_ += out.size();
+  }
+  size_t read_next(io::Ring& ring, std::span<std::byte> out, io::ReadInfo*) override {
+    const size_t n = size_t(std::min<uint64_t>(out.size(), size_ - next_));
+    read_at(ring, next_, out.first(n));
+    next_ += n;
+    return n;
+  }
+  std::atomic<uint64_t> bytes_read_{0};
+
+ private:
+  std::unique_ptr<io::Source> inner_;
+  uint64_t size_;
+  bool sequential_;
+  uint64_t next_ = 0;
+};
+
+// A connection that breaks mid-transfer is reconnected and resumed: the transfer commits byte-exact, with the
+// frames kept by the sender (a sequential source) or read from the source again (a random-access one).
 TEST(Resume, ABrokenStreamIsReconnectedAndTheTransferCompletes) {
   struct Case {
     unsigned streams;
@@ -503,19 +534,25 @@ TEST(Resume, ABrokenStreamIsReconnectedAndTheTransferCompletes) {
     io::Profile profile = io::Profile::mixed;
     uint32_t chunk_bytes = 256 << 10;
     CodecMode codec = CodecMode::auto_select;
+    bool sequential = false;
   };
   // Zero chunks' frames are kept for replay inline (no buffer each): all-zero state in 4 KiB chunks (6144
   // frames of 48 bytes per stream) cut after 2000 and 100000 bytes. (Their bound, 4096 per stream, is not
   // reached: the receiver acknowledges every 64 chunks of 4 KiB.)
   for (const Case c : {Case{1, 0, 3 << 20}, Case{3, 1, 5 << 20}, Case{3, 0, 200}, Case{2, 1, 300},
+                       Case{1, 0, 3 << 20, io::Profile::mixed, 256 << 10, CodecMode::auto_select, true},
+                       Case{3, 1, 5 << 20, io::Profile::mixed, 256 << 10, CodecMode::auto_select, true},
                        Case{2, 1, 2000, io::Profile::zero, 4096}, Case{2, 0, 100000, io::Profile::zero, 4096},
+                       Case{2, 0, 100000, io::Profile::zero, 4096, CodecMode::auto_select, true},
                        Case{2, 0, 1 << 20, io::Profile::zero_heavy},
                        // Sparse frames sent gathered (their pages from the read buffer) are kept and sent again
-                       // as pieces.
-                       Case{2, 1, 1 << 20, io::Profile::zero_heavy, 256 << 10, CodecMode::sparse},
-                       Case{1, 0, 700000, io::Profile::mixed, 1 << 20, CodecMode::sparse}}) {
+                       // as pieces; read again, they go raw.
+                       Case{2, 1, 1 << 20, io::Profile::zero_heavy, 256 << 10, CodecMode::sparse, true},
+                       Case{1, 0, 700000, io::Profile::mixed, 1 << 20, CodecMode::sparse, true},
+                       Case{2, 1, 1 << 20, io::Profile::zero_heavy, 256 << 10, CodecMode::sparse}}) {
     const io::ContentGenerator gen(c.profile, 31);
-    auto src = io::open_emu_source(gen, 48 << 20);
+    CountingSource counting(gen, 48 << 20, c.sequential);
+    io::Source* src = &counting;
     auto sink = io::open_emu_sink(gen, 48 << 20);
     std::unique_ptr<FaultProxy> proxy;
     Stats send_stats;
@@ -541,6 +578,17 @@ TEST(Resume, ABrokenStreamIsReconnectedAndTheTransferCompletes) {
     if (c.codec == CodecMode::sparse) {
       EXPECT_GT(send_stats.codec_chunks[unsigned(compress::Codec::sparse)].load(), 0u);
     }
+    // A sequential source is read once: what went missing came from the frames kept. A random-access one is
+    // read again for them: the cuts after a megabyte or more leave frames of data that were handed to the
+    // kernel (the sockets hold megabytes) but not received.
+    if (c.sequential) {
+      EXPECT_EQ(counting.bytes_read_.load(), uint64_t(48) << 20);
+    } else if (c.cut_after >= (1 << 20) && c.profile != io::Profile::zero) {
+      EXPECT_GT(counting.bytes_read_.load(), uint64_t(48) << 20)
+          << c.streams << " streams, cut " << c.cut_connection << " after " << c.cut_after;
+    }
+    if (getenv("DSTX_TEST_TRACE"))
+      fprintf(stderr, "read %llu of %llu\n", (unsigned long long)counting.bytes_read_.load(), 48ull << 20);
     // io_uring: the resumed streams' fixed files were re-pointed at the new connections, not dropped.
     if (send_result.io_backend.rfind("io_uring", 0) == 0) {
       EXPECT_EQ(send_result.fixed_file_streams, c.streams);
@@ -550,6 +598,43 @@ TEST(Resume, ABrokenStreamIsReconnectedAndTheTransferCompletes) {
       fprintf(stderr, "case %u/%d/%lld: %.3f s\n", c.streams, c.cut_connection, (long long)c.cut_after,
               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
+}
+
+// A chunk read again for a resume that no longer matches the hash it was sent with (a file written to during
+// the transfer) fails the transfer on both sides, naming the chunk: its bytes are never sent as they are now.
+TEST(Resume, AChunkThatChangedBeforeItIsReadAgainFailsTheTransfer) {
+  const io::ContentGenerator gen(io::Profile::mixed, 5);
+  constexpr uint64_t size = 48 << 20;
+  CountingSource src(gen, size, false);
+  // Every chunk from 2 MiB on reads differently the second time: whichever the resume reads again.
+  struct Changing final : io::Source {
+    CountingSource& in;
+    explicit Changing(CountingSource& s) : in(s) {}
+    std::string describe() const override { return "test:changing"; }
+    std::optional<uint64_t> size() const override { return in.size(); }
+    bool random_access() const override { return true; }
+    void read_at(io::Ring& ring, uint64_t offset, std::span<std::byte> out) override {
+      in.read_at(ring, offset, out);
+      std::lock_guard lock(mu);
+      if (offset >= (2 << 20) && !seen.insert(offset).second) out[0] ^= std::byte{0x80};
+    }
+    std::mutex mu;
+    std::set<uint64_t> seen;
+  } changing(src);
+  auto sink = io::open_emu_sink(gen, size);
+  std::unique_ptr<FaultProxy> proxy;
+  SendOptions so{.streams = 1, .chunk_bytes = 256 << 10, .codec = CodecMode::none};
+  so.reconnect_backoff_ms = 20;
+  const Outcome o = transfer(changing, *sink, so, RecvOptions{}, [&](uint16_t port) {
+    proxy = std::make_unique<FaultProxy>(port, Fault{.kind = Fault::cut, .at = 3 << 20});
+    return proxy->port();
+  });
+  EXPECT_FALSE(o.send.committed);
+  EXPECT_FALSE(o.recv.committed);
+  EXPECT_EQ(o.send.reason, wire::Reason::source) << o.send.error;
+  EXPECT_NE(o.send.error.find("changed since it was sent"), std::string::npos) << o.send.error;
+  EXPECT_NE(o.send.error.find("test:changing: chunk "), std::string::npos) << o.send.error;
+  EXPECT_NE(o.recv.error.find("changed since it was sent"), std::string::npos) << o.recv.error;
 }
 
 // The path stays down: the sender gives up after its attempts, the receiver after its resume time-out, and

@@ -366,7 +366,8 @@ typedef struct dstx_send_config {
   /* Memory and zero-copy (appended after the TLS fields): */
   uint64_t replay_buffer_bytes; /* resume: sent frames kept until the receiver acknowledges them, all
                                  * streams together (a full buffer makes the sender wait); 0: 32 MiB;
-                                 * at most 1 GiB */
+                                 * at most 1 GiB. Only sequential sources (devices, fds) keep frames:
+                                 * a file or buffer is read again for a resume */
   uint64_t zero_copy_min_bytes; /* io_uring SEND_ZC for frames at least this large; 0: never (on loopback
                                  * and veth the kernel copies anyway; `dstx tune` measures the break-even) */
   uint32_t send_flags;          /* DSTX_SEND_REGISTER_BUFFERS, or 0 */
