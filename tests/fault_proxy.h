@@ -24,6 +24,8 @@ struct Fault {
   int64_t length = 64;  // duplicate: how many bytes are sent twice
   int delay_ms = 0;     // delay: added before every forwarded piece, on every connection
   int down_ms = 0;      // cut: refuse connections for this long afterwards (-1: for good)
+  int stall_ms = 0;     // cut: stop reading this long first, so that what the sender sends on piles up in the
+                        // sockets (frames it has handed over in full, yet lost)
 };
 
 class FaultProxy {
@@ -94,6 +96,7 @@ class FaultProxy {
             buf[k] ^= 0x10;
             break;
           case Fault::cut:
+            if (fault_.stall_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(fault_.stall_ms));
             fired_at_ = Clock::now();
             fired_ = true;
             shutdown(from, SHUT_RDWR);

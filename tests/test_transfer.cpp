@@ -541,7 +541,7 @@ TEST(Resume, ABrokenStreamIsReconnectedAndTheTransferCompletes) {
   // reached: the receiver acknowledges every 64 chunks of 4 KiB.)
   for (const Case c : {Case{1, 0, 3 << 20}, Case{3, 1, 5 << 20}, Case{3, 0, 200}, Case{2, 1, 300},
                        Case{1, 0, 3 << 20, io::Profile::mixed, 256 << 10, CodecMode::auto_select, true},
-                       Case{3, 1, 5 << 20, io::Profile::mixed, 256 << 10, CodecMode::auto_select, true},
+                       Case{2, 1, 2 << 20, io::Profile::mixed, 256 << 10, CodecMode::auto_select, true},
                        Case{2, 1, 2000, io::Profile::zero, 4096}, Case{2, 0, 100000, io::Profile::zero, 4096},
                        Case{2, 0, 100000, io::Profile::zero, 4096, CodecMode::auto_select, true},
                        Case{2, 0, 1 << 20, io::Profile::zero_heavy},
@@ -578,14 +578,10 @@ TEST(Resume, ABrokenStreamIsReconnectedAndTheTransferCompletes) {
     if (c.codec == CodecMode::sparse) {
       EXPECT_GT(send_stats.codec_chunks[unsigned(compress::Codec::sparse)].load(), 0u);
     }
-    // A sequential source is read once: what went missing came from the frames kept. A random-access one is
-    // read again for them: the cuts after a megabyte or more leave frames of data that were handed to the
-    // kernel (the sockets hold megabytes) but not received.
+    // A sequential source is read once: what went missing came from the frames kept (a random-access one is
+    // read again for them: Resume.ARandomAccessSourceIsReadAgainInsteadOfKept).
     if (c.sequential) {
       EXPECT_EQ(counting.bytes_read_.load(), uint64_t(48) << 20);
-    } else if (c.cut_after >= (1 << 20) && c.profile != io::Profile::zero) {
-      EXPECT_GT(counting.bytes_read_.load(), uint64_t(48) << 20)
-          << c.streams << " streams, cut " << c.cut_connection << " after " << c.cut_after;
     }
     if (getenv("DSTX_TEST_TRACE"))
       fprintf(stderr, "read %llu of %llu\n", (unsigned long long)counting.bytes_read_.load(), 48ull << 20);
@@ -597,6 +593,33 @@ TEST(Resume, ABrokenStreamIsReconnectedAndTheTransferCompletes) {
     if (getenv("DSTX_TEST_TRACE"))
       fprintf(stderr, "case %u/%d/%lld: %.3f s\n", c.streams, c.cut_connection, (long long)c.cut_after,
               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+}
+
+// Frames the sender handed over in full but the receiver never got (the path stalled, then broke) are read
+// from a random-access source again, and the transfer commits byte-exact.
+TEST(Resume, ARandomAccessSourceIsReadAgainInsteadOfKept) {
+  for (const CodecMode codec : {CodecMode::none, CodecMode::lz4, CodecMode::sparse}) {
+    const io::ContentGenerator gen(io::Profile::zero_heavy, 8);
+    constexpr uint64_t size = 32 << 20;
+    CountingSource src(gen, size, false);
+    auto sink = io::open_emu_sink(gen, size);
+    std::unique_ptr<FaultProxy> proxy;
+    Stats send_stats;
+    SendOptions so{.streams = 1, .chunk_bytes = 256 << 10, .codec = codec};
+    so.reconnect_backoff_ms = 20;
+    const Outcome o = transfer(
+        src, *sink, so, RecvOptions{},
+        [&](uint16_t port) {
+          proxy = std::make_unique<FaultProxy>(port, Fault{.kind = Fault::cut, .at = 2 << 20, .stall_ms = 300});
+          return proxy->port();
+        },
+        nullptr, nullptr, &send_stats);
+    ASSERT_TRUE(o.send.committed) << o.send.error;
+    ASSERT_TRUE(o.recv.committed) << o.recv.error;
+    EXPECT_EQ(o.send.digest, o.recv.digest);
+    EXPECT_EQ(send_stats.resumes.load(), 1u);
+    EXPECT_GT(src.bytes_read_.load(), size) << "nothing was read again";
   }
 }
 
@@ -626,7 +649,7 @@ TEST(Resume, AChunkThatChangedBeforeItIsReadAgainFailsTheTransfer) {
   SendOptions so{.streams = 1, .chunk_bytes = 256 << 10, .codec = CodecMode::none};
   so.reconnect_backoff_ms = 20;
   const Outcome o = transfer(changing, *sink, so, RecvOptions{}, [&](uint16_t port) {
-    proxy = std::make_unique<FaultProxy>(port, Fault{.kind = Fault::cut, .at = 3 << 20});
+    proxy = std::make_unique<FaultProxy>(port, Fault{.kind = Fault::cut, .at = 3 << 20, .stall_ms = 300});
     return proxy->port();
   });
   EXPECT_FALSE(o.send.committed);
