@@ -623,6 +623,37 @@ TEST(Resume, ARandomAccessSourceIsReadAgainInsteadOfKept) {
   }
 }
 
+// A sequential source's frames stay until acknowledged; with a replay buffer of a few chunks the workers keep
+// running out of buffers and wait for STREAM_ACKs (woken by the control thread only while they wait), and the
+// transfer still commits byte-exact, reading the source once.
+TEST(Resume, ASmallReplayBufferMakesTheSenderWaitForAcknowledgements) {
+  const io::ContentGenerator gen(io::Profile::random, 12);
+  constexpr uint64_t size = 12 << 20;
+  CountingSource src(gen, size, true);
+  auto sink = io::open_emu_sink(gen, size);
+  SendOptions so{.streams = 2, .chunk_bytes = 256 << 10, .codec = CodecMode::none};
+  so.replay_bytes = 1 << 20;  // 4 buffers per stream, the least there is
+  // A slow sink (2 ms a chunk): the sockets take what the replay buffer cannot hold, so the workers wait for
+  // acknowledgements with nothing in flight.
+  struct SlowSink final : io::Sink {
+    io::Sink& in;
+    explicit SlowSink(io::Sink& s) : in(s) {}
+    std::string describe() const override { return "test:slow"; }
+    void write(io::Ring& ring, uint64_t offset, std::span<const std::byte> data) override {
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+      in.write(ring, offset, data);
+    }
+    void commit(io::Ring& ring, uint64_t total) override { in.commit(ring, total); }
+    void abort() noexcept override { in.abort(); }
+  } slow(*sink);
+  const Outcome o = transfer(src, slow, so, RecvOptions{});
+  ASSERT_TRUE(o.send.committed) << o.send.error;
+  ASSERT_TRUE(o.recv.committed) << o.recv.error;
+  EXPECT_EQ(o.send.digest, o.recv.digest);
+  EXPECT_EQ(o.recv.bytes, size);
+  EXPECT_EQ(src.bytes_read_.load(), size);
+}
+
 // A chunk read again for a resume that no longer matches the hash it was sent with (a file written to during
 // the transfer) fails the transfer on both sides, naming the chunk: its bytes are never sent as they are now.
 TEST(Resume, AChunkThatChangedBeforeItIsReadAgainFailsTheTransfer) {
