@@ -31,10 +31,9 @@ using wire::Reason;
 
 inline constexpr uint64_t kAckEveryChunks = 16;
 inline constexpr auto kAckEvery = std::chrono::milliseconds(100);
-// STREAM_ACK frees the sender's replay buffers: one after this many bytes of chunks that hold a buffer there
-// (at least one such chunk), and one every kStreamAckZeroChunks zero chunks, whose frames (a header) the
+// STREAM_ACK frees the sender's replay buffers: one after wire::kStreamAckBytes of chunks that hold a buffer
+// there (at least one such chunk), and one every kStreamAckZeroChunks zero chunks, whose frames (a header) the
 // sender keeps without a buffer: all-zero state does not wake the sender for every chunk.
-inline constexpr uint32_t kStreamAckBytes = 256 << 10;
 inline constexpr uint32_t kStreamAckZeroChunks = 64;
 
 uint64_t our_capabilities() {
@@ -173,7 +172,7 @@ class StreamWorker {
       sh_.fail(Reason::internal, name_ + ": " + e.what());
       return;
     }
-    ack_every_ = std::max<uint32_t>(1, kStreamAckBytes / sh_.chunk_bytes);
+    ack_every_ = std::max<uint32_t>(1, wire::kStreamAckBytes / sh_.chunk_bytes);
     while (!sh_.failure.failed() && !(sh_.done && ended_)) {
       if (!next_frame()) break;
     }

@@ -316,7 +316,10 @@ class Worker {
     size_t replay_buffers = 0;
     if (sh_.resume && !rereads()) {
       const uint64_t replay = std::min(sh_.options.replay_bytes, kMaxReplayBytes);
-      replay_buffers = std::max<size_t>(4, replay / sh_.links.size() / buf_bytes_);
+      // At least what the receiver lets go unacknowledged, or the stream would wait for a STREAM_ACK that
+      // never comes (16K chunks in a replay buffer of 128K did, until the idle time-out).
+      const size_t unacked = (wire::kStreamAckBytes + sh_.chunk_bytes - 1) / sh_.chunk_bytes + 1;
+      replay_buffers = std::max<size_t>({4, unacked, replay / sh_.links.size() / buf_bytes_});
     }
     const size_t count = 2 * depth + replay_buffers;
     memory_ = io::IoMemory(buf_bytes_ * count);
@@ -412,14 +415,17 @@ class Worker {
     }
   }
 
-  // Waits (bounded) for a STREAM_ACK after the one release_acked() last saw, or any other wake-up. The count
-  // goes up under the lock before the check, and the control thread takes the lock before it notifies: either
-  // the check sees the new acknowledgement, or the notify finds this worker waiting.
+  // Waits (bounded) for a STREAM_ACK after the one release_acked() last saw, or any other wake-up. This
+  // worker counts itself in and then reads acked_seq; the control thread stores acked_seq and then reads the
+  // count (all four sequentially consistent: keep them so): either the check here sees the new
+  // acknowledgement, or the control thread sees a waiter, takes the lock (held here from the check into the
+  // wait) and notifies.
   void wait_for_ack() {
     std::unique_lock lock(sh_.control_mu);
-    sh_.ack_waiters.fetch_add(1);
-    if (link_.acked_seq.load() == acked_seen_) sh_.control_cv.wait_for(lock, std::chrono::milliseconds(10));
-    sh_.ack_waiters.fetch_sub(1);
+    sh_.ack_waiters.fetch_add(1, std::memory_order_seq_cst);
+    if (link_.acked_seq.load(std::memory_order_seq_cst) == acked_seen_)
+      sh_.control_cv.wait_for(lock, std::chrono::milliseconds(10));
+    sh_.ack_waiters.fetch_sub(1, std::memory_order_seq_cst);
   }
 
   bool has_state(State s) const {
@@ -900,14 +906,17 @@ class Worker {
       bool resent = false;
       try {
         resent = resend_from(c.get(), reply.resume_seq, &last_error);
-      } catch (const std::exception& e) {
-        // The source failed while chunks were read again (one changed since it was sent). What went before
-        // went out whole, so the new connection becomes the stream's and carries the ABORTED that tells the
-        // receiver why (without it the receiver would wait out its resume time-out).
+      } catch (const std::runtime_error& e) {
+        // The source failed while chunks were read again (one changed since it was sent, or a read failed).
+        // What went before went out whole, so the new connection becomes the stream's and carries the ABORTED
+        // that tells the receiver why (without it the receiver would wait out its resume time-out).
         sh_.failure.set(Reason::source, e.what());
-        // The frame that was on its way when the old connection broke has no byte on the new one: nothing of
-        // it may follow (finish_partial_frame).
-        if (!fifo_.empty() && fifo_.front()->state == State::sending) fifo_.front()->state = State::encoded;
+        // The frame that was on its way when the old connection broke has no byte on the new one: it starts
+        // again from its first byte, if anything ever sent it (finish_partial_frame sends nothing of it).
+        if (!fifo_.empty() && fifo_.front()->state == State::sending) {
+          build_iov(*fifo_.front());
+          fifo_.front()->state = State::encoded;
+        }
         resent = true;
       }
       if (!resent) continue;
@@ -961,6 +970,7 @@ class Worker {
   // One kept frame, on a fresh connection: contiguous, or a gathered sparse frame's header and bitmap and
   // then its present pages, in as few sendmsg calls as the pieces allow. Returns 0 or -errno.
   int64_t resend(int fd, const Replay& r) {
+    if (r.len > wire::kHeaderBytes) sh_.stats.replayed_chunks.fetch_add(1, std::memory_order_relaxed);
     if (r.reread) return resend_reread(fd, r);
     if (r.gathered_raw == 0) {
       const int64_t n = io::send_full(*sync_ring_, fd, r.data(*this), r.len);
@@ -993,6 +1003,7 @@ class Worker {
     h.payload_len = h.raw_len;
     wire::encode_header(h, std::span<std::byte, wire::kHeaderBytes>(reread_memory_.data(), wire::kHeaderBytes));
     const int64_t n = io::send_full(*sync_ring_, fd, reread_memory_.data(), wire::kHeaderBytes + h.raw_len);
+    if (n >= 0) sh_.stats.reread_chunks.fetch_add(1, std::memory_order_relaxed);
     return n < 0 ? n : 0;
   }
 
@@ -1143,9 +1154,9 @@ void control_loop(Shared& sh, const std::atomic<bool>& stop) {
       switch (h.type) {
         case wire::FrameType::stream_ack: {
           uint64_t cur = link.acked_seq.load();
-          while (cur < h.seq && !link.acked_seq.compare_exchange_weak(cur, h.seq)) {
+          while (cur < h.seq && !link.acked_seq.compare_exchange_weak(cur, h.seq, std::memory_order_seq_cst)) {
           }
-          if (sh.ack_waiters.load() > 0) {
+          if (sh.ack_waiters.load(std::memory_order_seq_cst) > 0) {
             std::lock_guard lock(sh.control_mu);  // see Worker::wait_for_ack
             sh.wake();
           }

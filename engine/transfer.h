@@ -57,7 +57,8 @@ struct SendOptions {
   bool resume = true;
   int reconnect_attempts = 5;           // per break; past them the transfer fails
   int reconnect_backoff_ms = 200;       // before the 2nd attempt; doubles, at most 5 s
-  uint64_t replay_bytes = 32ull << 20;  // all streams together; a full buffer makes the sender wait
+  uint64_t replay_bytes = 32ull << 20;  // all streams together (at least a STREAM_ACK's worth per stream);
+                                        // a full buffer makes the sender wait
   std::function<io::Fd()> reconnect;    // opens a new connection; send_to sets it, empty: no resume
   // Register the frame buffers with io_uring (READ_FIXED). Off by default: pinning them costs ~10 ms of
   // set-up (24 MiB per stream faulted in before the first byte) and gained nothing measurable on tmpfs
@@ -89,6 +90,8 @@ struct Stats {
   std::atomic<uint64_t> compressed_chunks{0};
   std::atomic<uint64_t> acked_chunks{0};    // sender: receiver's watermark
   std::atomic<uint64_t> resumes{0};         // broken streams reconnected and resumed
+  std::atomic<uint64_t> replayed_chunks{0}; // sender: data frames sent again after a resume
+  std::atomic<uint64_t> reread_chunks{0};   // sender: of those, read from the source again (not kept)
   std::atomic<uint64_t> codec_chunks[4]{};  // non-zero chunks per wire codec: none, lz4, zstd, sparse
 };
 

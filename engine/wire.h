@@ -18,6 +18,9 @@ inline constexpr uint16_t kVersion = 1;
 inline constexpr size_t kHeaderBytes = 48;
 inline constexpr size_t kHelloBytes = 56;
 inline constexpr uint32_t kMinChunkBytes = 4096;
+// The receiver sends a STREAM_ACK after this many bytes of non-zero chunks on a stream (at least one chunk):
+// a sender that keeps frames until acknowledged needs room for this much at least.
+inline constexpr uint32_t kStreamAckBytes = 256 << 10;
 inline constexpr uint32_t kMaxChunkBytes = 16u << 20;  // protocol ceiling; a receiver may set a lower one
 inline constexpr uint32_t kMaxTextBytes = 1024;        // ABORTED reason text
 inline constexpr uint16_t kMaxStreams = 64;

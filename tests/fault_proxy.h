@@ -24,8 +24,8 @@ struct Fault {
   int64_t length = 64;  // duplicate: how many bytes are sent twice
   int delay_ms = 0;     // delay: added before every forwarded piece, on every connection
   int down_ms = 0;      // cut: refuse connections for this long afterwards (-1: for good)
-  int stall_ms = 0;     // cut: stop reading this long first, so that what the sender sends on piles up in the
-                        // sockets (frames it has handed over in full, yet lost)
+  int stall_ms = 0;     // cut: first read and drop what comes for this long, so that frames the sender has
+                        // handed over in full are lost whatever the socket buffers hold
 };
 
 class FaultProxy {
@@ -96,7 +96,7 @@ class FaultProxy {
             buf[k] ^= 0x10;
             break;
           case Fault::cut:
-            if (fault_.stall_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(fault_.stall_ms));
+            if (fault_.stall_ms > 0) drop_for(from, std::chrono::milliseconds(fault_.stall_ms));
             fired_at_ = Clock::now();
             fired_ = true;
             shutdown(from, SHUT_RDWR);
@@ -126,6 +126,16 @@ class FaultProxy {
       if (send(to, buf.data(), size_t(n), MSG_NOSIGNAL) != n) break;
     }
     shutdown(to, SHUT_WR);
+  }
+
+  // Reads and drops what `from` sends for `d` (a path that swallows frames before it breaks).
+  static void drop_for(int from, std::chrono::milliseconds d) {
+    std::vector<char> sink(1 << 16);
+    const auto until = Clock::now() + d;
+    while (Clock::now() < until) {
+      pollfd p{.fd = from, .events = POLLIN, .revents = 0};
+      if (poll(&p, 1, 10) > 0 && recv(from, sink.data(), sink.size(), 0) <= 0) break;
+    }
   }
 
   uint16_t target_;
