@@ -292,9 +292,9 @@ class Worker {
     size_t len;
     size_t at = 0;             // where the frame starts in buf
     uint32_t gathered_raw = 0;  // > 0: a gathered sparse frame of a chunk of this many bytes
-    bool reread = false;
     std::array<std::byte, wire::kHeaderBytes> header{};
     const std::byte* data(const Worker& w) const { return buf >= 0 ? w.buf(buf) + at : header.data(); }
+    bool reread() const { return buf < 0 && len > wire::kHeaderBytes; }  // a data frame kept as its header
   };
   // Frames kept inline cost no buffer; this bounds their number per stream (~80 bytes each).
   static constexpr size_t kMaxInlineReplays = 4096;
@@ -773,8 +773,8 @@ class Worker {
     else
       st.compressed_chunks.fetch_add(1, std::memory_order_relaxed);
     if (!slot.enc.zero) st.codec_chunks[unsigned(slot.enc.codec) & 3].fetch_add(1, std::memory_order_relaxed);
-    if (sh_.resume && (slot.frame_len == wire::kHeaderBytes || (rereads() && !slot.view))) {
-      Replay r{.seq = slot.seq, .buf = -1, .len = slot.frame_len, .reread = slot.frame_len > wire::kHeaderBytes};
+    if (sh_.resume && (slot.frame_len == wire::kHeaderBytes || rereads())) {
+      Replay r{.seq = slot.seq, .buf = -1, .len = slot.frame_len};
       std::memcpy(r.header.data(), slot.frame, wire::kHeaderBytes);
       replay_.push_back(r);
       ++inline_replays_;
@@ -971,7 +971,7 @@ class Worker {
   // then its present pages, in as few sendmsg calls as the pieces allow. Returns 0 or -errno.
   int64_t resend(int fd, const Replay& r) {
     if (r.len > wire::kHeaderBytes) sh_.stats.replayed_chunks.fetch_add(1, std::memory_order_relaxed);
-    if (r.reread) return resend_reread(fd, r);
+    if (r.reread()) return resend_reread(fd, r);
     if (r.gathered_raw == 0) {
       const int64_t n = io::send_full(*sync_ring_, fd, r.data(*this), r.len);
       return n < 0 ? n : 0;
