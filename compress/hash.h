@@ -1,4 +1,4 @@
-// XXH3 hashing. xxHash is compiled in privately (XXH_INLINE_ALL) so a host program's own xxHash cannot clash.
+// XXH3 hashing, through Debian's libxxhash (on x86 its run-time dispatcher: see hash.cpp).
 #pragma once
 
 #include <cstddef>

@@ -686,13 +686,25 @@ class Worker {
   // so the buffer is never reused early.
   bool zero_copy(const iovec& piece) const { return zero_copy_min_ > 0 && piece.iov_len >= zero_copy_min_; }
 
+  // One send moves at most this much; the rest of the frame follows at once (MSG_MORE). Sent whole, a 1 MiB
+  // frame holds the socket through the copy of all of it. One stream to a peer on the same host (veth) then
+  // cost the sender 60 % more CPU per byte, most of it working off the ACKs held back meanwhile (perf:
+  // __release_sock), and the peer saw packets out of order (ss: 398 retransmissions, against 45). 512 MiB over
+  // veth, one stream of 1 MiB raw frames: 418 ms sent whole, 273 ms in sends of at most 768 KiB; two streams
+  // and compressed frames: no change (docs/performance.md, session 10). A smaller cap (512 KiB) cost where the
+  // rest of a frame waited behind the next chunk's compression.
+  static constexpr size_t kMaxSendBytes = 768 * 1024;
+
   void queue_send(Slot& slot) {
     const size_t pieces = slot.iov.size() - slot.iov_at;
-    // One sendmsg for the pieces up to the kernel's limit, or up to one that goes zero-copy on its own; the
-    // rest follows at once (MSG_MORE).
+    // One sendmsg for the pieces up to the kernel's limit and kMaxSendBytes, or up to one that goes zero-copy
+    // on its own; the rest follows at once (MSG_MORE).
     size_t n = 1;
+    size_t bytes = slot.iov[slot.iov_at].iov_len;
     if (!zero_copy(slot.iov[slot.iov_at])) {
-      while (n < std::min(pieces, io::kMaxIov) && !zero_copy(slot.iov[slot.iov_at + n])) ++n;
+      while (n < std::min(pieces, io::kMaxIov) && !zero_copy(slot.iov[slot.iov_at + n]) &&
+             bytes + slot.iov[slot.iov_at + n].iov_len <= kMaxSendBytes)
+        bytes += slot.iov[slot.iov_at + n++].iov_len;
     }
     if (n > 1) {
       send_io_ = io::Completion{.op = io::Op::sendmsg,
@@ -703,11 +715,12 @@ class Worker {
                                 .iov_count = unsigned(n)};
     } else {
       const iovec& piece = slot.iov[slot.iov_at];
+      const size_t len = std::min(piece.iov_len, kMaxSendBytes);
       send_io_ = io::Completion{.op = zero_copy(piece) ? io::Op::send_zc : io::Op::send,
                                 .fd = fd(),
                                 .buf = piece.iov_base,
-                                .len = uint32_t(std::min(piece.iov_len, io::kMaxIoBytes)),
-                                .more = pieces > 1,
+                                .len = uint32_t(len),
+                                .more = pieces > 1 || len < piece.iov_len,
                                 .file_index = socket_file_};
     }
     if (!ring_->queue(&send_io_)) {
