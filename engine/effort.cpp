@@ -228,10 +228,10 @@ void EffortController::end_period(Clock::time_point now, uint64_t delivered) {
   }
   if (!warmed_up_) {
     warmed_up_ = true;  // the first period measures socket buffers and slow start filling, not the link
-    // But if lz4 kept every core busy and never waited on the link even then, while the link carried at least
-    // 40 % of what lz4 was given (lz4 shrank it to that or more), raw can only be faster: its warm-up starts now, and lz4
-    // counts as lost (so zstd is not tried either). Data lz4 shrinks a lot proves nothing of the kind: the
-    // socket buffers alone may have taken it.
+    // But if lz4 kept the workers busy, left no CPU idle that they could have used, and never waited on the
+    // link even then, while the link carried at least 40 % of what lz4 was given (lz4 shrank it to that or
+    // more), raw can only be faster: its warm-up starts now, and lz4 counts as lost (so zstd is not tried
+    // either). Data lz4 shrinks a lot proves nothing of the kind: the socket buffers alone may have taken it.
     const uint64_t lz4_bytes = encode_bytes_[1].load(std::memory_order_relaxed);
     const double lz4_ratio =
         lz4_bytes ? double(encoded_bytes_[1].load(std::memory_order_relaxed)) / double(lz4_bytes) : 0;
@@ -239,8 +239,8 @@ void EffortController::end_period(Clock::time_point now, uint64_t delivered) {
     // the first megabytes): when TCP already measured a path slower than lz4's rate, raw (which has to carry
     // about that rate) cannot win, and lz4 keeps its period.
     const bool path_allows_raw = path_rate_ < 0 || path_rate_ >= rate;
-    if (opened_ == 0 && link_share <= kCpuBoundShare && spare_cores_ >= 0 && spare_cores_ < kNoSpareCores &&
-        lz4_ratio >= kSkipLz4MinRatio && path_allows_raw) {
+    if (opened_ == 0 && link_share <= kCpuBoundShare && spare_cores_ >= 0 &&
+        usable_spare(link_share) < kNoSpareCores && lz4_ratio >= kSkipLz4MinRatio && path_allows_raw) {
       trace(rate, link_share);
       opened_ = 1;
       switch_to(opening_[1], now, idle);
@@ -285,7 +285,7 @@ void EffortController::end_period(Clock::time_point now, uint64_t delivered) {
     double best = est * (1 + kMargin);
     for (int l : {current_ - 1, current_ + 1}) {
       if (l < 0 || l >= levels_) continue;
-      const bool worth_trying = l > current_ ? link_bound && cpu_to_spare(est) : cpu_bound;
+      const bool worth_trying = l > current_ ? link_bound && cpu_to_spare(est, link_share) : cpu_bound;
       const double score = estimate_[size_t(l)] >= 0 ? estimate_[size_t(l)] : worth_trying ? best * 1.001 : 0;
       if (score > best) {
         best = score;
@@ -337,13 +337,20 @@ void EffortController::switch_to(int level, Clock::time_point now, double idle) 
 // count as yes: the trial measures them. So does spare CPU not measured yet: waiting for it would hold the
 // climb on a slow link for the opening's length again (3 % at 10 Gbit/s binary), and on a link where CPU is
 // short, the one trial it lets through is measured and not repeated.
-bool EffortController::cpu_to_spare(double rate) const {
+bool EffortController::cpu_to_spare(double rate, double link_share) const {
   const int rung = current_ / kLevelsPerRung;
   if (rung + 1 >= kRungs || spare_cores_ < 0 || rate <= 0) return true;
   const double cost[2] = {cost_per_byte(rung), cost_per_byte(rung + 1)};
   if (cost[0] < 0 || cost[1] < 0) return true;
   const double extra_cores = rate * (cost[1] - cost[0]) / kLevelsPerRung;
-  return spare_cores_ >= kSpareBar * extra_cores;
+  return usable_spare(link_share) >= kSpareBar * extra_cores;
+}
+
+// The idle CPU the workers could spend on encoding: what the cores leave idle, but no more than the time the
+// workers themselves sat waiting on the link. With fewer workers than cores (one stream on two cores) a core
+// no worker runs on may idle while every worker is busy, and that CPU is out of their reach.
+double EffortController::usable_spare(double link_share) const {
+  return std::min(spare_cores_, streams_ * link_share);
 }
 
 }  // namespace dstx::engine

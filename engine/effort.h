@@ -90,10 +90,12 @@ class ShareSelector {
 //   CPU (or the source) sets it and more effort can only slow things down.
 // The controller moves to a measured neighbour level that delivered clearly more, and tries an unmeasured
 // one only in the direction the link wait points to, and upwards only if the CPU left over (idle time of
-// the cores this process may use: cpuidle's residency counters and /proc/stat) could pay for the step at
+// the cores this process may use: cpuidle's residency counters and /proc/stat, but no more than the time
+// the workers waited on the link: a core no worker runs on is out of their reach) could pay for the step at
 // each rung's measured encode cost: workers waiting on their sockets do not mean spare CPU when something
 // else (on one machine, the receiver) keeps the cores busy. It opens with one short period on each pure
-// rung: lz4 (skipped when its warm-up kept every core busy without waiting on the link, unless TCP measured
+// rung: lz4 (skipped when its warm-up kept the workers busy without waiting on the link and left no CPU idle
+// in their reach, unless TCP measured
 // a path slower than lz4, and given back its period when raw then waits on the link at less than half what
 // lz4's encode cost allows: a start-up can look CPU-bound on any link), then raw (skipped
 // when lz4 already waited on the link, or TCP's path rate is far below lz4's rate: twice the bytes on the
@@ -162,7 +164,8 @@ class EffortController {
 
   bool period_over(Clock::time_point now);
   void end_period(Clock::time_point now, uint64_t delivered);
-  bool cpu_to_spare(double rate) const;
+  bool cpu_to_spare(double rate, double link_share) const;
+  double usable_spare(double link_share) const;
   bool lz4_outruns(double rate) const;
   double cost_per_byte(int rung) const;
   void trace(double rate, double link_share) const;

@@ -43,13 +43,14 @@ struct Link {
     return link_gbps / blend(kWire, effort) < cores / blend(kCpu, effort);
   }
   double other_load = 0;  // cores something else on the machine keeps busy (a receiver on the same host)
+  double idle_cores = 0;  // idle cores no worker runs on (one stream on a machine with two cores)
   // The first chunks look CPU-bound whatever the link (set-up, socket buffers filling): no link wait, no
   // idle CPU, but TCP reports the path's rate.
   int busy_start_chunks = 0;
   double start_path_gbps = -1;  // what TCP reports meanwhile, if not the link's rate (a burst's sample)
   // Cores idle at this effort: what neither the sender nor the other load uses.
   double spare(double effort) const {
-    return std::max(0.0, cores - rate(effort) * blend(kCpu, effort) - other_load);
+    return std::max(0.0, cores - rate(effort) * blend(kCpu, effort) - other_load) + idle_cores;
   }
 };
 
@@ -58,11 +59,11 @@ struct Trace {
   double seconds = 0;
 };
 
-// Sends `chunks` chunks of 1 MiB over two streams, at the rate the model gives for the effort in force.
+// Sends `chunks` chunks of 1 MiB over `streams` streams, at the rate the model gives for the effort in force.
 // The machine's idle time and each chunk's encode cost follow the model too.
-Trace simulate(const Link& link, double top, int chunks) {
+Trace simulate(const Link& link, double top, int chunks, int streams = 2) {
   double idle_seconds = 0;
-  EffortController c(top, 2, [&] { return idle_seconds; });
+  EffortController c(top, size_t(streams), [&] { return idle_seconds; });
   Trace run;
   auto now = Clock::time_point{} + std::chrono::seconds(1);
   uint64_t sent = 0;
@@ -84,7 +85,8 @@ Trace simulate(const Link& link, double top, int chunks) {
     now += std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(dt));
     // Link-limited workers spend most of their time waiting with a frame ready, CPU-limited ones hardly.
     const double wait = busy_start ? 0 : link.link_limited(effort) ? link.link_wait : 0.05;
-    c.add_link_wait(std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(dt * 2 * wait)));
+    c.add_link_wait(
+        std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(dt * streams * wait)));
     sent += 1 << 20;
     c.observe(now, sent, [&] {
       const bool path_known = link.tcp_path_rate && (busy_start || link.link_limited(effort));
@@ -121,6 +123,22 @@ TEST(EffortController, ALinkFasterThanTheCompressorSettlesOnRawAndStaysThere) {
   // lz4 kept the cores busy without waiting on the link in its warm-up and shrank the data only by half:
   // raw comes right after the warm-up (8 chunks), without a measured lz4 period (8 more).
   EXPECT_LE(settled - run.efforts.begin(), 9);
+}
+
+TEST(EffortController, OneBusyStreamSkipsLz4sPeriodThoughAnotherCoreIdles) {
+  // One stream on two cores, link faster than lz4: the worker is busy on its core, the other core idles
+  // (the receiver, on the same host, takes a third of it). That core is out of the worker's reach: raw
+  // comes right after the warm-up, as with a worker per core.
+  const Link fast{.link_gbps = 10, .cores = 1.0, .idle_cores = 0.67};
+  const Trace run = simulate(fast, 3.0, 200, 1);
+  EXPECT_LE(std::find(run.efforts.begin(), run.efforts.end(), 0.0) - run.efforts.begin(), 9);
+  EXPECT_TRUE(std::all_of(run.efforts.begin() + 9, run.efforts.end(), [](double e) { return e == 0.0; }));
+  // The same worker on a link slower than lz4 waits on it, and the time it waits is CPU it can spend: it
+  // climbs onto zstd (its one core caps the climb below the top rung), never down to raw.
+  const Link slow{.link_gbps = 0.12, .cores = 1.0, .idle_cores = 0.67};
+  const Trace climb = simulate(slow, 3.0, 600, 1);
+  EXPECT_GT(*std::min_element(climb.efforts.begin(), climb.efforts.end()), 0.9);
+  EXPECT_GE(tail_mean(climb.efforts, 300), 1.9);
 }
 
 TEST(EffortController, ALinkBetweenTheTwoSettlesWhereLinkAndCpuMeet) {
