@@ -193,11 +193,13 @@ bool EffortController::period_over(Clock::time_point now) {
 
 void EffortController::end_period(Clock::time_point now, uint64_t delivered) {
   const uint64_t waited_ns = link_wait_ns_.load(std::memory_order_relaxed);
+  const uint64_t worker_ns = worker_ns_.load(std::memory_order_relaxed);
   const double idle = idle_ ? idle_() : -1;
   if (period_start_ == Clock::time_point{}) {
     period_start_ = now;
     period_bytes_ = delivered;
     period_link_wait_ns_ = waited_ns;
+    period_worker_ns_ = worker_ns;
     window_idle_ = idle;
     window_start_ = now;
     return;
@@ -209,7 +211,9 @@ void EffortController::end_period(Clock::time_point now, uint64_t delivered) {
   const double link_share = double(waited_ns - period_link_wait_ns_) * 1e-9 / (dt * streams_);
   period_start_ = now;
   period_bytes_ = delivered;
+  busy_cores_ = double(worker_ns - period_worker_ns_) * 1e-9 / dt;
   period_link_wait_ns_ = waited_ns;
+  period_worker_ns_ = worker_ns;
   period_chunks_ = 0;
   // Spare CPU, averaged over windows of kSpareMinSeconds to kSpareWindowSeconds at one level; a new window
   // starts when one is full and with each new level, and until it has run kSpareMinSeconds the last value
@@ -240,7 +244,7 @@ void EffortController::end_period(Clock::time_point now, uint64_t delivered) {
     // about that rate) cannot win, and lz4 keeps its period.
     const bool path_allows_raw = path_rate_ < 0 || path_rate_ >= rate;
     if (opened_ == 0 && link_share <= kCpuBoundShare && spare_cores_ >= 0 &&
-        usable_spare(link_share) < kNoSpareCores && lz4_ratio >= kSkipLz4MinRatio && path_allows_raw) {
+        usable_spare() < kNoSpareCores && lz4_ratio >= kSkipLz4MinRatio && path_allows_raw) {
       trace(rate, link_share);
       opened_ = 1;
       switch_to(opening_[1], now, idle);
@@ -285,7 +289,7 @@ void EffortController::end_period(Clock::time_point now, uint64_t delivered) {
     double best = est * (1 + kMargin);
     for (int l : {current_ - 1, current_ + 1}) {
       if (l < 0 || l >= levels_) continue;
-      const bool worth_trying = l > current_ ? link_bound && cpu_to_spare(est, link_share) : cpu_bound;
+      const bool worth_trying = l > current_ ? link_bound && cpu_to_spare(est) : cpu_bound;
       const double score = estimate_[size_t(l)] >= 0 ? estimate_[size_t(l)] : worth_trying ? best * 1.001 : 0;
       if (score > best) {
         best = score;
@@ -302,9 +306,11 @@ void EffortController::end_period(Clock::time_point now, uint64_t delivered) {
 
 void EffortController::trace(double rate, double link_share) const {
   if (trace_) {
-    std::fprintf(stderr, "%7.1f ms: effort %.2f: %.3f GB/s, link wait %.2f, spare cores %.2f, path %.3f GB/s\n",
+    std::fprintf(stderr,
+                 "%7.1f ms: effort %.2f: %.3f GB/s, link wait %.2f, spare cores %.2f (workers busy %.2f), "
+                 "path %.3f GB/s\n",
                  std::chrono::duration<double, std::milli>(period_start_ - created_).count(), level_effort(current_),
-                 rate / 1e9, link_share, spare_cores_, path_rate_ / 1e9);
+                 rate / 1e9, link_share, spare_cores_, busy_cores_, path_rate_ / 1e9);
   }
 }
 
@@ -337,20 +343,21 @@ void EffortController::switch_to(int level, Clock::time_point now, double idle) 
 // count as yes: the trial measures them. So does spare CPU not measured yet: waiting for it would hold the
 // climb on a slow link for the opening's length again (3 % at 10 Gbit/s binary), and on a link where CPU is
 // short, the one trial it lets through is measured and not repeated.
-bool EffortController::cpu_to_spare(double rate, double link_share) const {
+bool EffortController::cpu_to_spare(double rate) const {
   const int rung = current_ / kLevelsPerRung;
   if (rung + 1 >= kRungs || spare_cores_ < 0 || rate <= 0) return true;
   const double cost[2] = {cost_per_byte(rung), cost_per_byte(rung + 1)};
   if (cost[0] < 0 || cost[1] < 0) return true;
   const double extra_cores = rate * (cost[1] - cost[0]) / kLevelsPerRung;
-  return usable_spare(link_share) >= kSpareBar * extra_cores;
+  return usable_spare() >= kSpareBar * extra_cores;
 }
 
-// The idle CPU the workers could spend on encoding: what the cores leave idle, but no more than the time the
-// workers themselves sat waiting on the link. With fewer workers than cores (one stream on two cores) a core
-// no worker runs on may idle while every worker is busy, and that CPU is out of their reach.
-double EffortController::usable_spare(double link_share) const {
-  return std::min(spare_cores_, streams_ * link_share);
+// The idle CPU the workers could spend on encoding: what the cores leave idle, but no more than the workers
+// left unused of a core each. With fewer workers than cores (one stream on two cores) a core no worker runs
+// on may idle while every worker is busy, and that CPU is out of their reach. Workers that report no CPU
+// time count as idle (the bound is then the cores' idle time alone).
+double EffortController::usable_spare() const {
+  return std::min(spare_cores_, std::max(0.0, streams_ - busy_cores_));
 }
 
 }  // namespace dstx::engine

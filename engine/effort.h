@@ -90,8 +90,8 @@ class ShareSelector {
 //   CPU (or the source) sets it and more effort can only slow things down.
 // The controller moves to a measured neighbour level that delivered clearly more, and tries an unmeasured
 // one only in the direction the link wait points to, and upwards only if the CPU left over (idle time of
-// the cores this process may use: cpuidle's residency counters and /proc/stat, but no more than the time
-// the workers waited on the link: a core no worker runs on is out of their reach) could pay for the step at
+// the cores this process may use: cpuidle's residency counters and /proc/stat, but no more than what the
+// workers left unused of a core each: a core no worker runs on is out of their reach) could pay for the step at
 // each rung's measured encode cost: workers waiting on their sockets do not mean spare CPU when something
 // else (on one machine, the receiver) keeps the cores busy. It opens with one short period on each pure
 // rung: lz4 (skipped when its warm-up kept the workers busy without waiting on the link and left no CPU idle
@@ -123,6 +123,13 @@ class EffortController {
   void add_link_wait(Clock::duration d) {
     link_wait_ns_.fetch_add(uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(d).count()),
                             std::memory_order_relaxed);
+  }
+
+  // A worker used `cpu` more of its own CPU time, for anything (reading, encoding, sending); each reports as it
+  // goes. What the workers leave unused of their cores bounds the spare CPU they can spend on encoding.
+  void add_worker_cpu(Clock::duration cpu) {
+    worker_ns_.fetch_add(uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(cpu).count()),
+                         std::memory_order_relaxed);
   }
 
   // A worker spent `cpu` of its own CPU time encoding `bytes` logical bytes of non-zero chunks on `rung`
@@ -164,8 +171,8 @@ class EffortController {
 
   bool period_over(Clock::time_point now);
   void end_period(Clock::time_point now, uint64_t delivered);
-  bool cpu_to_spare(double rate, double link_share) const;
-  double usable_spare(double link_share) const;
+  bool cpu_to_spare(double rate) const;
+  double usable_spare() const;
   bool lz4_outruns(double rate) const;
   double cost_per_byte(int rung) const;
   void trace(double rate, double link_share) const;
@@ -174,6 +181,7 @@ class EffortController {
   const int levels_;
   const double streams_;
   std::atomic<uint64_t> link_wait_ns_{0};
+  std::atomic<uint64_t> worker_ns_{0};
   std::atomic<double> effort_{1.0};
   std::array<std::atomic<uint64_t>, kRungs> encode_bytes_{};
   std::array<std::atomic<uint64_t>, kRungs> encoded_bytes_{};
@@ -194,6 +202,8 @@ class EffortController {
   const Clock::time_point created_ = Clock::now();  // for the trace
   uint64_t period_bytes_ = 0;
   uint64_t period_link_wait_ns_ = 0;
+  uint64_t period_worker_ns_ = 0;
+  double busy_cores_ = 0;  // the workers' CPU time per second in the last period
   unsigned period_chunks_ = 0;
   // Spare CPU: the idle seconds and the time when the current window started, and the last window's average.
   double window_idle_ = -1;

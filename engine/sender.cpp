@@ -327,6 +327,7 @@ class Worker {
     slots_.resize(depth);
     // A sparse frame's pieces: the header with the bitmap, then at most one run per two pages.
     for (Slot& slot : slots_) slot.iov.reserve(2 + compress::sparse_bitmap_bytes(sh_.chunk_bytes) * 4);
+    send_iov_.reserve(io::kMaxIov);
     if (sh_.backend == io::Backend::uring && io::probe().send_zc)
       zero_copy_min_ = sh_.options.zero_copy_min_bytes;
     // Registered once, the buffers spare the kernel a page walk on every read (READ_FIXED). Where the kernel
@@ -348,6 +349,7 @@ class Worker {
         sh_.fixed_file_streams.fetch_add(1, std::memory_order_relaxed);
       }
     }
+    if (sh_.effort) cpu_reported_ = thread_cpu_time();  // set-up is not the transfer's CPU
   }
 
   // With resume, sent chunks are read again from the source for a replay instead of kept (see Replay).
@@ -690,38 +692,57 @@ class Worker {
   // frame holds the socket through the copy of all of it. One stream to a peer on the same host (veth) then
   // cost the sender 60 % more CPU per byte, most of it working off the ACKs held back meanwhile (perf:
   // __release_sock), and the peer saw packets out of order (ss: 398 retransmissions, against 45). 512 MiB over
-  // veth, one stream of 1 MiB raw frames: 418 ms sent whole, 273 ms in sends of at most 768 KiB; two streams
-  // and compressed frames: no change (docs/performance.md, session 10). A smaller cap (512 KiB) cost where the
-  // rest of a frame waited behind the next chunk's compression.
+  // veth, one stream of 1 MiB raw frames: 438 ms sent whole, 302 ms in sends of at most 768 KiB (the plain
+  // loop: 353); two streams and compressed frames: no change (docs/performance.md, session 10). A smaller cap
+  // (512 KiB) cost where the rest of a frame waited behind the next chunk's compression. Zero-copy sends copy
+  // nothing and go whole.
   static constexpr size_t kMaxSendBytes = 768 * 1024;
 
   void queue_send(Slot& slot) {
-    const size_t pieces = slot.iov.size() - slot.iov_at;
-    // One sendmsg for the pieces up to the kernel's limit and kMaxSendBytes, or up to one that goes zero-copy
-    // on its own; the rest follows at once (MSG_MORE).
-    size_t n = 1;
-    size_t bytes = slot.iov[slot.iov_at].iov_len;
-    if (!zero_copy(slot.iov[slot.iov_at])) {
-      while (n < std::min(pieces, io::kMaxIov) && !zero_copy(slot.iov[slot.iov_at + n]) &&
-             bytes + slot.iov[slot.iov_at + n].iov_len <= kMaxSendBytes)
-        bytes += slot.iov[slot.iov_at + n++].iov_len;
-    }
-    if (n > 1) {
-      send_io_ = io::Completion{.op = io::Op::sendmsg,
+    const iovec& first = slot.iov[slot.iov_at];
+    if (zero_copy(first)) {  // alone, and whole: nothing is copied under the socket's lock
+      const size_t len = std::min(first.iov_len, io::kMaxIoBytes);
+      send_io_ = io::Completion{.op = io::Op::send_zc,
                                 .fd = fd(),
-                                .more = n < pieces,
-                                .file_index = socket_file_,
-                                .iov = &slot.iov[slot.iov_at],
-                                .iov_count = unsigned(n)};
-    } else {
-      const iovec& piece = slot.iov[slot.iov_at];
-      const size_t len = std::min(piece.iov_len, kMaxSendBytes);
-      send_io_ = io::Completion{.op = zero_copy(piece) ? io::Op::send_zc : io::Op::send,
-                                .fd = fd(),
-                                .buf = piece.iov_base,
+                                .buf = first.iov_base,
                                 .len = uint32_t(len),
-                                .more = pieces > 1 || len < piece.iov_len,
+                                .more = slot.iov_at + 1 < slot.iov.size() || len < first.iov_len,
                                 .file_index = socket_file_};
+    } else {
+      // The pieces up to kMaxSendBytes (the one that crosses it in part), the kernel's limit on pieces, or a
+      // piece that goes zero-copy on its own; the rest follows at once (MSG_MORE).
+      send_iov_.clear();
+      size_t bytes = 0;
+      bool more = false;
+      for (size_t i = slot.iov_at; i < slot.iov.size(); ++i) {
+        const iovec& piece = slot.iov[i];
+        if (bytes == kMaxSendBytes || send_iov_.size() == io::kMaxIov || (i > slot.iov_at && zero_copy(piece))) {
+          more = true;
+          break;
+        }
+        const size_t take = std::min(piece.iov_len, kMaxSendBytes - bytes);
+        send_iov_.push_back({piece.iov_base, take});
+        bytes += take;
+        if (take < piece.iov_len) {
+          more = true;
+          break;
+        }
+      }
+      if (send_iov_.size() > 1) {
+        send_io_ = io::Completion{.op = io::Op::sendmsg,
+                                  .fd = fd(),
+                                  .more = more,
+                                  .file_index = socket_file_,
+                                  .iov = send_iov_.data(),
+                                  .iov_count = unsigned(send_iov_.size())};
+      } else {
+        send_io_ = io::Completion{.op = io::Op::send,
+                                  .fd = fd(),
+                                  .buf = send_iov_[0].iov_base,
+                                  .len = uint32_t(send_iov_[0].iov_len),
+                                  .more = more,
+                                  .file_index = socket_file_};
+      }
     }
     if (!ring_->queue(&send_io_)) {
       ring_->submit(0);
@@ -814,6 +835,9 @@ class Worker {
     // Zero chunks cost the same on every rung and next to nothing: the controller only sees the others, whose
     // share varies along the state and would otherwise swamp the difference between rungs.
     if (sh_.effort && !slot.enc.zero) {
+      const Clock::duration cpu = thread_cpu_time();
+      sh_.effort->add_worker_cpu(cpu - cpu_reported_);
+      cpu_reported_ = cpu;
       sh_.coded_bytes.fetch_add(slot.len, std::memory_order_relaxed);
       sh_.effort->observe(Clock::now(), sh_.coded_bytes.load(std::memory_order_relaxed),
                           [&] { return sh_.probe_sockets(); });
@@ -1056,6 +1080,8 @@ class Worker {
   size_t front_ = 0;  // a buffer's room before its chunk: a header and a sparse bitmap
   bool fixed_buffers_ = false;
   size_t zero_copy_min_ = 0;  // 0: never SEND_ZC
+  Clock::duration cpu_reported_{};  // this thread's CPU time last reported to the controller
+  std::vector<iovec> send_iov_;     // the pieces of the send in flight (queue_send), up to kMaxIov
   std::vector<int> free_;
   std::deque<Replay> replay_;
   std::vector<iovec> resend_iov_;  // a gathered frame's pieces while it is sent again

@@ -83,10 +83,13 @@ Trace simulate(const Link& link, double top, int chunks, int streams = 2) {
                             std::chrono::duration<double>(bytes * kCpu[r] * 1e-9)));
     }
     now += std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(dt));
-    // Link-limited workers spend most of their time waiting with a frame ready, CPU-limited ones hardly.
+    // Link-limited workers spend most of their time waiting with a frame ready, CPU-limited ones hardly; the
+    // rest they are busy, on the cores they have.
     const double wait = busy_start ? 0 : link.link_limited(effort) ? link.link_wait : 0.05;
     c.add_link_wait(
         std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(dt * streams * wait)));
+    c.add_worker_cpu(std::chrono::duration_cast<Clock::duration>(
+        std::chrono::duration<double>(dt * std::min(link.cores, double(streams)) * (1 - wait))));
     sent += 1 << 20;
     c.observe(now, sent, [&] {
       const bool path_known = link.tcp_path_rate && (busy_start || link.link_limited(effort));
@@ -134,7 +137,7 @@ TEST(EffortController, OneBusyStreamSkipsLz4sPeriodThoughAnotherCoreIdles) {
   EXPECT_LE(std::find(run.efforts.begin(), run.efforts.end(), 0.0) - run.efforts.begin(), 9);
   EXPECT_TRUE(std::all_of(run.efforts.begin() + 9, run.efforts.end(), [](double e) { return e == 0.0; }));
   // The same worker on a link slower than lz4 waits on it, and the time it waits is CPU it can spend: it
-  // climbs onto zstd (its one core caps the climb below the top rung), never down to raw.
+  // climbs onto zstd, never down to raw.
   const Link slow{.link_gbps = 0.12, .cores = 1.0, .idle_cores = 0.67};
   const Trace climb = simulate(slow, 3.0, 600, 1);
   EXPECT_GT(*std::min_element(climb.efforts.begin(), climb.efforts.end()), 0.9);

@@ -224,6 +224,24 @@ TEST(Migrate, EveryOpenPathAndFeatureSet) {
   }
 }
 
+// Raw chunks larger than one send (kMaxSendBytes) straight from a mapped data section: each frame goes out
+// as its header and the section's bytes in several sends, the first with the header in front and each but
+// the last cut inside the mapped piece, zero-copy or not. The destination must load the same state.
+TEST(Migrate, RawChunksFromAMappedSectionGoOutInSeveralSends) {
+  for (const size_t zero_copy_min : {size_t(0), size_t(64) << 10}) {
+    const std::string what = zero_copy_min ? "zero-copy" : "copied";
+    if (zero_copy_min && !io::probe().send_zc) continue;
+    auto src = source("emu-v1:size=16M,profile=random,section=8M,mmap=all");
+    auto dst = sink("emu-v1:size=16M,section=8M,mmap=all");
+    RunOptions o;
+    o.send = SendOptions{.streams = 1, .chunk_bytes = 4 << 20, .codec = CodecMode::none};
+    o.send.zero_copy_min_bytes = zero_copy_min;
+    const Outcome out = run(*src, *dst, o);
+    expect_migrated(out, what);
+    EXPECT_EQ(out.send.transfer.chunk_bytes, 4u << 20) << what;
+  }
+}
+
 TEST(Migrate, CrossProtocolStreamsLoad) {
   {
     auto src = source("emu-v2:size=8M,profile=text");
