@@ -89,21 +89,22 @@ class ShareSelector {
 //   wait"). Much of it means the link sets the pace and spare CPU could shrink the frames; little means the
 //   CPU (or the source) sets it and more effort can only slow things down.
 // The controller moves to a measured neighbour level that delivered clearly more, and tries an unmeasured
-// one only in the direction the link wait points to, and upwards only if the CPU left over (idle time of
-// the cores this process may use: cpuidle's residency counters and /proc/stat, but no more than what the
-// workers left unused of a core each: a core no worker runs on is out of their reach) could pay for the step at
-// each rung's measured encode cost: workers waiting on their sockets do not mean spare CPU when something
-// else (on one machine, the receiver) keeps the cores busy. It opens with one short period on each pure
-// rung: lz4 (skipped when its warm-up kept the workers busy without waiting on the link and left no CPU idle
-// in their reach, unless TCP measured
-// a path slower than lz4, and given back its period when raw then waits on the link at less than half what
-// lz4's encode cost allows: a start-up can look CPU-bound on any link), then raw (skipped
-// when lz4 already waited on the link, or TCP's path rate is far below lz4's rate: twice the bytes on the
-// same link can only be slower), then zstd (skipped when lz4 lost to raw: a link that outruns lz4 outruns
-// zstd too), and starts from the fastest; links much faster or much slower than the compressor, the common
-// cases, are settled right there. The opening and the warm-up before it run at lz4 with short periods: on a slow link every
-// raw chunk costs a lot of link time, on a fast one every compressed chunk a lot of CPU, and lz4 is the
-// cheaper mistake in both.
+// one only in the direction the link wait points to, and upwards only if the CPU left over could pay for the
+// step at each rung's measured encode cost. CPU left over: the idle time of the cores this process may use
+// (cpuidle's residency counters and /proc/stat), but no more than what the workers left unused of a core
+// each (a core no worker runs on is out of their reach); workers waiting on their sockets do not mean spare
+// CPU when something else (on one machine, the receiver) keeps the cores busy.
+// It opens with one short period on each pure rung, and starts from the fastest:
+// - lz4, skipped when its warm-up kept the workers busy without waiting on the link and left no CPU idle in
+//   their reach, unless TCP measured a path slower than lz4; and given back its period when raw then waits
+//   on the link at less than half what lz4's encode cost allows (a start-up can look CPU-bound on any link);
+// - raw, skipped when lz4 already waited on the link, or TCP's path rate is far below lz4's rate (twice the
+//   bytes on the same link can only be slower);
+// - zstd, skipped when lz4 lost to raw (a link that outruns lz4 outruns zstd too).
+// Links much faster or much slower than the compressor, the common cases, are settled right there. The
+// opening and the warm-up before it run at lz4 with short periods: on a slow link every raw chunk costs a
+// lot of link time, on a fast one every compressed chunk a lot of CPU, and lz4 is the cheaper mistake in
+// both.
 class EffortController {
  public:
   using Clock = std::chrono::steady_clock;
