@@ -194,12 +194,14 @@ bool EffortController::period_over(Clock::time_point now) {
 void EffortController::end_period(Clock::time_point now, uint64_t delivered) {
   const uint64_t waited_ns = link_wait_ns_.load(std::memory_order_relaxed);
   const uint64_t worker_ns = worker_ns_.load(std::memory_order_relaxed);
+  const uint64_t worker_wall_ns = worker_wall_ns_.load(std::memory_order_relaxed);
   const double idle = idle_ ? idle_() : -1;
   if (period_start_ == Clock::time_point{}) {
     period_start_ = now;
     period_bytes_ = delivered;
     period_link_wait_ns_ = waited_ns;
     period_worker_ns_ = worker_ns;
+    period_worker_wall_ns_ = worker_wall_ns;
     window_idle_ = idle;
     window_start_ = now;
     return;
@@ -211,9 +213,15 @@ void EffortController::end_period(Clock::time_point now, uint64_t delivered) {
   const double link_share = double(waited_ns - period_link_wait_ns_) * 1e-9 / (dt * streams_);
   period_start_ = now;
   period_bytes_ = delivered;
-  busy_cores_ = double(worker_ns - period_worker_ns_) * 1e-9 / dt;
+  // The workers' busy share (CPU over wall time, summed over what they reported in the period), times their
+  // number; the last value stands through a period without reports.
+  if (worker_wall_ns > period_worker_wall_ns_) {
+    busy_cores_ =
+        streams_ * double(worker_ns - period_worker_ns_) / double(worker_wall_ns - period_worker_wall_ns_);
+  }
   period_link_wait_ns_ = waited_ns;
   period_worker_ns_ = worker_ns;
+  period_worker_wall_ns_ = worker_wall_ns;
   period_chunks_ = 0;
   // Spare CPU, averaged over windows of kSpareMinSeconds to kSpareWindowSeconds at one level; a new window
   // starts when one is full and with each new level, and until it has run kSpareMinSeconds the last value

@@ -126,11 +126,15 @@ class EffortController {
                             std::memory_order_relaxed);
   }
 
-  // A worker used `cpu` more of its own CPU time, for anything (reading, encoding, sending); each reports as it
-  // goes. What the workers leave unused of their cores bounds the spare CPU they can spend on encoding.
-  void add_worker_cpu(Clock::duration cpu) {
+  // A worker used `cpu` of its own CPU time, for anything (reading, encoding, sending), in the `wall` time
+  // since its last report; each reports as it goes. What the workers leave unused of their cores bounds the
+  // spare CPU they can spend on encoding. The shares are summed as such, so a worker's report need not fall
+  // in the period it covers, and a worker that reports nothing in a period counts as busy as the others.
+  void add_worker_cpu(Clock::duration cpu, Clock::duration wall) {
     worker_ns_.fetch_add(uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(cpu).count()),
                          std::memory_order_relaxed);
+    worker_wall_ns_.fetch_add(uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(wall).count()),
+                              std::memory_order_relaxed);
   }
 
   // A worker spent `cpu` of its own CPU time encoding `bytes` logical bytes of non-zero chunks on `rung`
@@ -183,6 +187,7 @@ class EffortController {
   const double streams_;
   std::atomic<uint64_t> link_wait_ns_{0};
   std::atomic<uint64_t> worker_ns_{0};
+  std::atomic<uint64_t> worker_wall_ns_{0};
   std::atomic<double> effort_{1.0};
   std::array<std::atomic<uint64_t>, kRungs> encode_bytes_{};
   std::array<std::atomic<uint64_t>, kRungs> encoded_bytes_{};
@@ -204,7 +209,8 @@ class EffortController {
   uint64_t period_bytes_ = 0;
   uint64_t period_link_wait_ns_ = 0;
   uint64_t period_worker_ns_ = 0;
-  double busy_cores_ = 0;  // the workers' CPU time per second in the last period
+  uint64_t period_worker_wall_ns_ = 0;
+  double busy_cores_ = 0;  // the workers' CPU time per second in the last period (0: none reported)
   unsigned period_chunks_ = 0;
   // Spare CPU: the idle seconds and the time when the current window started, and the last window's average.
   double window_idle_ = -1;

@@ -349,7 +349,10 @@ class Worker {
         sh_.fixed_file_streams.fetch_add(1, std::memory_order_relaxed);
       }
     }
-    if (sh_.effort) cpu_reported_ = thread_cpu_time();  // set-up is not the transfer's CPU
+    if (sh_.effort) {  // set-up is not the transfer's CPU
+      cpu_reported_ = thread_cpu_time();
+      wall_reported_ = Clock::now();
+    }
   }
 
   // With resume, sent chunks are read again from the source for a replay instead of kept (see Replay).
@@ -834,10 +837,14 @@ class Worker {
     release_view(slot);
     // Zero chunks cost the same on every rung and next to nothing: the controller only sees the others, whose
     // share varies along the state and would otherwise swamp the difference between rungs.
-    if (sh_.effort && !slot.enc.zero) {
+    if (sh_.effort) {  // zero chunks too: a run of them keeps the worker busy
       const Clock::duration cpu = thread_cpu_time();
-      sh_.effort->add_worker_cpu(cpu - cpu_reported_);
+      const Clock::time_point now = Clock::now();
+      sh_.effort->add_worker_cpu(cpu - cpu_reported_, now - wall_reported_);
       cpu_reported_ = cpu;
+      wall_reported_ = now;
+    }
+    if (sh_.effort && !slot.enc.zero) {
       sh_.coded_bytes.fetch_add(slot.len, std::memory_order_relaxed);
       sh_.effort->observe(Clock::now(), sh_.coded_bytes.load(std::memory_order_relaxed),
                           [&] { return sh_.probe_sockets(); });
@@ -1080,7 +1087,8 @@ class Worker {
   size_t front_ = 0;  // a buffer's room before its chunk: a header and a sparse bitmap
   bool fixed_buffers_ = false;
   size_t zero_copy_min_ = 0;  // 0: never SEND_ZC
-  Clock::duration cpu_reported_{};  // this thread's CPU time last reported to the controller
+  Clock::duration cpu_reported_{};    // this thread's CPU time last reported to the controller
+  Clock::time_point wall_reported_{};  // and when
   std::vector<iovec> send_iov_;     // the pieces of the send in flight (queue_send), up to kMaxIov
   std::vector<int> free_;
   std::deque<Replay> replay_;

@@ -224,9 +224,10 @@ TEST(Migrate, EveryOpenPathAndFeatureSet) {
   }
 }
 
-// Raw chunks larger than one send (kMaxSendBytes) straight from a mapped data section: each frame goes out
-// as its header and the section's bytes in several sends, the first with the header in front and each but
-// the last cut inside the mapped piece, zero-copy or not. The destination must load the same state.
+// Raw chunks larger than one send (kMaxSendBytes) straight from a mapped data section. Copied, each frame goes
+// out as its header and the section's bytes in several sends, the first with the header in front and each
+// but the last cut inside the mapped piece; zero-copy, the header alone and then the mapped bytes whole. The
+// destination must load the same state.
 TEST(Migrate, RawChunksFromAMappedSectionGoOutInSeveralSends) {
   for (const size_t zero_copy_min : {size_t(0), size_t(64) << 10}) {
     const std::string what = zero_copy_min ? "zero-copy" : "copied";
