@@ -76,9 +76,10 @@ class ShareSelector {
 };
 
 // --codec auto walks a ladder of encodings, cheapest first: raw (zero pages dropped), lz4, zstd, and zstd two
-// levels higher (at most level 19). The effort in [0, top] says where the sender stands: its integer part picks the lower rung,
-// its fraction the share of chunks that take the rung above. Which effort is best depends on the link, the
-// data and the CPU left over (on loopback the "link" is the CPU itself), so no model of them is trusted.
+// levels higher (at most level 19). The effort in [0, top] says where the sender stands: its integer part
+// picks the lower rung, its fraction the share of chunks that take the rung above. Which effort is best
+// depends on the link, the data and the CPU left over (on loopback the "link" is the CPU itself), so no
+// model of them is trusted.
 //
 // Two measurements steer it, per period of chunks:
 // - the logical throughput of non-zero chunks actually delivered (bytes that left the kernel's send queues),

@@ -719,7 +719,8 @@ class Worker {
       bool more = false;
       for (size_t i = slot.iov_at; i < slot.iov.size(); ++i) {
         const iovec& piece = slot.iov[i];
-        if (bytes == kMaxSendBytes || send_iov_.size() == io::kMaxIov || (i > slot.iov_at && zero_copy(piece))) {
+        if (bytes == kMaxSendBytes || send_iov_.size() == io::kMaxIov ||
+            (i > slot.iov_at && zero_copy(piece))) {
           more = true;
           break;
         }
@@ -835,15 +836,15 @@ class Worker {
     slot.in = slot.out = slot.frame_buf = -1;
     slot.frame = nullptr;
     release_view(slot);
-    // Zero chunks cost the same on every rung and next to nothing: the controller only sees the others, whose
-    // share varies along the state and would otherwise swamp the difference between rungs.
-    if (sh_.effort) {  // zero chunks too: a run of them keeps the worker busy
+    if (sh_.effort) {  // the worker's CPU, after every chunk: a run of zero chunks keeps it busy too
       const Clock::duration cpu = thread_cpu_time();
       const Clock::time_point now = Clock::now();
       sh_.effort->add_worker_cpu(cpu - cpu_reported_, now - wall_reported_);
       cpu_reported_ = cpu;
       wall_reported_ = now;
     }
+    // Zero chunks cost the same on every rung and next to nothing: the controller only sees the others, whose
+    // share varies along the state and would otherwise swamp the difference between rungs.
     if (sh_.effort && !slot.enc.zero) {
       sh_.coded_bytes.fetch_add(slot.len, std::memory_order_relaxed);
       sh_.effort->observe(Clock::now(), sh_.coded_bytes.load(std::memory_order_relaxed),
