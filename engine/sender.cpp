@@ -702,51 +702,42 @@ class Worker {
   static constexpr size_t kMaxSendBytes = 768 * 1024;
 
   void queue_send(Slot& slot) {
-    const iovec& first = slot.iov[slot.iov_at];
-    if (zero_copy(first)) {  // alone, and whole: nothing is copied under the socket's lock
-      const size_t len = std::min(first.iov_len, io::kMaxIoBytes);
-      send_io_ = io::Completion{.op = io::Op::send_zc,
+    // The pieces up to kMaxSendBytes (the one that crosses it in part), the kernel's limit on pieces, or a
+    // piece that goes zero-copy on its own; a zero-copy piece alone, and whole (nothing is copied under the
+    // socket's lock). The rest follows at once (MSG_MORE).
+    const bool zc = zero_copy(slot.iov[slot.iov_at]);
+    const size_t cap = zc ? io::kMaxIoBytes : kMaxSendBytes;
+    send_iov_.clear();
+    size_t bytes = 0;
+    bool more = false;
+    for (size_t i = slot.iov_at; i < slot.iov.size(); ++i) {
+      const iovec& piece = slot.iov[i];
+      if (bytes == cap || send_iov_.size() == io::kMaxIov || (i > slot.iov_at && (zc || zero_copy(piece)))) {
+        more = true;
+        break;
+      }
+      const size_t take = std::min(piece.iov_len, cap - bytes);
+      send_iov_.push_back({piece.iov_base, take});
+      bytes += take;
+      if (take < piece.iov_len) {
+        more = true;
+        break;
+      }
+    }
+    if (send_iov_.size() > 1) {
+      send_io_ = io::Completion{.op = io::Op::sendmsg,
                                 .fd = fd(),
-                                .buf = first.iov_base,
-                                .len = uint32_t(len),
-                                .more = slot.iov_at + 1 < slot.iov.size() || len < first.iov_len,
-                                .file_index = socket_file_};
+                                .more = more,
+                                .file_index = socket_file_,
+                                .iov = send_iov_.data(),
+                                .iov_count = unsigned(send_iov_.size())};
     } else {
-      // The pieces up to kMaxSendBytes (the one that crosses it in part), the kernel's limit on pieces, or a
-      // piece that goes zero-copy on its own; the rest follows at once (MSG_MORE).
-      send_iov_.clear();
-      size_t bytes = 0;
-      bool more = false;
-      for (size_t i = slot.iov_at; i < slot.iov.size(); ++i) {
-        const iovec& piece = slot.iov[i];
-        if (bytes == kMaxSendBytes || send_iov_.size() == io::kMaxIov ||
-            (i > slot.iov_at && zero_copy(piece))) {
-          more = true;
-          break;
-        }
-        const size_t take = std::min(piece.iov_len, kMaxSendBytes - bytes);
-        send_iov_.push_back({piece.iov_base, take});
-        bytes += take;
-        if (take < piece.iov_len) {
-          more = true;
-          break;
-        }
-      }
-      if (send_iov_.size() > 1) {
-        send_io_ = io::Completion{.op = io::Op::sendmsg,
-                                  .fd = fd(),
-                                  .more = more,
-                                  .file_index = socket_file_,
-                                  .iov = send_iov_.data(),
-                                  .iov_count = unsigned(send_iov_.size())};
-      } else {
-        send_io_ = io::Completion{.op = io::Op::send,
-                                  .fd = fd(),
-                                  .buf = send_iov_[0].iov_base,
-                                  .len = uint32_t(send_iov_[0].iov_len),
-                                  .more = more,
-                                  .file_index = socket_file_};
-      }
+      send_io_ = io::Completion{.op = zc ? io::Op::send_zc : io::Op::send,
+                                .fd = fd(),
+                                .buf = send_iov_[0].iov_base,
+                                .len = uint32_t(send_iov_[0].iov_len),
+                                .more = more,
+                                .file_index = socket_file_};
     }
     if (!ring_->queue(&send_io_)) {
       ring_->submit(0);
@@ -836,19 +827,20 @@ class Worker {
     slot.in = slot.out = slot.frame_buf = -1;
     slot.frame = nullptr;
     release_view(slot);
-    if (sh_.effort) {  // the worker's CPU, after every chunk: a run of zero chunks keeps it busy too
+    if (sh_.effort) {
+      // The worker's CPU, after every chunk: a run of zero chunks keeps it busy too.
       const Clock::duration cpu = thread_cpu_time();
       const Clock::time_point now = Clock::now();
       sh_.effort->add_worker_cpu(cpu - cpu_reported_, now - wall_reported_);
       cpu_reported_ = cpu;
       wall_reported_ = now;
-    }
-    // Zero chunks cost the same on every rung and next to nothing: the controller only sees the others, whose
-    // share varies along the state and would otherwise swamp the difference between rungs.
-    if (sh_.effort && !slot.enc.zero) {
-      sh_.coded_bytes.fetch_add(slot.len, std::memory_order_relaxed);
-      sh_.effort->observe(Clock::now(), sh_.coded_bytes.load(std::memory_order_relaxed),
-                          [&] { return sh_.probe_sockets(); });
+      // Zero chunks cost the same on every rung and next to nothing: the controller only sees the others,
+      // whose share varies along the state and would otherwise swamp the difference between rungs.
+      if (!slot.enc.zero) {
+        sh_.coded_bytes.fetch_add(slot.len, std::memory_order_relaxed);
+        sh_.effort->observe(now, sh_.coded_bytes.load(std::memory_order_relaxed),
+                            [&] { return sh_.probe_sockets(); });
+      }
     }
     sh_.sequencer.complete(slot.seq, slot.len, slot.enc.hash);
     slot.state = State::free;
