@@ -191,6 +191,7 @@ int cmd_recv(const std::vector<std::string>& argv) {
   o.resume_timeout_ms = args.get_int("resume-timeout", o.resume_timeout_ms, 1, 86400000);
   o.socket.user_timeout_ms = args.get_int("tcp-user-timeout", o.socket.user_timeout_ms, 0, 3600000);
   o.tls = tls_options(args);
+  o.log = stderr_log("recv");
   const unsigned count = args.get_unsigned("count", 1, 1, 1000000);
   io::HostPort where;
   try {
@@ -279,6 +280,7 @@ int cmd_demo(const std::vector<std::string>& argv) {
   engine::Result recv_result;
   engine::RecvOptions ro;
   ro.tls = so.tls;  // one certificate (or key) for both ends of the demo
+  ro.log = stderr_log("recv");
   std::thread receiver(
       [&] { recv_result = engine::receive(*sink, listener.get(), ro, &recv_stats, &g_cancel); });
   engine::Stats send_stats;

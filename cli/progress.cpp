@@ -11,6 +11,13 @@ namespace dstx::cli {
 
 using engine::format_bytes;
 
+engine::LogFn stderr_log(const char* role) {
+  const bool tty = ::isatty(STDERR_FILENO);
+  return [role, tty](engine::LogLevel, const std::string& text) {
+    std::fprintf(stderr, "%sdstx %s: %s\n", tty ? "\r\033[K" : "", role, text.c_str());
+  };
+}
+
 ProgressLine::ProgressLine(const engine::Stats& stats, std::string label, bool enabled)
     : stats_(stats), label_(std::move(label)) {
   if (enabled && ::isatty(STDERR_FILENO)) thread_ = std::thread([this] { run(); });

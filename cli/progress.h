@@ -26,6 +26,10 @@ class ProgressLine {
   bool drew_ = false;
 };
 
+// Prints a running transfer's log lines (a stream lost, resumed) on stderr as "dstx ROLE: TEXT", over the
+// progress line when one is drawn (it is redrawn at its next tick).
+engine::LogFn stderr_log(const char* role);
+
 void print_summary(std::FILE* out, const char* role, const engine::Result& result,
                    const engine::Stats& stats);
 void print_json(std::FILE* out, const char* role, const engine::Result& result, const engine::Stats& stats,

@@ -7,6 +7,7 @@
 #include <map>
 #include <sstream>
 
+#include "cli/progress.h"
 #include "cli/tls_args.h"
 #include "engine/spec.h"
 
@@ -156,6 +157,7 @@ engine::SendOptions send_options(const Args& args) {
   if (o.replay_bytes > engine::kMaxReplayBytes)
     throw UsageError("--replay-buffer " + *args.get("replay-buffer") + ": at most 1G");
   o.zero_copy_min_bytes = args.get_size("zero-copy-min", o.zero_copy_min_bytes);
+  o.log = stderr_log("send");
   if (auto rate = args.get("bandwidth")) {
     try {
       o.bandwidth_bytes_per_second = engine::parse_rate(*rate);

@@ -267,6 +267,7 @@ Status setup_send(Transfer& t, const dstx_send_config* config_in, const dstx_end
   t.side = Transfer::Side::send;
   engine::SendOptions& o = t.send_options;
   if (Status s = tls_from_config(c, &o.tls); !s.ok()) return s;
+  o.log = [&t](engine::LogLevel level, const std::string& text) { t.log_line(int(level), "send: " + text); };
 
   switch (c.net) {
     case DSTX_NET_ADDRESS: {
@@ -420,6 +421,7 @@ Status setup_recv(Transfer& t, const dstx_recv_config* config_in, const dstx_end
   t.side = Transfer::Side::recv;
   engine::RecvOptions& o = t.recv_options;
   if (Status s = tls_from_config(c, &o.tls); !s.ok()) return s;
+  o.log = [&t](engine::LogLevel level, const std::string& text) { t.log_line(int(level), "recv: " + text); };
 
   io::HostPort listen_at;
   switch (c.net) {

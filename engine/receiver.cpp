@@ -69,6 +69,7 @@ struct Shared {
   std::vector<Link>& links;
   Stats& stats;
   io::Backend backend;
+  EventLog events;  // options.log's lines, passed on by the supervisor
   uint32_t chunk_bytes;
   ReorderWindow window;
   Failure failure;
@@ -97,6 +98,7 @@ struct Shared {
         links(l),
         stats(st),
         backend(b),
+        events(o.log),
         chunk_bytes(chunk),
         window(slots, chunk) {}
 
@@ -317,6 +319,11 @@ class StreamWorker {
     }
     // `done` and the failure change without link_.mu, so a notify can fall between a check of the predicate
     // and the wait: the wait is sliced, and such a wake-up is late by one slice at most.
+    if (!sh_.committed && !sh_.done && !sh_.failure.failed()) {  // not the end of the transfer
+      sh_.events.add(LogLevel::warn, name_ + ": " + why + "; waiting up to " +
+                                         std::to_string(sh_.options.resume_timeout_ms) +
+                                         " ms for the sender to resume it");
+    }
     const auto until = Clock::now() + std::chrono::milliseconds(sh_.options.resume_timeout_ms);
     std::unique_lock lock(link_.mu);
     bool back = false;
@@ -351,6 +358,7 @@ class StreamWorker {
     }
     since_ack_ = since_ack_zero_ = 0;
     sh_.stats.resumes.fetch_add(1, std::memory_order_relaxed);
+    sh_.events.add(LogLevel::warn, name_ + ": resumed by the sender after chunk " + std::to_string(last_seq_));
     return true;
   }
 
@@ -752,6 +760,10 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int l
                                      std::to_string(options.idle_timeout_ms) + " ms (stalled sender?)");
       }
       if (sh.failure.failed()) break;
+      lock.unlock();  // the caller's log function may take its time
+      sh.events.flush();
+      lock.lock();
+      if (sh.running == 0) break;
       sh.done_cv.wait_for(lock, std::chrono::milliseconds(20));
     }
   }
@@ -788,6 +800,7 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int l
   sh.wake_links();
   for (auto& t : threads) t.join();
   if (acceptor_thread.joinable()) acceptor_thread.join();
+  sh.events.flush();
 
   result.seconds = std::chrono::duration<double>(Clock::now() - started).count();
   result.bytes = stats.bytes.load();

@@ -77,33 +77,37 @@ std::string send_hello(io::Ring& ring, int fd, const wire::Hello& hello) {
   return rc < 0 ? "send HELLO: " + errno_text(rc) : std::string();
 }
 
-// Handshake, second half: the receiver's HELLO_ACK (or its refusal). Returns an empty string or the error.
-std::string await_hello_ack(int fd, const wire::Hello& hello, int timeout_ms, wire::Hello* reply_out) {
+// Handshake, second half: the receiver's HELLO_ACK, or its refusal.
+HandshakeError await_hello_ack(int fd, const wire::Hello& hello, int timeout_ms, wire::Hello* reply_out) {
   const auto deadline = io::deadline_in(timeout_ms);
-  const std::string late = "no complete answer to HELLO within " + std::to_string(timeout_ms) + " ms";
+  const HandshakeError late{Reason::timeout,
+                            "no complete answer to HELLO within " + std::to_string(timeout_ms) + " ms"};
   const int rc = wait_readable(fd, timeout_ms);
-  if (rc == 0) return "no answer to HELLO within " + std::to_string(timeout_ms) + " ms";
-  if (rc < 0) return "poll: " + errno_text(rc);
+  if (rc == 0) return {Reason::timeout, "no answer to HELLO within " + std::to_string(timeout_ms) + " ms"};
+  if (rc < 0) return {Reason::connection, "poll: " + errno_text(rc)};
   const HeaderRead hr = recv_header_by(fd, wire::kMaxChunkBytes, deadline);
-  if (hr.kind == HeaderRead::eof) return "receiver closed the connection during the handshake";
+  if (hr.kind == HeaderRead::eof) return {Reason::connection, "receiver closed the connection during the handshake"};
   if (hr.kind == HeaderRead::io_error && hr.err == -ETIMEDOUT) return late;
-  if (hr.kind == HeaderRead::io_error) return "handshake: " + errno_text(hr.err);
-  if (hr.kind == HeaderRead::bad) return std::string("handshake: ") + wire::error_text(hr.wire_error);
-  if (hr.header.type == wire::FrameType::aborted)
-    return refusal_text(Reason(hr.header.aux), recv_abort_text_by(fd, hr.header, deadline));
-  if (hr.header.type != wire::FrameType::hello_ack) return "handshake: unexpected frame type";
+  if (hr.kind == HeaderRead::io_error) return {Reason::connection, "handshake: " + errno_text(hr.err)};
+  if (hr.kind == HeaderRead::bad)
+    return {Reason::protocol, std::string("handshake: ") + wire::error_text(hr.wire_error)};
+  if (hr.header.type == wire::FrameType::aborted) {
+    const Reason reason = Reason(hr.header.aux);
+    return {reason, refusal_text(reason, recv_abort_text_by(fd, hr.header, deadline)), true};
+  }
+  if (hr.header.type != wire::FrameType::hello_ack) return {Reason::protocol, "handshake: unexpected frame type"};
   std::byte ack[wire::kHelloBytes];
   const int64_t got = io::recv_exact(fd, ack, sizeof ack, deadline);
   if (got == -ETIMEDOUT) return late;
-  if (got != int64_t(sizeof ack)) return "handshake: truncated HELLO_ACK";
+  if (got != int64_t(sizeof ack)) return {Reason::protocol, "handshake: truncated HELLO_ACK"};
   wire::Hello reply;
   const wire::Error err = wire::decode_hello(std::span<const std::byte, wire::kHelloBytes>(ack), &reply);
-  if (err != wire::Error::ok) return std::string("handshake: HELLO_ACK: ") + wire::error_text(err);
+  if (err != wire::Error::ok) return {Reason::protocol, std::string("handshake: HELLO_ACK: ") + wire::error_text(err)};
   if (reply.session_id != hello.session_id || reply.stream_index != hello.stream_index) {
-    return "handshake: HELLO_ACK does not match our HELLO";
+    return {Reason::protocol, "handshake: HELLO_ACK does not match our HELLO"};
   }
   if (reply.version != wire::kVersion)
-    return "handshake: receiver speaks protocol " + std::to_string(reply.version);
+    return {Reason::version, "handshake: receiver speaks protocol " + std::to_string(reply.version)};
   *reply_out = reply;
   return {};
 }
@@ -175,6 +179,7 @@ struct Shared {
   std::atomic<uint64_t> coded_bytes{0};      // logical bytes of the non-zero chunks handed to the kernel
   std::atomic<unsigned> fixed_file_streams{0};
   std::unique_ptr<Pacer> pacer;              // --bandwidth only
+  EventLog events;                           // options.log's lines, passed on by the supervisor
   uint32_t chunk_bytes;
   SendSequencer sequencer;
   Failure failure;
@@ -198,6 +203,7 @@ struct Shared {
         stats(st),
         cancel(ca),
         backend(b),
+        events(o.log),
         chunk_bytes(chunk),
         sequencer(window) {}
 
@@ -900,7 +906,10 @@ class Worker {
       link_.fd.store(-1, std::memory_order_release);
       link_.owner.reset();
     }
+    sh_.events.add(LogLevel::warn, name + ": connection lost (" + why + "); reconnecting (at most " +
+                                       std::to_string(std::max(1, sh_.options.reconnect_attempts)) + " attempts)");
     std::string last_error = why;
+    bool refused = false;
     int backoff_ms = std::max(1, sh_.options.reconnect_backoff_ms);
     for (int attempt = 0; attempt < std::max(1, sh_.options.reconnect_attempts); ++attempt) {
       if (attempt > 0) {
@@ -931,13 +940,13 @@ class Worker {
       wire::Hello hello = sh_.hello;
       hello.stream_index = uint16_t(index_);
       hello.flags = wire::kHelloResume;
-      std::string err = send_hello(*sync_ring_, c.get(), hello);
+      HandshakeError err{Reason::connection, send_hello(*sync_ring_, c.get(), hello)};
       wire::Hello reply;
-      if (err.empty())
-        err = await_hello_ack(c.get(), hello, sh_.options.handshake_timeout_ms, &reply);
-      if (!err.empty()) {
-        last_error = err;
-        if (err.find("receiver refused") != std::string::npos) break;  // the receiver will not take us back
+      if (!err) err = await_hello_ack(c.get(), hello, sh_.options.handshake_timeout_ms, &reply);
+      if (err) {
+        last_error = err.text;
+        refused = err.refused;
+        if (refused) break;  // the receiver will not take us back
         continue;
       }
       bool resent = false;
@@ -969,12 +978,18 @@ class Worker {
       link_.broken.store(false);
       link_.fd.store(link_.owner.get(), std::memory_order_release);
       sh_.stats.resumes.fetch_add(1, std::memory_order_relaxed);
+      sh_.events.add(LogLevel::warn, name + ": resumed on attempt " + std::to_string(attempt + 1) +
+                                         ", after chunk " + std::to_string(reply.resume_seq) +
+                                         " (the receiver's last)");
       sh_.wake();
       return;
     }
-    sh_.failure.set(Reason::connection, name + ": connection lost (" + why + ") and not resumed after " +
-                                            std::to_string(sh_.options.reconnect_attempts) +
-                                            " attempts: " + last_error);
+    sh_.failure.set(Reason::connection,
+                    name + ": connection lost (" + why + ") and " +
+                        (refused ? std::string("not taken back: ")
+                                 : "not resumed after " + std::to_string(sh_.options.reconnect_attempts) +
+                                       " attempts: ") +
+                        last_error);
   }
 
   // Sends, on a fresh connection, every frame of this stream after `resume_seq`: the replay list, the frame
@@ -1372,18 +1387,17 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
       const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
       hello.stream_index = uint16_t(k);
       wire::Hello reply;
-      const std::string answer =
+      const HandshakeError answer =
           await_hello_ack(links[k].fd, hello, int(std::max<int64_t>(0, left.count())), &reply);
-      if (answer.rfind("receiver refused", 0) == 0)
-        return fail(Reason::protocol, "stream " + std::to_string(k) + ": " + answer);
+      if (answer.refused) return fail(answer.reason, "stream " + std::to_string(k) + ": " + answer.text);
     }
     return fail(Reason::connection, "stream " + std::to_string(i) + ": " + err);
   }
   for (size_t i = 0; i < links.size(); ++i) {
     hello.stream_index = uint16_t(i);
     wire::Hello reply;
-    const std::string err = await_hello_ack(links[i].fd, hello, options.handshake_timeout_ms, &reply);
-    if (!err.empty()) return fail(Reason::protocol, "stream " + std::to_string(i) + ": " + err);
+    const HandshakeError err = await_hello_ack(links[i].fd, hello, options.handshake_timeout_ms, &reply);
+    if (err) return fail(err.reason, "stream " + std::to_string(i) + ": " + err.text);
     caps &= reply.capabilities;
   }
   std::string codec_err = pick_codec(options, caps, &sh.encode, &sh.zstd_in_auto);
@@ -1440,6 +1454,10 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
       if (running == 0 && !sh.committed && !sh.failure.failed()) {
         sh.failure.set(Reason::internal, "every stream ended without a verdict from the receiver");
       }
+      lock.unlock();  // the caller's log function may take its time
+      sh.events.flush();
+      lock.lock();
+      if (sh.committed || sh.failure.failed()) break;
       sh.control_cv.wait_for(lock, std::chrono::milliseconds(20));
     }
   }
@@ -1455,6 +1473,7 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
   }
   for (auto& w : workers) w.join();
   control_stop = true;
+  sh.events.flush();
 
   result.fixed_file_streams = sh.fixed_file_streams.load();
   result.chunks = sh.sequencer.completed();

@@ -113,6 +113,31 @@ std::string recv_abort_text_by(int fd, const wire::Header& header,
   return abort_text(std::move(text), n);
 }
 
+void EventLog::add(LogLevel level, std::string text) {
+  if (!fn_) return;
+  std::lock_guard lock(mu_);
+  if (lines_.size() < kMaxLines)
+    lines_.emplace_back(level, std::move(text));
+  else
+    ++dropped_;
+}
+
+void EventLog::flush() {
+  if (!fn_) return;
+  std::vector<std::pair<LogLevel, std::string>> lines;
+  uint64_t dropped = 0;
+  {
+    std::lock_guard lock(mu_);
+    lines.swap(lines_);
+    dropped = std::exchange(dropped_, 0);
+  }
+  try {  // the transfer never throws: a function that does loses its line
+    for (const auto& [level, text] : lines) fn_(level, text);
+    if (dropped) fn_(LogLevel::warn, std::to_string(dropped) + " more lines like these left out");
+  } catch (...) {
+  }
+}
+
 std::string refusal_text(wire::Reason reason, const std::string& text) {
   return std::string("receiver refused (") + wire::reason_name(reason) + "): " + text;
 }

@@ -8,7 +8,10 @@
 #include <mutex>
 #include <span>
 #include <string>
+#include <utility>
+#include <vector>
 
+#include "engine/transfer.h"
 #include "engine/wire.h"
 #include "io/ring.h"
 
@@ -55,6 +58,23 @@ class IdleWatch {
   std::chrono::steady_clock::time_point last_change_{};
 };
 
+// SendOptions::log / RecvOptions::log lines from any thread, passed on by the transfer's supervisor (flush),
+// so that the caller's function runs on the caller's thread. At most kMaxLines wait between two flushes; more
+// are counted and reported by the next one.
+class EventLog {
+ public:
+  static constexpr size_t kMaxLines = 64;
+  explicit EventLog(const LogFn& fn) : fn_(fn) {}
+  void add(LogLevel level, std::string text);  // any thread; nothing without a function
+  void flush();                                // the supervisor only
+
+ private:
+  const LogFn& fn_;
+  std::mutex mu_;
+  std::vector<std::pair<LogLevel, std::string>> lines_;
+  uint64_t dropped_ = 0;
+};
+
 // Sends a header (and payload) with send_full. Returns 0 or -errno.
 int send_frame(io::Ring& ring, int fd, const wire::Header& header, std::span<const std::byte> payload = {});
 
@@ -82,6 +102,16 @@ std::string recv_abort_text_by(int fd, const wire::Header& header,
 inline constexpr std::chrono::milliseconds kRefusalGrace{250};
 // A receiver's refusal (an ABORTED frame's reason and text) as the sender reports it.
 std::string refusal_text(wire::Reason reason, const std::string& text);
+
+// A failed handshake as the sender reports it: empty text when it did not fail. refused: the receiver
+// answered ABORTED, and `reason` is its own, as for an ABORTED later in the transfer; it will not take this
+// session back, so there is no point in reconnecting.
+struct HandshakeError {
+  wire::Reason reason = wire::Reason::unspecified;
+  std::string text;
+  bool refused = false;
+  explicit operator bool() const { return !text.empty(); }
+};
 
 std::string errno_text(int err);  // "Connection reset by peer" for ECONNRESET, etc.
 uint64_t random_session_id();

@@ -1087,13 +1087,14 @@ void send_refusal(int fd, const std::string& text) {
   }
 }
 
-// Reads the receiver's refusal on a stream whose HELLO went out: one ABORTED frame, worded as the sender
-// words it without TLS ("receiver refused (reason): text"). No error when something else (or nothing, by
-// the deadline) is there.
+// Reads the receiver's refusal on a stream whose HELLO went out: one ABORTED frame, with its reason and worded
+// as the sender words it without TLS ("receiver refused (reason): text"). No error when something else (or
+// nothing, by the deadline) is there.
 TlsError read_refusal(int fd, Clock::time_point deadline) {
   const HeaderRead hr = recv_header_by(fd, wire::kMaxChunkBytes, deadline);
   if (hr.kind != HeaderRead::ok || hr.header.type != wire::FrameType::aborted) return {};
-  return {Reason::protocol, refusal_text(Reason(hr.header.aux), recv_abort_text_by(fd, hr.header, deadline))};
+  const Reason reason = Reason(hr.header.aux);
+  return {reason, refusal_text(reason, recv_abort_text_by(fd, hr.header, deadline))};
 }
 
 // Peeks at the first bytes without consuming them: waits until `want` bytes are there, the peer closed, or

@@ -21,6 +21,12 @@ enum class CodecMode : uint8_t { auto_select, none, lz4, zstd, sparse };
 const char* codec_mode_name(CodecMode mode);
 bool codec_mode_from_name(std::string_view name, CodecMode* out);  // "auto", "none", "lz4", "zstd", "sparse"
 
+// A running transfer's log lines: what happens to its streams (one lost, one resumed). Levels are the C ABI's
+// dstx_log_level values. The function runs on the thread that called send or receive (their supervisor), never
+// concurrently with itself, and only while that call runs.
+enum class LogLevel : int { error = 1, warn = 2, info = 3, debug = 4 };
+using LogFn = std::function<void(LogLevel level, const std::string& text)>;
+
 inline constexpr uint32_t kDefaultChunkBytes = 1u << 20;
 // The replay buffer (SendOptions::replay_bytes) is memory held on the sender: at most this much.
 inline constexpr uint64_t kMaxReplayBytes = 1ull << 30;
@@ -65,6 +71,7 @@ struct SendOptions {
   // sources here.
   bool register_buffers = false;
   size_t zero_copy_min_bytes = 0;  // SEND_ZC for sends at least this large (io_uring, when probed); 0: never
+  LogFn log;                       // optional: a stream lost, reconnected, resumed
 };
 
 struct RecvOptions {
@@ -77,6 +84,7 @@ struct RecvOptions {
   int resume_timeout_ms = 30000;  // how long a broken stream may take to come back (listening receive only)
   io::SocketOptions socket;
   TlsOptions tls;  // enabled(): every stream must be TLS 1.3; otherwise a TLS sender is refused
+  LogFn log;       // optional: a stream lost, resumed by the sender
 };
 
 // Live counters, readable from any thread while a transfer runs.

@@ -665,8 +665,9 @@ TEST_F(TlsTest, TlsRefusalOfALaterStreamAbortsTheStreamsAlreadyAccepted) {
 
 // The receiver refuses a whole multi-stream transfer for a reason of its own (chunk size above its limit,
 // a memory budget the session would exceed, too many streams): it answers the first stream's HELLO with
-// ABORTED and stops. The sender must report that reason, exactly as it does without TLS, not a TLS alert, a
-// closed connection or a handshake time-out from the streams the receiver never took. Both ways a receiver
+// ABORTED and stops. The sender must report that reason (the receiver's, in its words), exactly as it does
+// without TLS, not a TLS alert, a closed connection or a handshake time-out from the streams the receiver
+// never took. Both ways a receiver
 // ends: its listener still open (a library caller), or closed (the process exited).
 TEST_F(TlsTest, ReceiverRefusalOfAMultiStreamTransferReachesTheSender) {
   const struct {
@@ -717,7 +718,7 @@ TEST_F(TlsTest, ReceiverRefusalOfAMultiStreamTransferReachesTheSender) {
             << send_result.error;
         EXPECT_FALSE(contains(send_result.error, "TLS alert")) << send_result.error;
         EXPECT_FALSE(contains(send_result.error, "closed the connection")) << send_result.error;
-        EXPECT_EQ(send_result.reason, wire::Reason::protocol) << send_result.error;  // as without TLS
+        EXPECT_EQ(send_result.reason, c.reason) << send_result.error;  // the receiver's, as without TLS
         EXPECT_LT(took, std::chrono::seconds(15))
             << "the sender waited out a time-out: " << send_result.error;
         expect_nothing_written();
@@ -761,7 +762,7 @@ TEST_F(TlsTest, BusyReceiverRefusalReachesTheSecondSender) {
         << r.error;
     EXPECT_FALSE(contains(r.error, "TLS alert")) << r.error;
     EXPECT_FALSE(contains(r.error, "closed the connection")) << r.error;
-    EXPECT_EQ(r.reason, wire::Reason::protocol) << r.error;  // as without TLS
+    EXPECT_EQ(r.reason, wire::Reason::session) << r.error;  // the receiver's, as without TLS
     EXPECT_TRUE(first_send.committed) << first_send.error << " | receiver: " << first_recv.error;
     EXPECT_TRUE(first_recv.committed) << first_recv.error;
     std::error_code ec;

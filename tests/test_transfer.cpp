@@ -624,6 +624,77 @@ TEST(Resume, ARandomAccessSourceIsReadAgainInsteadOfKept) {
   }
 }
 
+// A stream lost and resumed is logged on both sides (SendOptions::log, RecvOptions::log: the C ABI's and the
+// command's log lines), each line on the thread that called send or receive; a transfer without a break logs
+// nothing.
+TEST(Resume, ALostAndResumedStreamIsLoggedOnTheCallersThread) {
+  struct Lines {
+    std::mutex mu;
+    std::vector<std::string> text;
+    std::set<std::thread::id> threads;
+    std::function<void(LogLevel, const std::string&)> fn() {
+      return [this](LogLevel level, const std::string& line) {
+        std::lock_guard lock(mu);
+        text.push_back(std::to_string(int(level)) + " " + line);
+        threads.insert(std::this_thread::get_id());
+      };
+    }
+    bool has(const std::string& part) {
+      std::lock_guard lock(mu);
+      for (const std::string& t : text)
+        if (t.find(part) != std::string::npos) return true;
+      return false;
+    }
+    std::string all() {
+      std::lock_guard lock(mu);
+      std::string out;
+      for (const std::string& t : text) out += t + " | ";
+      return out;
+    }
+  };
+  for (const bool cut : {false, true}) {
+    SCOPED_TRACE(cut ? "a stream cut" : "no fault");
+    const io::ContentGenerator gen(io::Profile::binary, 9);
+    constexpr uint64_t size = 16 << 20;
+    auto src = io::open_emu_source(gen, size);
+    auto sink = io::open_emu_sink(gen, size);
+    Lines sent, received;
+    SendOptions so{.streams = 2, .chunk_bytes = 256 << 10};
+    so.reconnect_backoff_ms = 20;
+    so.log = sent.fn();
+    RecvOptions ro;
+    ro.log = received.fn();
+    io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
+    const uint16_t port = io::bound_port(listener.get());
+    std::unique_ptr<FaultProxy> proxy;
+    if (cut) proxy = std::make_unique<FaultProxy>(port, Fault{.kind = Fault::cut, .connection = 1, .at = 1 << 20});
+    Result send_result, recv_result;
+    std::thread::id receiving_thread;
+    std::thread receiver([&] {
+      receiving_thread = std::this_thread::get_id();
+      recv_result = receive(*sink, listener.get(), ro, nullptr, nullptr);
+    });
+    send_result =
+        send_to(*src, io::HostPort{"127.0.0.1", proxy ? proxy->port() : port}, so, nullptr, nullptr);
+    receiver.join();
+    ASSERT_TRUE(send_result.committed) << send_result.error;
+    ASSERT_TRUE(recv_result.committed) << recv_result.error;
+    if (!cut) {
+      EXPECT_TRUE(sent.text.empty()) << sent.all();
+      EXPECT_TRUE(received.text.empty()) << received.all();
+      continue;
+    }
+    EXPECT_TRUE(sent.has(": connection lost (")) << sent.all();
+    EXPECT_TRUE(sent.has("reconnecting (at most 5 attempts)")) << sent.all();
+    EXPECT_TRUE(sent.has(": resumed on attempt ")) << sent.all();
+    EXPECT_TRUE(received.has("2 stream ")) << received.all();
+    EXPECT_TRUE(received.has("ms for the sender to resume it")) << received.all();
+    EXPECT_TRUE(received.has(": resumed by the sender after chunk ")) << received.all();
+    EXPECT_EQ(sent.threads, std::set<std::thread::id>{std::this_thread::get_id()});
+    EXPECT_EQ(received.threads, std::set<std::thread::id>{receiving_thread});
+  }
+}
+
 // A sequential source's frames stay until acknowledged, and a small replay buffer still commits byte-exact,
 // reading the source once:
 // - 256K chunks in 4 buffers (the least there is) and a slow sink (2 ms a chunk): the sockets take what the
@@ -739,6 +810,46 @@ TEST(Resume, APathThatStaysDownFailsCleanlyOnBothSides) {
   fs::remove_all(dir);
 }
 
+// A broken stream whose reconnection the receiver refuses (here another receiver, which has no session to
+// resume) fails at once with the refusal: one reconnection, not every attempt with its back-off.
+TEST(Resume, ARefusedReconnectionFailsAtOnceWithTheRefusal) {
+  const io::ContentGenerator gen(io::Profile::random, 3);
+  auto src = io::open_emu_source(gen, 64 << 20);
+  auto sink = io::open_null_sink();
+  auto other_sink = io::open_null_sink();
+  io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
+  io::Fd other = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
+  const uint16_t other_port = io::bound_port(other.get());
+  RecvOptions ro;
+  ro.resume_timeout_ms = 3000;
+  Result recv_result, other_result;
+  std::thread receiver([&] { recv_result = receive(*sink, listener.get(), ro, nullptr, nullptr); });
+  std::thread other_receiver([&] { other_result = receive(*other_sink, other.get(), ro, nullptr, nullptr); });
+  FaultProxy proxy(io::bound_port(listener.get()), Fault{.kind = Fault::cut, .at = 2 << 20, .down_ms = -1});
+  SendOptions so{.streams = 2};
+  so.reconnect_attempts = 5;
+  so.reconnect_backoff_ms = 20;
+  std::atomic<int> reconnects{0};
+  so.reconnect = [&] {
+    ++reconnects;
+    return io::tcp_connect(io::HostPort{"127.0.0.1", other_port}, so.socket);
+  };
+  const Result send_result =
+      send(*src, connect_streams(io::HostPort{"127.0.0.1", proxy.port()}, 2, so.socket), so, nullptr, nullptr);
+  receiver.join();
+  other_receiver.join();
+  EXPECT_FALSE(send_result.committed);
+  EXPECT_EQ(send_result.reason, wire::Reason::connection) << send_result.error;
+  EXPECT_NE(send_result.error.find("not taken back: receiver refused (session): no session to resume"),
+            std::string::npos)
+      << send_result.error;
+  EXPECT_EQ(send_result.error.find("attempts"), std::string::npos) << send_result.error;
+  EXPECT_EQ(reconnects.load(), 1);
+  EXPECT_FALSE(recv_result.committed);
+  EXPECT_FALSE(other_result.committed);
+  EXPECT_EQ(other_result.reason, wire::Reason::session) << other_result.error;
+}
+
 TEST(Transfer, ReceiverRefusesAChunkSizeAboveItsLimitAndSaysWhy) {
   const io::ContentGenerator gen(io::Profile::text, 1);
   auto src = io::open_emu_source(gen, 1 << 20);
@@ -749,6 +860,7 @@ TEST(Transfer, ReceiverRefusesAChunkSizeAboveItsLimitAndSaysWhy) {
   EXPECT_FALSE(o.send.committed);
   EXPECT_NE(o.send.error.find("receiver refused"), std::string::npos) << o.send.error;
   EXPECT_NE(o.send.error.find("chunk size"), std::string::npos) << o.send.error;
+  EXPECT_EQ(o.send.reason, wire::Reason::chunk_size) << o.send.error;  // the receiver's reason, not protocol
   EXPECT_EQ(o.recv.reason, wire::Reason::chunk_size);
 }
 
