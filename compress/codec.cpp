@@ -10,6 +10,7 @@
 #include <memory>
 #include <new>
 #include <stdexcept>
+#include <vector>
 
 #include "compress/hash.h"
 
@@ -297,7 +298,7 @@ bool looks_incompressible(std::span<const std::byte> raw) {
 double estimate_ratio(std::span<const std::byte> raw) { return sampled_ratio(raw, 32, 256, true); }
 
 EncodeResult encode_chunk(const EncodeOptions& opts, std::span<const std::byte> raw,
-                          std::span<std::byte> out) {
+                          std::span<std::byte> out, std::span<std::byte> scratch) {
   if (raw.size() > UINT32_MAX) throw std::length_error("dstx: chunk larger than 4 GiB");
   EncodeResult result;
   if (opts.detect_zero && is_zero(raw.data(), raw.size())) {
@@ -332,13 +333,23 @@ EncodeResult encode_chunk(const EncodeOptions& opts, std::span<const std::byte> 
   // and makes "does not fit" and "did not shrink" the same answer: send raw.
   const size_t capacity = std::min(out.size(), raw.size() - 1);
   if (capacity == 0) return result;
+  // Paged: the sparse form, when it leaves out at least one page and is shorter than the chunk, is what gets
+  // compressed; the chunk goes out compressed only if that is shorter than the sparse form too.
+  std::span<const std::byte> input = raw;
+  const bool pageable = opts.codec == Codec::lz4 || opts.codec == Codec::zstd;
+  const bool room = scratch.size() >= paged_scratch_bytes(raw.size());
+  if (opts.paged && pageable && raw.size() > kSparsePageBytes && room) {
+    const size_t s = compress_sparse(raw, scratch.data(), raw.size() - 1);
+    if (s > 0) input = std::span<const std::byte>(scratch.data(), s);
+  }
+  const size_t limit = input.size() == raw.size() ? capacity : std::min(capacity, input.size() - 1);
   size_t n = 0;
   switch (opts.codec) {
     case Codec::lz4:
-      n = compress_lz4(raw, out.data(), capacity);
+      n = compress_lz4(input, out.data(), limit);
       break;
     case Codec::zstd:
-      n = compress_zstd(raw, out.data(), capacity, opts.level);
+      n = compress_zstd(input, out.data(), limit, opts.level);
       break;
     case Codec::sparse:
       n = compress_sparse(raw, out.data(), capacity, opts.sparse_gather);
@@ -346,9 +357,10 @@ EncodeResult encode_chunk(const EncodeOptions& opts, std::span<const std::byte> 
     case Codec::none:
       break;
   }
-  if (n == 0 || n >= raw.size()) return raw_result();
+  if (n == 0 || n >= input.size()) return raw_result();
   result.codec = opts.codec;
   result.encoded_len = static_cast<uint32_t>(n);
+  if (input.size() != raw.size()) result.paged_len = static_cast<uint32_t>(input.size());
   return result;
 }
 
@@ -369,8 +381,17 @@ const char* decode_error_text(DecodeError err) {
 }
 
 DecodeError decode_chunk(Codec codec, bool zero, std::span<const std::byte> enc, std::span<std::byte> raw_out,
-                         uint64_t expect_hash) {
+                         uint64_t expect_hash, size_t paged_len) {
   if (!codec_valid(static_cast<uint8_t>(codec))) return DecodeError::unknown_codec;
+  if (paged_len > 0) {
+    if (zero || paged_len >= raw_out.size()) return DecodeError::bad_length;
+    std::vector<std::byte> sparse(paged_len);
+    DecodeError err = decode_paged(codec, enc, sparse, raw_out.size());
+    if (err == DecodeError::ok) err = decode_sparse(sparse, raw_out);
+    if (err != DecodeError::ok) return err;
+    const bool match = hash64(raw_out.data(), raw_out.size()) == expect_hash;
+    return match ? DecodeError::ok : DecodeError::hash_mismatch;
+  }
   if (zero) {
     if (!enc.empty()) return DecodeError::bad_length;
     if (expect_hash != 0) return DecodeError::hash_mismatch;
@@ -397,6 +418,17 @@ DecodeError decode_chunk(Codec codec, bool zero, std::span<const std::byte> enc,
   if (err != DecodeError::ok) return err;
   if (hash64(raw_out.data(), raw_out.size()) != expect_hash) return DecodeError::hash_mismatch;
   return DecodeError::ok;
+}
+
+DecodeError decode_paged(Codec codec, std::span<const std::byte> enc, std::span<std::byte> sparse_out,
+                         size_t raw_len) {
+  DecodeError err = DecodeError::unknown_codec;
+  if (codec == Codec::lz4)
+    err = decode_lz4(enc, sparse_out);
+  else if (codec == Codec::zstd)
+    err = decode_zstd(enc, sparse_out);
+  if (err != DecodeError::ok) return err;
+  return check_sparse(sparse_out, raw_len);
 }
 
 DecodeError verify_sparse(std::span<const std::byte> enc, size_t raw_len, uint64_t expect_hash,

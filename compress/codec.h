@@ -54,7 +54,13 @@ struct EncodeOptions {
   // A sparse result writes only its bitmap into `out`; its present pages stay where they are in `raw`, for a
   // caller that sends them from there in pieces (for_each_sparse_page_run). encoded_len counts them all.
   bool sparse_gather = false;
+  // lz4 and zstd: a chunk with zero pages has its sparse form (bitmap and present pages, gathered into the
+  // caller's scratch) compressed instead of the whole chunk, so that its zero pages cost no compression time
+  // (on state with 85 % zero pages lz4 runs 2.3x, zstd 1.7x faster per chunk). Needs a scratch of
+  // paged_scratch_bytes(raw.size()).
+  bool paged = false;
 };
+inline size_t paged_scratch_bytes(size_t raw_len);
 
 struct EncodeResult {
   Codec codec = Codec::none;  // codec actually used: none when the chunk did not shrink
@@ -63,12 +69,13 @@ struct EncodeResult {
   uint64_t hash = 0;          // XXH3-64 of the raw bytes (0 for a zero chunk)
   double estimate = -1;       // estimate_ratio() when max_estimate asked for it, else < 0
   bool over_limit = false;    // the estimate was above max_estimate (or kIncompressibleRatio): sent raw
+  uint32_t paged_len = 0;     // > 0: codec lz4 or zstd compressed the chunk's sparse form, this many bytes
 };
 
 // Encodes `raw` into `out` (out.size() >= encode_bound(opts.codec, raw.size())).
 // When the result's codec is none the payload is `raw` itself: nothing is copied into `out`.
 EncodeResult encode_chunk(const EncodeOptions& opts, std::span<const std::byte> raw,
-                          std::span<std::byte> out);
+                          std::span<std::byte> out, std::span<std::byte> scratch = {});
 
 enum class DecodeError : uint8_t {
   ok = 0,
@@ -82,8 +89,10 @@ const char* decode_error_text(DecodeError err);
 // Decodes one chunk into `raw_out` (exactly raw_len bytes). Checks every length before use, decodes only
 // with the safe decoders, then verifies XXH3-64 against `expect_hash`. `enc` may alias `raw_out` for codec
 // none (then nothing is copied). A zero chunk requires enc.size()==0 and expect_hash==0 and fills zeros.
+// paged_len > 0: `enc` is a paged payload (EncodeOptions::paged) whose sparse form is that long (decoded
+// through a buffer of its own; the receiver decodes it in place with decode_paged instead).
 DecodeError decode_chunk(Codec codec, bool zero, std::span<const std::byte> enc, std::span<std::byte> raw_out,
-                         uint64_t expect_hash);
+                         uint64_t expect_hash, size_t paged_len = 0);
 
 // Sparse payloads taken as they are, without expanding them first (the receiver keeps a sparse chunk so until
 // its sink takes it: zero pages are then never written, or written straight where they belong).
@@ -127,6 +136,13 @@ void for_each_sparse_run(std::span<const std::byte> enc, size_t raw_len, Fn&& fn
     if (present) at += len;
   });
 }
+// A paged payload (EncodeOptions::paged): decompresses `enc` (lz4 or zstd) into exactly sparse_out.size()
+// bytes, the sparse form of a chunk of raw_len bytes, and checks its layout as decode_chunk would (then
+// verify_sparse checks its hash, and for_each_sparse_run or expand_sparse_at_end take it from there).
+DecodeError decode_paged(Codec codec, std::span<const std::byte> enc, std::span<std::byte> sparse_out,
+                         size_t raw_len);
+inline size_t paged_scratch_bytes(size_t raw_len) { return sparse_bitmap_bytes(raw_len) + raw_len; }
+
 // Expands a payload that passed verify_sparse and lies at the end of buf (its last enc_len bytes) into
 // buf's first raw_len bytes, in place (buf.size() >= raw_len). Every page moves towards the start of buf or
 // stays, so one pass from the first page to the last never overwrites bytes it has yet to move.

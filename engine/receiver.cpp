@@ -37,7 +37,7 @@ inline constexpr auto kAckEvery = std::chrono::milliseconds(100);
 inline constexpr uint32_t kStreamAckZeroChunks = 64;
 
 uint64_t our_capabilities() {
-  return wire::kCapLz4 | wire::kCapZstd | wire::kCapTransactions | wire::kCapResume;
+  return wire::kCapLz4 | wire::kCapZstd | wire::kCapTransactions | wire::kCapResume | wire::kCapPaged;
 }
 
 // A stream's buffer for an encoded payload: the largest any codec may send for one chunk.
@@ -233,13 +233,17 @@ class StreamWorker {
     const std::span<std::byte> raw = slot.first(h.raw_len);
     // A sparse payload that fits lands packed against the end of the slot and is verified as it is, its zero
     // pages hashed from a static page. For a sink that takes pieces it stays so (the writer hands on its
-    // runs: zero pages are never written at all); for any other it is expanded in place here.
+    // runs: zero pages are never written at all); for any other it is expanded in place here. A paged one
+    // (compressed sparse form, shorter than the chunk: decode_header checked aux) is decompressed there.
+    const bool paged = h.flags & wire::kFlagPaged;
+    const uint32_t sparse_len = paged ? h.aux : h.payload_len;
     const bool sparse_in_slot =
-        h.codec == uint8_t(compress::Codec::sparse) && !(h.flags & wire::kFlagZero) && h.payload_len <= slot.size();
+        paged || (h.codec == uint8_t(compress::Codec::sparse) && !(h.flags & wire::kFlagZero) &&
+                  h.payload_len <= slot.size());
     uint32_t packed_len = 0;
     if (!(h.flags & wire::kFlagZero)) {
       std::byte* into = h.codec == uint8_t(compress::Codec::none) ? raw.data()
-                        : sparse_in_slot                          ? slot.data() + slot.size() - h.payload_len
+                        : sparse_in_slot && !paged                ? slot.data() + slot.size() - h.payload_len
                                                                   : scratch_.data();
       const int64_t n = io::recv_full(*ring_, link_.fd.load(), into, h.payload_len, socket_file_);
       if (n != int64_t(h.payload_len)) {
@@ -248,18 +252,22 @@ class StreamWorker {
         return lost("connection lost inside chunk " + std::to_string(h.seq));
       }
       const std::span<const std::byte> enc(into, h.payload_len);
-      const compress::DecodeError de =
-          sparse_in_slot ? compress::verify_sparse(enc, h.raw_len, h.hash, hasher_)
-                         : compress::decode_chunk(compress::Codec(h.codec), false, enc, raw, h.hash);
+      const std::span<std::byte> sparse = sparse_in_slot ? slot.last(sparse_len) : std::span<std::byte>();
+      compress::DecodeError de = compress::DecodeError::ok;
+      if (paged) de = compress::decode_paged(compress::Codec(h.codec), enc, sparse, h.raw_len);
+      if (de == compress::DecodeError::ok) {
+        de = sparse_in_slot ? compress::verify_sparse(sparse, h.raw_len, h.hash, hasher_)
+                            : compress::decode_chunk(compress::Codec(h.codec), false, enc, raw, h.hash);
+      }
       if (de != compress::DecodeError::ok) {
         sh_.fail(Reason::checksum, name_ + ": chunk " + std::to_string(h.seq) + " at offset " +
                                        std::to_string(h.offset) + ": " + compress::decode_error_text(de));
         return false;
       }
       if (sparse_in_slot && sh_.sink_takes_pieces)
-        packed_len = h.payload_len;
+        packed_len = sparse_len;
       else if (sparse_in_slot)
-        compress::expand_sparse_at_end(slot, h.payload_len, h.raw_len);
+        compress::expand_sparse_at_end(slot, sparse_len, h.raw_len);
     }
     // Zero chunks are never materialised: the sink gets a zero run.
     last_seq_ = h.seq;

@@ -113,13 +113,14 @@ HandshakeError await_hello_ack(int fd, const wire::Hello& hello, int timeout_ms,
 }
 
 uint64_t our_capabilities() {
-  return wire::kCapLz4 | wire::kCapZstd | wire::kCapTransactions | wire::kCapResume;
+  return wire::kCapLz4 | wire::kCapZstd | wire::kCapTransactions | wire::kCapResume | wire::kCapPaged;
 }
 
 // Chooses the codec from the mode and what the receiver accepts.
 std::string pick_codec(const SendOptions& o, uint64_t caps, compress::EncodeOptions* enc,
                        bool* zstd_in_auto) {
   enc->level = o.zstd_level;
+  enc->paged = (caps & wire::kCapPaged) != 0;  // used by lz4 and zstd only
   switch (o.codec) {
     case CodecMode::none:
       enc->codec = compress::Codec::none;
@@ -567,15 +568,20 @@ class Worker {
       compress::EncodeOptions how = choose_encoding();
       // A sparse chunk read into our buffer goes out in pieces from there: its pages are not copied.
       how.sparse_gather = !slot->view;
+      // Made at the first chunk that may be paged: raw and all-zero state never touch it.
+      if (how.paged && how.codec != compress::Codec::none && paged_memory_.size() == 0)
+        paged_memory_ = io::IoMemory(compress::paged_scratch_bytes(sh_.chunk_bytes));
       const Clock::duration cpu_before = sh_.effort ? thread_cpu_time() : Clock::duration{};
       slot->enc = compress::encode_chunk(
-          how, raw, std::span<std::byte>(out + wire::kHeaderBytes, buf_bytes_ - wire::kHeaderBytes));
+          how, raw, std::span<std::byte>(out + wire::kHeaderBytes, buf_bytes_ - wire::kHeaderBytes),
+          std::span<std::byte>(paged_memory_.data(), paged_memory_.size()));
       if (sh_.effort && !slot->enc.zero) {  // what each rung costs: the controller weighs it against spare CPU
         chosen(slot->enc);
         sh_.effort->add_encode_cost(rung_, slot->len, slot->enc.encoded_len, thread_cpu_time() - cpu_before);
       }
       const uint16_t flags = uint16_t((slot->enc.zero ? wire::kFlagZero : 0) |
-                                      (slot->end_of_transaction ? wire::kFlagEndOfTransaction : 0));
+                                      (slot->end_of_transaction ? wire::kFlagEndOfTransaction : 0) |
+                                      (slot->enc.paged_len ? wire::kFlagPaged : 0));
       wire::Header h{.type = wire::FrameType::data,
                      .codec = uint8_t(slot->enc.codec),
                      .flags = flags,
@@ -583,7 +589,8 @@ class Worker {
                      .offset = slot->offset,
                      .raw_len = slot->len,
                      .payload_len = slot->enc.encoded_len,
-                     .hash = slot->enc.hash};
+                     .hash = slot->enc.hash,
+                     .aux = slot->enc.paged_len};
       // Raw and zero chunks go out from the input buffer (header in front of the chunk), compressed ones from
       // the output buffer; raw bytes still in a source's mapping go out from there, after a separate header;
       // a gathered sparse chunk's header and bitmap go in front of the chunk, its present pages from it.
@@ -808,6 +815,7 @@ class Worker {
     else
       st.compressed_chunks.fetch_add(1, std::memory_order_relaxed);
     if (!slot.enc.zero) st.codec_chunks[unsigned(slot.enc.codec) & 3].fetch_add(1, std::memory_order_relaxed);
+    if (slot.enc.paged_len) st.paged_chunks.fetch_add(1, std::memory_order_relaxed);
     if (sh_.resume && (slot.frame_len == wire::kHeaderBytes || rereads())) {
       Replay r{.seq = slot.seq, .buf = -1, .len = slot.frame_len};
       std::memcpy(r.header.data(), slot.frame, wire::kHeaderBytes);
@@ -1053,6 +1061,8 @@ class Worker {
     }
     h.codec = uint8_t(compress::Codec::none);
     h.payload_len = h.raw_len;
+    h.flags &= uint16_t(~wire::kFlagPaged);
+    h.aux = 0;
     wire::encode_header(h, std::span<std::byte, wire::kHeaderBytes>(reread_memory_.data(), wire::kHeaderBytes));
     const int64_t n = io::send_full(*sync_ring_, fd, reread_memory_.data(), wire::kHeaderBytes + h.raw_len);
     if (n >= 0) sh_.stats.reread_chunks.fetch_add(1, std::memory_order_relaxed);
@@ -1102,6 +1112,7 @@ class Worker {
   std::deque<Replay> replay_;
   std::vector<iovec> resend_iov_;  // a gathered frame's pieces while it is sent again
   io::IoMemory reread_memory_;     // a header and a chunk read again from the source for a resume
+  io::IoMemory paged_memory_;      // a chunk's sparse form, gathered to be compressed (EncodeOptions::paged)
   size_t inline_replays_ = 0;  // entries of replay_ without a buffer
   uint64_t acked_seen_ = 0;    // link_.acked_seq when release_acked() last ran
   std::vector<Slot> slots_;

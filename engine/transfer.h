@@ -101,6 +101,7 @@ struct Stats {
   std::atomic<uint64_t> replayed_chunks{0}; // sender: data frames sent again after a resume
   std::atomic<uint64_t> reread_chunks{0};   // sender: of those, read from the source again (not kept)
   std::atomic<uint64_t> codec_chunks[4]{};  // non-zero chunks per wire codec: none, lz4, zstd, sparse
+  std::atomic<uint64_t> paged_chunks{0};    // of the lz4 and zstd ones, those whose zero pages were left out
 };
 
 struct Result {

@@ -42,13 +42,20 @@ Error check_data(const Header& h, uint32_t max_chunk_bytes) {
   if (!compress::codec_valid(h.codec)) return Error::bad_codec;
   if (h.flags & ~kDataFlagsMask) return Error::bad_flags;
   if (h.raw_len == 0 || h.raw_len > max_chunk_bytes) return Error::bad_length;
-  if (h.seq == 0 || h.aux != 0) return Error::bad_field;
+  if (h.seq == 0) return Error::bad_field;
   if (h.flags & kFlagZero) {
-    if (h.payload_len != 0 || h.codec != uint8_t(compress::Codec::none) || h.hash != 0)
+    if (h.payload_len != 0 || h.codec != uint8_t(compress::Codec::none) || h.hash != 0 || h.aux != 0 ||
+        (h.flags & kFlagPaged))
       return Error::bad_field;
     return Error::ok;
   }
-  const size_t bound = compress::encode_bound(compress::Codec(h.codec), h.raw_len);
+  // Paged: aux is the sparse form's length, shorter than the chunk (else it is not sent so).
+  const bool paged = h.flags & kFlagPaged;
+  if (paged && h.codec != uint8_t(compress::Codec::lz4) && h.codec != uint8_t(compress::Codec::zstd))
+    return Error::bad_field;
+  if (paged ? h.aux <= compress::sparse_bitmap_bytes(h.raw_len) || h.aux >= h.raw_len : h.aux != 0)
+    return Error::bad_field;
+  const size_t bound = compress::encode_bound(compress::Codec(h.codec), paged ? h.aux : h.raw_len);
   if (h.payload_len == 0 || h.payload_len > bound) return Error::bad_length;
   if (h.codec == uint8_t(compress::Codec::none) && h.payload_len != h.raw_len) return Error::bad_length;
   return Error::ok;

@@ -40,14 +40,18 @@ enum class FrameType : uint8_t {
 // DATA flags. Any other bit set is a protocol error.
 inline constexpr uint16_t kFlagZero = 1u << 0;              // all-zero chunk; no payload
 inline constexpr uint16_t kFlagEndOfTransaction = 1u << 1;  // the chunk ends a source transaction (VFIO v1)
-inline constexpr uint16_t kDataFlagsMask = kFlagZero | kFlagEndOfTransaction;
+// Paged (kCapPaged): the lz4 or zstd payload decodes to the chunk's sparse form (bitmap and present pages, as
+// codec sparse), aux bytes long: its zero pages were never compressed.
+inline constexpr uint16_t kFlagPaged = 1u << 2;
+inline constexpr uint16_t kDataFlagsMask = kFlagZero | kFlagEndOfTransaction | kFlagPaged;
 
 // HELLO capability bits.
 inline constexpr uint64_t kCapLz4 = 1u << 0;
 inline constexpr uint64_t kCapZstd = 1u << 1;
 inline constexpr uint64_t kCapTransactions = 1u << 2;
 inline constexpr uint64_t kCapResume = 1u << 3;
-inline constexpr uint64_t kCapsKnown = kCapLz4 | kCapZstd | kCapTransactions | kCapResume;
+inline constexpr uint64_t kCapPaged = 1u << 4;  // decodes kFlagPaged
+inline constexpr uint64_t kCapsKnown = kCapLz4 | kCapZstd | kCapTransactions | kCapResume | kCapPaged;
 
 // HELLO flags.
 inline constexpr uint16_t kHelloResume = 1u << 0;  // reconnecting a broken stream of a running session

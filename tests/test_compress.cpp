@@ -724,5 +724,99 @@ TEST(Sparse, GatherWritesTheBitmapOnly) {
   EXPECT_EQ(joined.size(), a.encoded_len);
 }
 
+// Paged: lz4 and zstd compress a chunk's sparse form (bitmap and present pages) instead of the whole chunk,
+// so its zero pages cost no compression time. Text pages with every third page zero, a short last page, and
+// sizes with a long bitmap; the payload decodes back to the chunk, through decode_chunk and through the
+// receiver's in-place path (decode_paged into the end of a slot, verify_sparse, expand_sparse_at_end).
+TEST(Paged, CompressesTheSparseFormAndDecodesBothWays) {
+  for (const Codec codec : {Codec::lz4, Codec::zstd}) {
+    for (size_t len : {size_t{3 * 4096}, size_t{(1 << 20)}, size_t{(1 << 20) + 100}, size_t{77 * 4096 + 1}}) {
+      SCOPED_TRACE(std::string(codec_name(codec)) + " " + std::to_string(len));
+      Bytes raw = text_bytes(len, 7);
+      for (size_t page = 1; page * 4096 < len; page += 3)
+        std::memset(raw.data() + page * 4096, 0, std::min<size_t>(4096, len - page * 4096));
+      EncodeOptions opts{.codec = codec, .probe_incompressible = false, .paged = true};
+      Bytes out(encode_bound(codec, len)), scratch(paged_scratch_bytes(len));
+      const EncodeResult r = encode_chunk(opts, raw, out, scratch);
+      ASSERT_EQ(r.codec, codec);
+      EncodeOptions sparse_opts{.codec = Codec::sparse};
+      Bytes sparse_out(encode_bound(Codec::sparse, len));
+      const EncodeResult s = encode_chunk(sparse_opts, raw, sparse_out);
+      ASSERT_EQ(s.codec, Codec::sparse);
+      EXPECT_EQ(r.paged_len, s.encoded_len);  // the sparse form, exactly
+      EXPECT_LT(r.encoded_len, r.paged_len);
+      EXPECT_EQ(r.hash, hash64(raw.data(), raw.size()));
+      const std::span<const std::byte> enc(out.data(), r.encoded_len);
+      Bytes back(len, std::byte{0x5a});
+      EXPECT_EQ(decode_chunk(codec, false, enc, back, r.hash, r.paged_len), DecodeError::ok);
+      EXPECT_EQ(back, raw);
+      // Without the paged length the payload is not the chunk.
+      EXPECT_NE(decode_chunk(codec, false, enc, back, r.hash), DecodeError::ok);
+      // In place: the sparse form at the end of a slot of the chunk size, then expanded.
+      Bytes slot(1 << 20 > len ? size_t(1 << 20) : len + 4096, std::byte{0x33});
+      const std::span<std::byte> tail = std::span(slot).last(r.paged_len);
+      ASSERT_EQ(decode_paged(codec, enc, tail, len), DecodeError::ok);
+      Hasher64 hasher;
+      EXPECT_EQ(verify_sparse(tail, len, r.hash, hasher), DecodeError::ok);
+      expand_sparse_at_end(slot, r.paged_len, len);
+      EXPECT_TRUE(std::equal(raw.begin(), raw.end(), slot.begin()));
+    }
+  }
+}
+
+TEST(Paged, OnlyWhenItPaysAndTheScratchIsThere) {
+  Bytes raw = text_bytes(64 << 10, 8);
+  EncodeOptions opts{.codec = Codec::lz4, .probe_incompressible = false, .paged = true};
+  Bytes out(encode_bound(Codec::lz4, raw.size())), scratch(paged_scratch_bytes(raw.size()));
+  EXPECT_EQ(encode_chunk(opts, raw, out, scratch).paged_len, 0u);  // no zero page: the whole chunk
+  std::memset(raw.data() + 8192, 0, 4096);
+  EXPECT_GT(encode_chunk(opts, raw, out, scratch).paged_len, 0u);
+  EXPECT_EQ(encode_chunk(opts, raw, out, std::span(scratch).first(scratch.size() - 1)).paged_len, 0u);
+  EXPECT_EQ(encode_chunk(opts, raw, out).paged_len, 0u);  // no scratch
+  opts.paged = false;
+  EXPECT_EQ(encode_chunk(opts, raw, out, scratch).paged_len, 0u);
+  opts = {.codec = Codec::sparse, .paged = true};  // sparse and none are never paged
+  EXPECT_EQ(encode_chunk(opts, raw, out, scratch).paged_len, 0u);
+  opts.codec = Codec::none;
+  EXPECT_EQ(encode_chunk(opts, raw, out, scratch).paged_len, 0u);
+  // Random pages around the zero page: nothing compresses, the zero page still goes (sparse fallback).
+  Bytes noise = random_bytes(64 << 10, 9);
+  std::memset(noise.data() + 8192, 0, 4096);
+  opts = {.codec = Codec::zstd, .probe_incompressible = false, .sparse_fallback = true, .paged = true};
+  const EncodeResult r = encode_chunk(opts, noise, out, scratch);
+  EXPECT_EQ(r.codec, Codec::sparse);
+  EXPECT_EQ(r.paged_len, 0u);
+}
+
+TEST(Paged, DecodeRejectsWhatDoesNotMatch) {
+  Bytes raw = text_bytes(16 << 10, 10);
+  std::memset(raw.data(), 0, 4096);
+  EncodeOptions opts{.codec = Codec::lz4, .probe_incompressible = false, .paged = true};
+  Bytes out(encode_bound(Codec::lz4, raw.size())), scratch(paged_scratch_bytes(raw.size()));
+  const EncodeResult r = encode_chunk(opts, raw, out, scratch);
+  ASSERT_GT(r.paged_len, 0u);
+  const std::span<const std::byte> enc(out.data(), r.encoded_len);
+  Bytes sparse(r.paged_len + 1);
+  EXPECT_EQ(decode_paged(Codec::lz4, enc, std::span(sparse).first(r.paged_len), raw.size()), DecodeError::ok);
+  EXPECT_NE(decode_paged(Codec::lz4, enc, sparse, raw.size()), DecodeError::ok);  // a wrong length
+  const std::span<std::byte> exact = std::span(sparse).first(r.paged_len);
+  EXPECT_NE(decode_paged(Codec::zstd, enc, exact, raw.size()), DecodeError::ok);
+  EXPECT_EQ(decode_paged(Codec::sparse, enc, std::span(sparse).first(r.paged_len), raw.size()),
+            DecodeError::unknown_codec);
+  // A sparse form whose layout does not fit the chunk: its bitmap claims a page the payload lacks.
+  Bytes bad(r.paged_len);
+  ASSERT_EQ(decode_paged(Codec::lz4, enc, bad, raw.size()), DecodeError::ok);
+  bad[0] = std::byte{0xff};
+  Bytes recompressed(encode_bound(Codec::lz4, bad.size()));
+  EncodeOptions plain{.codec = Codec::lz4, .probe_incompressible = false};
+  const EncodeResult b = encode_chunk(plain, bad, recompressed);
+  ASSERT_EQ(b.codec, Codec::lz4);
+  EXPECT_NE(decode_paged(Codec::lz4, std::span(recompressed.data(), b.encoded_len), bad, raw.size()),
+            DecodeError::ok);
+  Bytes back(raw.size());
+  EXPECT_EQ(decode_chunk(Codec::lz4, false, enc, back, r.hash ^ 1, r.paged_len), DecodeError::hash_mismatch);
+  EXPECT_EQ(decode_chunk(Codec::lz4, true, enc, back, r.hash, r.paged_len), DecodeError::bad_length);
+}
+
 }  // namespace
 }  // namespace dstx::compress

@@ -379,6 +379,47 @@ TEST_P(BackendTest, SparseCodecSendsOnlyThePresentPages) {
   }
 }
 
+// Paged chunks (lz4 and zstd over a chunk's sparse form): text with every third page zero reaches both kinds
+// of sink byte-exact, every compressed chunk went paged, and a sink that takes pieces gets zero runs, never
+// zero pages. With auto as well (its lz4 rung).
+TEST_P(BackendTest, PagedChunksCompressOnlyThePresentPages) {
+  constexpr size_t kPage = 4096;
+  const io::ContentGenerator gen(io::Profile::text, 6);
+  const size_t size = (8 << 20) + 3 * kPage + 100;
+  std::vector<std::byte> state(size);
+  gen.fill(0, state);
+  for (size_t page = 2; page * kPage < size; page += 3)
+    std::memset(state.data() + page * kPage, 0, std::min(kPage, size - page * kPage));
+  const fs::path in = dir_ / "paged.bin";
+  {
+    std::ofstream f(in, std::ios::binary);
+    f.write(reinterpret_cast<const char*>(state.data()), std::streamsize(state.size()));
+  }
+  for (const CodecMode codec : {CodecMode::lz4, CodecMode::zstd, CodecMode::auto_select}) {
+    for (const bool pieces : {true, false}) {
+      SCOPED_TRACE(std::string(codec_mode_name(codec)) + (pieces ? ", pieces" : ", whole chunks"));
+      auto src = open_source("file:" + in.string());
+      MemorySink sink(pieces);
+      SendOptions so{.streams = 2, .chunk_bytes = 1 << 20, .codec = codec};
+      Stats sent, received;
+      const Outcome o = transfer(*src, sink, so, RecvOptions{}, nullptr, nullptr, &received, &sent);
+      ASSERT_TRUE(o.send.committed) << o.send.error;
+      ASSERT_TRUE(o.recv.committed) << o.recv.error;
+      EXPECT_TRUE(sink.bytes_ == state);
+      EXPECT_GT(sent.paged_chunks.load(), 0u);
+      if (codec != CodecMode::auto_select) {
+        EXPECT_EQ(sent.paged_chunks.load(), sent.chunks.load());
+      }
+      EXPECT_EQ(received.compressed_chunks.load(), sent.compressed_chunks.load());
+      if (pieces) {
+        EXPECT_GT(sink.zero_writes_, 0u);
+      } else {
+        EXPECT_EQ(sink.zero_writes_, 0u);
+      }
+    }
+  }
+}
+
 TEST_P(BackendTest, TransactionBoundariesAndZeroCopyViewsSurviveTheTrip) {
   std::vector<uint32_t> sizes;
   std::mt19937 rng(3);
@@ -1395,6 +1436,70 @@ TEST(ReceiverStateMachine, RejectsMalformedSparseChunks) {
   auto bad = out;
   bad[0] |= std::byte{1u << 1};  // the zero page marked present: the pages no longer fill the payload
   r = against_receiver([&](RawSender& s) { s.frame(header(e.encoded_len, e.hash), bad); }, &sink, kChunk);
+  EXPECT_EQ(r.reason, wire::Reason::checksum);
+  EXPECT_NE(r.error.find("encoded length impossible"), std::string::npos) << r.error;
+  EXPECT_TRUE(sink.bytes_.empty());
+}
+
+// A paged chunk is checked like a sparse one, and its sparse length must be what the payload decodes to: a
+// wrong aux, a bitmap that does not add up, a wrong hash each fail the transfer naming the chunk.
+TEST(ReceiverStateMachine, RejectsMalformedPagedChunks) {
+  constexpr size_t kChunk = 8 * 4096;
+  const io::ContentGenerator gen(io::Profile::text, 2);
+  std::vector<std::byte> bytes(kChunk);
+  gen.fill(0, bytes);
+  std::memset(bytes.data() + 4096, 0, 4096);
+  compress::EncodeOptions opts{.codec = compress::Codec::lz4, .probe_incompressible = false, .paged = true};
+  std::vector<std::byte> out(compress::encode_bound(compress::Codec::lz4, kChunk));
+  std::vector<std::byte> scratch(compress::paged_scratch_bytes(kChunk));
+  const compress::EncodeResult e = compress::encode_chunk(opts, bytes, out, scratch);
+  ASSERT_GT(e.paged_len, 0u);
+  out.resize(e.encoded_len);
+  auto header = [&](uint32_t aux, uint32_t payload_len, uint64_t hash) {
+    return wire::Header{.type = wire::FrameType::data,
+                        .codec = uint8_t(compress::Codec::lz4),
+                        .flags = wire::kFlagPaged,
+                        .seq = 1,
+                        .raw_len = uint32_t(kChunk),
+                        .payload_len = payload_len,
+                        .hash = hash,
+                        .aux = aux};
+  };
+  for (const bool pieces : {true, false}) {
+    MemorySink sink(pieces);
+    Result r = against_receiver(
+        [&](RawSender& s) {
+          s.frame(header(e.paged_len, e.encoded_len, e.hash), out);
+          s.frame(wire::make_end(1, kChunk, [&] {
+            wire::StreamDigest d;
+            d.add(1, kChunk, e.hash);
+            return d.value();
+          }()));
+        },
+        &sink, kChunk);
+    ASSERT_TRUE(r.committed) << r.error;  // the well-formed one commits
+    EXPECT_TRUE(sink.bytes_ == bytes);
+  }
+  MemorySink sink(true);
+  Result r = against_receiver(
+      [&](RawSender& s) { s.frame(header(e.paged_len - 1, e.encoded_len, e.hash), out); }, &sink, kChunk);
+  EXPECT_EQ(r.reason, wire::Reason::checksum);
+  EXPECT_NE(r.error.find("chunk 1 at offset 0: corrupt compressed payload"), std::string::npos) << r.error;
+  r = against_receiver([&](RawSender& s) { s.frame(header(e.paged_len, e.encoded_len, e.hash ^ 1), out); },
+                       &sink, kChunk);
+  EXPECT_EQ(r.reason, wire::Reason::checksum);
+  EXPECT_NE(r.error.find("decoded bytes do not match their XXH3-64"), std::string::npos) << r.error;
+  // A sparse form whose bitmap marks the zero page present, compressed and sent as paged.
+  std::vector<std::byte> sparse(e.paged_len);
+  ASSERT_EQ(compress::decode_paged(compress::Codec::lz4, out, sparse, kChunk), compress::DecodeError::ok);
+  sparse[0] |= std::byte{1u << 1};
+  std::vector<std::byte> bad(compress::encode_bound(compress::Codec::lz4, sparse.size()));
+  const compress::EncodeResult b = compress::encode_chunk(
+      compress::EncodeOptions{.codec = compress::Codec::lz4, .probe_incompressible = false}, sparse, bad);
+  ASSERT_EQ(b.codec, compress::Codec::lz4);
+  bad.resize(b.encoded_len);
+  r = against_receiver([&](RawSender& s) { s.frame(header(e.paged_len, b.encoded_len, e.hash), bad); }, &sink,
+                       kChunk);
   EXPECT_EQ(r.reason, wire::Reason::checksum);
   EXPECT_NE(r.error.find("encoded length impossible"), std::string::npos) << r.error;
   EXPECT_TRUE(sink.bytes_.empty());

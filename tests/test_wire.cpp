@@ -244,6 +244,52 @@ TEST(Wire, ImpossibleFields) {
   EXPECT_EQ(decode(encode(ack), &h), Error::bad_field);
 }
 
+// Paged DATA: lz4 or zstd only, not zero, and aux (the sparse form's length) longer than the bitmap and
+// shorter than the chunk; the payload bound is the codec's for that length. Without the flag, aux is 0.
+TEST(Wire, PagedFramesAndTheirSparseLength) {
+  Header h;
+  const Header paged{.type = FrameType::data,
+                     .codec = 1,
+                     .flags = kFlagPaged,
+                     .seq = 1,
+                     .raw_len = 1 << 20,
+                     .payload_len = 1000,
+                     .hash = 5,
+                     .aux = 700 << 10};
+  EXPECT_EQ(decode(encode(paged), &h), Error::ok);
+  EXPECT_EQ(h, paged);
+  Header d = paged;
+  d.codec = 2;
+  EXPECT_EQ(decode(encode(d), &h), Error::ok);
+  for (const uint8_t codec : {0, 3}) {
+    d = paged;
+    d.codec = codec;
+    d.payload_len = codec == 0 ? d.raw_len : 1000;
+    EXPECT_EQ(decode(encode(d), &h), Error::bad_field) << int(codec);
+  }
+  d = paged;
+  d.flags = kFlagPaged | kFlagZero;
+  d.codec = 0;
+  d.payload_len = 0;
+  d.hash = 0;
+  EXPECT_EQ(decode(encode(d), &h), Error::bad_field);
+  for (const uint32_t aux : {0u, 32u, 1u << 20, (1u << 20) + 1}) {  // the bitmap alone, the whole chunk
+    d = paged;
+    d.aux = aux;
+    EXPECT_EQ(decode(encode(d), &h), Error::bad_field) << aux;
+  }
+  d = paged;
+  d.aux = 33;  // 1000 bytes of payload cannot decode to 33
+  EXPECT_EQ(decode(encode(d), &h), Error::bad_length);
+  d.payload_len = 20;
+  EXPECT_EQ(decode(encode(d), &h), Error::ok);
+  d.payload_len = uint32_t(compress::encode_bound(compress::Codec::lz4, 33) + 1);
+  EXPECT_EQ(decode(encode(d), &h), Error::bad_length);
+  d = kData;
+  d.aux = 1;  // not paged: aux must be 0
+  EXPECT_EQ(decode(encode(d), &h), Error::bad_field);
+}
+
 TEST(Wire, HelloRejectsBadMagicAndAnyChangedByte) {
   std::array<std::byte, kHelloBytes> b;
   encode_hello(Hello{.max_chunk_bytes = 4096, .session_id = 1}, b);

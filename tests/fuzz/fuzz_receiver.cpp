@@ -126,13 +126,16 @@ class CheckingSink : public io::Sink {
   std::vector<Chunk> chunks_;
 };
 
+// A paged DATA frame's sparse form length (aux), else 0.
+size_t paged_len(const Header& h) { return (h.flags & engine::wire::kFlagPaged) ? h.aux : 0; }
+
 // The hash a DATA payload decodes to, when it decodes (raw_len bounded first: the fix-up must not allocate
 // what the frame claims).
 std::optional<uint64_t> decoded_hash(const Header& h, std::span<const std::byte> payload) {
   if (h.raw_len == 0 || h.raw_len > engine::wire::kMaxChunkBytes || !compress::codec_valid(h.codec))
     return {};
   std::vector<std::byte> raw(h.raw_len);
-  const auto err = compress::decode_chunk(compress::Codec(h.codec), false, payload, raw, 0);
+  const auto err = compress::decode_chunk(compress::Codec(h.codec), false, payload, raw, 0, paged_len(h));
   if (err == compress::DecodeError::ok) return 0;
   if (err != compress::DecodeError::hash_mismatch) return {};
   return compress::hash64(raw.data(), raw.size());
@@ -265,8 +268,8 @@ Verdict judge(const std::vector<std::byte>& s, const engine::RecvOptions& ro) {
       if (s.size() - pos < h.payload_len) return v;
       std::vector<std::byte> raw(h.raw_len);
       if (compress::decode_chunk(compress::Codec(h.codec), false,
-                                 std::span<const std::byte>(s.data() + pos, h.payload_len), raw,
-                                 h.hash) != compress::DecodeError::ok) {
+                                 std::span<const std::byte>(s.data() + pos, h.payload_len), raw, h.hash,
+                                 paged_len(h)) != compress::DecodeError::ok) {
         return v;
       }
       pos += h.payload_len;

@@ -2,7 +2,8 @@
 //
 // Input: codec (1 byte, mod 4), zstd level (1 byte, -5..12), option bits (1 byte), page bitmap (1 byte), tail
 // length (1 byte), then content bytes.
-//   option bit 0: detect_zero   bit 1: probe_incompressible   bit 2: sparse_fallback
+//   option bit 0: detect_zero   bit 1: probe_incompressible   bit 2: sparse_fallback   bit 4: paged (with
+//          the scratch it needs)
 //   bit 3: build the chunk from pages: 8 pages of 4096 bytes, page i present when bitmap bit i is set (filled
 //          by cycling the content bytes), absent pages zero, then `tail * 17` more content bytes; otherwise
 //          the chunk is the content bytes as they are.
@@ -50,6 +51,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   opts.detect_zero = bits & 1;
   opts.probe_incompressible = bits & 2;
   opts.sparse_fallback = bits & 4;
+  opts.paged = bits & 16;
   const uint8_t bitmap = in.u8();
   const uint8_t tail = in.u8();
   const auto content = in.rest();
@@ -66,11 +68,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const size_t cap =
       std::max(compress::encode_bound(opts.codec, raw.size()), opts.sparse_fallback ? raw.size() : size_t(0));
   std::vector<std::byte> out1(cap), out2(cap);
-  const compress::EncodeResult r1 = compress::encode_chunk(opts, raw, out1);
-  const compress::EncodeResult r2 = compress::encode_chunk(opts, raw, out2);
+  std::vector<std::byte> scratch(opts.paged ? compress::paged_scratch_bytes(raw.size()) : 0);
+  const compress::EncodeResult r1 = compress::encode_chunk(opts, raw, out1, scratch);
+  const compress::EncodeResult r2 = compress::encode_chunk(opts, raw, out2, scratch);
 
   FUZZ_CHECK(
-      r1.codec == r2.codec && r1.zero == r2.zero && r1.encoded_len == r2.encoded_len && r1.hash == r2.hash,
+      r1.codec == r2.codec && r1.zero == r2.zero && r1.encoded_len == r2.encoded_len && r1.hash == r2.hash &&
+          r1.paged_len == r2.paged_len,
       "two encodings of one chunk differ (codec %u/%u, len %u/%u)", unsigned(r1.codec), unsigned(r2.codec),
       r1.encoded_len, r2.encoded_len);
   if (r1.codec != compress::Codec::none && !r1.zero) {
@@ -89,6 +93,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
                unsigned(opts.codec), opts.sparse_fallback);
     FUZZ_CHECK(r1.hash == compress::hash64(raw.data(), raw.size()),
                "reported hash is not the chunk's XXH3-64");
+    FUZZ_CHECK(r1.paged_len == 0 || (opts.paged && (r1.codec == compress::Codec::lz4 ||
+                                                     r1.codec == compress::Codec::zstd) &&
+                                     r1.paged_len > compress::sparse_bitmap_bytes(raw.size()) &&
+                                     r1.paged_len < raw.size() && r1.encoded_len < r1.paged_len),
+               "paged payload of %u bytes (sparse form %u) for codec %u, chunk %zu", r1.encoded_len,
+               r1.paged_len, unsigned(r1.codec), raw.size());
     if (r1.codec == compress::Codec::none) {
       FUZZ_CHECK(r1.encoded_len == raw.size(), "raw chunk of %zu with encoded_len %u", raw.size(),
                  r1.encoded_len);
@@ -106,7 +116,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
                                              ? std::span<const std::byte>(raw)
                                              : std::span<const std::byte>(out1.data(), r1.encoded_len);
   std::vector<std::byte> back(raw.size(), std::byte{0x5a});
-  const compress::DecodeError err = compress::decode_chunk(r1.codec, r1.zero, enc, back, r1.hash);
+  const compress::DecodeError err =
+      compress::decode_chunk(r1.codec, r1.zero, enc, back, r1.hash, r1.paged_len);
   FUZZ_CHECK(err == compress::DecodeError::ok, "decoding our own codec %u payload of %u bytes (raw %zu): %s",
              unsigned(r1.codec), r1.encoded_len, raw.size(), compress::decode_error_text(err));
   FUZZ_CHECK(back == raw, "round trip changed the bytes (codec %u)", unsigned(r1.codec));
@@ -115,11 +126,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (!raw.empty()) {
     const engine::wire::Header h{.type = engine::wire::FrameType::data,
                                  .codec = uint8_t(r1.codec),
-                                 .flags = uint16_t(r1.zero ? engine::wire::kFlagZero : 0),
+                                 .flags = uint16_t(r1.zero ? engine::wire::kFlagZero
+                                                   : r1.paged_len ? engine::wire::kFlagPaged
+                                                                  : 0),
                                  .seq = 1,
                                  .raw_len = uint32_t(raw.size()),
                                  .payload_len = r1.encoded_len,
-                                 .hash = r1.hash};
+                                 .hash = r1.hash,
+                                 .aux = r1.paged_len};
     std::byte frame[engine::wire::kHeaderBytes];
     engine::wire::encode_header(h, std::span<std::byte, engine::wire::kHeaderBytes>(frame));
     engine::wire::Header decoded;

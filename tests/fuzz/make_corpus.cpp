@@ -222,6 +222,7 @@ void roundtrip_corpus() {
     r(n + "-text", uint8_t(k), 1, 1 | 2, 0, 0, text);
     r(n + "-pages", uint8_t(k), 3, 1 | 4 | 8, 0xa5, 7, mixed);
     r(n + "-all-zero-pages", uint8_t(k), 1, 1 | 8, 0, 0, {});
+    r(n + "-paged", uint8_t(k), 1, 1 | 8 | 16, 0xa5, 7, text);
   }
   r("none-sparse-fallback", 0, 1, 1 | 4 | 8, 0x0f, 200, text);
   r("zstd-negative-level", 2, -5, 1 | 8, 0xff, 255, mixed);
@@ -356,17 +357,18 @@ std::vector<std::pair<size_t, size_t>> frames_of(const Bytes& s) {
 }
 
 void describe(const std::string& name, const Bytes& s) {
-  unsigned per_codec[8] = {}, zero = 0;
+  unsigned per_codec[8] = {}, zero = 0, paged = 0;
   for (auto [pos, len] : frames_of(s)) {
     if (s[pos + 4] != std::byte(FrameType::data)) continue;
     if (uint16_t(s[pos + 6]) & engine::wire::kFlagZero) {
       ++zero;
     } else {
       ++per_codec[uint8_t(s[pos + 5]) & 7];
+      if (uint16_t(s[pos + 6]) & engine::wire::kFlagPaged) ++paged;
     }
   }
-  std::printf("receiver/%s: %zu bytes; chunks none %u lz4 %u zstd %u sparse %u zero %u\n", name.c_str(),
-              s.size(), per_codec[0], per_codec[1], per_codec[2], per_codec[3], zero);
+  std::printf("receiver/%s: %zu bytes; chunks none %u lz4 %u zstd %u sparse %u zero %u (paged %u)\n",
+              name.c_str(), s.size(), per_codec[0], per_codec[1], per_codec[2], per_codec[3], zero, paged);
 }
 
 void receiver_corpus() {
@@ -386,13 +388,16 @@ void receiver_corpus() {
       {"stream-all-zero", engine::CodecMode::lz4, 65536, io::Profile::zero, 1 << 20},
       {"stream-sparse-zero-heavy", engine::CodecMode::sparse, 16384, io::Profile::zero_heavy, 256 << 10},
       {"stream-sparse-mixed", engine::CodecMode::sparse, 16384, io::Profile::mixed, 96 << 10},
+      {"stream-lz4-paged-zero-heavy", engine::CodecMode::lz4, 16384, io::Profile::zero_heavy, 256 << 10},
+      {"stream-zstd-paged-zero-heavy", engine::CodecMode::zstd, 16384, io::Profile::zero_heavy, 256 << 10},
   };
   for (const Spec& s : specs) {
     const Bytes stream = capture(s.mode, s.chunk, s.profile, s.size);
     describe(s.name, stream);
     put("receiver", s.name, cat({u8s({0}), stream}));
     // The same stream into a sink that takes pieces (fix-up bit 5).
-    if (s.mode == engine::CodecMode::sparse) put("receiver", std::string(s.name) + "-pieces", cat({u8s({0x20}), stream}));
+    if (s.profile == io::Profile::zero_heavy || s.profile == io::Profile::mixed)
+      put("receiver", std::string(s.name) + "-pieces", cat({u8s({0x20}), stream}));
   }
   // Variants of one capture: with every fix-up (a valid stream stays valid), cut short, a flipped payload
   // byte, END missing, a chunk dropped, a chunk repeated, and an ABORTED from the sender.
