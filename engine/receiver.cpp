@@ -203,8 +203,8 @@ class StreamWorker {
         return end(h);
       case wire::FrameType::aborted: {
         const std::string text = recv_abort_text(*ring_, link_.fd.load(), h);
-        sh_.fail(Reason(h.aux),
-                 std::string("sender aborted (") + wire::reason_name(Reason(h.aux)) + "): " + text, true);
+        const Reason reason = wire::reason_from_peer(h.aux);
+        sh_.fail(reason, std::string("sender aborted (") + wire::reason_name(reason) + "): " + text, true);
         return false;
       }
       default:

@@ -92,7 +92,7 @@ HandshakeError await_hello_ack(int fd, const wire::Hello& hello, int timeout_ms,
   if (hr.kind == HeaderRead::bad)
     return {Reason::protocol, std::string("handshake: ") + wire::error_text(hr.wire_error)};
   if (hr.header.type == wire::FrameType::aborted) {
-    const Reason reason = Reason(hr.header.aux);
+    const Reason reason = wire::reason_from_peer(hr.header.aux);
     return {reason, refusal_text(reason, recv_abort_text_by(fd, hr.header, deadline)), true};
   }
   if (hr.header.type != wire::FrameType::hello_ack) return {Reason::protocol, "handshake: unexpected frame type"};
@@ -914,12 +914,13 @@ class Worker {
       link_.fd.store(-1, std::memory_order_release);
       link_.owner.reset();
     }
+    const int attempts = std::max(1, sh_.options.reconnect_attempts);
     sh_.events.add(LogLevel::warn, name + ": connection lost (" + why + "); reconnecting (at most " +
-                                       std::to_string(std::max(1, sh_.options.reconnect_attempts)) + " attempts)");
+                                       std::to_string(attempts) + " attempts)");
     std::string last_error = why;
     bool refused = false;
     int backoff_ms = std::max(1, sh_.options.reconnect_backoff_ms);
-    for (int attempt = 0; attempt < std::max(1, sh_.options.reconnect_attempts); ++attempt) {
+    for (int attempt = 0; attempt < attempts; ++attempt) {
       if (attempt > 0) {
         const auto until = Clock::now() + std::chrono::milliseconds(backoff_ms);
         while (Clock::now() < until && !stopping())
@@ -995,8 +996,7 @@ class Worker {
     sh_.failure.set(Reason::connection,
                     name + ": connection lost (" + why + ") and " +
                         (refused ? std::string("not taken back: ")
-                                 : "not resumed after " + std::to_string(sh_.options.reconnect_attempts) +
-                                       " attempts: ") +
+                                 : "not resumed after " + std::to_string(attempts) + " attempts: ") +
                         last_error);
   }
 
@@ -1240,8 +1240,8 @@ void control_loop(Shared& sh, const std::atomic<bool>& stop) {
         }
         case wire::FrameType::aborted: {
           const std::string text = recv_abort_text(*ring, fd, h);
-          sh.failure.set(Reason(h.aux),
-                         std::string("receiver aborted (") + wire::reason_name(Reason(h.aux)) + "): " + text,
+          const Reason reason = wire::reason_from_peer(h.aux);
+          sh.failure.set(reason, std::string("receiver aborted (") + wire::reason_name(reason) + "): " + text,
                          true);
           sh.wake();
           return;

@@ -131,11 +131,15 @@ void EventLog::flush() {
     lines.swap(lines_);
     dropped = std::exchange(dropped_, 0);
   }
-  try {  // the transfer never throws: a function that does loses its line
-    for (const auto& [level, text] : lines) fn_(level, text);
-    if (dropped) fn_(LogLevel::warn, std::to_string(dropped) + " more lines like these left out");
-  } catch (...) {
-  }
+  // The transfer never throws: a function that does loses that line.
+  auto pass = [this](LogLevel level, const std::string& text) {
+    try {
+      fn_(level, text);
+    } catch (...) {
+    }
+  };
+  for (const auto& [level, text] : lines) pass(level, text);
+  if (dropped) pass(LogLevel::warn, std::to_string(dropped) + " more lines like these left out");
 }
 
 std::string refusal_text(wire::Reason reason, const std::string& text) {

@@ -1093,7 +1093,7 @@ void send_refusal(int fd, const std::string& text) {
 TlsError read_refusal(int fd, Clock::time_point deadline) {
   const HeaderRead hr = recv_header_by(fd, wire::kMaxChunkBytes, deadline);
   if (hr.kind != HeaderRead::ok || hr.header.type != wire::FrameType::aborted) return {};
-  const Reason reason = Reason(hr.header.aux);
+  const Reason reason = wire::reason_from_peer(hr.header.aux);
   return {reason, refusal_text(reason, recv_abort_text_by(fd, hr.header, deadline))};
 }
 

@@ -99,6 +99,11 @@ const char* reason_name(Reason reason) {
   return "unknown";
 }
 
+Reason reason_from_peer(uint32_t aux) {
+  if (aux == uint32_t(Reason::unspecified) || aux > uint32_t(Reason::capability)) return Reason::protocol;
+  return Reason(aux);
+}
+
 const char* error_text(Error err) {
   switch (err) {
     case Error::ok:

@@ -75,6 +75,9 @@ enum class Reason : uint32_t {
   capability = 14,  // a codec or feature the peer does not support
 };
 const char* reason_name(Reason reason);
+// An ABORTED frame's aux as this side reports it: a reason this version does not know (a newer peer's), or
+// none, is a protocol failure rather than an unknown value.
+Reason reason_from_peer(uint32_t aux);
 
 struct Header {
   FrameType type = FrameType::data;

@@ -695,7 +695,7 @@ TEST(Resume, ALostAndResumedStreamIsLoggedOnTheCallersThread) {
   };
   for (const bool cut : {false, true}) {
     SCOPED_TRACE(cut ? "a stream cut" : "no fault");
-    const io::ContentGenerator gen(io::Profile::binary, 9);
+    const io::ContentGenerator gen(io::Profile::random, 9);  // stream 1 carries megabytes, uncompressed
     constexpr uint64_t size = 16 << 20;
     auto src = io::open_emu_source(gen, size);
     auto sink = io::open_emu_sink(gen, size);
@@ -720,6 +720,7 @@ TEST(Resume, ALostAndResumedStreamIsLoggedOnTheCallersThread) {
     receiver.join();
     ASSERT_TRUE(send_result.committed) << send_result.error;
     ASSERT_TRUE(recv_result.committed) << recv_result.error;
+    if (proxy) ASSERT_TRUE(proxy->fired());
     if (!cut) {
       EXPECT_TRUE(sent.text.empty()) << sent.all();
       EXPECT_TRUE(received.text.empty()) << received.all();
@@ -1032,6 +1033,7 @@ TEST(Transfer, APartialHandshakeFrameThenSilenceEndsAtTheHandshakeTimeOut) {
     const Result r = result.get();
     EXPECT_FALSE(r.committed);
     EXPECT_NE(r.error.find("within 300 ms"), std::string::npos) << r.error;
+    EXPECT_EQ(r.reason, wire::Reason::timeout) << r.error;
   }
 }
 

@@ -290,6 +290,17 @@ TEST(Wire, PagedFramesAndTheirSparseLength) {
   EXPECT_EQ(decode(encode(d), &h), Error::bad_field);
 }
 
+// What a peer's ABORTED says is reported as it is, but a reason this version does not know, or none, is a
+// protocol failure (never "unknown", never the C ABI's "a bug in dstx").
+TEST(Wire, APeersReasonIsKnownOrProtocol) {
+  EXPECT_EQ(reason_from_peer(uint32_t(Reason::timeout)), Reason::timeout);
+  EXPECT_EQ(reason_from_peer(uint32_t(Reason::capability)), Reason::capability);
+  EXPECT_EQ(reason_from_peer(uint32_t(Reason::version)), Reason::version);
+  EXPECT_EQ(reason_from_peer(0), Reason::protocol);
+  EXPECT_EQ(reason_from_peer(uint32_t(Reason::capability) + 1), Reason::protocol);
+  EXPECT_EQ(reason_from_peer(0xffffffffu), Reason::protocol);
+}
+
 TEST(Wire, HelloRejectsBadMagicAndAnyChangedByte) {
   std::array<std::byte, kHelloBytes> b;
   encode_hello(Hello{.max_chunk_bytes = 4096, .session_id = 1}, b);

@@ -67,7 +67,7 @@ TEST(CapiEvents, ALostAndResumedStreamIsLoggedOnBothSides) {
   sc.user = &send_log;
   dstx_endpoint source = DSTX_ENDPOINT_INIT;
   source.kind = DSTX_ENDPOINT_SPEC;
-  source.spec = "emu:size=16M,profile=binary,seed=5";
+  source.spec = "emu:size=16M,profile=random,seed=5";  // stream 1 carries megabytes, uncompressed
   dstx_transfer* send = nullptr;
   ASSERT_EQ(dstx_send_create(&sc, &source, &send), DSTX_OK) << dstx_last_error(nullptr);
 
