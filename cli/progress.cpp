@@ -128,9 +128,9 @@ void print_json(std::FILE* out, const char* role, const engine::Result& r, const
                json_escape(r.io_backend).c_str(), json_escape(r.tls).c_str(), r.digest);
   std::fprintf(out,
                ",\"codecs\":{\"none\":%" PRIu64 ",\"lz4\":%" PRIu64 ",\"zstd\":%" PRIu64 ",\"sparse\":%" PRIu64
-               "},\"resumes\":%" PRIu64,
+               "},\"paged_chunks\":%" PRIu64 ",\"resumes\":%" PRIu64,
                st.codec_chunks[0].load(), st.codec_chunks[1].load(), st.codec_chunks[2].load(),
-               st.codec_chunks[3].load(), st.resumes.load());
+               st.codec_chunks[3].load(), st.paged_chunks.load(), st.resumes.load());
   if (r.chunk_bytes) std::fprintf(out, ",\"chunk_bytes\":%" PRIu32, r.chunk_bytes);
   if (!r.committed) {
     std::fprintf(out, ",\"reason\":\"%s\",\"error\":\"%s\"", engine::wire::reason_name(r.reason),

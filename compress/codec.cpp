@@ -255,7 +255,10 @@ namespace {
 // start, the last at its end, the others aligned to 4 KiB, or to the piece size when smaller). `together`:
 // gathered and compressed in one call, one state initialisation instead of one per piece, but a piece that
 // repeats another counts as compressible. An input no bigger than the sample is compressed whole.
-double sampled_ratio(std::span<const std::byte> raw, size_t pieces, size_t piece_bytes, bool together) {
+// `skip_zero`: all-zero pieces are left out of the sample (what a paged chunk never compresses); when every
+// piece is zero the ratio is 0.
+double sampled_ratio(std::span<const std::byte> raw, size_t pieces, size_t piece_bytes, bool together,
+                     bool skip_zero = false) {
   if (raw.empty()) return 0;
   static constexpr size_t kMaxSample = 16 * 1024;
   char sample[kMaxSample];
@@ -274,28 +277,34 @@ double sampled_ratio(std::span<const std::byte> raw, size_t pieces, size_t piece
   } else {
     const size_t n = sample_bytes / piece_bytes;
     const size_t align = std::min<size_t>(piece_bytes, 4096);
+    size_t taken = 0;
     for (size_t i = 0; i < n; ++i) {
       const size_t offset =
         std::min(n > 1 ? (raw.size() * i / (n - 1)) & ~(align - 1) : 0, raw.size() - piece_bytes);
+      if (skip_zero && is_zero(in + offset, piece_bytes)) continue;
       if (together) {
-        std::memcpy(sample + i * piece_bytes, in + offset, piece_bytes);
+        std::memcpy(sample + taken * piece_bytes, in + offset, piece_bytes);
       } else {
         compress(in + offset, piece_bytes);
       }
+      ++taken;
     }
-    if (together) compress(sample, n * piece_bytes);
+    if (together && taken > 0) compress(sample, taken * piece_bytes);
   }
-  return double(out_bytes) / double(in_bytes);
+  return in_bytes ? double(out_bytes) / double(in_bytes) : 0;
 }
 
 }  // namespace
 
-bool looks_incompressible(std::span<const std::byte> raw) {
+bool looks_incompressible(std::span<const std::byte> raw, bool skip_zero) {
   // Start, middle and end, page-aligned: device state tends to change character at page boundaries.
-  return !raw.empty() && sampled_ratio(raw, kProbeSamples, kProbeSampleBytes, false) > kIncompressibleRatio;
+  return !raw.empty() &&
+         sampled_ratio(raw, kProbeSamples, kProbeSampleBytes, false, skip_zero) > kIncompressibleRatio;
 }
 
-double estimate_ratio(std::span<const std::byte> raw) { return sampled_ratio(raw, 32, 256, true); }
+double estimate_ratio(std::span<const std::byte> raw, bool skip_zero) {
+  return sampled_ratio(raw, 32, 256, true, skip_zero);
+}
 
 EncodeResult encode_chunk(const EncodeOptions& opts, std::span<const std::byte> raw,
                           std::span<std::byte> out, std::span<std::byte> scratch) {
@@ -321,27 +330,37 @@ EncodeResult encode_chunk(const EncodeOptions& opts, std::span<const std::byte> 
     return result;
   };
   if (opts.codec == Codec::none || raw.size() < 2) return raw_result();
+  // Paged: the zero pages are never compressed, so they are left out of the estimate and the probe too.
+  const bool pageable = opts.paged && (opts.codec == Codec::lz4 || opts.codec == Codec::zstd) &&
+                        raw.size() > kSparsePageBytes && scratch.size() >= paged_scratch_bytes(raw.size());
   if (opts.max_estimate >= 0) {
-    result.estimate = estimate_ratio(raw);
+    result.estimate = estimate_ratio(raw, pageable);
     result.over_limit = result.estimate > std::min(opts.max_estimate, kIncompressibleRatio);
     if (result.over_limit) return raw_result();
-  } else if (opts.probe_incompressible && raw.size() >= kProbeMinBytes && looks_incompressible(raw)) {
-    return raw_result();
+  } else if (opts.probe_incompressible && raw.size() >= kProbeMinBytes) {
+    if (looks_incompressible(raw, pageable)) return raw_result();
   }
 
   // Capping the output below raw.size() lets the compressor give up as soon as the chunk cannot shrink,
   // and makes "does not fit" and "did not shrink" the same answer: send raw.
   const size_t capacity = std::min(out.size(), raw.size() - 1);
   if (capacity == 0) return result;
-  // Paged: the sparse form, when it leaves out at least one page and is shorter than the chunk, is what gets
-  // compressed; the chunk goes out compressed only if that is shorter than the sparse form too.
+  // Paged: the sparse form, when it leaves out at least one page (and so is shorter than the chunk), is what
+  // gets compressed. If that does not shrink it, the sparse form itself goes: every receiver decodes it, and
+  // it is shorter than the chunk (whatever the options say about a sparse fallback).
   std::span<const std::byte> input = raw;
-  const bool pageable = opts.codec == Codec::lz4 || opts.codec == Codec::zstd;
-  const bool room = scratch.size() >= paged_scratch_bytes(raw.size());
-  if (opts.paged && pageable && raw.size() > kSparsePageBytes && room) {
+  if (pageable) {
     const size_t s = compress_sparse(raw, scratch.data(), raw.size() - 1);
-    if (s > 0) input = std::span<const std::byte>(scratch.data(), s);
+    if (s > sparse_bitmap_bytes(raw.size())) input = std::span<const std::byte>(scratch.data(), s);
   }
+  auto sparse_result = [&] {
+    const size_t copy = opts.sparse_gather ? sparse_bitmap_bytes(raw.size()) : input.size();
+    if (out.size() < copy) return raw_result();
+    std::memcpy(out.data(), input.data(), copy);
+    result.codec = Codec::sparse;
+    result.encoded_len = static_cast<uint32_t>(input.size());
+    return result;
+  };
   const size_t limit = input.size() == raw.size() ? capacity : std::min(capacity, input.size() - 1);
   size_t n = 0;
   switch (opts.codec) {
@@ -357,7 +376,7 @@ EncodeResult encode_chunk(const EncodeOptions& opts, std::span<const std::byte> 
     case Codec::none:
       break;
   }
-  if (n == 0 || n >= input.size()) return raw_result();
+  if (n == 0 || n >= input.size()) return input.size() == raw.size() ? raw_result() : sparse_result();
   result.codec = opts.codec;
   result.encoded_len = static_cast<uint32_t>(n);
   if (input.size() != raw.size()) result.paged_len = static_cast<uint32_t>(input.size());

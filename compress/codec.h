@@ -31,15 +31,16 @@ size_t encode_bound(Codec codec, size_t raw_len);
 // True when every byte of [data, data+len) is zero. Fast path: word-wise, vectorisable.
 bool is_zero(const void* data, size_t len);
 
-// Cheap guess (samples a few KiB with lz4) whether `raw` would shrink by less than ~3%.
-bool looks_incompressible(std::span<const std::byte> raw);
+// Cheap guess (samples a few KiB with lz4) whether `raw` would shrink by less than ~3%. skip_zero: leaves
+// all-zero samples out (what a paged chunk's compression never sees).
+bool looks_incompressible(std::span<const std::byte> raw, bool skip_zero = false);
 
 // lz4's compressed/raw size on a sample of `raw`: 32 pieces of 256 bytes spread evenly over it, compressed
 // in one call (8 KiB; about 1 % of compressing a 1 MiB chunk). Small pieces compress worse than the whole
 // chunk, so the number is coarse, but it ranks chunks by compressibility well: on binary state, compressing
 // the 40 % of chunks it rates best saves 1.4x the wire bytes per CPU second of compressing 40 % at random.
 // Inputs up to 8 KiB are compressed whole. 0 for an empty input.
-double estimate_ratio(std::span<const std::byte> raw);
+double estimate_ratio(std::span<const std::byte> raw, bool skip_zero = false);
 inline constexpr double kIncompressibleRatio = 0.97;  // a chunk estimated above this would not shrink enough
 
 struct EncodeOptions {

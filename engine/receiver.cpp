@@ -276,6 +276,7 @@ class StreamWorker {
       (h.codec == uint8_t(compress::Codec::none) ? sh_.stats.raw_chunks : sh_.stats.compressed_chunks)
           .fetch_add(1, std::memory_order_relaxed);
       sh_.stats.codec_chunks[h.codec & 3].fetch_add(1, std::memory_order_relaxed);
+      if (paged) sh_.stats.paged_chunks.fetch_add(1, std::memory_order_relaxed);
     }
     sh_.window.publish(ChunkMeta{.seq = h.seq,
                                  .offset = h.offset,

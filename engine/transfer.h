@@ -102,6 +102,7 @@ struct Stats {
   std::atomic<uint64_t> reread_chunks{0};   // sender: of those, read from the source again (not kept)
   std::atomic<uint64_t> codec_chunks[4]{};  // non-zero chunks per wire codec: none, lz4, zstd, sparse
   std::atomic<uint64_t> paged_chunks{0};    // of the lz4 and zstd ones, those whose zero pages were left out
+                                            // (EncodeOptions::paged; wire flag PAGED)
 };
 
 struct Result {

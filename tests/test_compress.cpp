@@ -779,13 +779,53 @@ TEST(Paged, OnlyWhenItPaysAndTheScratchIsThere) {
   EXPECT_EQ(encode_chunk(opts, raw, out, scratch).paged_len, 0u);
   opts.codec = Codec::none;
   EXPECT_EQ(encode_chunk(opts, raw, out, scratch).paged_len, 0u);
-  // Random pages around the zero page: nothing compresses, the zero page still goes (sparse fallback).
+  // Random pages around zero pages: nothing compresses, the zero pages still go, with or without a sparse
+  // fallback (whole, the chunk compressed before paging existed: its zero pages shrank), copied or gathered.
   Bytes noise = random_bytes(64 << 10, 9);
-  std::memset(noise.data() + 8192, 0, 4096);
-  opts = {.codec = Codec::zstd, .probe_incompressible = false, .sparse_fallback = true, .paged = true};
-  const EncodeResult r = encode_chunk(opts, noise, out, scratch);
-  EXPECT_EQ(r.codec, Codec::sparse);
-  EXPECT_EQ(r.paged_len, 0u);
+  std::memset(noise.data() + 8192, 0, 3 * 4096);
+  for (const Codec codec : {Codec::lz4, Codec::zstd}) {
+    for (const bool fallback : {false, true}) {
+      for (const bool gather : {false, true}) {
+        SCOPED_TRACE(std::string(codec_name(codec)) + (fallback ? " fallback" : "") +
+                     (gather ? " gather" : ""));
+        opts = {.codec = codec, .probe_incompressible = false, .sparse_fallback = fallback,
+                .sparse_gather = gather, .paged = true};
+        Bytes o(out.size(), std::byte{0x6b});
+        const EncodeResult r = encode_chunk(opts, noise, o, scratch);
+        EXPECT_EQ(r.codec, Codec::sparse);
+        EXPECT_EQ(r.paged_len, 0u);
+        EXPECT_EQ(r.encoded_len, sparse_bitmap_bytes(noise.size()) + noise.size() - 3 * 4096);
+        if (gather) {  // the bitmap (the pages go out from the chunk)
+          Bytes copied(encode_bound(Codec::sparse, noise.size()));
+          const EncodeOptions sparse_only{.codec = Codec::sparse, .probe_incompressible = false};
+          ASSERT_EQ(encode_chunk(sparse_only, noise, copied).codec, Codec::sparse);
+          const size_t bitmap = sparse_bitmap_bytes(noise.size());
+          EXPECT_TRUE(std::equal(o.begin(), o.begin() + ptrdiff_t(bitmap), copied.begin()));
+        } else {
+          Bytes back(noise.size());
+          EXPECT_EQ(decode_chunk(Codec::sparse, false, std::span(o.data(), r.encoded_len), back, r.hash),
+                    DecodeError::ok);
+          EXPECT_EQ(back, noise);
+        }
+      }
+    }
+  }
+  // The estimate and the probe leave out the zero pages a paged chunk never compresses: random pages and
+  // zero pages look compressible whole, and are not.
+  Bytes half = random_bytes(1 << 20, 10);
+  for (size_t page = 0; page < 256; page += 2) std::memset(half.data() + page * 4096, 0, 4096);
+  EXPECT_LT(estimate_ratio(half), 0.7);
+  EXPECT_GT(estimate_ratio(half, true), kIncompressibleRatio);
+  EXPECT_FALSE(looks_incompressible(half));
+  EXPECT_TRUE(looks_incompressible(half, true));
+  opts = {.codec = Codec::lz4, .probe_incompressible = true, .sparse_fallback = true, .paged = true};
+  Bytes big_out(encode_bound(Codec::lz4, half.size())), big_scratch(paged_scratch_bytes(half.size()));
+  EXPECT_EQ(encode_chunk(opts, half, big_out, big_scratch).codec, Codec::sparse);
+  opts.probe_incompressible = false;
+  opts.max_estimate = 0.9;
+  const EncodeResult est = encode_chunk(opts, half, big_out, big_scratch);
+  EXPECT_TRUE(est.over_limit);
+  EXPECT_EQ(est.codec, Codec::sparse);
 }
 
 TEST(Paged, DecodeRejectsWhatDoesNotMatch) {

@@ -411,6 +411,7 @@ TEST_P(BackendTest, PagedChunksCompressOnlyThePresentPages) {
         EXPECT_EQ(sent.paged_chunks.load(), sent.chunks.load());
       }
       EXPECT_EQ(received.compressed_chunks.load(), sent.compressed_chunks.load());
+      EXPECT_EQ(received.paged_chunks.load(), sent.paged_chunks.load());
       if (pieces) {
         EXPECT_GT(sink.zero_writes_, 0u);
       } else {

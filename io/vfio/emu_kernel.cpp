@@ -47,6 +47,10 @@ struct SaveSession {
   bool end_reported = false;  // the pass end was reported (ENOMSG) since the pass finished
   bool broken = false;        // the feeder could not write (the user closed the data_fd)
   uint64_t consumed = 0;
+  // Produced by the feeder but not yet in the pipe (it writes without the device lock): still the user's to
+  // read, so PRECOPY_INFO and the stop-copy estimate count it with the pipe's bytes. A write is subtracted
+  // after it lands, so for a moment its bytes count twice: an estimate may run over, never short.
+  std::atomic<uint64_t> in_transit{0};
 };
 
 struct LoadSession {
@@ -143,13 +147,15 @@ int fionread(int fd) {
 }
 
 // Writes all of buf to a non-blocking fd, waiting in slices so `stop` is noticed. False on stop or error.
-bool write_all(int fd, const std::byte* buf, size_t len, const std::atomic<bool>& stop) {
+bool write_all(int fd, const std::byte* buf, size_t len, const std::atomic<bool>& stop,
+               std::atomic<uint64_t>* in_transit = nullptr) {
   while (len > 0) {
     if (stop) return false;
     const ssize_t n = ::write(fd, buf, len);
     if (n > 0) {
       buf += n;
       len -= size_t(n);
+      if (in_transit) in_transit->fetch_sub(uint64_t(n));
       continue;
     }
     if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
@@ -190,10 +196,12 @@ void feeder_main(Device* d, SaveSession* s) {
     const size_t n = d->st.save_produce(buf);
     if (n == 0) continue;
     s->idle = false;
+    s->in_transit = n;
     lk.unlock();
     if (d->cfg.delay_us) std::this_thread::sleep_for(std::chrono::microseconds(d->cfg.delay_us));
-    const bool ok = write_all(s->driver_fd, buf.data(), n, s->stop);
+    const bool ok = write_all(s->driver_fd, buf.data(), n, s->stop, &s->in_transit);
     lk.lock();
+    s->in_transit = 0;
     if (!ok) {
       if (!s->stop) s->broken = true;
       break;
@@ -449,7 +457,10 @@ struct EmuKernel::Impl {
     return 0;
   }
 
-  static uint64_t pipe_bytes(const Device& d) { return d.save ? uint64_t(fionread(d.save->user_fd)) : 0; }
+  // What the user has yet to read of what the feeder produced: in the pipe, or on its way there.
+  static uint64_t pipe_bytes(const Device& d) {
+    return d.save ? uint64_t(fionread(d.save->user_fd)) + d.save->in_transit.load() : 0;
+  }
 
   // ---- v1 region
 

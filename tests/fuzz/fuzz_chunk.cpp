@@ -5,7 +5,7 @@
 // then the payload (the rest).
 //   flag bit 0: zero chunk        bit 1: repair the hash (decode, hash what came out, decode again)
 //   bit 2: codec none decodes in place (enc aliases raw_out)   bit 3: raw_len up to 16 MiB + 64 (else < 128
-//   KiB)
+//   KiB)   bit 4: a paged payload (its sparse form's length taken from the hash's low bits, below raw_len)
 //
 // Checks: nothing is written outside raw_out (ASan when present; else guard bytes around it); ok implies the
 // bytes hash to the expected XXH3-64 (and are zero for a zero chunk); a payload above the codec's bound is
@@ -69,8 +69,8 @@ bool all_zero(std::span<const std::byte> s) {
 }
 
 DecodeError checked_decode(compress::Codec codec, bool zero, std::span<const std::byte> enc, OutBuffer& out,
-                           uint64_t hash) {
-  const DecodeError err = compress::decode_chunk(codec, zero, enc, out.span(), hash);
+                           uint64_t hash, size_t paged_len = 0) {
+  const DecodeError err = compress::decode_chunk(codec, zero, enc, out.span(), hash, paged_len);
   FUZZ_CHECK(unsigned(err) <= unsigned(DecodeError::hash_mismatch), "unknown DecodeError %u", unsigned(err));
   FUZZ_CHECK(out.guards_intact(), "decode_chunk(codec %u, zero %d, enc %zu, raw %zu) wrote outside raw_out",
              unsigned(codec), zero, enc.size(), out.span().size());
@@ -83,9 +83,12 @@ DecodeError checked_decode(compress::Codec codec, bool zero, std::span<const std
     } else {
       FUZZ_CHECK(compress::hash64(out.span().data(), out.span().size()) == hash,
                  "ok, but the bytes do not hash to the expected XXH3-64");
-      FUZZ_CHECK(enc.size() <= compress::encode_bound(codec, out.span().size()),
+      const size_t decoded = paged_len ? paged_len : out.span().size();
+      FUZZ_CHECK(enc.size() <= compress::encode_bound(codec, decoded),
                  "accepted %zu payload bytes above the codec %u bound %zu for %zu", enc.size(),
-                 unsigned(codec), compress::encode_bound(codec, out.span().size()), out.span().size());
+                 unsigned(codec), compress::encode_bound(codec, decoded), decoded);
+      FUZZ_CHECK(!paged_len || codec == compress::Codec::lz4 || codec == compress::Codec::zstd,
+                 "a paged payload of codec %u accepted", unsigned(codec));
     }
   }
   return err;
@@ -115,6 +118,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       FUZZ_CHECK(std::memcmp(out.span().data(), enc.data(), enc.size()) == 0,
                  "in-place decode changed bytes");
     }
+    return 0;
+  }
+
+  if (flags & 16) {
+    const size_t paged_len = raw_len > 1 ? 1 + (hash & 0xffffff) % (raw_len - 1) : 1;
+    OutBuffer out(raw_len);
+    checked_decode(codec, zero, enc, out, hash, paged_len);
     return 0;
   }
 

@@ -207,6 +207,14 @@ void chunk_corpus() {
   c("big-raw-lz4", 1, 8 | 2, (16u << 20), 0, encode(compress::Codec::lz4, text).payload);
   Bytes bitmap_only(1, std::byte{0xff});  // claims 8 pages of a one-page chunk
   c("sparse-bits-past-end", 3, 2, 4096, 0, cat({bitmap_only, Bytes(4096, std::byte{7})}));
+  // Paged (flag bit 4): lz4 and zstd over the sparse form of `raw`; the hash's low bits give its length.
+  const Encoded sparse = encode(compress::Codec::sparse, raw);
+  for (const auto codec : {compress::Codec::lz4, compress::Codec::zstd}) {
+    const Encoded e = encode(codec, sparse.payload);
+    FUZZ_CHECK(e.r.codec == codec, "codec %u did not apply to a sparse form", unsigned(codec));
+    c("paged-" + std::string(compress::codec_name(codec)), uint8_t(codec), 16, uint32_t(raw.size()),
+      sparse.payload.size() - 1, e.payload);
+  }
 }
 
 // ---- roundtrip: [codec][level + 5][option bits][page bitmap][tail][content]
