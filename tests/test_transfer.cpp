@@ -721,7 +721,9 @@ TEST(Resume, ALostAndResumedStreamIsLoggedOnTheCallersThread) {
     receiver.join();
     ASSERT_TRUE(send_result.committed) << send_result.error;
     ASSERT_TRUE(recv_result.committed) << recv_result.error;
-    if (proxy) ASSERT_TRUE(proxy->fired());
+    if (proxy) {
+      ASSERT_TRUE(proxy->fired());
+    }
     if (!cut) {
       EXPECT_TRUE(sent.text.empty()) << sent.all();
       EXPECT_TRUE(received.text.empty()) << received.all();
