@@ -65,9 +65,14 @@ bool spec_accepts(const Fields& f, uint32_t max_chunk) {
       return f.payload_len == engine::wire::kHelloBytes && !f.codec && !f.flags && !f.seq && !f.offset &&
              !f.raw_len && !f.hash && !f.aux;
     case 3: {  // DATA
-      if (f.codec > 3 || (f.flags & ~3u) || f.raw_len < 1 || f.raw_len > max_chunk || f.seq < 1 || f.aux)
-        return false;
-      if (f.flags & 1u) return f.codec == 0 && f.hash == 0 && f.payload_len == 0;
+      if (f.codec > 3 || (f.flags & ~7u) || f.raw_len < 1 || f.raw_len > max_chunk || f.seq < 1) return false;
+      if (f.flags & 1u) return f.codec == 0 && f.hash == 0 && f.payload_len == 0 && !f.aux && !(f.flags & 4u);
+      if (f.flags & 4u) {  // PAGED: lz4 or zstd over a sparse form of aux bytes, bitmap < aux < raw_len
+        const uint64_t bitmap = ((uint64_t(f.raw_len) + 4095) / 4096 + 7) / 8;
+        if ((f.codec != 1 && f.codec != 2) || f.aux <= bitmap || f.aux >= f.raw_len) return false;
+        return f.payload_len >= 1 && f.payload_len <= spec_payload_bound(f.codec, f.aux);
+      }
+      if (f.aux) return false;
       if (f.codec == 0) return f.payload_len == f.raw_len;
       return f.payload_len >= 1 && f.payload_len <= spec_payload_bound(f.codec, f.raw_len);
     }
