@@ -69,7 +69,8 @@ static_assert(offsetof(dstx_send_config, before_stop_copy) == kSendConfigSizeV1 
                   offsetof(dstx_recv_config, tls_ca_file) == kRecvConfigSizeV1 &&
                   sizeof(dstx_recv_config) == kRecvConfigSizeV1 + 5 * sizeof(void*) &&
                   offsetof(dstx_stats, device_state) == kStatsSizeV1 &&
-                  offsetof(dstx_stats, state_digest) + 40 == sizeof(dstx_stats) && sizeof(dstx_stats) == 256,
+                  offsetof(dstx_stats, state_digest) == 256 - 40 && offsetof(dstx_stats, resumes) == 256 &&
+                  offsetof(dstx_stats, paged_chunks) + 8 == sizeof(dstx_stats) && sizeof(dstx_stats) == 312,
               "a field appended after the first release moved: new fields go after it");
 #endif
 

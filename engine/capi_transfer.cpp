@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <system_error>
 
+#include "compress/codec.h"
 #include "engine/spec.h"
 #include "io/vfio/vfio_uapi.h"
 
@@ -481,6 +482,13 @@ void Transfer::fill_stats(dstx_stats* out) const {
   out->raw_chunks = stats.raw_chunks.load();
   out->compressed_chunks = stats.compressed_chunks.load();
   out->acked_chunks = stats.acked_chunks.load();
+  out->resumes = stats.resumes.load();
+  out->replayed_chunks = stats.replayed_chunks.load();
+  out->reread_chunks = stats.reread_chunks.load();
+  out->lz4_chunks = stats.codec_chunks[unsigned(compress::Codec::lz4)].load();
+  out->zstd_chunks = stats.codec_chunks[unsigned(compress::Codec::zstd)].load();
+  out->sparse_chunks = stats.codec_chunks[unsigned(compress::Codec::sparse)].load();
+  out->paged_chunks = stats.paged_chunks.load();
   out->ratio = bytes ? double(out->wire_bytes) / double(bytes) : 0.0;
   if (started != 0) out->elapsed_ns = uint64_t((ended != 0 ? ended : now_ns()) - started);
   out->connect_ns = uint64_t(connect_ns.load());

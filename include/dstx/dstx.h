@@ -229,6 +229,14 @@ typedef struct dstx_stats {
                                  their bits ("SAVING|RUNNING"); "" when not a device. NUL-terminated */
   char state_digest[40];      /* after DSTX_OK with an emulated device (emu-v1:, emu-v2:): the XXH3-128 of the
                                  device's whole state in 32 hex digits, equal on both sides; else "" */
+  /* Appended later still, the same way (an older library leaves them as DSTX_STATS_INIT set them). */
+  uint64_t resumes;         /* both sides: broken streams reconnected and resumed (a WARN log line each) */
+  uint64_t replayed_chunks; /* sending: data chunks sent again on a resumed stream */
+  uint64_t reread_chunks;   /* sending: of those, read from the source again (beyond the replay buffer) */
+  uint64_t lz4_chunks;      /* compressed_chunks by codec: LZ4 */
+  uint64_t zstd_chunks;     /* zstd */
+  uint64_t sparse_chunks;   /* only the non-zero pages, raw (a page bitmap in front) */
+  uint64_t paged_chunks;    /* of lz4_chunks and zstd_chunks, those that compressed only their non-zero pages */
 } dstx_stats;
 
 #define DSTX_STATS_INIT \
