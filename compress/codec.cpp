@@ -402,37 +402,35 @@ const char* decode_error_text(DecodeError err) {
 DecodeError decode_chunk(Codec codec, bool zero, std::span<const std::byte> enc, std::span<std::byte> raw_out,
                          uint64_t expect_hash, size_t paged_len) {
   if (!codec_valid(static_cast<uint8_t>(codec))) return DecodeError::unknown_codec;
+  DecodeError err = DecodeError::ok;
   if (paged_len > 0) {
     if (zero || paged_len >= raw_out.size()) return DecodeError::bad_length;
     std::vector<std::byte> sparse(paged_len);
-    DecodeError err = decode_paged(codec, enc, sparse, raw_out.size());
+    err = decode_paged(codec, enc, sparse, raw_out.size());
     if (err == DecodeError::ok) err = decode_sparse(sparse, raw_out);
-    if (err != DecodeError::ok) return err;
-    const bool match = hash64(raw_out.data(), raw_out.size()) == expect_hash;
-    return match ? DecodeError::ok : DecodeError::hash_mismatch;
-  }
-  if (zero) {
+  } else if (zero) {
     if (!enc.empty()) return DecodeError::bad_length;
     if (expect_hash != 0) return DecodeError::hash_mismatch;
     if (!raw_out.empty()) std::memset(raw_out.data(), 0, raw_out.size());  // an empty span may have no data
     return DecodeError::ok;
-  }
-  DecodeError err = DecodeError::ok;
-  switch (codec) {
-    case Codec::none:
-      if (enc.size() != raw_out.size()) return DecodeError::bad_length;
-      // memmove: the caller may hand in overlapping views of one buffer; identical views need no copy.
-      if (enc.data() != raw_out.data() && !enc.empty()) std::memmove(raw_out.data(), enc.data(), enc.size());
-      break;
-    case Codec::lz4:
-      err = decode_lz4(enc, raw_out);
-      break;
-    case Codec::zstd:
-      err = decode_zstd(enc, raw_out);
-      break;
-    case Codec::sparse:
-      err = decode_sparse(enc, raw_out);
-      break;
+  } else {
+    switch (codec) {
+      case Codec::none:
+        if (enc.size() != raw_out.size()) return DecodeError::bad_length;
+        // memmove: the caller may hand in overlapping views of one buffer; identical views need no copy.
+        if (enc.data() != raw_out.data() && !enc.empty())
+          std::memmove(raw_out.data(), enc.data(), enc.size());
+        break;
+      case Codec::lz4:
+        err = decode_lz4(enc, raw_out);
+        break;
+      case Codec::zstd:
+        err = decode_zstd(enc, raw_out);
+        break;
+      case Codec::sparse:
+        err = decode_sparse(enc, raw_out);
+        break;
+    }
   }
   if (err != DecodeError::ok) return err;
   if (hash64(raw_out.data(), raw_out.size()) != expect_hash) return DecodeError::hash_mismatch;

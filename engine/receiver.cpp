@@ -674,7 +674,7 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int l
     }
     // TLS before the HELLO (or, without TLS, the refusal of a TLS client). A connection TLS refused had its
     // answer from secure_server (an alert, or ABORTED to a peer of the other kind): no frame of ours on it.
-    if (TlsError e = tls.secure_server(c, options.tls, options.handshake_timeout_ms))
+    if (HandshakeError e = tls.secure_server(c, options.tls, options.handshake_timeout_ms))
       return refuse_accepted(Refusal{e.reason, e.text});
     wire::Hello hello;
     std::optional<Refusal> refusal =

@@ -938,7 +938,7 @@ class Worker {
       if (sh_.options.tls.enabled()) {
         std::vector<io::Fd> one;
         one.push_back(std::move(c));
-        const TlsError e =
+        const HandshakeError e =
             sh_.tls->secure_client(one, sh_.options.tls, sh_.options.handshake_timeout_ms, nullptr);
         c = std::move(one[0]);
         if (e) {
@@ -1379,7 +1379,7 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
     sh.tls = &tls;
     std::vector<io::Fd> fds;
     for (Link& l : links) fds.push_back(std::move(l.owner));
-    const TlsError e = tls.secure_client(fds, options.tls, options.handshake_timeout_ms, &hello);
+    const HandshakeError e = tls.secure_client(fds, options.tls, options.handshake_timeout_ms, &hello);
     for (size_t i = 0; i < links.size(); ++i) {
       links[i].owner = std::move(fds[i]);
       links[i].fd.store(links[i].owner.get());

@@ -103,16 +103,6 @@ inline constexpr std::chrono::milliseconds kRefusalGrace{250};
 // A receiver's refusal (an ABORTED frame's reason and text) as the sender reports it.
 std::string refusal_text(wire::Reason reason, const std::string& text);
 
-// A failed handshake as the sender reports it: empty text when it did not fail. refused: the receiver
-// answered ABORTED, and `reason` is its own, as for an ABORTED later in the transfer; it will not take this
-// session back, so there is no point in reconnecting.
-struct HandshakeError {
-  wire::Reason reason = wire::Reason::unspecified;
-  std::string text;
-  bool refused = false;
-  explicit operator bool() const { return !text.empty(); }
-};
-
 std::string errno_text(int err);  // "Connection reset by peer" for ECONNRESET, etc.
 uint64_t random_session_id();
 

@@ -572,7 +572,7 @@ int wait_fd(int fd, short events, Clock::time_point deadline) {
 }
 
 struct HandshakeResult {
-  TlsError error;
+  HandshakeError error;
   bool generic = false;  // a mere closed/reset connection: another stream's error may say more
 };
 
@@ -1090,11 +1090,11 @@ void send_refusal(int fd, const std::string& text) {
 // Reads the receiver's refusal on a stream whose HELLO went out: one ABORTED frame, with its reason and worded
 // as the sender words it without TLS ("receiver refused (reason): text"). No error when something else (or
 // nothing, by the deadline) is there.
-TlsError read_refusal(int fd, Clock::time_point deadline) {
+HandshakeError read_refusal(int fd, Clock::time_point deadline) {
   const HeaderRead hr = recv_header_by(fd, wire::kMaxChunkBytes, deadline);
   if (hr.kind != HeaderRead::ok || hr.header.type != wire::FrameType::aborted) return {};
   const Reason reason = wire::reason_from_peer(hr.header.aux);
-  return {reason, refusal_text(reason, recv_abort_text_by(fd, hr.header, deadline))};
+  return {reason, refusal_text(reason, recv_abort_text_by(fd, hr.header, deadline)), true};
 }
 
 // Peeks at the first bytes without consuming them: waits until `want` bytes are there, the peer closed, or
@@ -1198,7 +1198,7 @@ struct TlsSession::Impl {
     for (auto& r : relays) r->finish(deadline);
   }
 
-  TlsError configure(const TlsOptions& o, TlsRole role) {
+  HandshakeError configure(const TlsOptions& o, TlsRole role) {
     if (config) return {};
     std::string err;
     config = build_config(o, role, &err);
@@ -1208,7 +1208,7 @@ struct TlsSession::Impl {
   }
 
   // After a successful handshake: kTLS or a relay. `fd` is replaced by the relay's app end.
-  TlsError finish_stream(std::unique_ptr<Conn> conn, io::Fd& fd, unsigned index, KtlsPolicy policy) {
+  HandshakeError finish_stream(std::unique_ptr<Conn> conn, io::Fd& fd, unsigned index, KtlsPolicy policy) {
     {
       std::lock_guard lock(mu);
       if (cipher.empty()) cipher = SSL_get_cipher_name(conn->ssl.get());
@@ -1254,10 +1254,10 @@ struct TlsSession::Impl {
 TlsSession::TlsSession() : impl_(std::make_unique<Impl>()) {}
 TlsSession::~TlsSession() = default;
 
-TlsError TlsSession::secure_client(std::vector<io::Fd>& conns, const TlsOptions& options, int timeout_ms,
-                                   const wire::Hello* hello) {
+HandshakeError TlsSession::secure_client(std::vector<io::Fd>& conns, const TlsOptions& options,
+                                         int timeout_ms, const wire::Hello* hello) {
   if (!options.enabled()) return {};
-  if (TlsError e = impl_->configure(options, TlsRole::client)) return e;
+  if (HandshakeError e = impl_->configure(options, TlsRole::client)) return e;
   KtlsPolicy policy;
   std::string perr;
   if (!ktls_policy(&policy, &perr)) return {Reason::internal, perr};
@@ -1346,7 +1346,7 @@ TlsError TlsSession::secure_client(std::vector<io::Fd>& conns, const TlsOptions&
     if (pick < 0 || (results[size_t(pick)].generic && !results[i].generic)) pick = int(i);
   }
   if (pick >= 0) {
-    TlsError e = results[size_t(pick)].error;
+    HandshakeError e = results[size_t(pick)].error;
     e.text = "stream " + std::to_string(pick) + ": " + e.text;
     // In TLS 1.3 our side of the handshake completes before the receiver has checked our certificate: its
     // verdict (an alert) reaches a stream's relay, and the other streams only see the receiver hang up.
@@ -1366,7 +1366,7 @@ TlsError TlsSession::secure_client(std::vector<io::Fd>& conns, const TlsOptions&
       // words, is why the other streams were closed or never served.
       for (size_t i = 0; i < through.size(); ++i) {
         if (through[i].load() < 0) continue;
-        if (TlsError refusal = read_refusal(through[i].load(), deadline)) {
+        if (HandshakeError refusal = read_refusal(through[i].load(), deadline)) {
           refusal.text = "stream " + std::to_string(i) + ": " + refusal.text;
           return refusal;
         }
@@ -1377,7 +1377,7 @@ TlsError TlsSession::secure_client(std::vector<io::Fd>& conns, const TlsOptions&
   return {};
 }
 
-TlsError TlsSession::secure_server(io::Fd& conn, const TlsOptions& options, int timeout_ms) {
+HandshakeError TlsSession::secure_server(io::Fd& conn, const TlsOptions& options, int timeout_ms) {
   const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms < 0 ? 86400000 : timeout_ms);
   unsigned char first[4] = {};
   if (!options.enabled()) {
@@ -1394,7 +1394,7 @@ TlsError TlsSession::secure_server(io::Fd& conn, const TlsOptions& options, int 
     }
     return {};  // plaintext, a closed connection or an error: the HELLO reader says which
   }
-  if (TlsError e = impl_->configure(options, TlsRole::server)) return e;
+  if (HandshakeError e = impl_->configure(options, TlsRole::server)) return e;
   KtlsPolicy policy;
   std::string perr;
   if (!ktls_policy(&policy, &perr)) return {Reason::internal, perr};

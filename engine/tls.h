@@ -50,14 +50,17 @@ std::string check_tls_options(const TlsOptions& options);
 // a transfer would. Returns an empty string or what is wrong.
 std::string validate_tls_options(const TlsOptions& options);
 
-enum class TlsRole : uint8_t { client, server };  // client: the sender; server: the receiver
-
-// Why securing a connection failed; empty text: it did not.
-struct TlsError {
+// A failed handshake (dstx's HELLO, or securing a connection with TLS) as it is reported: empty text when
+// it did not fail. refused: the receiver answered ABORTED, and `reason` is its own, as for an ABORTED later
+// in the transfer; it will not take this session back, so there is no point in reconnecting.
+struct HandshakeError {
   wire::Reason reason = wire::Reason::unspecified;
   std::string text;
+  bool refused = false;
   explicit operator bool() const { return !text.empty(); }
 };
+
+enum class TlsRole : uint8_t { client, server };  // client: the sender; server: the receiver
 
 // The TLS state of one transfer: every stream's session, and the relays of user-space TLS. Its calls may come
 // from several threads (reconnections are secured while the transfer runs). Destroy it after the engine
@@ -76,15 +79,15 @@ class TlsSession {
   // connection, in whatever order they reach it, so all streams proceed at once, each on its own. Returns no
   // error (every HELLO is sent), or the most telling failure prefixed with its stream ("stream 2: ...").
   // With `hello` null (a reconnection of one stream), no HELLO is sent: the caller sends its own.
-  TlsError secure_client(std::vector<io::Fd>& conns, const TlsOptions& options, int timeout_ms,
-                         const wire::Hello* hello);
+  HandshakeError secure_client(std::vector<io::Fd>& conns, const TlsOptions& options, int timeout_ms,
+                               const wire::Hello* hello);
 
   // Server, for one accepted connection, before its HELLO is read. With TLS: refuses a peer whose first
   // bytes are a plaintext dstx frame (answering with an ABORTED frame that says why), else handshakes and
   // secures `conn` as above. Without TLS: refuses a peer whose first byte starts a TLS handshake record
   // (again answering with ABORTED), else leaves the connection untouched. Returns no error or why the
   // connection was refused.
-  TlsError secure_server(io::Fd& conn, const TlsOptions& options, int timeout_ms);
+  HandshakeError secure_server(io::Fd& conn, const TlsOptions& options, int timeout_ms);
 
   // "none", "kTLS (...)", "user-space TLS (...)": the mode first, then the cipher, the authentication and,
   // for user-space TLS, why kTLS is not in use.

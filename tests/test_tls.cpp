@@ -817,7 +817,7 @@ TEST_F(TlsTest, CutConnectionResumesOverTls) {
 TEST_F(TlsTest, NoRecordFollowsTheHandshake) {
   io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
   const uint16_t port = io::bound_port(listener.get());
-  TlsError server_error;
+  HandshakeError server_error;
   TlsSession session;
   std::thread server([&] {
     io::Fd c = io::tcp_accept(listener.get(), 5000, io::SocketOptions{});
