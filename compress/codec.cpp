@@ -19,8 +19,8 @@ namespace {
 
 // The probe compresses a few samples of this size; below kProbeMinBytes compressing the whole chunk costs
 // about as much as the probe, so it is skipped.
-constexpr size_t kProbeSampleBytes = 4096;
-constexpr size_t kProbeSamples = 3;
+constexpr size_t kProbeSampleBytes = 2048;
+constexpr size_t kProbeSamples = 8;
 constexpr size_t kProbeMinBytes = 32 * 1024;
 
 // Anything bigger than LZ4's own input limit is never lz4-compressed; the limit also keeps every size that
@@ -251,59 +251,79 @@ bool is_zero(const void* data, size_t len) {
 
 namespace {
 
-// lz4's compressed/raw size of `pieces` pieces of `piece_bytes` spread evenly over `raw` (the first at its
-// start, the last at its end, the others aligned to 4 KiB, or to the piece size when smaller). `together`:
-// gathered and compressed in one call, one state initialisation instead of one per piece, but a piece that
-// repeats another counts as compressible. An input no bigger than the sample is compressed whole.
-// `skip_zero`: all-zero pieces are left out of the sample (what a paged chunk never compresses); when every
-// piece is zero the ratio is 0.
-double sampled_ratio(std::span<const std::byte> raw, size_t pieces, size_t piece_bytes, bool together,
-                     bool skip_zero = false) {
-  if (raw.empty()) return 0;
-  static constexpr size_t kMaxSample = 16 * 1024;
-  char sample[kMaxSample];
-  char scratch[LZ4_COMPRESSBOUND(kMaxSample)];
+// lz4's compressed size of `len` bytes (len itself when they do not shrink).
+size_t lz4_size(const char* data, size_t len) {
+  static constexpr size_t kMaxPiece = 16 * 1024;
+  char out[LZ4_COMPRESSBOUND(kMaxPiece)];
+  const int n = LZ4_compress_default(data, out, static_cast<int>(len), static_cast<int>(sizeof out));
+  return n > 0 ? static_cast<size_t>(n) : len;
+}
+
+// Calls visit(piece) for `pieces` pieces of `piece_bytes` spread evenly over `raw` (the first at its start,
+// the last at its end, the others aligned to 4 KiB, or to the piece size when smaller), until it returns
+// false. `skip_zero`: all-zero pieces are left out (what a paged chunk never compresses).
+template <typename Visit>
+void for_each_sample(std::span<const std::byte> raw, size_t pieces, size_t piece_bytes, bool skip_zero,
+                     const Visit& visit) {
   const char* in = reinterpret_cast<const char*>(raw.data());
-  size_t in_bytes = 0;
-  size_t out_bytes = 0;
-  auto compress = [&](const char* data, size_t len) {
-    const int n = LZ4_compress_default(data, scratch, static_cast<int>(len), static_cast<int>(sizeof scratch));
-    in_bytes += len;
-    out_bytes += n > 0 ? static_cast<size_t>(n) : len;
-  };
-  const size_t sample_bytes = std::min(pieces * piece_bytes, kMaxSample);
-  if (raw.size() <= sample_bytes) {
-    compress(in, raw.size());
-  } else {
-    const size_t n = sample_bytes / piece_bytes;
-    const size_t align = std::min<size_t>(piece_bytes, 4096);
-    size_t taken = 0;
-    for (size_t i = 0; i < n; ++i) {
-      const size_t offset =
-        std::min(n > 1 ? (raw.size() * i / (n - 1)) & ~(align - 1) : 0, raw.size() - piece_bytes);
-      if (skip_zero && is_zero(in + offset, piece_bytes)) continue;
-      if (together) {
-        std::memcpy(sample + taken * piece_bytes, in + offset, piece_bytes);
-      } else {
-        compress(in + offset, piece_bytes);
-      }
-      ++taken;
-    }
-    if (together && taken > 0) compress(sample, taken * piece_bytes);
+  const size_t align = std::min<size_t>(piece_bytes, 4096);
+  for (size_t i = 0; i < pieces; ++i) {
+    const size_t offset =
+        std::min(pieces > 1 ? (raw.size() * i / (pieces - 1)) & ~(align - 1) : 0, raw.size() - piece_bytes);
+    if (skip_zero && is_zero(in + offset, piece_bytes)) continue;
+    if (!visit(in + offset)) return;
   }
-  return in_bytes ? double(out_bytes) / double(in_bytes) : 0;
 }
 
 }  // namespace
 
+// The probe: kProbeSamples pieces, each compressed alone, and the chunk called incompressible when together
+// they shrink by less than kIncompressibleRatio allows. It stops as soon as the pieces left could no longer
+// make it so (5-6 µs per 1 MiB chunk, random or not: 0.5 % of a core at 1 GB/s). Eight pieces of 2 KiB, not
+// three of 4 KiB: on mixed state (runs of 1 to 64 pages, a third of them random) start, middle and end were
+// all random in 65 of 512 chunks, which zstd then shrank to 0.44 on average, and auto sent 5 % more bytes
+// than zstd at the same level; eight pieces leave 12 such chunks (and 4 KiB pieces no fewer).
 bool looks_incompressible(std::span<const std::byte> raw, bool skip_zero) {
-  // Start, middle and end, page-aligned: device state tends to change character at page boundaries.
-  return !raw.empty() &&
-         sampled_ratio(raw, kProbeSamples, kProbeSampleBytes, false, skip_zero) > kIncompressibleRatio;
+  if (raw.empty()) return false;
+  if (raw.size() <= kProbeSamples * kProbeSampleBytes) {
+    const char* in = reinterpret_cast<const char*>(raw.data());
+    size_t out = 0;
+    for (size_t at = 0; at < raw.size(); at += kProbeSampleBytes)
+      out += lz4_size(in + at, std::min(kProbeSampleBytes, raw.size() - at));
+    return double(out) > kIncompressibleRatio * double(raw.size());
+  }
+  constexpr double kPieceBound = LZ4_COMPRESSBOUND(kProbeSampleBytes);
+  size_t in_bytes = 0, out_bytes = 0, left = kProbeSamples;
+  bool shrinks = false;
+  for_each_sample(raw, kProbeSamples, kProbeSampleBytes, skip_zero, [&](const char* piece) {
+    out_bytes += lz4_size(piece, kProbeSampleBytes);
+    in_bytes += kProbeSampleBytes;
+    --left;
+    // Even if every piece left did not shrink at all, the sample as a whole would.
+    shrinks = double(out_bytes) + double(left) * kPieceBound <=
+              kIncompressibleRatio * double(in_bytes + left * kProbeSampleBytes);
+    return !shrinks;
+  });
+  return !shrinks && in_bytes > 0 && double(out_bytes) > kIncompressibleRatio * double(in_bytes);
 }
 
+// 32 pieces of 256 bytes, gathered and compressed in one call: one state initialisation instead of one per
+// piece, but a piece that repeats another counts as compressible. An input no bigger than the sample is
+// compressed whole. When every piece is zero (skip_zero) the ratio is 0.
 double estimate_ratio(std::span<const std::byte> raw, bool skip_zero) {
-  return sampled_ratio(raw, 32, 256, true, skip_zero);
+  static constexpr size_t kPieces = 32, kPieceBytes = 256, kSample = kPieces * kPieceBytes;
+  if (raw.empty()) return 0;
+  if (raw.size() <= kSample) {
+    return double(lz4_size(reinterpret_cast<const char*>(raw.data()), raw.size())) / double(raw.size());
+  }
+  char sample[kSample];
+  size_t taken = 0;
+  for_each_sample(raw, kPieces, kPieceBytes, skip_zero, [&](const char* piece) {
+    std::memcpy(sample + taken, piece, kPieceBytes);
+    taken += kPieceBytes;
+    return true;
+  });
+  return taken ? double(lz4_size(sample, taken)) / double(taken) : 0;
 }
 
 EncodeResult encode_chunk(const EncodeOptions& opts, std::span<const std::byte> raw,

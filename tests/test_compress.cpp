@@ -221,13 +221,23 @@ TEST(Incompressible, CompressibleAndSmallInputs) {
   EXPECT_FALSE(looks_incompressible(text_bytes(5000, 2)));
   EXPECT_TRUE(looks_incompressible(random_bytes(5000, 2)));
   EXPECT_FALSE(looks_incompressible({}));
-  // Random start, middle and end with compressible data between: the probe only sees its samples.
+  // Random start, middle and end with compressible data between: the probe samples more than those three
+  // places (mixed state has whole chunks like this), and sees the data between.
   Bytes mixed = text_bytes(1 << 20, 4);
   const Bytes noise = random_bytes(8192, 5);
   for (size_t at : {size_t{0}, size_t{1} << 19, (size_t{1} << 20) - 8192}) {
     std::memcpy(mixed.data() + at, noise.data(), noise.size());
   }
-  EXPECT_TRUE(looks_incompressible(mixed));
+  EXPECT_FALSE(looks_incompressible(mixed));
+  // Random with one compressible run between its samples: the probe only sees its samples.
+  Bytes mostly_random = random_bytes(1 << 20, 6);
+  const Bytes text = text_bytes(64 << 10, 7);
+  std::memcpy(mostly_random.data() + (64 << 10), text.data(), text.size());
+  EXPECT_TRUE(looks_incompressible(mostly_random));
+  // Random but for one compressible sample: 7 of 8 pieces that do not shrink are not enough to skip it.
+  const size_t second = ((size_t{1} << 20) / 7) & ~size_t{4095};
+  std::memcpy(mostly_random.data() + second, text.data(), 8192);
+  EXPECT_FALSE(looks_incompressible(mostly_random));
 }
 
 // --- compressibility estimates (--codec auto's choice of the chunks it compresses) ---------------------------
@@ -589,15 +599,19 @@ TEST(Sparse, IsTheFallbackForChunksThatGoRaw) {
   EXPECT_EQ(encode_chunk(opts, raw, out).codec, Codec::none);  // not asked for: raw stays raw
   opts.sparse_fallback = true;
   EXPECT_EQ(encode_chunk(opts, raw, out).codec, Codec::sparse);
-  opts.codec = Codec::lz4;  // random pages: lz4 cannot shrink them, the zero pages still go
-  const EncodeResult r = encode_chunk(opts, raw, out);
+  // Random pages: lz4 cannot shrink them (the probe, which leaves out the zero pages a paged chunk never
+  // compresses, says so), the zero pages still go.
+  opts.codec = Codec::lz4;
+  opts.paged = true;
+  Bytes scratch(paged_scratch_bytes(raw.size()));
+  const EncodeResult r = encode_chunk(opts, raw, out, scratch);
   EXPECT_EQ(r.codec, Codec::sparse);
   EXPECT_EQ(r.encoded_len, 2 + raw.size() - 8192);
   Bytes none_zero = random_bytes(64 << 10, 5);
-  EXPECT_EQ(encode_chunk(opts, none_zero, out).codec, Codec::none);  // no zero page: nothing to gain
+  EXPECT_EQ(encode_chunk(opts, none_zero, out, scratch).codec, Codec::none);  // no zero page: nothing to gain
   // An output too small for the pages that stay: raw, and nothing written past the output.
   Bytes small(raw.size() - 16384 + 16, std::byte{0x77});
-  const EncodeResult tight = encode_chunk(opts, raw, std::span(small.data(), small.size() - 16));
+  const EncodeResult tight = encode_chunk(opts, raw, std::span(small.data(), small.size() - 16), scratch);
   EXPECT_EQ(tight.codec, Codec::none);
   for (size_t i = small.size() - 16; i < small.size(); ++i) ASSERT_EQ(small[i], std::byte{0x77}) << i;
 }
