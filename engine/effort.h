@@ -178,6 +178,8 @@ class EffortController {
   bool period_over(Clock::time_point now);
   void end_period(Clock::time_point now, uint64_t delivered);
   bool cpu_to_spare(double rate) const;
+  bool ample_spare(double rate) const;
+  double extra_cores(double rate) const;
   double usable_spare() const;
   bool lz4_outruns(double rate) const;
   double cost_per_byte(int rung) const;

@@ -117,6 +117,22 @@ TEST(EffortController, ASlowLinkClimbsToTheTopRungWithoutARawPeriod) {
   EXPECT_GT(tail_mean(run.efforts, 300), 2.9);
 }
 
+TEST(EffortController, AModerateLinkWaitWithIdleCpuForTheWholeStepStillClimbs) {
+  // 1 Gbit/s with binary state: on zstd-1 the workers wait on the link only 35-45 % of the time (below the
+  // link-bound share), but more than half a core idles, more than each quarter step up costs in encoding.
+  const Link slow{.link_gbps = 0.12, .cores = 1.5, .link_wait = 0.35};
+  ASSERT_TRUE(slow.link_limited(2.0));
+  ASSERT_GT(slow.spare(2.0), 0.5);
+  ASSERT_GT(slow.rate(3.0), slow.rate(2.0) * 1.05);
+  const Trace run = simulate(slow, 3.0, 1200);
+  EXPECT_GT(tail_mean(run.efforts, 300), 2.9);
+  // With the idle CPU taken (by the receiver, say) it stays where the opening left it.
+  Link busy = slow;
+  busy.other_load = slow.spare(2.0) - 0.05;
+  const Trace held = simulate(busy, 3.0, 1200);
+  EXPECT_EQ(tail_mean(held.efforts, 300), 2.0);
+}
+
 TEST(EffortController, ALinkFasterThanTheCompressorSettlesOnRawAndStaysThere) {
   const Link fast{.link_gbps = 10, .cores = 1.0};  // the CPU sets the pace at every effort
   const Trace run = simulate(fast, 3.0, 2000);
