@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cassert>
 #include <climits>
 #include <cstring>
 #include <memory>
@@ -251,9 +252,11 @@ bool is_zero(const void* data, size_t len) {
 
 namespace {
 
-// lz4's compressed size of `len` bytes (len itself when they do not shrink).
+// lz4's compressed size of `len` (at most 16 KiB) bytes: up to LZ4_COMPRESSBOUND(len) when they do not
+// shrink.
 size_t lz4_size(const char* data, size_t len) {
   static constexpr size_t kMaxPiece = 16 * 1024;
+  assert(len <= kMaxPiece);
   char out[LZ4_COMPRESSBOUND(kMaxPiece)];
   const int n = LZ4_compress_default(data, out, static_cast<int>(len), static_cast<int>(sizeof out));
   return n > 0 ? static_cast<size_t>(n) : len;
@@ -261,7 +264,8 @@ size_t lz4_size(const char* data, size_t len) {
 
 // Calls visit(piece) for `pieces` pieces of `piece_bytes` spread evenly over `raw` (the first at its start,
 // the last at its end, the others aligned to 4 KiB, or to the piece size when smaller), until it returns
-// false. `skip_zero`: all-zero pieces are left out (what a paged chunk never compresses).
+// false. `skip_zero`: all-zero pieces are left out (what a paged chunk never compresses). raw must be larger
+// than pieces * piece_bytes (callers compress a smaller input whole).
 template <typename Visit>
 void for_each_sample(std::span<const std::byte> raw, size_t pieces, size_t piece_bytes, bool skip_zero,
                      const Visit& visit) {
@@ -285,6 +289,7 @@ void for_each_sample(std::span<const std::byte> raw, size_t pieces, size_t piece
 // than zstd at the same level; eight pieces leave 12 such chunks (and 4 KiB pieces no fewer).
 bool looks_incompressible(std::span<const std::byte> raw, bool skip_zero) {
   if (raw.empty()) return false;
+  // No bigger than the sample (encode_chunk never asks below kProbeMinBytes): all of it, piece by piece.
   if (raw.size() <= kProbeSamples * kProbeSampleBytes) {
     const char* in = reinterpret_cast<const char*>(raw.data());
     size_t out = 0;

@@ -301,9 +301,9 @@ void EffortController::end_period(Clock::time_point now, uint64_t delivered) {
     for (int l : {current_ - 1, current_ + 1}) {
       if (l < 0 || l >= levels_) continue;
       // Upwards: a link that keeps the workers waiting much of the time, and CPU that could pay for part of
-      // the step; or, while they wait on it at all, CPU left idle that could pay for all of it. (At 1 Gbit/s
-      // with binary state the workers wait 35-45 % of the time on zstd-1 with half a core idle, and zstd-2
-      // is 6 % faster than zstd-1.)
+      // the step; or, while they wait on it more than a CPU-bound worker does, CPU left idle that could pay
+      // for all of it. (At 1 Gbit/s with binary state the workers wait 35-45 % of the time on zstd-1 with
+      // half a core idle, and zstd-2 is 6 % faster than zstd-1.)
       const bool up_pays = (link_bound && cpu_to_spare(est)) || (!cpu_bound && ample_spare(est));
       const bool worth_trying = l > current_ ? up_pays : cpu_bound;
       const double score = estimate_[size_t(l)] >= 0 ? estimate_[size_t(l)] : worth_trying ? best * 1.001 : 0;
@@ -366,7 +366,8 @@ bool EffortController::cpu_to_spare(double rate) const {
 }
 
 // Whether the idle CPU within the workers' reach pays for all of a quarter step up (a trial the link wait
-// alone does not ask for); while the step's cost is unknown, whether kAmpleSpareCores idle.
+// alone does not ask for; a step measured to cost nothing always does); while the step's cost is unknown,
+// whether kAmpleSpareCores idle.
 bool EffortController::ample_spare(double rate) const {
   if (spare_cores_ < 0) return false;
   const double extra = extra_cores(rate);

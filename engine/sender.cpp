@@ -943,6 +943,8 @@ class Worker {
         c = std::move(one[0]);
         if (e) {
           last_error = e.text;
+          refused = e.refused;
+          if (refused) break;  // the receiver will not take us back
           continue;
         }
       }

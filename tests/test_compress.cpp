@@ -1,6 +1,9 @@
 #include <gtest/gtest.h>
+#include <lz4.h>
 
+#include <algorithm>
 #include <cstring>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -234,10 +237,50 @@ TEST(Incompressible, CompressibleAndSmallInputs) {
   const Bytes text = text_bytes(64 << 10, 7);
   std::memcpy(mostly_random.data() + (64 << 10), text.data(), text.size());
   EXPECT_TRUE(looks_incompressible(mostly_random));
-  // Random but for one compressible sample: 7 of 8 pieces that do not shrink are not enough to skip it.
-  const size_t second = ((size_t{1} << 20) / 7) & ~size_t{4095};
-  std::memcpy(mostly_random.data() + second, text.data(), 8192);
+  // Random but for one compressible sample (the second of eight 2 KiB pieces, spread evenly): 7 of 8 pieces
+  // that do not shrink are not enough to skip it.
+  const size_t second = ((size_t{1} << 20) / 7) & ~size_t{2047};
+  std::memcpy(mostly_random.data() + second, text.data(), 2048);
   EXPECT_FALSE(looks_incompressible(mostly_random));
+}
+
+// The probe stops early once the pieces left cannot change its answer: the answer is the one all eight
+// pieces give, for chunks of random, compressible and zero pieces in every mix.
+TEST(Incompressible, StoppingEarlyGivesTheAnswerOfAllPieces) {
+  std::mt19937 rng(12);
+  const Bytes noise = random_bytes(1 << 20, 13);
+  const Bytes text = text_bytes(1 << 20, 14);
+  constexpr size_t kSize = 1 << 20, kPieces = 8, kPiece = 2048;
+  int incompressible = 0;
+  for (int round = 0; round < 300; ++round) {
+    Bytes chunk = noise;
+    std::vector<size_t> offsets;
+    for (size_t i = 0; i < kPieces; ++i) offsets.push_back(std::min((kSize * i / (kPieces - 1)) & ~(kPiece - 1),
+                                                                     kSize - kPiece));
+    for (const size_t at : offsets) {
+      const unsigned kind = rng() % 8;  // mostly random, some text (a few bytes of it or all), some zero
+      if (kind == 6) std::memcpy(chunk.data() + at, text.data() + at, kPiece);
+      if (kind == 7) std::memset(chunk.data() + at, 0, kPiece);
+      if (kind == 5) std::memcpy(chunk.data() + at, text.data() + at, rng() % kPiece);
+    }
+    for (const bool skip_zero : {false, true}) {
+      size_t in = 0, out = 0;
+      for (const size_t at : offsets) {
+        if (skip_zero && is_zero(chunk.data() + at, kPiece)) continue;
+        char dst[LZ4_COMPRESSBOUND(kPiece)];
+        const int n = LZ4_compress_default(reinterpret_cast<const char*>(chunk.data() + at), dst, int(kPiece),
+                                           int(sizeof dst));
+        in += kPiece;
+        out += size_t(n);
+      }
+      const bool all_pieces = in > 0 && double(out) > kIncompressibleRatio * double(in);
+      EXPECT_EQ(looks_incompressible(chunk, skip_zero), all_pieces) << "round " << round << " " << skip_zero;
+      incompressible += all_pieces;
+    }
+  }
+  // Both answers were given many times.
+  EXPECT_GT(incompressible, 50);
+  EXPECT_LT(incompressible, 550);
 }
 
 // --- compressibility estimates (--codec auto's choice of the chunks it compresses) ---------------------------
@@ -599,6 +642,15 @@ TEST(Sparse, IsTheFallbackForChunksThatGoRaw) {
   EXPECT_EQ(encode_chunk(opts, raw, out).codec, Codec::none);  // not asked for: raw stays raw
   opts.sparse_fallback = true;
   EXPECT_EQ(encode_chunk(opts, raw, out).codec, Codec::sparse);
+  {
+    // lz4 without paging, on random pages and one zero page that the probe's pieces miss: the probe sends it
+    // raw, and the zero page still goes.
+    Bytes one = random_bytes(64 << 10, 8);
+    std::memset(one.data() + 4096, 0, 4096);
+    const EncodeResult r = encode_chunk({.codec = Codec::lz4, .sparse_fallback = true}, one, out);
+    EXPECT_EQ(r.codec, Codec::sparse);
+    EXPECT_EQ(r.encoded_len, 2 + one.size() - 4096);
+  }
   // Random pages: lz4 cannot shrink them (the probe, which leaves out the zero pages a paged chunk never
   // compresses, says so), the zero pages still go.
   opts.codec = Codec::lz4;

@@ -232,7 +232,8 @@ typedef struct dstx_stats {
   /* Appended later still, the same way (an older library leaves them as DSTX_STATS_INIT set them). */
   uint64_t resumes;         /* both sides: broken streams reconnected and resumed (a WARN log line each) */
   uint64_t replayed_chunks; /* sending: data chunks sent again on a resumed stream */
-  uint64_t reread_chunks;   /* sending: of those, read from the source again (beyond the replay buffer) */
+  uint64_t reread_chunks;   /* sending: of those, read from the source again (beyond the replay buffer); they
+                               go raw, and the receiver counts them so, not by the sender's first encoding */
   uint64_t lz4_chunks;      /* compressed_chunks by codec: LZ4 */
   uint64_t zstd_chunks;     /* zstd */
   uint64_t sparse_chunks;   /* only the non-zero pages, raw (a page bitmap in front) */
