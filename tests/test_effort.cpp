@@ -126,11 +126,16 @@ TEST(EffortController, AModerateLinkWaitWithIdleCpuForTheWholeStepStillClimbs) {
   ASSERT_GT(slow.rate(3.0), slow.rate(2.0) * 1.05);
   const Trace run = simulate(slow, 3.0, 1200);
   EXPECT_GT(tail_mean(run.efforts, 300), 2.9);
-  // With the idle CPU taken (by the receiver, say) it stays where the opening left it.
+  // With the idle CPU taken (by the receiver, say) it climbs no further than where the opening left it
+  // (and with nothing idle, looks below now and then).
   Link busy = slow;
   busy.other_load = slow.spare(2.0) - 0.05;
   const Trace held = simulate(busy, 3.0, 1200);
-  EXPECT_EQ(tail_mean(held.efforts, 300), 2.0);
+  EXPECT_LE(*std::max_element(held.efforts.end() - 300, held.efforts.end()), 2.0);
+  EXPECT_GE(tail_mean(held.efforts, 300), 1.9);
+  // Nothing idle: the workers' link wait does not prove the link sets the pace (on one machine a receiver
+  // short of CPU fills the sockets too), so the level below is measured again once its estimate is stale.
+  EXPECT_LT(*std::min_element(held.efforts.end() - 300, held.efforts.end()), 2.0);
 }
 
 TEST(EffortController, ALinkFasterThanTheCompressorSettlesOnRawAndStaysThere) {
