@@ -273,7 +273,8 @@ void EffortController::end_period(Clock::time_point now, uint64_t delivered) {
   // Or no CPU idle at all, whoever waits: on one machine a receiver short of CPU keeps the sender's socket
   // buffers full, and the workers seem to wait on the link (unlimited veth, binary state: 0.3-0.47 of the
   // time at effort 0.25 with nothing idle). Without this, a level below whose measurement went stale was
-  // never tried again, and auto could stay at 0.25 for a whole transfer (1 in 7: 1.27 against 1.9 GB/s).
+  // never tried again, and auto could stay at 0.25 for a whole transfer (2 traces in 10: 1.11-1.27 GB/s
+  // against 1.9).
   const bool no_spare = spare_cores_ >= 0 && usable_spare() < kNoSpareCores;
   const bool cpu_bound = link_share <= kCpuBoundShare || no_spare;
 
