@@ -252,14 +252,15 @@ bool is_zero(const void* data, size_t len) {
 
 namespace {
 
-// lz4's compressed size of `len` (at most 16 KiB) bytes: up to LZ4_COMPRESSBOUND(len) when they do not
+// lz4's compressed size of `data` (at most 16 KiB): up to LZ4_COMPRESSBOUND(data.size()) when it does not
 // shrink.
-size_t lz4_size(const char* data, size_t len) {
+size_t lz4_size(std::span<const std::byte> data) {
   static constexpr size_t kMaxPiece = 16 * 1024;
-  assert(len <= kMaxPiece);
+  assert(data.size() <= kMaxPiece);
   char out[LZ4_COMPRESSBOUND(kMaxPiece)];
-  const int n = LZ4_compress_default(data, out, static_cast<int>(len), static_cast<int>(sizeof out));
-  return n > 0 ? static_cast<size_t>(n) : len;
+  const int n = LZ4_compress_default(reinterpret_cast<const char*>(data.data()), out,
+                                     static_cast<int>(data.size()), static_cast<int>(sizeof out));
+  return n > 0 ? static_cast<size_t>(n) : data.size();
 }
 
 // Calls visit(piece) for `pieces` pieces of `piece_bytes` spread evenly over `raw` (the first at its start,
@@ -269,13 +270,13 @@ size_t lz4_size(const char* data, size_t len) {
 template <typename Visit>
 void for_each_sample(std::span<const std::byte> raw, size_t pieces, size_t piece_bytes, bool skip_zero,
                      const Visit& visit) {
-  const char* in = reinterpret_cast<const char*>(raw.data());
   const size_t align = std::min<size_t>(piece_bytes, 4096);
   for (size_t i = 0; i < pieces; ++i) {
     const size_t offset =
         std::min(pieces > 1 ? (raw.size() * i / (pieces - 1)) & ~(align - 1) : 0, raw.size() - piece_bytes);
-    if (skip_zero && is_zero(in + offset, piece_bytes)) continue;
-    if (!visit(in + offset)) return;
+    const std::span<const std::byte> piece = raw.subspan(offset, piece_bytes);
+    if (skip_zero && is_zero(piece.data(), piece.size())) continue;
+    if (!visit(piece)) return;
   }
 }
 
@@ -289,20 +290,15 @@ void for_each_sample(std::span<const std::byte> raw, size_t pieces, size_t piece
 // than zstd at the same level; eight pieces leave 12 such chunks (and 4 KiB pieces no fewer).
 bool looks_incompressible(std::span<const std::byte> raw, bool skip_zero) {
   if (raw.empty()) return false;
-  // No bigger than the sample (encode_chunk never asks below kProbeMinBytes): all of it, piece by piece.
-  if (raw.size() <= kProbeSamples * kProbeSampleBytes) {
-    const char* in = reinterpret_cast<const char*>(raw.data());
-    size_t out = 0;
-    for (size_t at = 0; at < raw.size(); at += kProbeSampleBytes)
-      out += lz4_size(in + at, std::min(kProbeSampleBytes, raw.size() - at));
-    return double(out) > kIncompressibleRatio * double(raw.size());
-  }
+  // No bigger than the sample (encode_chunk never asks below kProbeMinBytes): compressed whole.
+  if (raw.size() <= kProbeSamples * kProbeSampleBytes)
+    return double(lz4_size(raw)) > kIncompressibleRatio * double(raw.size());
   constexpr double kPieceBound = LZ4_COMPRESSBOUND(kProbeSampleBytes);
   size_t in_bytes = 0, out_bytes = 0, left = kProbeSamples;
   bool shrinks = false;
-  for_each_sample(raw, kProbeSamples, kProbeSampleBytes, skip_zero, [&](const char* piece) {
-    out_bytes += lz4_size(piece, kProbeSampleBytes);
-    in_bytes += kProbeSampleBytes;
+  for_each_sample(raw, kProbeSamples, kProbeSampleBytes, skip_zero, [&](std::span<const std::byte> piece) {
+    out_bytes += lz4_size(piece);
+    in_bytes += piece.size();
     --left;
     // Even if every piece left did not shrink at all, the sample as a whole would.
     shrinks = double(out_bytes) + double(left) * kPieceBound <=
@@ -318,17 +314,15 @@ bool looks_incompressible(std::span<const std::byte> raw, bool skip_zero) {
 double estimate_ratio(std::span<const std::byte> raw, bool skip_zero) {
   static constexpr size_t kPieces = 32, kPieceBytes = 256, kSample = kPieces * kPieceBytes;
   if (raw.empty()) return 0;
-  if (raw.size() <= kSample) {
-    return double(lz4_size(reinterpret_cast<const char*>(raw.data()), raw.size())) / double(raw.size());
-  }
-  char sample[kSample];
+  if (raw.size() <= kSample) return double(lz4_size(raw)) / double(raw.size());
+  std::byte sample[kSample];
   size_t taken = 0;
-  for_each_sample(raw, kPieces, kPieceBytes, skip_zero, [&](const char* piece) {
-    std::memcpy(sample + taken, piece, kPieceBytes);
-    taken += kPieceBytes;
+  for_each_sample(raw, kPieces, kPieceBytes, skip_zero, [&](std::span<const std::byte> piece) {
+    std::memcpy(sample + taken, piece.data(), piece.size());
+    taken += piece.size();
     return true;
   });
-  return taken ? double(lz4_size(sample, taken)) / double(taken) : 0;
+  return taken ? double(lz4_size(std::span<const std::byte>(sample, taken))) / double(taken) : 0;
 }
 
 EncodeResult encode_chunk(const EncodeOptions& opts, std::span<const std::byte> raw,
