@@ -96,9 +96,11 @@ class ShareSelector {
 // each (a core no worker runs on is out of their reach); workers waiting on their sockets do not mean spare
 // CPU when something else (on one machine, the receiver) keeps the cores busy.
 // It opens with one short period on each pure rung, and starts from the fastest:
-// - lz4, skipped when its warm-up kept the workers busy without waiting on the link and left no CPU idle in
-//   their reach, unless TCP measured a path slower than lz4; and given back its period when raw then waits
-//   on the link at less than half what lz4's encode cost allows (a start-up can look CPU-bound on any link);
+// - lz4, skipped when its warm-up (its first 4 or 8 chunks) kept the workers busy without waiting on the
+//   link and left no CPU idle in their reach, unless TCP measured a path slower than lz4 or the send queues
+//   grew (the link did not keep up with lz4); and given back its period when raw then waits on the link
+//   more than a CPU-bound worker does, at less than half what lz4's encode cost allows (a start-up can look
+//   CPU-bound on any link);
 // - raw, skipped when lz4 already waited on the link, or TCP's path rate is far below lz4's rate (twice the
 //   bytes on the same link can only be slower);
 // - zstd, skipped when lz4 lost to raw (a link that outruns lz4 outruns zstd too).
@@ -157,8 +159,8 @@ class EffortController {
 
   // Called after each non-zero chunk with the total logical bytes of non-zero chunks handed to the kernel so
   // far and a function that returns Sockets (asked only when a period ends). Only what left the send queues
-  // counts: the queues hold megabytes, and filling or draining them says nothing about the link or the
-  // codec. Calls that find another thread inside return at once.
+  // counts as throughput: the queues hold megabytes, and filling or draining them says nothing about the
+  // codec (the warm-up asks only whether they filled). Calls that find another thread inside return at once.
   template <typename Probe>
   void observe(Clock::time_point now, uint64_t sent_total, const Probe& probe) {
     std::unique_lock lock(mu_, std::try_to_lock);
@@ -166,7 +168,7 @@ class EffortController {
     if (period_start_ != Clock::time_point{} && !period_over(now)) return;
     const Sockets s = probe();
     path_rate_ = s.path_rate;
-    end_period(now, sent_total - std::min(sent_total, s.queued));
+    end_period(now, sent_total, sent_total - std::min(sent_total, s.queued));
   }
 
  private:
@@ -176,7 +178,7 @@ class EffortController {
   static double level_effort(int level) { return double(level) / kLevelsPerRung; }
 
   bool period_over(Clock::time_point now);
-  void end_period(Clock::time_point now, uint64_t delivered);
+  void end_period(Clock::time_point now, uint64_t sent, uint64_t delivered);
   bool cpu_to_spare(double rate) const;
   bool ample_spare(double rate) const;
   double extra_cores(double rate) const;
@@ -204,12 +206,15 @@ class EffortController {
   size_t opening_count_ = 0;
   size_t opened_ = 0;
   bool warmed_up_ = false;
+  unsigned warm_up_parts_ = 0;  // of the warm-up before the opening
   bool trace_ = false;
   unsigned periods_ = 0;
   int current_ = 0;
   Clock::time_point period_start_{};
   const Clock::time_point created_ = Clock::now();  // for the trace
   uint64_t period_bytes_ = 0;
+  uint64_t period_sent_ = 0;  // the logical bytes of non-zero chunks handed to the kernel, at the period's start
+  double sent_rate_ = 0;      // what the last period handed to the kernel per second (the trace's "sent")
   uint64_t period_link_wait_ns_ = 0;
   uint64_t period_worker_ns_ = 0;
   uint64_t period_worker_wall_ns_ = 0;

@@ -49,6 +49,9 @@ struct Link {
   // idle CPU, but TCP reports the path's rate.
   int busy_start_chunks = 0;
   double start_path_gbps = -1;  // what TCP reports meanwhile, if not the link's rate (a burst's sample)
+  // Whether the busy start is the CPU's pace, its bytes piling up in the send queues as far as the link does
+  // not carry them (a slow link), or the link's (a path that was fast at first and slowed down then).
+  bool start_fills_queues = false;
   // Cores idle at this effort: what neither the sender nor the other load uses.
   double spare(double effort) const {
     return std::max(0.0, cores - rate(effort) * blend(kCpu, effort) - other_load) + idle_cores;
@@ -68,12 +71,18 @@ Trace simulate(const Link& link, double top, int chunks, int streams = 2) {
   Trace run;
   auto now = Clock::time_point{} + std::chrono::seconds(1);
   uint64_t sent = 0;
+  double queued = 0;  // logical bytes in the send queues, which the link has not carried yet
   for (int i = 0; i < chunks; ++i) {
     const double effort = c.effort();
     run.efforts.push_back(effort);
-    const double dt = double(1 << 20) / (link.rate(effort) * 1e9);
-    run.seconds += dt;
     const bool busy_start = i < link.busy_start_chunks;
+    const double chunk = double(1 << 20);
+    double dt = chunk / (link.rate(effort) * 1e9);
+    if (busy_start && link.start_fills_queues) {
+      dt = chunk / (link.cores / blend(kCpu, effort) * 1e9);
+      queued += chunk - std::min(queued + chunk, link.link_gbps / blend(kWire, effort) * 1e9 * dt);
+    }
+    run.seconds += dt;
     idle_seconds += busy_start ? 0 : dt * link.spare(effort);
     const int rung = std::min(int(effort), 2);
     const double f = effort - rung;
@@ -96,7 +105,7 @@ Trace simulate(const Link& link, double top, int chunks, int streams = 2) {
     c.observe(now, sent, [&] {
       const bool path_known = link.tcp_path_rate && (busy_start || link.link_limited(effort));
       const double path = busy_start && link.start_path_gbps >= 0 ? link.start_path_gbps : link.link_gbps;
-      return EffortController::Sockets{.path_rate = path_known ? path * 1e9 : -1};
+      return EffortController::Sockets{.queued = uint64_t(queued), .path_rate = path_known ? path * 1e9 : -1};
     });
   }
   return run;
@@ -265,17 +274,30 @@ TEST(EffortController, AStartThatLooksCpuBoundOnASlowPathKeepsLz4sPeriod) {
   Trace run = simulate(slow, 3.0, 600);
   EXPECT_EQ(std::count(run.efforts.begin(), run.efforts.end(), 0.0), 0);
   EXPECT_GE(tail_mean(run.efforts, 300), 1.9);
-  // TCP's first samples can be far off (a shaper's burst): then raw starts, but waits on the link, and lz4
-  // and zstd get their periods after all, instead of a climb from raw a quarter step at a time.
+  // TCP's first samples can be far off (a shaper's burst). The send queues, filling meanwhile, still show
+  // that the link did not keep up even with lz4: raw is never tried.
   slow.start_path_gbps = 16;
+  slow.start_fills_queues = true;
+  run = simulate(slow, 3.0, 600);
+  EXPECT_EQ(std::count(run.efforts.begin(), run.efforts.end(), 0.0), 0);
+  // zstd's opening period follows the warm-up's 8 chunks and lz4's 8.
+  EXPECT_LT(std::find(run.efforts.begin(), run.efforts.end(), 2.0) - run.efforts.begin(), 24);
+  EXPECT_GE(tail_mean(run.efforts, 300), 1.9);
+  // A path that kept up at first and slowed down then misleads both: raw starts, but waits on the link, and
+  // lz4 and zstd get their periods after all, instead of a climb from raw a quarter step at a time.
+  slow.start_fills_queues = false;
   run = simulate(slow, 3.0, 600);
   EXPECT_LE(std::count(run.efforts.begin(), run.efforts.end(), 0.0), 24);
   EXPECT_LT(std::find(run.efforts.begin(), run.efforts.end(), 2.0) - run.efforts.begin(), 80);
   EXPECT_GE(tail_mean(run.efforts, 300), 1.9);
-  // A fast path (faster than lz4) still skips it.
+  // A fast path (faster than lz4) still skips it, right after the warm-up's 4 chunks, whether the start's
+  // pace was the CPU's or the link's.
   Link fast{.link_gbps = 10, .cores = 1.0, .tcp_path_rate = true, .busy_start_chunks = 16};
-  run = simulate(fast, 3.0, 200);
-  EXPECT_LE(std::find(run.efforts.begin(), run.efforts.end(), 0.0) - run.efforts.begin(), 9);
+  for (bool fills : {false, true}) {
+    fast.start_fills_queues = fills;
+    run = simulate(fast, 3.0, 200);
+    EXPECT_LE(std::find(run.efforts.begin(), run.efforts.end(), 0.0) - run.efforts.begin(), 5) << fills;
+  }
 }
 
 TEST(EffortController, WithoutZstdTheLadderStopsAtLz4) {
