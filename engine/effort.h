@@ -75,9 +75,9 @@ class ShareSelector {
   double credit_ = 0;
 };
 
-// --codec auto walks a ladder of encodings, cheapest first: raw (zero pages dropped), lz4, zstd, and zstd two
-// levels higher (at most level 19). The effort in [0, top] says where the sender stands: its integer part
-// picks the lower rung, its fraction the share of chunks that take the rung above. Which effort is best
+// --codec auto walks a ladder of encodings, cheapest first: raw (zero pages dropped), lz4, zstd, and zstd one
+// and two levels higher (at most level 19). The effort in [0, top] says where the sender stands: its integer
+// part picks the lower rung, its fraction the share of chunks that take the rung above. Which effort is best
 // depends on the link, the data and the CPU left over (on loopback the "link" is the CPU itself), so no
 // model of them is trusted.
 //
@@ -115,7 +115,7 @@ class EffortController {
   // Cumulative idle CPU seconds of the cores this process may run on, or < 0 when unknown.
   using IdleSeconds = std::function<double()>;
 
-  // top: the highest effort (1 = lz4 is the top rung, 3 = the zstd rungs too). streams: workers reporting.
+  // top: the highest effort (1 = lz4 is the top rung, 4 = the zstd rungs too). streams: workers reporting.
   // idle: where spare CPU is read (empty: cpuidle's residency counters, else /proc/stat, for the cores in
   // this thread's affinity mask).
   EffortController(double top, size_t streams, IdleSeconds idle = {});
@@ -141,7 +141,7 @@ class EffortController {
   }
 
   // A worker spent `cpu` of its own CPU time encoding `bytes` logical bytes of non-zero chunks on `rung`
-  // (0 raw, 1 lz4, 2 zstd, 3 zstd+2) into `encoded` bytes.
+  // (0 raw, 1 lz4, 2 zstd, 3 zstd+1, 4 zstd+2) into `encoded` bytes.
   void add_encode_cost(int rung, uint64_t bytes, uint64_t encoded, Clock::duration cpu) {
     const size_t r = size_t(std::clamp(rung, 0, kRungs - 1));
     encode_bytes_[r].fetch_add(bytes, std::memory_order_relaxed);
@@ -172,9 +172,9 @@ class EffortController {
   }
 
  private:
-  static constexpr int kRungs = 4;
+  static constexpr int kRungs = 5;
   static constexpr int kLevelsPerRung = 4;
-  static constexpr int kMaxLevels = 3 * kLevelsPerRung + 1;
+  static constexpr int kMaxLevels = (kRungs - 1) * kLevelsPerRung + 1;
   static double level_effort(int level) { return double(level) / kLevelsPerRung; }
 
   bool period_over(Clock::time_point now);

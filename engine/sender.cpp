@@ -649,7 +649,7 @@ class Worker {
   }
 
   // --codec auto: this stream's share of chunks on each rung follows the controller's effort (the rungs: raw,
-  // lz4, zstd at the configured level, zstd two levels higher, for links slower than zstd); selector_ picks
+  // lz4, zstd at the configured level, one and two levels higher, for links slower than zstd); selector_ picks
   // which chunks go up, between raw and lz4 by their estimated compressibility (encode_chunk makes the
   // estimate and sends a chunk above the limit raw).
   compress::EncodeOptions choose_encoding() {
@@ -664,11 +664,12 @@ class Worker {
     const bool by_estimate = rung == 0 && share_ > 0 && share_ < 1;
     double limit = by_estimate ? selector_.limit(share_) : selector_.evenly(share_) ? 1e9 : -1;
     static constexpr compress::Codec kLadder[] = {compress::Codec::none, compress::Codec::lz4,
-                                                  compress::Codec::zstd, compress::Codec::zstd};
+                                                  compress::Codec::zstd, compress::Codec::zstd,
+                                                  compress::Codec::zstd};
     const int pick = by_estimate || limit >= 0 ? rung + 1 : rung;
-    rung_ = std::clamp(pick, 0, 3);
+    rung_ = std::clamp(pick, 0, int(std::size(kLadder)) - 1);
     opts.codec = kLadder[rung_];
-    if (pick >= 3) opts.level = std::min(opts.level + 2, 19);
+    if (rung_ > 2) opts.level = std::min(opts.level + rung_ - 2, 19);
     if (by_estimate) opts.max_estimate = std::clamp(limit, 0.0, 1e9);
     return opts;
   }
@@ -1416,7 +1417,7 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
   std::string codec_err = pick_codec(options, caps, &sh.encode, &sh.zstd_in_auto);
   if (codec_err.empty() && options.codec == CodecMode::auto_select &&
       sh.encode.codec != compress::Codec::none) {
-    sh.effort = std::make_unique<EffortController>(sh.zstd_in_auto ? 3.0 : 1.0, sh.links.size());
+    sh.effort = std::make_unique<EffortController>(sh.zstd_in_auto ? 4.0 : 1.0, sh.links.size());
   }
   if (std::string err = codec_err; !err.empty()) {
     send_frame(*ring, links[0].fd, wire::make_aborted(Reason::capability, err.size()),
