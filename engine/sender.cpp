@@ -283,6 +283,7 @@ class Worker {
     size_t frame_len = 0;
     int frame_buf = -1;     // the buffer holding the frame (for replay)
     bool gathered = false;  // sparse, its present pages left in the read buffer
+    std::array<std::byte, wire::kHeaderBytes> header{};  // a zero chunk's frame, which holds no buffer
     compress::EncodeResult enc;
   };
   // A frame kept for resuming: in a pool buffer, or (a zero chunk's frame: the header alone) inline, so that
@@ -548,6 +549,7 @@ class Worker {
   // goes on top: the worker keeps reusing memory it has touched (a first touch is a page fault, and in a VM
   // whose host takes freed memory back a costly one) and all-zero or raw state never touches the rest.
   void give_back(int cold, int hot) {
+    if (cold < 0) return;  // given back already (a zero chunk's, at encoding)
     free_.push_back(cold);
     free_.push_back(hot);
   }
@@ -597,7 +599,14 @@ class Worker {
       const bool raw_chunk = slot->enc.codec == compress::Codec::none;
       slot->gathered = slot->enc.codec == compress::Codec::sparse && how.sparse_gather;
       slot->frame_buf = raw_chunk || slot->gathered ? slot->in : slot->out;
-      if (slot->gathered) {
+      if (slot->enc.zero) {
+        // The header alone: the buffers go back now, and the next chunk is read into the one this chunk was
+        // read into, still in the cache. Held until the header is sent, a worker cycled through `depth` of
+        // them (all-zero state, unlimited veth: 120.1 ms at --depth 4, 107.5 at --depth 1).
+        slot->frame = slot->header.data();
+        give_back(slot->out, slot->in);
+        slot->in = slot->out = slot->frame_buf = -1;
+      } else if (slot->gathered) {
         const size_t bitmap = compress::sparse_bitmap_bytes(slot->len);
         std::memcpy(in - bitmap, out + wire::kHeaderBytes, bitmap);
         slot->frame = in - bitmap - wire::kHeaderBytes;
