@@ -27,7 +27,7 @@ constexpr double kOpeningMinSeconds = 0.008;
 // slow one the opening starts where it did with one warm-up of 8 chunks (with one of 4, auto at 1 Gbit/s
 // climbed less: 1.5-3 % slower, with 10 % less CPU spent).
 constexpr unsigned kFirstChunks = 4;
-constexpr double kFirstMinSeconds = 0.004;
+constexpr double kFirstMinSeconds = 0.005;  // kSpareMinSeconds: a part that ends sooner knows no idle CPU yet
 constexpr unsigned kFirstParts = 2;
 constexpr double kPeriodMaxSeconds = 0.2;
 constexpr double kSmoothing = 0.5;
@@ -308,8 +308,8 @@ void EffortController::end_period(Clock::time_point now, uint64_t sent, uint64_t
     if (opened_ == 1 && current_ == 0 && estimate_[size_t(kLevelsPerRung)] < 0 && !cpu_bound &&
         lz4_outruns(2 * est)) {
       // lz4's period was skipped for a warm-up that looked CPU-bound, yet raw waits on the link (more than a
-      // CPU-bound worker does: its period may still hold part of the misleading start) at less than half
-      // what lz4's encode cost allows: the start misled (set-up work, TCP's first rate samples on a shaped
+      // CPU-bound worker does: its period may still hold part of the misleading start), with CPU idle, at
+      // less than half what lz4's encode cost allows: the start misled (set-up work, TCP's first rate samples on a shaped
       // link, a path that slowed down). lz4 gets its period after all, and the comparison above decides when
       // it ends. (On a link that merely outruns lz4 a little, 10 Gbit/s with binary state, the period would
       // cost 3 %.)

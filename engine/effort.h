@@ -99,8 +99,8 @@ class ShareSelector {
 // - lz4, skipped when its warm-up (its first 4 or 8 chunks) kept the workers busy without waiting on the
 //   link and left no CPU idle in their reach, unless TCP measured a path slower than lz4 or the send queues
 //   grew (the link did not keep up with lz4); and given back its period when raw then waits on the link
-//   more than a CPU-bound worker does, at less than half what lz4's encode cost allows (a start-up can look
-//   CPU-bound on any link);
+//   more than a CPU-bound worker does, with CPU idle, at less than half what lz4's encode cost allows (a
+//   start-up can look CPU-bound on any link);
 // - raw, skipped when lz4 already waited on the link, or TCP's path rate is far below lz4's rate (twice the
 //   bytes on the same link can only be slower);
 // - zstd, skipped when lz4 lost to raw (a link that outruns lz4 outruns zstd too).
@@ -213,7 +213,7 @@ class EffortController {
   Clock::time_point period_start_{};
   const Clock::time_point created_ = Clock::now();  // for the trace
   uint64_t period_bytes_ = 0;
-  uint64_t period_sent_ = 0;  // the logical bytes of non-zero chunks handed to the kernel, at the period's start
+  uint64_t period_sent_ = 0;  // logical bytes of non-zero chunks handed to the kernel, at the period's start
   double sent_rate_ = 0;      // what the last period handed to the kernel per second (the trace's "sent")
   uint64_t period_link_wait_ns_ = 0;
   uint64_t period_worker_ns_ = 0;

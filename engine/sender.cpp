@@ -279,9 +279,9 @@ class Worker {
     std::vector<iovec> iov;
     size_t iov_at = 0;      // the first piece not wholly sent; the pieces before it are consumed
     size_t sent = 0;        // bytes of the frame sent so far
-    std::byte* frame = nullptr;  // where the frame starts (its header) in frame_buf
+    std::byte* frame = nullptr;  // where the frame starts (its header): in frame_buf, or `header`
     size_t frame_len = 0;
-    int frame_buf = -1;     // the buffer holding the frame (for replay)
+    int frame_buf = -1;     // the buffer holding the frame (for replay); -1: a zero chunk's, in `header`
     bool gathered = false;  // sparse, its present pages left in the read buffer
     std::array<std::byte, wire::kHeaderBytes> header{};  // a zero chunk's frame, which holds no buffer
     compress::EncodeResult enc;
@@ -444,16 +444,18 @@ class Worker {
   bool has_state(State s) const {
     return std::any_of(slots_.begin(), slots_.end(), [&](const Slot& x) { return x.state == s; });
   }
-  // Frames on their way that hold the buffer their chunk was read into (raw and gathered sparse ones). A
-  // worker reading on its own thread reads no further while kHeldReadsAhead of them wait: with `depth` of
-  // them, it cycled through that many buffers, each read out of the cache by the time it came round again
-  // (unlimited veth, auto, 9 runs: zero-heavy state 167.8 -> 160.8 ms, binary 328.4 -> 311.4, mixed 261.2 ->
-  // 240.4). Compressed frames do not count: at 1 Gbit/s the worker encodes the next while the last drains,
-  // and needs them ahead (counted, they cost auto 4 % on mixed state there).
+  // Frames on their way that hold the buffer their chunk was read into (raw and gathered sparse ones; a raw
+  // frame whose bytes stay in a source's mapping was read into none). A worker reading on its own thread
+  // reads no further while kHeldReadsAhead of them wait: with `depth` of them, it cycled through that many
+  // buffers, each read out of the cache by the time it came round again. With compressed chunks' read
+  // buffers given back at encoding (encode_ready), unlimited veth, auto, 9 runs: zero-heavy state 167.8 ->
+  // 160.8 ms, binary 328.4 -> 311.4, mixed 261.2 -> 240.4. Compressed frames do not count: at 1 Gbit/s the
+  // worker encodes the next while the last drains, and needs them ahead (counted, they cost auto 4 % on
+  // mixed state there).
   static constexpr size_t kHeldReadsAhead = 2;
   size_t holding_reads() const {
     return size_t(std::count_if(slots_.begin(), slots_.end(), [](const Slot& x) {
-      return (x.state == State::encoded || x.state == State::sending) && x.in >= 0;
+      return (x.state == State::encoded || x.state == State::sending) && x.in >= 0 && !x.view;
     }));
   }
 
@@ -605,16 +607,17 @@ class Worker {
                      .payload_len = slot->enc.encoded_len,
                      .hash = slot->enc.hash,
                      .aux = slot->enc.paged_len};
-      // Raw and zero chunks go out from the input buffer (header in front of the chunk), compressed ones from
-      // the output buffer; raw bytes still in a source's mapping go out from there, after a separate header;
-      // a gathered sparse chunk's header and bitmap go in front of the chunk, its present pages from it.
+      // Raw chunks go out from the input buffer (header in front of the chunk), compressed ones from the
+      // output buffer, zero ones (the header alone) from the slot; raw bytes still in a source's mapping go
+      // out from there, after a separate header; a gathered sparse chunk's header and bitmap go in front of
+      // the chunk, its present pages from it.
       const bool raw_chunk = slot->enc.codec == compress::Codec::none;
       slot->gathered = slot->enc.codec == compress::Codec::sparse && how.sparse_gather;
       slot->frame_buf = raw_chunk || slot->gathered ? slot->in : slot->out;
       // The read buffer goes back now where the frame does not need it (a zero chunk's frame is the header
       // alone, held in the slot; a compressed one is in the output buffer): the next chunk is read into it
       // while it is still in the cache. Held until the frame was sent, a worker cycled through `depth` of
-      // them (all-zero state, unlimited veth: 120.1 ms at --depth 4, 107.5 at --depth 1).
+      // them (all-zero state, unlimited veth, 11 runs: 125.1 -> 113.1 ms; --depth 1 before: 114.9).
       if (slot->enc.zero) {
         slot->frame = slot->header.data();
         give_back(slot->out, slot->in);
@@ -675,8 +678,8 @@ class Worker {
   }
 
   // --codec auto: this stream's share of chunks on each rung follows the controller's effort (the rungs: raw,
-  // lz4, zstd at the configured level, one and two levels higher, for links slower than zstd); selector_ picks
-  // which chunks go up, between raw and lz4 by their estimated compressibility (encode_chunk makes the
+  // lz4, zstd at the configured level, one and two levels higher, for links slower than zstd); selector_
+  // picks which chunks go up, between raw and lz4 by their estimated compressibility (encode_chunk makes the
   // estimate and sends a chunk above the limit raw).
   compress::EncodeOptions choose_encoding() {
     compress::EncodeOptions opts = sh_.encode;
