@@ -1032,10 +1032,11 @@ int EmuKernel::ioctl(int fd, unsigned long request, void* arg) {
       std::memcpy(&info, arg, sizeof info);
       if (info.argsz < sizeof info) return -EINVAL;
       dev->st.advance(Clock::now());
-      const uint64_t in_pipe = Impl::pipe_bytes(*dev);
+      // Bytes on their way (the record being produced, the pipe) belong to the pass that produced them.
+      const uint64_t on_the_way = dev->st.save_in_progress_bytes() + Impl::pipe_bytes(*dev);
       const bool first_pass = dev->st.save_pass() == 0;
-      info.initial_bytes = dev->st.save_initial_bytes() + (first_pass ? in_pipe : 0);
-      info.dirty_bytes = dev->st.save_dirty_bytes() + (first_pass ? 0 : in_pipe);
+      info.initial_bytes = dev->st.save_initial_bytes() + (first_pass ? on_the_way : 0);
+      info.dirty_bytes = dev->st.save_dirty_bytes() + (first_pass ? 0 : on_the_way);
       std::memcpy(arg, &info, sizeof info);
       return 0;
     }

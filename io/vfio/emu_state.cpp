@@ -285,8 +285,7 @@ uint64_t EmuState::save_remaining_bytes() const {
   const Save& s = save_;
   if (!s.active) return full_stream_bytes();
   if (s.eof) return 0;
-  uint64_t left = (s.stage.size() - s.stage_pos) + s.need_count * kWirePerPage;
-  if (s.rec_index < s.rec_count) left += uint64_t(s.rec_count - s.rec_index) * kEmuPageBytes - s.page_pos;
+  uint64_t left = save_in_progress_bytes() + s.need_count * kWirePerPage;
   if (!s.header_done) left += kEmuRecordHeaderBytes;
   if (!s.trailer_done) left += kEmuTrailerBytes;
   return std::max<uint64_t>(left, 1);
@@ -296,9 +295,16 @@ uint64_t EmuState::save_pending_now() const {
   const Save& s = save_;
   if (!s.active) return 0;
   if (s.mode == Mode::stopcopy) return save_remaining_bytes();
-  uint64_t left = (s.stage.size() - s.stage_pos) + s.need_count * kWirePerPage;
-  if (s.rec_index < s.rec_count) left += uint64_t(s.rec_count - s.rec_index) * kEmuPageBytes - s.page_pos;
+  uint64_t left = save_in_progress_bytes() + s.need_count * kWirePerPage;
   if (!s.header_done) left += kEmuRecordHeaderBytes;
+  return left;
+}
+
+uint64_t EmuState::save_in_progress_bytes() const {
+  const Save& s = save_;
+  if (!s.active) return 0;
+  uint64_t left = s.stage.size() - s.stage_pos;
+  if (s.rec_index < s.rec_count) left += uint64_t(s.rec_count - s.rec_index) * kEmuPageBytes - s.page_pos;
   return left;
 }
 

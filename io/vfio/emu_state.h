@@ -90,6 +90,8 @@ class EmuState {
   uint64_t save_initial_bytes() const;    // pages never sent in this session
   uint64_t save_dirty_bytes() const;      // pages sent and dirtied since
   uint64_t save_remaining_bytes() const;  // all of it, trailer included; 0 exactly when stop-copy is complete
+  // The record being produced: its pages count neither as initial nor as dirty any more, but are not out yet.
+  uint64_t save_in_progress_bytes() const;
   // What producing now would yield without further dirtying: precopy, 0 exactly when no page needs sending
   // (the v1 pending_bytes); stopcopy, save_remaining_bytes().
   uint64_t save_pending_now() const;
