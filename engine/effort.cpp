@@ -309,10 +309,10 @@ void EffortController::end_period(Clock::time_point now, uint64_t sent, uint64_t
         lz4_outruns(2 * est)) {
       // lz4's period was skipped for a warm-up that looked CPU-bound, yet raw waits on the link (more than a
       // CPU-bound worker does: its period may still hold part of the misleading start), with CPU idle, at
-      // less than half what lz4's encode cost allows: the start misled (set-up work, TCP's first rate samples on a shaped
-      // link, a path that slowed down). lz4 gets its period after all, and the comparison above decides when
-      // it ends. (On a link that merely outruns lz4 a little, 10 Gbit/s with binary state, the period would
-      // cost 3 %.)
+      // less than half what lz4's encode cost allows: the start misled (set-up work, TCP's first rate
+      // samples on a shaped link, a path that slowed down). lz4 gets its period after all, and the
+      // comparison above decides when it ends. (On a link that merely outruns lz4 a little, 10 Gbit/s with
+      // binary state, the period would cost 3 %.)
       next = opening_[0];
     } else if (opened_ + 1 < opening_count_ && !lz4_lost) {
       next = opening_[++opened_];
@@ -332,7 +332,13 @@ void EffortController::end_period(Clock::time_point now, uint64_t sent, uint64_t
       // half a core idle, and zstd-2 is 6 % faster than zstd-1.)
       const bool up_pays = (link_bound && cpu_to_spare(est)) || (!cpu_bound && ample_spare(est));
       const bool worth_trying = l > current_ ? up_pays : cpu_bound;
-      const double score = estimate_[size_t(l)] >= 0 ? estimate_[size_t(l)] : worth_trying ? best * 1.001 : 0;
+      // Waiting on the link much of the time with idle CPU for all of the step up: the level above is worth
+      // measuring again whatever an older measurement said. It was taken on other data, and at 1 Gbit/s the
+      // rate along mixed state varies more from one period to the next than from one level to the next (auto
+      // sat at 1.5 for 8 periods with a core idle and the workers waiting 0.5-0.7 of the time).
+      const bool retry = l > current_ && link_bound && ample_spare(est);
+      const double score =
+        estimate_[size_t(l)] >= 0 && !retry ? estimate_[size_t(l)] : worth_trying ? best * 1.001 : 0;
       if (score > best) {
         best = score;
         next = l;
