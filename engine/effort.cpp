@@ -318,7 +318,14 @@ void EffortController::end_period(Clock::time_point now, uint64_t sent, uint64_t
       next = opening_[++opened_];
     } else {
       opened_ = opening_count_;
-      for (int l = 0; l < levels_; ++l) {
+      // zstd's period ends the opening waiting on the link with CPU idle, and zstd shrinks the data more
+      // than lz4 did: zstd delivers more, whatever the two periods' rates say. They were measured on
+      // different data, and at 1 Gbit/s the rate along mixed state varies more from one period to the next
+      // than from lz4 to zstd (auto went back to lz4 in 4 of 6 traces on mixed state, and took ~300 ms to
+      // climb back; 0 of 6 now).
+      const bool zstd_holds = current_ == opening_[2] && link_bound && !no_spare &&
+                              encoded_ratio(2) >= 0 && encoded_ratio(2) < encoded_ratio(1);
+      for (int l = 0; l < levels_ && !zstd_holds; ++l) {
         if (estimate_[size_t(l)] > estimate_[size_t(next)]) next = l;
       }
     }
@@ -367,6 +374,13 @@ void EffortController::trace(double rate, double link_share) const {
 bool EffortController::lz4_outruns(double rate) const {
   const double cost = cost_per_byte(1);
   return cost >= 0 && rate * cost < streams_;
+}
+
+// What a rung's encoding made of the bytes given to it, encoded / logical; < 0 before kCostMinBytes.
+double EffortController::encoded_ratio(int rung) const {
+  const uint64_t bytes = encode_bytes_[size_t(rung)].load(std::memory_order_relaxed);
+  if (bytes < kCostMinBytes) return -1;
+  return double(encoded_bytes_[size_t(rung)].load(std::memory_order_relaxed)) / double(bytes);
 }
 
 // A rung's measured encode cost in CPU seconds per byte; < 0 until kCostMinBytes were encoded on it.

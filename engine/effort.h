@@ -103,7 +103,9 @@ class ShareSelector {
 //   start-up can look CPU-bound on any link);
 // - raw, skipped when lz4 already waited on the link, or TCP's path rate is far below lz4's rate (twice the
 //   bytes on the same link can only be slower);
-// - zstd, skipped when lz4 lost to raw (a link that outruns lz4 outruns zstd too).
+// - zstd, skipped when lz4 lost to raw (a link that outruns lz4 outruns zstd too); where its period waits
+//   on the link with CPU idle and it shrank the data more than lz4, the opening ends on it whatever the
+//   rates (measured on different data) say.
 // Links much faster or much slower than the compressor, the common cases, are settled right there. The
 // opening and the warm-up before it run at lz4 with short periods: on a slow link every raw chunk costs a
 // lot of link time, on a fast one every compressed chunk a lot of CPU, and lz4 is the cheaper mistake in
@@ -185,6 +187,7 @@ class EffortController {
   double usable_spare() const;
   bool lz4_outruns(double rate) const;
   double cost_per_byte(int rung) const;
+  double encoded_ratio(int rung) const;
   void trace(double rate, double link_share) const;
   void switch_to(int level, Clock::time_point now, double idle);
 

@@ -288,6 +288,17 @@ TEST(EffortController, OnASlowLinkDataThatVariesDoesNotHoldTheClimbBack) {
   }
 }
 
+TEST(EffortController, ZstdWaitingOnTheLinkWithCpuIdleEndsTheOpeningOnZstd) {
+  // 1 Gbit/s, CPU to spare: zstd's opening period falls on data that compresses worse than lz4's did, and
+  // its rate is lower. Waiting on the link with CPU idle, it still delivers more than lz4 would have (it
+  // shrinks the data more): the opening ends on zstd, not back on lz4 for a climb that takes periods.
+  const Link slow{.link_gbps = 0.12, .cores = 2.0, .link_wait = 0.6, .swing = 0.3, .run_chunks = 16};
+  const Trace run = simulate(slow, 3.0, 120);
+  const auto zstd_at = std::find(run.efforts.begin(), run.efforts.end(), 2.0) - run.efforts.begin();
+  ASSERT_LT(zstd_at, 24);
+  EXPECT_GE(*std::min_element(run.efforts.begin() + zstd_at, run.efforts.end()), 2.0);
+}
+
 TEST(EffortController, AStartThatLooksCpuBoundOnASlowPathKeepsLz4sPeriod) {
   // 1 Gbit/s whose first chunks look CPU-bound (no link wait, no idle CPU); TCP measured the path. Skipping
   // lz4's period would start raw, and lz4 would count as lost: the climb would then start from raw.
