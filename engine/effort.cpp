@@ -265,9 +265,9 @@ void EffortController::end_period(Clock::time_point now, uint64_t sent, uint64_t
     // A start-up can look CPU-bound on any link (threads and buffers being set up, socket buffers swallowing
     // the first megabytes): when TCP already measured a path slower than lz4's rate, raw (which has to carry
     // about that rate) cannot win, and lz4 keeps its period. Nor when the send queues grew meanwhile: the
-    // link did not keep up even with lz4 (1 Gbit/s, binary state: a little over half of what was sent left
-    // the queues, where TCP's first rate samples, a shaper's burst, said 0.25-30 GB/s; 10 Gbit/s and faster:
-    // 0.8 and more).
+    // link did not keep up even with lz4 (1 Gbit/s, binary state: 0.33-0.66 of what was sent left the
+    // queues, where TCP's first rate samples, a shaper's burst, said 0.25-30 GB/s; 10 Gbit/s and faster:
+    // 0.83-1.0).
     const bool path_allows_raw = path_rate_ < 0 || path_rate_ >= rate;
     const bool link_kept_up = rate >= kKeptUpShare * sent_rate_;
     trace(rate, link_share);
