@@ -259,9 +259,7 @@ void EffortController::end_period(Clock::time_point now, uint64_t sent, uint64_t
     // link even then, while the link carried at least 40 % of what lz4 was given (lz4 shrank it to that or
     // more), raw can only be faster: its warm-up starts now, and lz4 counts as lost (so zstd is not tried
     // either). Data lz4 shrinks a lot proves nothing of the kind: the socket buffers alone may have taken it.
-    const uint64_t lz4_bytes = encode_bytes_[1].load(std::memory_order_relaxed);
-    const double lz4_ratio =
-        lz4_bytes ? double(encoded_bytes_[1].load(std::memory_order_relaxed)) / double(lz4_bytes) : 0;
+    const double lz4_ratio = std::max(0.0, encoded_ratio(1, 1));
     // A start-up can look CPU-bound on any link (threads and buffers being set up, socket buffers swallowing
     // the first megabytes): when TCP already measured a path slower than lz4's rate, raw (which has to carry
     // about that rate) cannot win, and lz4 keeps its period. Nor when the send queues grew meanwhile: the
@@ -324,7 +322,8 @@ void EffortController::end_period(Clock::time_point now, uint64_t sent, uint64_t
       // than from lz4 to zstd (auto went back to lz4 in 4 of 6 traces on mixed state, and took ~300 ms to
       // climb back; 0 of 6 now).
       const bool zstd_holds = current_ == opening_[2] && link_bound && !no_spare &&
-                              encoded_ratio(2) >= 0 && encoded_ratio(2) < encoded_ratio(1);
+                              encoded_ratio(2, kCostMinBytes) >= 0 &&
+                              encoded_ratio(2, kCostMinBytes) < encoded_ratio(1, kCostMinBytes);
       for (int l = 0; l < levels_ && !zstd_holds; ++l) {
         if (estimate_[size_t(l)] > estimate_[size_t(next)]) next = l;
       }
@@ -376,10 +375,10 @@ bool EffortController::lz4_outruns(double rate) const {
   return cost >= 0 && rate * cost < streams_;
 }
 
-// What a rung's encoding made of the bytes given to it, encoded / logical; < 0 before kCostMinBytes.
-double EffortController::encoded_ratio(int rung) const {
+// What a rung's encoding made of the bytes given to it, encoded / logical; < 0 before min_bytes.
+double EffortController::encoded_ratio(int rung, uint64_t min_bytes) const {
   const uint64_t bytes = encode_bytes_[size_t(rung)].load(std::memory_order_relaxed);
-  if (bytes < kCostMinBytes) return -1;
+  if (bytes < min_bytes || bytes == 0) return -1;
   return double(encoded_bytes_[size_t(rung)].load(std::memory_order_relaxed)) / double(bytes);
 }
 

@@ -187,7 +187,7 @@ class EffortController {
   double usable_spare() const;
   bool lz4_outruns(double rate) const;
   double cost_per_byte(int rung) const;
-  double encoded_ratio(int rung) const;
+  double encoded_ratio(int rung, uint64_t min_bytes) const;
   void trace(double rate, double link_share) const;
   void switch_to(int level, Clock::time_point now, double idle);
 
