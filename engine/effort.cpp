@@ -256,9 +256,11 @@ void EffortController::end_period(Clock::time_point now, uint64_t sent, uint64_t
   if (!warmed_up_) {
     warmed_up_ = true;  // the first period measures socket buffers and slow start filling, not the link
     // But if lz4 kept the workers busy, left no CPU idle that they could have used, and never waited on the
-    // link even then, while the link carried at least 40 % of what lz4 was given (lz4 shrank it to that or
-    // more), raw can only be faster: its warm-up starts now, and lz4 counts as lost (so zstd is not tried
-    // either). Data lz4 shrinks a lot proves nothing of the kind: the socket buffers alone may have taken it.
+    // link even then, while lz4 sent at least 40 % of what raw would have (raw skips zero pages too: on
+    // zero-heavy state lz4 sends 0.57 of raw's bytes, 0.08 of the state's; counted against the state, lz4
+    // took 20 ms of a 90 ms transfer on unlimited veth), raw can only be faster: its warm-up starts now, and
+    // lz4 counts as lost (so zstd is not tried either). Data lz4 shrinks a lot proves nothing of the kind:
+    // the socket buffers alone may have taken it.
     const double lz4_ratio = std::max(0.0, encoded_ratio(1, 1));
     // A start-up can look CPU-bound on any link (threads and buffers being set up, socket buffers swallowing
     // the first megabytes): when TCP already measured a path slower than lz4's rate, raw (which has to carry
@@ -275,6 +277,13 @@ void EffortController::end_period(Clock::time_point now, uint64_t sent, uint64_t
       switch_to(opening_[1], now, idle);
       warmed_up_ = false;
     } else if (opened_ == 0 && ++warm_up_parts_ < kFirstParts) {
+      warmed_up_ = false;
+    } else if (opened_ == 1 && current_ == 0 && estimate_[size_t(kLevelsPerRung)] < 0 &&
+               lz4_wanted_back(rate, link_share)) {
+      // Raw's warm-up after a skipped lz4 already shows what its measured period would (below): lz4 comes
+      // back a period sooner. On zero-heavy state at 1 Gbit/s lz4 sends barely more than the link carries,
+      // and its warm-up fits in the socket buffers, so nothing tells it from a fast link's.
+      switch_to(opening_[0], now, idle);
       warmed_up_ = false;
     }
     return;
@@ -303,8 +312,8 @@ void EffortController::end_period(Clock::time_point now, uint64_t sent, uint64_t
     if (opened_ == 0 && (link_bound || path_too_slow)) ++opened_;
     const bool lz4_lost =
         opened_ == 1 && estimate_[0] >= 0 && estimate_[size_t(kLevelsPerRung)] <= estimate_[0];
-    if (opened_ == 1 && current_ == 0 && estimate_[size_t(kLevelsPerRung)] < 0 && !cpu_bound &&
-        lz4_outruns(2 * est)) {
+    if (opened_ == 1 && current_ == 0 && estimate_[size_t(kLevelsPerRung)] < 0 &&
+        lz4_wanted_back(est, link_share)) {
       // lz4's period was skipped for a warm-up that looked CPU-bound, yet raw waits on the link (more than a
       // CPU-bound worker does: its period may still hold part of the misleading start), with CPU idle, at
       // less than half what lz4's encode cost allows: the start misled (set-up work, TCP's first rate
@@ -368,6 +377,13 @@ void EffortController::trace(double rate, double link_share) const {
   }
 }
 
+// Whether raw, running at `rate` after lz4's period was skipped, waits on the link (more than a CPU-bound
+// worker does) with CPU idle, at less than half what lz4's encode cost allows: see end_period.
+bool EffortController::lz4_wanted_back(double rate, double link_share) const {
+  const bool no_spare = spare_cores_ >= 0 && usable_spare() < kNoSpareCores;
+  return link_share > kCpuBoundShare && !no_spare && lz4_outruns(2 * rate);
+}
+
 // Whether lz4's measured encode cost lets the workers (a core each at most) encode more than `rate`
 // logical bytes per second; false while the cost is unknown.
 bool EffortController::lz4_outruns(double rate) const {
@@ -375,11 +391,13 @@ bool EffortController::lz4_outruns(double rate) const {
   return cost >= 0 && rate * cost < streams_;
 }
 
-// What a rung's encoding made of the bytes given to it, encoded / logical; < 0 before min_bytes.
+// What a rung's encoding made of the bytes given to it, against what raw would have sent of them (zero
+// pages cost neither anything); < 0 before min_bytes logical bytes.
 double EffortController::encoded_ratio(int rung, uint64_t min_bytes) const {
   const uint64_t bytes = encode_bytes_[size_t(rung)].load(std::memory_order_relaxed);
-  if (bytes < min_bytes || bytes == 0) return -1;
-  return double(encoded_bytes_[size_t(rung)].load(std::memory_order_relaxed)) / double(bytes);
+  const uint64_t plain = plain_bytes_[size_t(rung)].load(std::memory_order_relaxed);
+  if (bytes < min_bytes || bytes == 0 || plain == 0) return -1;
+  return double(encoded_bytes_[size_t(rung)].load(std::memory_order_relaxed)) / double(plain);
 }
 
 // A rung's measured encode cost in CPU seconds per byte; < 0 until kCostMinBytes were encoded on it.

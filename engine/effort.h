@@ -143,10 +143,12 @@ class EffortController {
   }
 
   // A worker spent `cpu` of its own CPU time encoding `bytes` logical bytes of non-zero chunks on `rung`
-  // (0 raw, 1 lz4, 2 zstd, 3 zstd+1, 4 zstd+2) into `encoded` bytes.
-  void add_encode_cost(int rung, uint64_t bytes, uint64_t encoded, Clock::duration cpu) {
+  // (0 raw, 1 lz4, 2 zstd, 3 zstd+1, 4 zstd+2) into `encoded` bytes; raw would have sent `plain` of them
+  // (their non-zero pages).
+  void add_encode_cost(int rung, uint64_t bytes, uint64_t plain, uint64_t encoded, Clock::duration cpu) {
     const size_t r = size_t(std::clamp(rung, 0, kRungs - 1));
     encode_bytes_[r].fetch_add(bytes, std::memory_order_relaxed);
+    plain_bytes_[r].fetch_add(plain, std::memory_order_relaxed);
     encoded_bytes_[r].fetch_add(encoded, std::memory_order_relaxed);
     encode_ns_[r].fetch_add(uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(cpu).count()),
                             std::memory_order_relaxed);
@@ -186,6 +188,7 @@ class EffortController {
   double extra_cores(double rate) const;
   double usable_spare() const;
   bool lz4_outruns(double rate) const;
+  bool lz4_wanted_back(double rate, double link_share) const;
   double cost_per_byte(int rung) const;
   double encoded_ratio(int rung, uint64_t min_bytes) const;
   void trace(double rate, double link_share) const;
@@ -198,6 +201,7 @@ class EffortController {
   std::atomic<uint64_t> worker_wall_ns_{0};
   std::atomic<double> effort_{1.0};
   std::array<std::atomic<uint64_t>, kRungs> encode_bytes_{};
+  std::array<std::atomic<uint64_t>, kRungs> plain_bytes_{};
   std::array<std::atomic<uint64_t>, kRungs> encoded_bytes_{};
   std::array<std::atomic<uint64_t>, kRungs> encode_ns_{};
   IdleSeconds idle_;

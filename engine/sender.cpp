@@ -593,7 +593,11 @@ class Worker {
           std::span<std::byte>(paged_memory_.data(), paged_memory_.size()));
       if (sh_.effort && !slot->enc.zero) {  // what each rung costs: the controller weighs it against spare CPU
         chosen(slot->enc);
-        sh_.effort->add_encode_cost(rung_, slot->len, slot->enc.encoded_len, thread_cpu_time() - cpu_before);
+        // What raw would have sent: the sparse form when the chunk has zero pages.
+        const compress::EncodeResult& e = slot->enc;
+        const uint64_t plain = e.paged_len ? e.paged_len : e.codec == compress::Codec::sparse ? e.encoded_len
+                                                                                               : slot->len;
+        sh_.effort->add_encode_cost(rung_, slot->len, plain, e.encoded_len, thread_cpu_time() - cpu_before);
       }
       const uint16_t flags = uint16_t((slot->enc.zero ? wire::kFlagZero : 0) |
                                       (slot->end_of_transaction ? wire::kFlagEndOfTransaction : 0) |
