@@ -24,10 +24,10 @@ enum class Op : uint8_t {
   write,        // pwrite(fd, buf, len, offset); offset -1 as above
   read_fixed,   // read into registered buffer `buf_index` (buf must point inside it)
   write_fixed,  // write from registered buffer `buf_index`
-  send,         // send(fd, buf, len, MSG_NOSIGNAL, plus MSG_MORE when `more`)
+  send,         // send(fd, buf, len, MSG_NOSIGNAL | MSG_WAITALL, plus MSG_MORE when `more`)
   send_zc,      // zero-copy send; result arrives first, buffer is reusable only after `notified` is set
   recv,         // recv(fd, buf, len, 0)
-  sendmsg,      // sendmsg(fd, {iov, iov_count}, MSG_NOSIGNAL plus MSG_MORE when `more`): one frame in pieces
+  sendmsg,      // sendmsg(fd, {iov, iov_count}, as send): one frame in pieces
 };
 
 // The most pieces one sendmsg may carry (the kernel's UIO_MAXIOV).

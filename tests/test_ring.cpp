@@ -435,6 +435,38 @@ TEST_P(RingTest, SendWithMoreHoldsAShortPieceUntilTheRestFollows) {
   EXPECT_EQ(got, data);
 }
 
+// A send the socket cannot take at once completes only when all of it is in (or the socket fails): the
+// engine's workers encode between reaps, and a short completion left the rest waiting on them meanwhile.
+TEST_P(RingTest, ASendLargerThanTheSocketBufferCompletesWhole) {
+  Pair p = tcp_pair();
+  ASSERT_TRUE(p.a && p.b);
+  const int small = 64 * 1024;
+  ASSERT_EQ(::setsockopt(p.a.get(), SOL_SOCKET, SO_SNDBUF, &small, sizeof small), 0);
+  constexpr size_t kSize = 4 << 20;
+  const auto data = pattern(kSize, 11);
+  std::vector<char> got(2 * kSize);
+  std::thread peer([&] {
+    size_t at = 0;
+    while (at < got.size()) {
+      const ssize_t n = ::recv(p.b.get(), got.data() + at, std::min<size_t>(got.size() - at, 16384), 0);
+      if (n <= 0) break;
+      at += static_cast<size_t>(n);
+    }
+  });
+  Completion whole = make_op(Op::send, p.a.get(), const_cast<char*>(data.data()), kSize, -1);
+  EXPECT_EQ(run(*ring_, whole), int32_t(kSize));
+  const iovec halves[2] = {{const_cast<char*>(data.data()), kSize / 2},
+                           {const_cast<char*>(data.data()) + kSize / 2, kSize / 2}};
+  Completion pieces = make_op(Op::sendmsg, p.a.get(), nullptr, 0, -1);
+  pieces.iov = halves;
+  pieces.iov_count = 2;
+  EXPECT_EQ(run(*ring_, pieces), int32_t(kSize));
+  ASSERT_EQ(::shutdown(p.a.get(), SHUT_WR), 0);
+  peer.join();
+  EXPECT_EQ(std::vector<char>(got.begin(), got.begin() + kSize), data);
+  EXPECT_EQ(std::vector<char>(got.begin() + kSize, got.end()), data);
+}
+
 // sendmsg: one operation sends pieces from anywhere (a frame's header and its data's runs), in order, through
 // a registered file too; `more` holds a short tail back like send's.
 TEST_P(RingTest, SendmsgSendsThePiecesInOrder) {
