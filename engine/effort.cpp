@@ -53,6 +53,11 @@ constexpr uint64_t kCostMinBytes = 4 << 20;    // a rung's encode cost is known 
 // what the bar holds back is a machine with next to nothing idle (25 Gbit/s and faster, where sender and
 // receiver share it).
 constexpr double kSpareBar = 0.15;
+// But a step may ask for at most this much CPU per worker beyond what idles. Unlimited veth, binary state,
+// raw at 3.1 GB/s: the workers wait on the sockets half the time with 0.33 cores idle, and a quarter step
+// asked for 1.15 cores; each trial ran at 2.2 GB/s for a period (auto 179.5 -> 176.1 ms without them, 9
+// runs). At 10 Gbit/s a step asks for about 0.45 cores and still gets its trial.
+constexpr double kBorrowPerStream = 0.25;
 // Idle CPU that asks for a trial upwards while the link wait is moderate, when the step's cost is unknown.
 // On this project's machine: 0.5-0.8 cores at 1 Gbit/s, under 0.25 from 10 Gbit/s up.
 constexpr double kAmpleSpareCores = 0.4;
@@ -421,11 +426,13 @@ void EffortController::switch_to(int level, Clock::time_point now, double idle) 
 // waiting does not mean the CPU is free (on one machine, the receiver may be the one using it). Unknown costs
 // count as yes: the trial measures them. So does spare CPU not measured yet: waiting for it would hold the
 // climb on a slow link for the opening's length again (3 % at 10 Gbit/s binary), and on a link where CPU is
-// short, the one trial it lets through is measured and not repeated.
+// short, the one trial it lets through is measured and not repeated. A step that needs far more CPU than
+// idles is not tried (kBorrowPerStream).
 bool EffortController::cpu_to_spare(double rate) const {
   if (spare_cores_ < 0) return true;
   const double extra = extra_cores(rate);
-  return extra < 0 || usable_spare() >= kSpareBar * extra;
+  const double spare = usable_spare();
+  return extra < 0 || (spare >= kSpareBar * extra && extra <= spare + kBorrowPerStream * streams_);
 }
 
 // Whether the idle CPU within the workers' reach pays for all of a quarter step up (a trial the link wait

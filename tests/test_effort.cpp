@@ -303,6 +303,22 @@ TEST(EffortController, OnASlowLinkDataThatVariesDoesNotHoldTheClimbBack) {
   }
 }
 
+TEST(EffortController, AFastPathWhoseStepsNeedFarMoreCpuThanIdlesGetsNoTrials) {
+  // Raw at 4 GB/s, the workers waiting on the sockets half the time with 0.4 cores idle: a quarter of lz4
+  // would need 1.1 cores more and deliver 2.96 GB/s. It is not tried (it was, every few periods).
+  const Link fast{.link_gbps = 4.0, .cores = 2.0, .link_wait = 0.5};
+  ASSERT_TRUE(fast.link_limited(0));
+  ASSERT_NEAR(fast.spare(0), 0.4, 1e-9);
+  ASSERT_LT(fast.rate(0.25), fast.rate(0) * 0.8);
+  const Trace run = simulate(fast, 3.0, 3000);
+  EXPECT_EQ(std::count_if(run.efforts.begin() + 200, run.efforts.end(), [](double e) { return e > 0; }), 0);
+  // Where the step's CPU is nearly idle already (a slower path), the trials go on.
+  const Link slower{.link_gbps = 2.0, .cores = 1.6, .link_wait = 0.5};
+  ASSERT_GT(slower.spare(0) + 0.5, 2.0 * (kCpu[1] - kCpu[0]) / 4);
+  const Trace tried = simulate(slower, 3.0, 3000);
+  EXPECT_GT(std::count_if(tried.efforts.begin() + 200, tried.efforts.end(), [](double e) { return e > 0; }), 0);
+}
+
 TEST(EffortController, TheFifthRungIsClimbedWhereTheCpuPaysForIt) {
   // 1 Gbit/s with CPU for every rung: the sender's top rung (zstd two levels up) delivers most.
   const Link slow{.link_gbps = 0.12, .cores = 2.0};
