@@ -44,11 +44,11 @@ using wire::Reason;
 
 // Keeps little unsent data queued in the kernel: the throughput the codec controller measures is then close
 // to what the link carries, not what the socket buffers swallow, and on a fast path each byte is sent soon
-// after it was copied in. At 128 KiB instead of 1 MiB (a chunk), unlimited veth, 7-11 runs: binary state
-// --codec none 205.1 -> 159.3 ms (3.4 GB/s, above what iperf3 carried with 2 streams), auto on random 212.8 ->
-// 166.8, mixed 154.8 -> 141.0; 25 Gbit/s binary 220.9 -> 205.7; 10 Gbit/s unchanged; 1 Gbit/s binary 0.7 %
-// slower (1611.5 -> 1623.6, auto and --codec zstd alike). 256 KiB fell between. Not a TCP socket (UNIX):
-// nothing to do.
+// after it was copied in (both ends then copy it while it is still in the cache). At 128 KiB instead of 1 MiB
+// (a chunk), unlimited veth, 7-9 runs: binary state --codec none 208.6 -> 160.6 ms (3.3 GB/s, more than
+// iperf3 carried with 2 streams), auto 225.5 -> 173.0, auto on random 212.8 -> 166.8, mixed 154.8 -> 141.0;
+// 25 Gbit/s binary 220.9 -> 205.7; 10 Gbit/s unchanged; 1 Gbit/s binary 0.7 % slower (1611.5 -> 1623.6, auto
+// and --codec zstd alike). 256 and 64 KiB fell between. Not a TCP socket (UNIX): nothing to do.
 void limit_unsent(int fd) {
   constexpr int kNotSentLowat = 128 << 10;
   (void)::setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &kNotSentLowat, sizeof kNotSentLowat);
