@@ -19,8 +19,8 @@ pipelines from the compressor's write count (/proc/PID/io wchar), for the plain 
 Each cell is repeated --repeats times, --fast-repeats times (7, at least --repeats) on links of 25 Gbit/s and
 more and for a tool whose first run of a profile took under SHORT_RUN_SECONDS (dstx on all-zero state on any
 link: a 60 ms run moves by 5 % from one run to the next); the median is reported. Within a repetition the tools
-are interleaved and their order rotates from one repetition to the next, so background noise hits all of them
-alike.
+are interleaved (the extra repetitions of short runs: those tools only) and their order rotates from one
+repetition to the next, so background noise hits all of them alike.
 
 Sources read state files from tmpfs (/dev/shm), written by make_state (binary = make_state binary-real: real
 executables and libraries from /usr). Output: OUT/e2e.json (every raw run), OUT/e2e.md (tables), OUT/e2e.png.
@@ -105,7 +105,8 @@ def repeats_for(a, link, first_run=None):
     """Runs per cell: more on fast links and where the first run (first_run: its record) took a fraction of a
     second."""
     fast = getattr(a, "fast_repeats", None) or a.repeats
-    short = first_run is not None and first_run.get("status") == "ok" and first_run["seconds"] < SHORT_RUN_SECONDS
+    short = (first_run is not None and first_run.get("status") == "ok"
+             and first_run["seconds"] < SHORT_RUN_SECONDS)
     return fast if link == "unlimited" or int(link) >= 25 or short else a.repeats
 
 
@@ -699,8 +700,10 @@ def write_md(results, summary, derived, tgts, path, png_name):
              f"load average at start {cal['loadavg_start']}, at end {results.get('loadavg_end', '?')}.")
     L.append(f"- State per profile: {a['size'] / 2**20:.0f} MiB from `make_state` (binary = `binary-real`: "
              f"executables and libraries from /usr), on tmpfs; median of {a['repeats']} runs per cell "
-             f"({a.get('fast_repeats', a['repeats'])} on links of 25 Gbit/s and more, and where a tool's first "
-             f"run took under {SHORT_RUN_SECONDS} s), tools interleaved, order rotating per repetition.")
+             f"({a.get('fast_repeats', a['repeats'])} on links of 25 Gbit/s and more"
+             + (f", and where a tool's first run took under {a['short_run_seconds']} s: the extra runs "
+                f"interleave those tools only" if 'short_run_seconds' in a else "")
+             + "), tools interleaved, order rotating per repetition.")
     L.append(f"- Link: veth between two network namespaces ({SRC_IP} -> {DST_IP}), `tc tbf` on both ends' egress "
              f"(burst 2 ms at the rate, at least 256 KiB; 5 ms queue); 'unlimited' has no qdisc.")
     L.append(f"- dstx: `{cal['dstx_version']}` built from `{cal.get('git', '?')}` (Release), `send --source file:… --codec MODE --json"
@@ -865,7 +868,8 @@ def write_png(results, summary, out_dir, png_path):
     g = [f"set terminal pngcairo size {900 * cols},{520 * rows} font 'sans,10'",
          f"set output '{png_path}'",
          f"set multiplot layout {rows},{cols} title 'dstx end-to-end, GB/s of state (log scale), "
-         f"{results['args']['size'] / 2**20:.0f} MiB per run, median of {results['args']['repeats']} (fast links {results['args'].get('fast_repeats', results['args']['repeats'])})'",
+         f"{results['args']['size'] / 2**20:.0f} MiB per run, median of {results['args']['repeats']} "
+         f"(fast links and short runs {results['args'].get('fast_repeats', results['args']['repeats'])})'",
          "set style data histograms", "set style histogram clustered gap 1", "set style fill solid 0.85 border -1",
          "set boxwidth 0.9", "set logscale y", "set yrange [0.02:30]", "set grid ytics", "set ylabel 'GB/s'",
          "set key below horizontal font ',9'", "set xtics nomirror"]
@@ -945,7 +949,8 @@ def measure_link(h, link, a):
 
 def main_run(a, h):
     results = {"started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": a.command,
-               "args": {"size": a.size, "repeats": a.repeats, "fast_repeats": a.fast_repeats, "links": a.links, "profiles": a.profiles,
+               "args": {"size": a.size, "repeats": a.repeats, "fast_repeats": a.fast_repeats,
+                        "short_run_seconds": SHORT_RUN_SECONDS, "links": a.links, "profiles": a.profiles,
                         "tools": a.tools, "dstx_arg": a.dstx_arg, "socat_buffer": a.socat_buffer,
                         "build": os.path.relpath(a.build, REPO) if a.build.is_relative_to(REPO) else str(a.build), "quiet_machine": a.quiet_machine},
                "links": {}, "runs": []}
@@ -1110,7 +1115,8 @@ def main():
                     "--quick 64M)")
     ap.add_argument("--repeats", type=int, default=None, help="runs per cell (default 3; --quick 1)")
     ap.add_argument("--fast-repeats", type=int, default=None, help="runs per cell on links of 25 Gbit/s and "
-                    "more, where a run lasts a fraction of a second and noise weighs most (default 7; --quick 1)")
+                    "more, and for a tool whose first run of a profile took under SHORT_RUN_SECONDS: a run "
+                    "lasts a fraction of a second and noise weighs most (default 7; --quick 1)")
     ap.add_argument("--links", default=",".join(LINKS), help="Gbit/s list, 'unlimited' for no limit")
     ap.add_argument("--profiles", default=",".join(PROFILES))
     ap.add_argument("--tools", default=",".join(TOOLS))

@@ -56,7 +56,7 @@ constexpr double kSpareBar = 0.15;
 // But a step may ask for at most this much CPU per worker beyond what idles. Unlimited veth, binary state,
 // raw at 3.1 GB/s: the workers wait on the sockets half the time with 0.33 cores idle, and a quarter step
 // asked for 1.15 cores; each trial ran at 2.2 GB/s for a period (auto 179.5 -> 176.1 ms without them, 9
-// runs). At 10 Gbit/s a step asks for about 0.45 cores and still gets its trial.
+// runs). At 10 Gbit/s a step asks for about 0.45 cores and still gets its trial (2 streams, one per core).
 constexpr double kBorrowPerStream = 0.25;
 // Idle CPU that asks for a trial upwards while the link wait is moderate, when the step's cost is unknown.
 // On this project's machine: 0.5-0.8 cores at 1 Gbit/s, under 0.25 from 10 Gbit/s up.

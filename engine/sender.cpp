@@ -44,11 +44,12 @@ using wire::Reason;
 
 // Keeps little unsent data queued in the kernel: the throughput the codec controller measures is then close
 // to what the link carries, not what the socket buffers swallow, and on a fast path each byte is sent soon
-// after it was copied in (both ends then copy it while it is still in the cache). At 128 KiB instead of 1 MiB
-// (a chunk), unlimited veth, 7-9 runs: binary state --codec none 208.6 -> 160.6 ms (3.3 GB/s, more than
-// iperf3 carried with 2 streams), auto 225.5 -> 173.0, auto on random 212.8 -> 166.8, mixed 154.8 -> 141.0;
-// 25 Gbit/s binary 220.9 -> 205.7; 10 Gbit/s unchanged; 1 Gbit/s binary 0.7 % slower (1611.5 -> 1623.6, auto
-// and --codec zstd alike). 256 and 64 KiB fell between. Not a TCP socket (UNIX): nothing to do.
+// after it was copied in (the receiver's CPU per byte fell by a quarter: both ends copy the bytes while they
+// are still in the cache, presumably). At 128 KiB instead of 1 MiB (a chunk), unlimited veth, 7-9 runs:
+// binary state --codec none 208.6 -> 160.6 ms (3.3 GB/s, more than iperf3 carried with 2 streams), auto
+// 225.5 -> 173.0, auto on random 212.8 -> 166.8, mixed 154.8 -> 141.0; 25 Gbit/s binary 220.9 -> 205.7;
+// 10 Gbit/s unchanged; 1 Gbit/s binary 0.7 % slower (1611.5 -> 1623.6, auto and --codec zstd alike). 256 and
+// 64 KiB fell between. Not a TCP socket (UNIX): nothing to do.
 void limit_unsent(int fd) {
   constexpr int kNotSentLowat = 128 << 10;
   (void)::setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &kNotSentLowat, sizeof kNotSentLowat);
@@ -257,7 +258,8 @@ struct Shared {
 // its last chunk the worker sends END (kept for replay too) and stays until the receiver commits.
 class Worker {
  public:
-  Worker(Shared& shared, unsigned index) : sh_(shared), index_(index), link_(shared.links[index]) {}
+  Worker(Shared& shared, unsigned index)
+      : sh_(shared), index_(index), link_(shared.links[index]), wait_all_(io::socket_sends_may_wait_all(fd())) {}
 
   void run() {
     try {
@@ -605,7 +607,8 @@ class Worker {
           std::span<std::byte>(paged_memory_.data(), paged_memory_.size()));
       if (sh_.effort && !slot->enc.zero) {  // what each rung costs: the controller weighs it against spare CPU
         chosen(slot->enc);
-        // What raw would have sent: the sparse form when the chunk has zero pages.
+        // What raw would have sent: the sparse form when the chunk has zero pages (a chunk compressed whole
+        // for a receiver without kCapPaged counts whole).
         const compress::EncodeResult& e = slot->enc;
         const uint64_t plain = e.paged_len ? e.paged_len : e.codec == compress::Codec::sparse ? e.encoded_len
                                                                                                : slot->len;
@@ -787,6 +790,7 @@ class Worker {
       send_io_ = io::Completion{.op = io::Op::sendmsg,
                                 .fd = fd(),
                                 .more = more,
+                                .wait_all = wait_all_,
                                 .file_index = socket_file_,
                                 .iov = send_iov_.data(),
                                 .iov_count = unsigned(send_iov_.size())};
@@ -796,6 +800,7 @@ class Worker {
                                 .buf = send_iov_[0].iov_base,
                                 .len = uint32_t(send_iov_[0].iov_len),
                                 .more = more,
+                                .wait_all = wait_all_,
                                 .file_index = socket_file_};
     }
     if (!ring_->queue(&send_io_)) {
@@ -1024,6 +1029,7 @@ class Worker {
       }
       if (!resent) continue;
       limit_unsent(c.get());
+      wait_all_ = io::socket_sends_may_wait_all(c.get());
       // The ring's fixed file still holds the old socket: point it at the new one, or drop the table.
       if (socket_file_ >= 0 && ring_->update_file(unsigned(socket_file_), c.get()) != 0) {
         (void)ring_->register_files({});
@@ -1143,6 +1149,7 @@ class Worker {
   Shared& sh_;
   const unsigned index_;
   Link& link_;
+  bool wait_all_;  // the socket takes MSG_WAITALL (plain TCP, not kTLS): see io::Completion::wait_all
   std::unique_ptr<io::Ring> ring_;
   int socket_file_ = -1;  // ring_'s fixed-file slots (register_files), -1 when not registered
   int source_file_ = -1;

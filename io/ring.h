@@ -24,7 +24,7 @@ enum class Op : uint8_t {
   write,        // pwrite(fd, buf, len, offset); offset -1 as above
   read_fixed,   // read into registered buffer `buf_index` (buf must point inside it)
   write_fixed,  // write from registered buffer `buf_index`
-  send,         // send(fd, buf, len, MSG_NOSIGNAL | MSG_WAITALL, plus MSG_MORE when `more`)
+  send,         // send(fd, buf, len, MSG_NOSIGNAL, plus MSG_MORE when `more`, MSG_WAITALL when `wait_all`)
   send_zc,      // zero-copy send; result arrives first, buffer is reusable only after `notified` is set
   recv,         // recv(fd, buf, len, 0)
   sendmsg,      // sendmsg(fd, {iov, iov_count}, as send): one frame in pieces
@@ -42,6 +42,11 @@ struct Completion {
   int buf_index = -1;  // registered buffer index for read_fixed/write_fixed/send_zc from a registered buffer
   bool more = false;   // send/send_zc: more bytes of the same message follow at once (MSG_MORE): the kernel
                        // holds a short piece back to fill segments instead of sending it on its own
+  // send/send_zc/sendmsg: MSG_WAITALL. io_uring then goes on sending as the socket takes more and completes
+  // the operation once all of it is in (or the socket fails); without it the operation completes with what
+  // the socket took at once. Only for a plain TCP socket (socket_sends_may_wait_all): kTLS refuses the flag
+  // (EOPNOTSUPP). A blocking TCP send ignores it.
+  bool wait_all = false;
   int file_index = -1;  // >= 0: use registered file `file_index` (register_files) instead of fd
   const iovec* iov = nullptr;  // sendmsg: the pieces (at most kMaxIov), the caller's until reaped
   unsigned iov_count = 0;

@@ -290,6 +290,12 @@ Fd tcp_connect(const HostPort& where, const SocketOptions& options) {
   throw_errno(last_err, "connect to " + to_string(where));
 }
 
+bool socket_sends_may_wait_all(int fd) {
+  char ulp[16];
+  socklen_t len = sizeof ulp;
+  return ::getsockopt(fd, IPPROTO_TCP, TCP_ULP, ulp, &len) == 0 && len == 0;
+}
+
 void apply_socket_options(int fd, const SocketOptions& options) {
   int domain = 0;
   socklen_t len = sizeof domain;

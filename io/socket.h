@@ -53,6 +53,9 @@ Fd tcp_accept(int listen_fd, int timeout_ms, const SocketOptions& options);
 Fd tcp_connect(const HostPort& where, const SocketOptions& options);
 // Applies the liveness options to an already-connected socket (used for fds handed in by a caller too).
 void apply_socket_options(int fd, const SocketOptions& options);
+// Whether fd is a TCP socket with no upper-layer protocol on it (TCP_ULP: kTLS is one), whose sends may carry
+// MSG_WAITALL (Completion::wait_all); false for anything else, a UNIX socket or a kTLS one.
+bool socket_sends_may_wait_all(int fd);
 
 // Receives exactly len bytes before `deadline`, for handshakes, where a peer that sends part of a frame and
 // falls silent must not hold us for ever (the data path has its idle time-outs instead). Returns len, 0 on

@@ -316,7 +316,8 @@ TEST(EffortController, AFastPathWhoseStepsNeedFarMoreCpuThanIdlesGetsNoTrials) {
   const Link slower{.link_gbps = 2.0, .cores = 1.6, .link_wait = 0.5};
   ASSERT_GT(slower.spare(0) + 0.5, 2.0 * (kCpu[1] - kCpu[0]) / 4);
   const Trace tried = simulate(slower, 3.0, 3000);
-  EXPECT_GT(std::count_if(tried.efforts.begin() + 200, tried.efforts.end(), [](double e) { return e > 0; }), 0);
+  EXPECT_GT(std::count_if(tried.efforts.begin() + 200, tried.efforts.end(), [](double e) { return e > 0; }),
+            0);
 }
 
 TEST(EffortController, TheFifthRungIsClimbedWhereTheCpuPaysForIt) {
@@ -376,7 +377,7 @@ TEST(EffortController, AStartThatLooksCpuBoundOnASlowPathKeepsLz4sPeriod) {
   // lz4 is back after that, before raw's measured period.
   slow.busy_start_chunks = 8;
   run = simulate(slow, 3.0, 600);
-  EXPECT_LE(std::count(run.efforts.begin(), run.efforts.end(), 0.0), 8);  // its warm-up only (its period: 8 more)
+  EXPECT_LE(std::count(run.efforts.begin(), run.efforts.end(), 0.0), 8);  // raw's warm-up only (+8: its period)
   EXPECT_LT(std::find(run.efforts.begin(), run.efforts.end(), 2.0) - run.efforts.begin(), 32);
   // A fast path (faster than lz4) still skips it, right after the warm-up's first 4 chunks.
   const Link fast{.link_gbps = 10, .cores = 1.0, .tcp_path_rate = true, .busy_start_chunks = 16};

@@ -118,6 +118,27 @@ TEST(Tcp, ListenConnectAcceptExchange) {
   EXPECT_EQ(std::string(buf, 4), "pong");
 }
 
+// MSG_WAITALL on sends only where the socket takes it: plain TCP. kTLS refuses the flag (EOPNOTSUPP), and a
+// UNIX socket is not what the check knows.
+TEST(Tcp, OnlyPlainTcpSocketsSendWithWaitAll) {
+  Fd listener = tcp_listen(parse_host_port("127.0.0.1:0"));
+  ASSERT_TRUE(listener);
+  Fd client = tcp_connect({"127.0.0.1", bound_port(listener.get())}, {});
+  Fd server = tcp_accept(listener.get(), 5000, {});
+  ASSERT_TRUE(client && server);
+  EXPECT_TRUE(socket_sends_may_wait_all(client.get()));
+  EXPECT_TRUE(socket_sends_may_wait_all(server.get()));
+  int sv[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+  Fd a(sv[0]), b(sv[1]);
+  EXPECT_FALSE(socket_sends_may_wait_all(a.get()));
+  EXPECT_FALSE(socket_sends_may_wait_all(-1));
+  // With the kernel's TLS module, the upper-layer protocol alone (no keys yet) rules the flag out.
+  if (::setsockopt(client.get(), IPPROTO_TCP, TCP_ULP, "tls", sizeof "tls") == 0) {
+    EXPECT_FALSE(socket_sends_may_wait_all(client.get()));
+  }
+}
+
 TEST(Tcp, SendStateReportsTheDeliveryRateAfterDataWasAcknowledged) {
   Fd listener = tcp_listen(parse_host_port("127.0.0.1:0"));
   Fd client = tcp_connect({"127.0.0.1", bound_port(listener.get())}, {});
