@@ -259,7 +259,10 @@ struct Shared {
 class Worker {
  public:
   Worker(Shared& shared, unsigned index)
-      : sh_(shared), index_(index), link_(shared.links[index]), wait_all_(io::socket_sends_may_wait_all(fd())) {}
+      : sh_(shared),
+        index_(index),
+        link_(shared.links[index]),
+        wait_all_(io::socket_sends_may_wait_all(fd())) {}
 
   void run() {
     try {
