@@ -1010,9 +1010,10 @@ def main_run(a, h):
                             + extra)
                     else:
                         log(f"[{n}/{total}] {link_label(link)} {prof} {tool}: {rec['status']}: {rec.get('error')}")
-                    if rep == 0 and repeats_for(a, link, rec) > reps[tool]:
-                        total += repeats_for(a, link, rec) - reps[tool]
-                        reps[tool] = repeats_for(a, link, rec)
+                    if rep == 0:  # a short first run asks for more
+                        more = repeats_for(a, link, rec)
+                        total += more - reps[tool]
+                        reps[tool] = more
                 rep += 1
     results["seconds"] = time.monotonic() - t_begin
     results["loadavg_end"] = open("/proc/loadavg").read().split()[:3]

@@ -276,7 +276,7 @@ void EffortController::end_period(Clock::time_point now, uint64_t sent, uint64_t
     const bool path_allows_raw = path_rate_ < 0 || path_rate_ >= rate;
     const bool link_kept_up = rate >= kKeptUpShare * sent_rate_;
     trace(rate, link_share);
-    if (opened_ == 0 && link_share <= kCpuBoundShare && spare_cores_ >= 0 && usable_spare() < kNoSpareCores &&
+    if (opened_ == 0 && link_share <= kCpuBoundShare && no_spare() &&
         lz4_ratio >= kSkipLz4MinRatio && path_allows_raw && link_kept_up) {
       opened_ = 1;
       switch_to(opening_[1], now, idle);
@@ -305,8 +305,7 @@ void EffortController::end_period(Clock::time_point now, uint64_t sent, uint64_t
   // time at effort 0.25 with nothing idle). Without this, a level below whose measurement went stale was
   // never tried again, and auto could stay at 0.25 for a whole transfer (2 traces in 10: 1.11-1.27 GB/s
   // against 1.9).
-  const bool no_spare = spare_cores_ >= 0 && usable_spare() < kNoSpareCores;
-  const bool cpu_bound = link_share <= kCpuBoundShare || no_spare;
+  const bool cpu_bound = link_share <= kCpuBoundShare || no_spare();
 
   const bool in_opening = opened_ < opening_count_;
   int next = current_;
@@ -335,7 +334,7 @@ void EffortController::end_period(Clock::time_point now, uint64_t sent, uint64_t
       // different data, and at 1 Gbit/s the rate along mixed state varies more from one period to the next
       // than from lz4 to zstd (auto went back to lz4 in 4 of 6 traces on mixed state, and took ~300 ms to
       // climb back; 0 of 6 now).
-      const bool zstd_holds = current_ == opening_[2] && link_bound && !no_spare &&
+      const bool zstd_holds = current_ == opening_[2] && link_bound && !no_spare() &&
                               encoded_ratio(2, kCostMinBytes) >= 0 &&
                               encoded_ratio(2, kCostMinBytes) < encoded_ratio(1, kCostMinBytes);
       for (int l = 0; l < levels_ && !zstd_holds; ++l) {
@@ -385,8 +384,7 @@ void EffortController::trace(double rate, double link_share) const {
 // Whether raw, running at `rate` after lz4's period was skipped, waits on the link (more than a CPU-bound
 // worker does) with CPU idle, at less than half what lz4's encode cost allows: see end_period.
 bool EffortController::lz4_wanted_back(double rate, double link_share) const {
-  const bool no_spare = spare_cores_ >= 0 && usable_spare() < kNoSpareCores;
-  return link_share > kCpuBoundShare && !no_spare && lz4_outruns(2 * rate);
+  return link_share > kCpuBoundShare && !no_spare() && lz4_outruns(2 * rate);
 }
 
 // Whether lz4's measured encode cost lets the workers (a core each at most) encode more than `rate`
@@ -452,6 +450,11 @@ double EffortController::extra_cores(double rate) const {
   const double cost[2] = {cost_per_byte(rung), cost_per_byte(rung + 1)};
   if (cost[0] < 0 || cost[1] < 0) return -1;
   return rate * std::max(0.0, cost[1] - cost[0]) / kLevelsPerRung;
+}
+
+// Whether the idle CPU is known and the workers could spend next to none of it.
+bool EffortController::no_spare() const {
+  return spare_cores_ >= 0 && usable_spare() < kNoSpareCores;
 }
 
 // The idle CPU the workers could spend on encoding: what the cores leave idle, but no more than the workers

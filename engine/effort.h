@@ -187,6 +187,7 @@ class EffortController {
   bool ample_spare(double rate) const;
   double extra_cores(double rate) const;
   double usable_spare() const;
+  bool no_spare() const;
   bool lz4_outruns(double rate) const;
   bool lz4_wanted_back(double rate, double link_share) const;
   double cost_per_byte(int rung) const;
