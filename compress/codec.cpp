@@ -106,33 +106,106 @@ DecodeError decode_zstd(std::span<const std::byte> enc, std::span<std::byte> raw
 // calling convention without -mavx and draws -Wpsabi), NEON on arm64.
 typedef uint64_t Vec16 __attribute__((vector_size(16)));
 
-// Returns the payload size, or 0 when the chunk has no zero page or the payload does not fit. `gather`: writes
-// the bitmap only (the caller sends the present pages from raw).
-size_t compress_sparse(std::span<const std::byte> raw, std::byte* out, size_t capacity, bool gather = false) {
-  const size_t pages = sparse_page_count(raw.size());
-  const size_t bitmap = sparse_bitmap_bytes(raw.size());
-  if (capacity < bitmap) return 0;
-  // Find the zero pages first (a non-zero page usually shows it in its first bytes), and copy only when
-  // there is one: most raw chunks have none, and copying them for nothing would double their cost.
-  std::memset(out, 0, bitmap);
-  size_t n = bitmap;
-  for (size_t i = 0; i < pages; ++i) {
+// Sets bit i of `bits` (sparse_bitmap_bytes(raw.size()) bytes) when page i of raw is not all zero, clears it
+// otherwise. Returns the present pages' bytes. A non-zero page usually shows it in its first bytes.
+size_t page_bitmap(std::span<const std::byte> raw, std::byte* bits) {
+  std::memset(bits, 0, sparse_bitmap_bytes(raw.size()));
+  size_t present = 0;
+  for (size_t i = 0; i < sparse_page_count(raw.size()); ++i) {
     const size_t off = i * kSparsePageBytes;
     const size_t len = std::min(kSparsePageBytes, raw.size() - off);
     if (is_zero(raw.data() + off, len)) continue;
-    out[i / 8] |= std::byte(1u << (i % 8));
-    n += len;
+    bits[i / 8] |= std::byte(1u << (i % 8));
+    present += len;
   }
-  if (n == bitmap + raw.size() || n > capacity) return 0;  // no zero page, or no room
+  return present;
+}
+
+// Per-thread scratch: a page bitmap of at least n bytes, and a streaming hasher.
+std::byte* scratch_bitmap(size_t n) {
+  thread_local std::vector<std::byte> bits;
+  if (bits.size() < n) bits.resize(n);
+  return bits.data();
+}
+Hasher64& scratch_hasher() {
+  thread_local Hasher64 hasher;
+  return hasher;
+}
+
+// HashForm::pages ends with the chunk's length.
+uint64_t length_digest(Hasher64& hasher, size_t raw_len) {
+  std::array<std::byte, 8> le;
+  for (size_t i = 0; i < le.size(); ++i) le[i] = std::byte(uint64_t(raw_len) >> (8 * i));
+  hasher.update(le.data(), le.size());
+  return hasher.digest();
+}
+
+// HashForm::pages of the chunk `raw` whose page bitmap is `bits`.
+uint64_t pages_hash(std::span<const std::byte> raw, std::span<const std::byte> bits, Hasher64& hasher) {
+  hasher.reset();
+  for_each_sparse_page_run(bits, raw.size(), [&](size_t off, size_t len, bool present) {
+    if (present) hasher.update(raw.data() + off, len);
+  });
+  hasher.update(bits.data(), bits.size());
+  return length_digest(hasher, raw.size());
+}
+
+// Whether the chunk of raw_len bytes whose sparse form (layout checked) is `sparse` hashes to `expect` in
+// `form`. pages: a present page that is all zero makes the form corrupt, as page_bitmap never sets its bit
+// (the hash is then a function of the chunk's bytes, one form per chunk).
+DecodeError check_sparse_hash(HashForm form, std::span<const std::byte> sparse, size_t raw_len,
+                              uint64_t expect, Hasher64& hasher) {
+  const size_t bitmap = sparse_bitmap_bytes(raw_len);
+  hasher.reset();
+  if (form == HashForm::pages) {
+    // The present pages lie packed in order; only the chunk's last page may be short, and it comes last.
+    for (size_t at = bitmap; at < sparse.size(); at += kSparsePageBytes) {
+      if (is_zero(sparse.data() + at, std::min(kSparsePageBytes, sparse.size() - at)))
+        return DecodeError::corrupt;
+    }
+    hasher.update(sparse.data() + bitmap, sparse.size() - bitmap);
+    hasher.update(sparse.data(), bitmap);
+    return length_digest(hasher, raw_len) == expect ? DecodeError::ok : DecodeError::hash_mismatch;
+  }
+  // Zero runs are hashed from this buffer, which stays in the L1 cache: no page of the chunk is written.
+  alignas(64) static constexpr std::byte kZeroRun[4 * kSparsePageBytes]{};
+  for_each_sparse_run(sparse, raw_len, [&](size_t, size_t len, const std::byte* data) {
+    if (data) {
+      hasher.update(data, len);
+      return;
+    }
+    for (size_t done = 0; done < len;) {
+      const size_t n = std::min(len - done, sizeof kZeroRun);
+      hasher.update(kZeroRun, n);
+      done += n;
+    }
+  });
+  return hasher.digest() == expect ? DecodeError::ok : DecodeError::hash_mismatch;
+}
+
+// Returns the payload size, or 0 when the chunk has no zero page or the payload does not fit. `gather`:
+// writes the bitmap only (the caller sends the present pages from raw). `bits`: the chunk's page bitmap when
+// the caller has it, `present` what page_bitmap returned with it.
+size_t compress_sparse(std::span<const std::byte> raw, std::byte* out, size_t capacity, bool gather = false,
+                       const std::byte* bits = nullptr, size_t present = 0) {
+  const size_t bitmap = sparse_bitmap_bytes(raw.size());
+  if (capacity < bitmap) return 0;
+  // The zero pages first, and copies only when there is one: most raw chunks have none, and copying them for
+  // nothing would double their cost.
+  if (bits)
+    std::memcpy(out, bits, bitmap);
+  else
+    present = page_bitmap(raw, out);
+  const size_t n = bitmap + present;
+  if (present == raw.size() || n > capacity) return 0;  // no zero page, or no room
   if (gather) return n;
-  size_t at = bitmap;
-  for (size_t i = 0; i < pages; ++i) {
-    if (!sparse_page_present(std::span<const std::byte>(out, bitmap), i)) continue;
-    const size_t off = i * kSparsePageBytes;
-    const size_t len = std::min(kSparsePageBytes, raw.size() - off);
-    std::memcpy(out + at, raw.data() + off, len);
-    at += len;
-  }
+  std::byte* at = out + bitmap;
+  for_each_sparse_page_run(std::span<const std::byte>(out, bitmap), raw.size(),
+                           [&](size_t off, size_t len, bool here) {
+                             if (!here) return;
+                             std::memcpy(at, raw.data() + off, len);
+                             at += len;
+                           });
   return n;
 }
 
@@ -335,12 +408,23 @@ EncodeResult encode_chunk(const EncodeOptions& opts, std::span<const std::byte> 
   }
   result.codec = Codec::none;
   result.encoded_len = static_cast<uint32_t>(raw.size());
-  result.hash = hash64(raw.data(), raw.size());
+  // Hashing pages needs the page bitmap, and then so does any sparse form made below.
+  const std::byte* bits = nullptr;
+  size_t present = 0;
+  if (opts.hash == HashForm::pages) {
+    const size_t bitmap = sparse_bitmap_bytes(raw.size());
+    std::byte* b = scratch_bitmap(bitmap);
+    present = page_bitmap(raw, b);
+    bits = b;
+    result.hash = pages_hash(raw, std::span<const std::byte>(b, bitmap), scratch_hasher());
+  } else {
+    result.hash = hash64(raw.data(), raw.size());
+  }
   // Raw after all: still worth dropping the zero pages when the caller allows it.
   auto raw_result = [&] {
     if (opts.sparse_fallback && raw.size() > kSparsePageBytes) {
-      const size_t n =
-          compress_sparse(raw, out.data(), std::min(out.size(), raw.size() - 1), opts.sparse_gather);
+      const size_t n = compress_sparse(raw, out.data(), std::min(out.size(), raw.size() - 1),
+                                       opts.sparse_gather, bits, present);
       if (n > 0) {
         result.codec = Codec::sparse;
         result.encoded_len = static_cast<uint32_t>(n);
@@ -369,7 +453,7 @@ EncodeResult encode_chunk(const EncodeOptions& opts, std::span<const std::byte> 
   // it is shorter than the chunk (whatever the options say about a sparse fallback).
   std::span<const std::byte> input = raw;
   if (pageable) {
-    const size_t s = compress_sparse(raw, scratch.data(), raw.size() - 1);
+    const size_t s = compress_sparse(raw, scratch.data(), raw.size() - 1, false, bits, present);
     if (s > sparse_bitmap_bytes(raw.size())) input = std::span<const std::byte>(scratch.data(), s);
   }
   auto sparse_result = [&] {
@@ -390,7 +474,7 @@ EncodeResult encode_chunk(const EncodeOptions& opts, std::span<const std::byte> 
       n = compress_zstd(input, out.data(), limit, opts.level);
       break;
     case Codec::sparse:
-      n = compress_sparse(raw, out.data(), capacity, opts.sparse_gather);
+      n = compress_sparse(raw, out.data(), capacity, opts.sparse_gather, bits, present);
       break;
     case Codec::none:
       break;
@@ -418,13 +502,22 @@ const char* decode_error_text(DecodeError err) {
   return "unknown decode error";
 }
 
+uint64_t chunk_hash(HashForm form, std::span<const std::byte> raw) {
+  if (form == HashForm::raw) return hash64(raw.data(), raw.size());
+  const size_t bitmap = sparse_bitmap_bytes(raw.size());
+  std::byte* bits = scratch_bitmap(bitmap);
+  page_bitmap(raw, bits);
+  return pages_hash(raw, std::span<const std::byte>(bits, bitmap), scratch_hasher());
+}
+
 DecodeError decode_chunk(Codec codec, bool zero, std::span<const std::byte> enc, std::span<std::byte> raw_out,
-                         uint64_t expect_hash, size_t paged_len) {
+                         uint64_t expect_hash, size_t paged_len, HashForm form) {
   if (!codec_valid(static_cast<uint8_t>(codec))) return DecodeError::unknown_codec;
   DecodeError err = DecodeError::ok;
+  std::vector<std::byte> sparse;
   if (paged_len > 0) {
     if (zero || paged_len >= raw_out.size()) return DecodeError::bad_length;
-    std::vector<std::byte> sparse(paged_len);
+    sparse.resize(paged_len);
     err = decode_paged(codec, enc, sparse, raw_out.size());
     if (err == DecodeError::ok) err = decode_sparse(sparse, raw_out);
   } else if (zero) {
@@ -452,8 +545,13 @@ DecodeError decode_chunk(Codec codec, bool zero, std::span<const std::byte> enc,
     }
   }
   if (err != DecodeError::ok) return err;
-  if (hash64(raw_out.data(), raw_out.size()) != expect_hash) return DecodeError::hash_mismatch;
-  return DecodeError::ok;
+  // A sparse form (its layout checked by decode_sparse) hashes in the pages form as it is.
+  const std::span<const std::byte> sparse_form = paged_len > 0 ? std::span<const std::byte>(sparse)
+                                                 : codec == Codec::sparse ? enc
+                                                                          : std::span<const std::byte>();
+  if (form == HashForm::pages && sparse_form.data())
+    return check_sparse_hash(form, sparse_form, raw_out.size(), expect_hash, scratch_hasher());
+  return chunk_hash(form, raw_out) == expect_hash ? DecodeError::ok : DecodeError::hash_mismatch;
 }
 
 DecodeError decode_paged(Codec codec, std::span<const std::byte> enc, std::span<std::byte> sparse_out,
@@ -468,23 +566,9 @@ DecodeError decode_paged(Codec codec, std::span<const std::byte> enc, std::span<
 }
 
 DecodeError verify_sparse(std::span<const std::byte> enc, size_t raw_len, uint64_t expect_hash,
-                          Hasher64& hasher) {
+                          Hasher64& hasher, HashForm form) {
   if (const DecodeError err = check_sparse(enc, raw_len); err != DecodeError::ok) return err;
-  // Zero runs are hashed from this buffer, which stays in the L1 cache: no page of the chunk is written.
-  alignas(64) static constexpr std::byte kZeroRun[4 * kSparsePageBytes]{};
-  hasher.reset();
-  for_each_sparse_run(enc, raw_len, [&](size_t, size_t len, const std::byte* data) {
-    if (data) {
-      hasher.update(data, len);
-      return;
-    }
-    for (size_t done = 0; done < len;) {
-      const size_t n = std::min(len - done, sizeof kZeroRun);
-      hasher.update(kZeroRun, n);
-      done += n;
-    }
-  });
-  return hasher.digest() == expect_hash ? DecodeError::ok : DecodeError::hash_mismatch;
+  return check_sparse_hash(form, enc, raw_len, expect_hash, hasher);
 }
 
 void expand_sparse_at_end(std::span<std::byte> buf, size_t enc_len, size_t raw_len) {

@@ -37,7 +37,8 @@ inline constexpr auto kAckEvery = std::chrono::milliseconds(100);
 inline constexpr uint32_t kStreamAckZeroChunks = 64;
 
 uint64_t our_capabilities() {
-  return wire::kCapLz4 | wire::kCapZstd | wire::kCapTransactions | wire::kCapResume | wire::kCapPaged;
+  return wire::kCapLz4 | wire::kCapZstd | wire::kCapTransactions | wire::kCapResume | wire::kCapPaged |
+         wire::kCapPageHash;
 }
 
 // A stream's buffer for an encoded payload: the largest any codec may send for one chunk.
@@ -256,8 +257,10 @@ class StreamWorker {
       compress::DecodeError de = compress::DecodeError::ok;
       if (paged) de = compress::decode_paged(compress::Codec(h.codec), enc, sparse, h.raw_len);
       if (de == compress::DecodeError::ok) {
-        de = sparse_in_slot ? compress::verify_sparse(sparse, h.raw_len, h.hash, hasher_)
-                            : compress::decode_chunk(compress::Codec(h.codec), false, enc, raw, h.hash);
+        const compress::HashForm form = wire::hash_form(sh_.hello_ack.capabilities);
+        de = sparse_in_slot
+                 ? compress::verify_sparse(sparse, h.raw_len, h.hash, hasher_, form)
+                 : compress::decode_chunk(compress::Codec(h.codec), false, enc, raw, h.hash, 0, form);
       }
       if (de != compress::DecodeError::ok) {
         sh_.fail(Reason::checksum, name_ + ": chunk " + std::to_string(h.seq) + " at offset " +

@@ -126,7 +126,8 @@ HandshakeError await_hello_ack(int fd, const wire::Hello& hello, int timeout_ms,
 }
 
 uint64_t our_capabilities() {
-  return wire::kCapLz4 | wire::kCapZstd | wire::kCapTransactions | wire::kCapResume | wire::kCapPaged;
+  return wire::kCapLz4 | wire::kCapZstd | wire::kCapTransactions | wire::kCapResume | wire::kCapPaged |
+         wire::kCapPageHash;
 }
 
 // Chooses the codec from the mode and what the receiver accepts.
@@ -134,6 +135,7 @@ std::string pick_codec(const SendOptions& o, uint64_t caps, compress::EncodeOpti
                        bool* zstd_in_auto) {
   enc->level = o.zstd_level;
   enc->paged = (caps & wire::kCapPaged) != 0;  // used by lz4 and zstd only
+  enc->hash = wire::hash_form(caps);
   switch (o.codec) {
     case CodecMode::none:
       enc->codec = compress::Codec::none;
@@ -1110,7 +1112,7 @@ class Worker {
       reread_memory_ = io::IoMemory(wire::kHeaderBytes + sh_.chunk_bytes);
     std::byte* raw = reread_memory_.data() + wire::kHeaderBytes;
     sh_.source.read_at(*sync_ring_, h.offset, std::span<std::byte>(raw, h.raw_len));
-    if (compress::hash64(raw, h.raw_len) != h.hash) {
+    if (compress::chunk_hash(sh_.encode.hash, std::span<const std::byte>(raw, h.raw_len)) != h.hash) {
       throw std::runtime_error(sh_.source.describe() + ": chunk " + std::to_string(h.seq) + " at offset " +
                                std::to_string(h.offset) +
                                " changed since it was sent (read again to resume a broken stream)");

@@ -8,6 +8,7 @@
 #include <string>
 #include <string_view>
 
+#include "compress/codec.h"
 #include "compress/hash.h"
 
 namespace dstx::engine::wire {
@@ -50,8 +51,13 @@ inline constexpr uint64_t kCapLz4 = 1u << 0;
 inline constexpr uint64_t kCapZstd = 1u << 1;
 inline constexpr uint64_t kCapTransactions = 1u << 2;
 inline constexpr uint64_t kCapResume = 1u << 3;
-inline constexpr uint64_t kCapPaged = 1u << 4;  // decodes kFlagPaged
-inline constexpr uint64_t kCapsKnown = kCapLz4 | kCapZstd | kCapTransactions | kCapResume | kCapPaged;
+inline constexpr uint64_t kCapPaged = 1u << 4;     // decodes kFlagPaged
+inline constexpr uint64_t kCapPageHash = 1u << 5;  // DATA hashes are compress::HashForm::pages
+inline constexpr uint64_t kCapsKnown =
+    kCapLz4 | kCapZstd | kCapTransactions | kCapResume | kCapPaged | kCapPageHash;
+inline compress::HashForm hash_form(uint64_t caps) {
+  return caps & kCapPageHash ? compress::HashForm::pages : compress::HashForm::raw;
+}
 
 // HELLO flags.
 inline constexpr uint16_t kHelloResume = 1u << 0;  // reconnecting a broken stream of a running session

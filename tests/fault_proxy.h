@@ -1,18 +1,21 @@
 // A TCP proxy between a sender and a receiver that injects one fault into the sender → receiver direction of
 // one connection: flip a bit, cut the connection (both directions die at once, as when a link goes down; the
 // path may stay down for a while or for good), truncate it (a clean close mid-stream), duplicate bytes, or
-// delay everything. Used by the transfer, resume and fault-matrix tests. Loopback only.
+// delay everything. It can also clear capability bits in every connection's HELLO (a receiver without them,
+// as both ends then agree). Used by the transfer, resume and fault-matrix tests. Loopback only.
 #pragma once
 
 #include <poll.h>
 #include <sys/socket.h>
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <memory>
 #include <thread>
 #include <vector>
 
+#include "engine/wire.h"
 #include "io/socket.h"
 
 namespace dstx::test {
@@ -26,6 +29,7 @@ struct Fault {
   int down_ms = 0;      // cut: refuse connections for this long afterwards (-1: for good)
   int stall_ms = 0;     // cut: first read and drop what comes for this long, so that frames the sender has
                         // handed over in full are lost whatever the socket buffers hold
+  uint64_t clear_caps = 0;  // capability bits cleared in the HELLO of every connection (any fault kind)
 };
 
 class FaultProxy {
@@ -77,6 +81,13 @@ class FaultProxy {
   void pump(int from, int to, bool faulty, int peer) {
     std::vector<char> buf(1 << 16);
     int64_t pos = 0;
+    if (peer >= 0 && fault_.clear_caps != 0) {  // the sender's direction starts with its HELLO
+      if (!forward_hello(from, to)) {
+        shutdown(to, SHUT_WR);
+        return;
+      }
+      pos = engine::wire::kHeaderBytes + engine::wire::kHelloBytes;
+    }
     for (;;) {
       pollfd p{.fd = from, .events = POLLIN, .revents = 0};
       const int r = poll(&p, 1, 50);
@@ -126,6 +137,29 @@ class FaultProxy {
       if (send(to, buf.data(), size_t(n), MSG_NOSIGNAL) != n) break;
     }
     shutdown(to, SHUT_WR);
+  }
+
+  // Reads the HELLO frame from `from` whole, clears fault_.clear_caps in it (its checksum redone) and sends
+  // it on. False when the connection ends first or the frame is no HELLO.
+  bool forward_hello(int from, int to) {
+    std::array<std::byte, engine::wire::kHeaderBytes + engine::wire::kHelloBytes> frame;
+    for (size_t got = 0; got < frame.size();) {
+      pollfd p{.fd = from, .events = POLLIN, .revents = 0};
+      if (poll(&p, 1, 50) == 0) {
+        if (stop_) return false;
+        continue;
+      }
+      const ssize_t n = recv(from, frame.data() + got, frame.size() - got, 0);
+      if (n <= 0) return false;
+      got += size_t(n);
+    }
+    const std::span<std::byte, engine::wire::kHelloBytes> hello(frame.data() + engine::wire::kHeaderBytes,
+                                                                engine::wire::kHelloBytes);
+    engine::wire::Hello h;
+    if (engine::wire::decode_hello(hello, &h) != engine::wire::Error::ok) return false;
+    h.capabilities &= ~fault_.clear_caps;
+    engine::wire::encode_hello(h, hello);
+    return send(to, frame.data(), frame.size(), MSG_NOSIGNAL) == ssize_t(frame.size());
   }
 
   // Reads and drops what `from` sends for `d` (a path that swallows frames before it breaks).

@@ -924,5 +924,108 @@ TEST(Paged, DecodeRejectsWhatDoesNotMatch) {
   EXPECT_EQ(decode_chunk(Codec::lz4, true, enc, back, r.hash, r.paged_len), DecodeError::bad_length);
 }
 
+// HashForm::pages, built by hand from its definition: the present pages in order, the bitmap, the length
+// (u64 little-endian). Chunks of one short page, whole pages, a short last page, and a long bitmap.
+TEST(PageHash, IsThePresentPagesThenTheBitmapThenTheLength) {
+  for (size_t len : {size_t{1}, size_t{4096}, size_t{5 * 4096 - 1}, size_t{(1 << 20) + 100}}) {
+    SCOPED_TRACE(len);
+    Bytes raw = random_bytes(len, 21);
+    for (size_t page = 1; page * 4096 < len; page += 3)
+      std::memset(raw.data() + page * 4096, 0, std::min<size_t>(4096, len - page * 4096));
+    Bytes pages, bitmap(sparse_bitmap_bytes(len));
+    for (size_t page = 0; page * 4096 < len; ++page) {
+      if (page % 3 == 1) continue;  // the zero ones
+      bitmap[page / 8] |= std::byte(1u << (page % 8));
+      pages.insert(pages.end(), raw.begin() + page * 4096, raw.begin() + std::min(len, (page + 1) * 4096));
+    }
+    Bytes form = pages;
+    form.insert(form.end(), bitmap.begin(), bitmap.end());
+    for (size_t i = 0; i < 8; ++i) form.push_back(std::byte(uint64_t(len) >> (8 * i)));
+    EXPECT_EQ(chunk_hash(HashForm::pages, raw), hash64(form.data(), form.size()));
+    EXPECT_EQ(chunk_hash(HashForm::raw, raw), hash64(raw.data(), raw.size()));
+  }
+}
+
+// The bitmap and the length are in the hash: the same page elsewhere in the chunk, or one more zero page at
+// the end, hashes differently; so does a zero page against a page of one set byte.
+TEST(PageHash, TellsWhereEachPageIsAndHowLongTheChunkIs) {
+  const Bytes page = random_bytes(4096, 22);
+  Bytes first(8192), second(8192), longer(12288);
+  std::copy(page.begin(), page.end(), first.begin());
+  std::copy(page.begin(), page.end(), second.begin() + 4096);
+  std::copy(page.begin(), page.end(), longer.begin());
+  Bytes one_byte = first;
+  one_byte[8191] = std::byte{1};
+  const uint64_t a = chunk_hash(HashForm::pages, first);
+  EXPECT_NE(a, chunk_hash(HashForm::pages, second));
+  EXPECT_NE(a, chunk_hash(HashForm::pages, longer));
+  EXPECT_NE(a, chunk_hash(HashForm::pages, page));
+  EXPECT_NE(a, chunk_hash(HashForm::pages, one_byte));
+  EXPECT_NE(a, chunk_hash(HashForm::raw, first));
+}
+
+// Every codec, with and without paging, gathered sparse forms, and chunks with no zero page: the encoder
+// reports the chunk's hash in the form asked for, and the decoder and verify_sparse accept it in that form
+// only.
+TEST(PageHash, EncodersReportItAndDecodersCheckIt) {
+  Bytes holes = text_bytes(9 * 4096 + 17, 23);
+  std::memset(holes.data() + 4096, 0, 3 * 4096);
+  const Bytes full = text_bytes(64 << 10, 24);
+  Bytes scratch(paged_scratch_bytes(holes.size()));
+  Hasher64 hasher;
+  for (const Bytes* raw : {static_cast<const Bytes*>(&holes), &full}) {
+    for (const Codec codec : {Codec::none, Codec::lz4, Codec::zstd, Codec::sparse}) {
+      for (const bool paged : {false, true}) {
+        SCOPED_TRACE(std::string(codec_name(codec)) + (paged ? " paged " : " ") + std::to_string(raw->size()));
+        EncodeOptions opts{.codec = codec, .probe_incompressible = false, .sparse_fallback = true,
+                           .paged = paged, .hash = HashForm::pages};
+        Bytes out(encode_bound(Codec::sparse, raw->size()) + encode_bound(codec, raw->size()));
+        const EncodeResult r = encode_chunk(opts, *raw, out, scratch);
+        EXPECT_EQ(r.hash, chunk_hash(HashForm::pages, *raw));
+        const std::span<const std::byte> enc =
+            r.codec == Codec::none ? std::span<const std::byte>(*raw) : std::span(out.data(), r.encoded_len);
+        Bytes back(raw->size());
+        EXPECT_EQ(decode_chunk(r.codec, false, enc, back, r.hash, r.paged_len, HashForm::pages), DecodeError::ok);
+        EXPECT_EQ(back, *raw);
+        EXPECT_EQ(decode_chunk(r.codec, false, enc, back, r.hash, r.paged_len, HashForm::raw),
+                  DecodeError::hash_mismatch);
+        if (r.codec == Codec::sparse) {
+          EXPECT_EQ(verify_sparse(enc, raw->size(), r.hash, hasher, HashForm::pages), DecodeError::ok);
+          EXPECT_EQ(verify_sparse(enc, raw->size(), r.hash, hasher, HashForm::raw), DecodeError::hash_mismatch);
+          EXPECT_EQ(verify_sparse(enc, raw->size(), r.hash ^ 1, hasher, HashForm::pages),
+                    DecodeError::hash_mismatch);
+        }
+        opts.sparse_gather = true;  // the bitmap alone written, the same hash
+        EXPECT_EQ(encode_chunk(opts, *raw, out, scratch).hash, r.hash);
+      }
+    }
+  }
+}
+
+// A sparse form that moves a page (lengths still add up) fails the hash; one that marks an all-zero page
+// present stands for the same bytes but is not the chunk's form, so pages calls it corrupt (raw, which
+// hashes the bytes, accepts it).
+TEST(PageHash, AMovedPageOrAZeroPageMarkedPresentIsRejected) {
+  Bytes raw = random_bytes(2 * 4096, 25);
+  std::memset(raw.data() + 4096, 0, 4096);
+  const uint64_t pages = chunk_hash(HashForm::pages, raw);
+  Hasher64 hasher;
+  Bytes moved(1 + 4096);
+  moved[0] = std::byte{0b10};
+  std::copy(raw.begin(), raw.begin() + 4096, moved.begin() + 1);
+  Bytes back(raw.size());
+  EXPECT_EQ(verify_sparse(moved, raw.size(), pages, hasher, HashForm::pages), DecodeError::hash_mismatch);
+  EXPECT_EQ(decode_chunk(Codec::sparse, false, moved, back, pages, 0, HashForm::pages), DecodeError::hash_mismatch);
+  Bytes marked(1 + raw.size());
+  marked[0] = std::byte{0b11};
+  std::copy(raw.begin(), raw.end(), marked.begin() + 1);
+  EXPECT_EQ(verify_sparse(marked, raw.size(), pages, hasher, HashForm::pages), DecodeError::corrupt);
+  EXPECT_EQ(decode_chunk(Codec::sparse, false, marked, back, pages, 0, HashForm::pages), DecodeError::corrupt);
+  const uint64_t bytes = chunk_hash(HashForm::raw, raw);
+  EXPECT_EQ(verify_sparse(marked, raw.size(), bytes, hasher, HashForm::raw), DecodeError::ok);
+  EXPECT_EQ(decode_chunk(Codec::sparse, false, marked, back, bytes, 0, HashForm::raw), DecodeError::ok);
+  EXPECT_EQ(back, raw);
+}
+
 }  // namespace
 }  // namespace dstx::compress

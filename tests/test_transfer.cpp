@@ -482,6 +482,48 @@ TEST(Transfer, ThroughAnHonestProxy) {
   EXPECT_TRUE(o.recv.committed) << o.recv.error;
 }
 
+// The stream digest a transfer of `gen`'s first `size` bytes in chunks of `chunk` gives, its chunk hashes
+// in `form` (an all-zero chunk's is 0).
+uint64_t expected_digest(const io::ContentGenerator& gen, uint64_t size, uint32_t chunk, compress::HashForm form) {
+  wire::StreamDigest digest;
+  std::vector<std::byte> bytes(chunk);
+  for (uint64_t seq = 1, at = 0; at < size; ++seq, at += chunk) {
+    const std::span<std::byte> raw(bytes.data(), size_t(std::min<uint64_t>(chunk, size - at)));
+    gen.fill(at, raw);
+    const bool zero = compress::is_zero(raw.data(), raw.size());
+    digest.add(seq, uint32_t(raw.size()), zero ? 0 : compress::chunk_hash(form, raw));
+  }
+  return digest.value();
+}
+
+// Chunk hashes cover the present pages when both ends can (capability bit 5), and the bytes when the
+// receiver cannot (the bit cleared in the HELLO on its way, so that both ends agree): the stream digest,
+// made of the chunk hashes, says which. Zero-heavy state, so that the two differ in every non-zero chunk.
+TEST(Transfer, ChunkHashesCoverPagesOnlyWhereBothEndsAgree) {
+  const io::ContentGenerator gen(io::Profile::zero_heavy, 8);
+  constexpr uint64_t size = 8 << 20;
+  constexpr uint32_t chunk = 256 << 10;
+  for (const CodecMode codec : {CodecMode::none, CodecMode::sparse, CodecMode::lz4, CodecMode::auto_select}) {
+    for (const bool old_receiver : {false, true}) {
+      SCOPED_TRACE(std::to_string(int(codec)) + (old_receiver ? " old receiver" : ""));
+      auto src = io::open_emu_source(gen, size);
+      auto sink = io::open_emu_sink(gen, size);
+      std::unique_ptr<FaultProxy> proxy;
+      const Outcome o = transfer(*src, *sink, SendOptions{.streams = 2, .chunk_bytes = chunk, .codec = codec},
+                                 {}, [&](uint16_t port) {
+                                   proxy = std::make_unique<FaultProxy>(
+                                       port, Fault{.clear_caps = old_receiver ? wire::kCapPageHash : 0});
+                                   return proxy->port();
+                                 });
+      ASSERT_TRUE(o.send.committed) << o.send.error;
+      ASSERT_TRUE(o.recv.committed) << o.recv.error;
+      const auto form = old_receiver ? compress::HashForm::raw : compress::HashForm::pages;
+      EXPECT_EQ(o.send.digest, expected_digest(gen, size, chunk, form));
+      EXPECT_EQ(o.recv.digest, o.send.digest);
+    }
+  }
+}
+
 // Every flipped byte, wherever it lands (headers, hello, payloads of each kind), fails the transfer on both
 // sides and leaves no file behind.
 TEST(Transfer, AFlippedByteOnTheWireIsAlwaysCaught) {

@@ -231,8 +231,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       engine::wire::Hello want = e.first;
       want.stream_index = mine.stream_index;
       // What this receiver offers over handed-in connections (resume needs a listener to come back to).
-      want.capabilities = e.first.capabilities & (engine::wire::kCapLz4 | engine::wire::kCapZstd |
-                                                  engine::wire::kCapTransactions | engine::wire::kCapPaged);
+      want.capabilities = e.first.capabilities &
+                          (engine::wire::kCapLz4 | engine::wire::kCapZstd | engine::wire::kCapTransactions |
+                           engine::wire::kCapPaged | engine::wire::kCapPageHash);
       FUZZ_CHECK(
           ack == want, "connection %zu: HELLO_ACK index %u session %llx caps %llx, expected %u %llx %llx", i,
           ack.stream_index, (unsigned long long)ack.session_id, (unsigned long long)ack.capabilities,

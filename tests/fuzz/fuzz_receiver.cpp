@@ -9,7 +9,8 @@
 //                                                    stream (version 1, chunk size folded into 4 KiB..64 KiB,
 //                                                    good checksum; session and capabilities left as they
 //                                                    are)
-//   bit 2: repair each DATA hash from what its payload decodes to (zero chunks: hash 0)
+//   bit 2: repair each DATA hash from what its payload decodes to (zero chunks: hash 0), in the form the
+//          HELLO's capabilities ask for (compress::HashForm)
 //   bit 3: renumber DATA seq 1, 2, 3... and offsets to the bytes before
 //   bit 4: make END carry the right count, byte count and digest
 //   bit 5: the sink takes pieces (io::Sink::takes_pieces): a sparse chunk reaches it as its runs of present
@@ -50,7 +51,7 @@ constexpr int kIdleTimeoutMs = 250;
 struct Chunk {
   uint32_t raw_len = 0;
   bool zero = false;
-  uint64_t hash = 0;  // XXH3-64 of the bytes (0 for zero)
+  uint64_t hash = 0;  // the bytes' hash in the stream's form (0 for zero)
 };
 
 // Records how the receiver drives its sink, checking order as it goes. Whole chunks: each write is one chunk.
@@ -58,7 +59,8 @@ struct Chunk {
 // that came in zero runs only is recorded as zero with the hash of its bytes.
 class CheckingSink : public io::Sink {
  public:
-  CheckingSink(bool pieces, std::vector<uint32_t> bounds) : pieces_(pieces), bounds_(std::move(bounds)) {}
+  CheckingSink(bool pieces, std::vector<uint32_t> bounds, compress::HashForm form)
+      : pieces_(pieces), bounds_(std::move(bounds)), form_(form) {}
   std::string describe() const override { return "fuzz sink"; }
   bool takes_pieces() const override { return pieces_; }
   void write(io::Ring&, uint64_t offset, std::span<const std::byte> data) override {
@@ -69,7 +71,7 @@ class CheckingSink : public io::Sink {
                data.size());
     bytes_ += data.size();
     if (!pieces_) {
-      chunks_.push_back(Chunk{uint32_t(data.size()), false, compress::hash64(data.data(), data.size())});
+      chunks_.push_back(Chunk{uint32_t(data.size()), false, compress::chunk_hash(form_, data)});
       return;
     }
     piece_.insert(piece_.end(), data.begin(), data.end());
@@ -110,14 +112,14 @@ class CheckingSink : public io::Sink {
     FUZZ_CHECK(k < bounds_.size() && piece_.size() <= bounds_[k],
                "sink pieces of chunk %zu run to %zu bytes, past the chunk's end", k + 1, piece_.size());
     if (piece_.size() < bounds_[k]) return;
-    chunks_.push_back(
-        Chunk{uint32_t(piece_.size()), piece_zero_only_, compress::hash64(piece_.data(), piece_.size())});
+    chunks_.push_back(Chunk{uint32_t(piece_.size()), piece_zero_only_, compress::chunk_hash(form_, piece_)});
     piece_.clear();
     piece_zero_only_ = true;
   }
 
   const bool pieces_;
   const std::vector<uint32_t> bounds_;
+  const compress::HashForm form_;
   std::vector<std::byte> piece_;  // the chunk being joined
   bool piece_zero_only_ = true;
   uint64_t bytes_ = 0;
@@ -131,14 +133,16 @@ size_t paged_len(const Header& h) { return (h.flags & engine::wire::kFlagPaged) 
 
 // The hash a DATA payload decodes to, when it decodes (raw_len bounded first: the fix-up must not allocate
 // what the frame claims).
-std::optional<uint64_t> decoded_hash(const Header& h, std::span<const std::byte> payload) {
+std::optional<uint64_t> decoded_hash(const Header& h, std::span<const std::byte> payload,
+                                     compress::HashForm form) {
   if (h.raw_len == 0 || h.raw_len > engine::wire::kMaxChunkBytes || !compress::codec_valid(h.codec))
     return {};
   std::vector<std::byte> raw(h.raw_len);
-  const auto err = compress::decode_chunk(compress::Codec(h.codec), false, payload, raw, 0, paged_len(h));
+  const auto err =
+      compress::decode_chunk(compress::Codec(h.codec), false, payload, raw, 0, paged_len(h), form);
   if (err == compress::DecodeError::ok) return 0;
   if (err != compress::DecodeError::hash_mismatch) return {};
-  return compress::hash64(raw.data(), raw.size());
+  return compress::chunk_hash(form, raw);
 }
 
 Header read_fields(const std::byte* p) {
@@ -167,6 +171,7 @@ void apply_fixups(uint8_t flags, std::vector<std::byte>& s) {
   size_t pos = 0;
   uint64_t seq = 0, bytes = 0;
   engine::wire::StreamDigest digest;
+  compress::HashForm form = compress::HashForm::raw;  // what the first frame's HELLO asks for
   for (bool first = true; s.size() - pos >= engine::wire::kHeaderBytes; first = false) {
     std::byte* p = s.data() + pos;
     if (first && (flags & 2)) {
@@ -187,6 +192,8 @@ void apply_fixups(uint8_t flags, std::vector<std::byte>& s) {
     }
     Header h = read_fields(p);
     const uint64_t avail = s.size() - pos - engine::wire::kHeaderBytes;
+    if (first && h.type == FrameType::hello && avail >= engine::wire::kHelloBytes)
+      form = engine::wire::hash_form(fuzz::get64(p + engine::wire::kHeaderBytes + 24));
     if (h.type == FrameType::data) {
       if (flags & 8) {
         h.seq = ++seq;
@@ -197,7 +204,7 @@ void apply_fixups(uint8_t flags, std::vector<std::byte>& s) {
       if (flags & 4) {
         if (h.flags & engine::wire::kFlagZero) {
           h.hash = 0;
-        } else if (auto hash = decoded_hash(h, payload)) {
+        } else if (auto hash = decoded_hash(h, payload, form)) {
           h.hash = *hash;
         }
       }
@@ -224,6 +231,7 @@ struct Verdict {
   bool valid = false;
   std::vector<Chunk> chunks;  // the valid stream's chunks, in order
   Header end;
+  compress::HashForm form = compress::HashForm::raw;  // what its chunk hashes cover
 };
 
 // An independent reading of a one-stream transfer, per docs/wire-format.md.
@@ -256,6 +264,7 @@ Verdict judge(const std::vector<std::byte>& s, const engine::RecvOptions& ro) {
   }
   uint64_t bytes = 0;
   engine::wire::StreamDigest digest;
+  v.form = engine::wire::hash_form(hello.capabilities);
   while (next_header(hello.max_chunk_bytes, &h)) {
     if (h.type == FrameType::end) {
       v.valid = h.seq == v.chunks.size() && h.offset == bytes && h.hash == digest.value();
@@ -269,7 +278,7 @@ Verdict judge(const std::vector<std::byte>& s, const engine::RecvOptions& ro) {
       std::vector<std::byte> raw(h.raw_len);
       if (compress::decode_chunk(compress::Codec(h.codec), false,
                                  std::span<const std::byte>(s.data() + pos, h.payload_len), raw, h.hash,
-                                 paged_len(h)) != compress::DecodeError::ok) {
+                                 paged_len(h), v.form) != compress::DecodeError::ok) {
         return v;
       }
       pos += h.payload_len;
@@ -306,7 +315,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   fuzz::ScriptedPeer peer(std::move(peer_end), std::move(stream));
   std::vector<uint32_t> bounds;
   for (const Chunk& c : verdict.chunks) bounds.push_back(c.raw_len);
-  CheckingSink sink((flags & 32) != 0, std::move(bounds));
+  CheckingSink sink((flags & 32) != 0, std::move(bounds), verdict.form);
   std::vector<io::Fd> conns;
   conns.push_back(std::move(receiver_end));
   const engine::Result res = engine::receive_accepted(sink, std::move(conns), ro, nullptr, nullptr);

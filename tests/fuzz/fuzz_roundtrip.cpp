@@ -3,7 +3,7 @@
 // Input: codec (1 byte, mod 4), zstd level (1 byte, -5..12), option bits (1 byte), page bitmap (1 byte), tail
 // length (1 byte), then content bytes.
 //   option bit 0: detect_zero   bit 1: probe_incompressible   bit 2: sparse_fallback   bit 4: paged (with
-//          the scratch it needs)
+//          the scratch it needs)   bit 5: hash in compress::HashForm::pages
 //   bit 3: build the chunk from pages: 8 pages of 4096 bytes, page i present when bitmap bit i is set (filled
 //          by cycling the content bytes), absent pages zero, then `tail * 17` more content bytes; otherwise
 //          the chunk is the content bytes as they are.
@@ -52,6 +52,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   opts.probe_incompressible = bits & 2;
   opts.sparse_fallback = bits & 4;
   opts.paged = bits & 16;
+  opts.hash = (bits & 32) ? compress::HashForm::pages : compress::HashForm::raw;
   const uint8_t bitmap = in.u8();
   const uint8_t tail = in.u8();
   const auto content = in.rest();
@@ -94,8 +95,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
                    ((opts.sparse_fallback || paged_codec) && r1.codec == compress::Codec::sparse),
                "codec %u used, options allow %u (sparse fallback %d, paged %d)", unsigned(r1.codec),
                unsigned(opts.codec), opts.sparse_fallback, opts.paged);
-    FUZZ_CHECK(r1.hash == compress::hash64(raw.data(), raw.size()),
-               "reported hash is not the chunk's XXH3-64");
+    FUZZ_CHECK(r1.hash == compress::chunk_hash(opts.hash, raw), "reported hash is not the chunk's (form %u)",
+               unsigned(opts.hash));
     FUZZ_CHECK(r1.paged_len == 0 || (opts.paged && (r1.codec == compress::Codec::lz4 ||
                                                      r1.codec == compress::Codec::zstd) &&
                                      r1.paged_len > compress::sparse_bitmap_bytes(raw.size()) &&
@@ -120,7 +121,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
                                              : std::span<const std::byte>(out1.data(), r1.encoded_len);
   std::vector<std::byte> back(raw.size(), std::byte{0x5a});
   const compress::DecodeError err =
-      compress::decode_chunk(r1.codec, r1.zero, enc, back, r1.hash, r1.paged_len);
+      compress::decode_chunk(r1.codec, r1.zero, enc, back, r1.hash, r1.paged_len, opts.hash);
   FUZZ_CHECK(err == compress::DecodeError::ok, "decoding our own codec %u payload of %u bytes (raw %zu): %s",
              unsigned(r1.codec), r1.encoded_len, raw.size(), compress::decode_error_text(err));
   FUZZ_CHECK(back == raw, "round trip changed the bytes (codec %u)", unsigned(r1.codec));

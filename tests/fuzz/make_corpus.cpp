@@ -215,6 +215,19 @@ void chunk_corpus() {
     c("paged-" + std::string(compress::codec_name(codec)), uint8_t(codec), 16, uint32_t(raw.size()),
       sparse.payload.size() - 1, e.payload);
   }
+  // The hash of the chunk's pages (flag bit 5), for each codec; then a sparse form that marks its zero page
+  // present (bitmap 0x0f: all four pages, the zero one among them), which that form calls corrupt.
+  for (unsigned k = 0; k < compress::kCodecCount; ++k) {
+    const auto codec = compress::Codec(k);
+    const Bytes& src = codec == compress::Codec::sparse ? raw : text;
+    const Encoded e = encode(codec, src);
+    c("pages-valid-" + std::string(compress::codec_name(codec)), uint8_t(k), 32, uint32_t(src.size()),
+      compress::chunk_hash(compress::HashForm::pages, src), e.payload);
+    c("pages-repair-" + std::string(compress::codec_name(codec)), uint8_t(k), 32 | 2, uint32_t(src.size()), 0,
+      e.payload);
+  }
+  c("pages-sparse-zero-page-present", 3, 32 | 2, uint32_t(raw.size()),
+    compress::chunk_hash(compress::HashForm::pages, raw), cat({u8s({0x0f}), raw}));
 }
 
 // ---- roundtrip: [codec][level + 5][option bits][page bitmap][tail][content]
@@ -231,6 +244,7 @@ void roundtrip_corpus() {
     r(n + "-pages", uint8_t(k), 3, 1 | 4 | 8, 0xa5, 7, mixed);
     r(n + "-all-zero-pages", uint8_t(k), 1, 1 | 8, 0, 0, {});
     r(n + "-paged", uint8_t(k), 1, 1 | 8 | 16, 0xa5, 7, text);
+    r(n + "-paged-page-hash", uint8_t(k), 1, 1 | 4 | 8 | 16 | 32, 0xa5, 7, text);
   }
   r("none-sparse-fallback", 0, 1, 1 | 4 | 8, 0x0f, 200, text);
   r("zstd-negative-level", 2, -5, 1 | 8, 0xff, 255, mixed);
