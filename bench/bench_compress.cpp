@@ -43,6 +43,7 @@ dstx::compress::EncodeOptions options(Codec codec) {
   dstx::compress::EncodeOptions opts;
   opts.codec = codec;
   opts.level = 1;
+  opts.hash = dstx::compress::HashForm::pages;  // as transfers between current builds hash
   return opts;
 }
 
@@ -90,7 +91,8 @@ void BM_Decode(benchmark::State& state) {
   if (!result.zero && result.codec != Codec::none) payload = std::span(out).first(result.encoded_len);
   Bytes back(raw.size());
   for (auto _ : state) {
-    const auto err = dstx::compress::decode_chunk(result.codec, result.zero, payload, back, result.hash);
+    const auto err = dstx::compress::decode_chunk(result.codec, result.zero, payload, back, result.hash, 0,
+                                                  dstx::compress::HashForm::pages);
     if (err != dstx::compress::DecodeError::ok) {
       state.SkipWithError(dstx::compress::decode_error_text(err));
       break;

@@ -131,6 +131,7 @@ CodecPoint measure_codec(compress::Codec codec, int level, io::Profile profile, 
   eo.codec = codec;
   eo.level = level;
   eo.probe_incompressible = false;  // the codec itself, on every chunk
+  eo.hash = compress::HashForm::pages;  // as transfers between current builds hash
   // Encode passes until min_seconds of work (at least one pass).
   uint64_t encoded_bytes = 0, passes = 0;
   const double t0 = now_seconds();
@@ -160,7 +161,7 @@ CodecPoint measure_codec(compress::Codec codec, int level, io::Profile profile, 
               ? std::span<const std::byte>(raw).subspan(i * kChunk, kChunk)
               : std::span<const std::byte>(enc).subspan(i * bound, r.encoded_len);
       if (compress::decode_chunk(r.codec, r.zero, r.zero ? std::span<const std::byte>() : payload, out,
-                                 r.hash) != compress::DecodeError::ok) {
+                                 r.hash, 0, eo.hash) != compress::DecodeError::ok) {
         throw TuneError("codec measurement: a chunk did not decode");
       }
     }

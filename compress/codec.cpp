@@ -109,6 +109,7 @@ typedef uint64_t Vec16 __attribute__((vector_size(16)));
 // Sets bit i of `bits` (sparse_bitmap_bytes(raw.size()) bytes) when page i of raw is not all zero, clears it
 // otherwise. Returns the present pages' bytes. A non-zero page usually shows it in its first bytes.
 size_t page_bitmap(std::span<const std::byte> raw, std::byte* bits) {
+  if (raw.empty()) return 0;  // no bitmap (and bits may be null)
   std::memset(bits, 0, sparse_bitmap_bytes(raw.size()));
   size_t present = 0;
   for (size_t i = 0; i < sparse_page_count(raw.size()); ++i) {
@@ -495,9 +496,9 @@ const char* decode_error_text(DecodeError err) {
     case DecodeError::bad_length:
       return "encoded length impossible for this codec and raw length";
     case DecodeError::corrupt:
-      return "corrupt compressed payload";
+      return "corrupt payload (it does not decompress, or its page bitmap is malformed)";
     case DecodeError::hash_mismatch:
-      return "decoded bytes do not match their XXH3-64";
+      return "decoded bytes do not match their chunk hash";
   }
   return "unknown decode error";
 }

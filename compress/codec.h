@@ -92,8 +92,9 @@ enum class DecodeError : uint8_t {
   ok = 0,
   unknown_codec,
   bad_length,    // encoded length impossible for this codec and raw length
-  corrupt,       // the decompressor rejected the payload or produced the wrong size
-  hash_mismatch  // decoded bytes do not hash to the expected XXH3-64
+  corrupt,       // the decompressor rejected the payload or produced the wrong size, or a sparse form is
+                 // malformed (a page past the end; in HashForm::pages, an all-zero page marked present)
+  hash_mismatch  // the decoded chunk does not hash to the expected hash
 };
 const char* decode_error_text(DecodeError err);
 

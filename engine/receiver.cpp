@@ -232,10 +232,11 @@ class StreamWorker {
       return false;
     }
     const std::span<std::byte> raw = slot.first(h.raw_len);
-    // A sparse payload that fits lands packed against the end of the slot and is verified as it is, its zero
-    // pages hashed from a static page. For a sink that takes pieces it stays so (the writer hands on its
-    // runs: zero pages are never written at all); for any other it is expanded in place here. A paged one
-    // (compressed sparse form, shorter than the chunk: decode_header checked aux) is decompressed there.
+    // A sparse payload that fits lands packed against the end of the slot and is verified as it is (its zero
+    // pages not hashed, or with raw hashes from a static page). For a sink that takes pieces it stays so (the
+    // writer hands on its runs: zero pages are never written at all); for any other it is expanded in place
+    // here. A paged one (compressed sparse form, shorter than the chunk: decode_header checked aux) is
+    // decompressed there.
     const bool paged = h.flags & wire::kFlagPaged;
     const uint32_t sparse_len = paged ? h.aux : h.payload_len;
     const bool sparse_in_slot =

@@ -70,7 +70,7 @@ enum class Reason : uint32_t {
   stream = 3,       // bad stream index, duplicate stream, or too many streams
   chunk_size = 4,   // chunk size outside the receiver's limits
   protocol = 5,     // malformed frame (bad magic, header checksum, length, type, flags, sequence)
-  checksum = 6,     // a chunk's XXH3-64 did not match its bytes, or the payload did not decode
+  checksum = 6,     // a chunk's hash did not match its bytes, or the payload did not decode
   digest = 7,       // END counts or whole-stream digest do not match what was received
   sink = 8,         // the destination could not write or commit
   source = 9,       // the source failed to read

@@ -1249,10 +1249,10 @@ namespace {
 // A hand-driven sender: handshake on one stream, then whatever frames a test crafts.
 class RawSender {
  public:
-  explicit RawSender(uint16_t port, uint32_t chunk = 4096) : chunk_(chunk) {
+  explicit RawSender(uint16_t port, uint32_t chunk = 4096, uint64_t caps = wire::kCapLz4) : chunk_(chunk) {
     fd_ = io::tcp_connect(io::HostPort{"127.0.0.1", port}, {});
     std::vector<std::byte> hello(wire::kHelloBytes);
-    wire::encode_hello(wire::Hello{.max_chunk_bytes = chunk, .session_id = 77, .capabilities = wire::kCapLz4},
+    wire::encode_hello(wire::Hello{.max_chunk_bytes = chunk, .session_id = 77, .capabilities = caps},
                        std::span<std::byte, wire::kHelloBytes>(hello.data(), wire::kHelloBytes));
     frame(wire::Header{.type = wire::FrameType::hello, .payload_len = wire::kHelloBytes}, hello);
     std::array<std::byte, wire::kHeaderBytes + wire::kHelloBytes> ack;
@@ -1299,9 +1299,9 @@ class RawSender {
 };
 
 // Runs a receiver into `into` (default: a null sink) and lets `script` drive a RawSender of `chunk`-byte
-// chunks; returns the receiver's result.
+// chunks offering `caps`; returns the receiver's result.
 Result against_receiver(const std::function<void(RawSender&)>& script, io::Sink* into = nullptr,
-                        uint32_t chunk = 4096, Stats* stats = nullptr) {
+                        uint32_t chunk = 4096, Stats* stats = nullptr, uint64_t caps = wire::kCapLz4) {
   io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
   const uint16_t port = io::bound_port(listener.get());
   auto null_sink = io::open_null_sink();
@@ -1311,7 +1311,7 @@ Result against_receiver(const std::function<void(RawSender&)>& script, io::Sink*
   Result r;
   std::thread receiver([&] { r = receive(sink, listener.get(), ro, stats, nullptr); });
   {
-    RawSender s(port, chunk);
+    RawSender s(port, chunk, caps);
     EXPECT_TRUE(s.ok());
     script(s);
     receiver.join();
@@ -1401,7 +1401,7 @@ TEST(ReceiverStateMachine, RejectsAChunkWhoseBytesDoNotMatchItsHash) {
     s.frame(h, a);
   });
   EXPECT_EQ(r.reason, wire::Reason::checksum);
-  EXPECT_NE(r.error.find("do not match their XXH3-64"), std::string::npos) << r.error;
+  EXPECT_NE(r.error.find("do not match their chunk hash"), std::string::npos) << r.error;
 }
 
 TEST(ReceiverStateMachine, RejectsAChunkLargerThanNegotiated) {
@@ -1502,6 +1502,16 @@ TEST(ReceiverStateMachine, SparseChunksReachEveryKindOfSinkExactly) {
   fs::remove_all(dir);
 }
 
+// The header of a sparse DATA frame for chunk 1 (offset 0).
+wire::Header first_sparse_chunk(size_t raw_len, uint32_t payload_len, uint64_t hash) {
+  return wire::Header{.type = wire::FrameType::data,
+                      .codec = uint8_t(compress::Codec::sparse),
+                      .seq = 1,
+                      .raw_len = uint32_t(raw_len),
+                      .payload_len = payload_len,
+                      .hash = hash};
+}
+
 // A packed sparse payload is checked like a decoded one: a bitmap that does not add up, and pages that do not
 // hash to the header's XXH3, fail the transfer naming the chunk; nothing reaches the sink.
 TEST(ReceiverStateMachine, RejectsMalformedSparseChunks) {
@@ -1514,24 +1524,71 @@ TEST(ReceiverStateMachine, RejectsMalformedSparseChunks) {
   ASSERT_EQ(e.codec, compress::Codec::sparse);
   out.resize(e.encoded_len);
   auto header = [&](uint32_t payload_len, uint64_t hash) {
-    return wire::Header{.type = wire::FrameType::data,
-                        .codec = uint8_t(compress::Codec::sparse),
-                        .seq = 1,
-                        .raw_len = uint32_t(kChunk),
-                        .payload_len = payload_len,
-                        .hash = hash};
+    return first_sparse_chunk(kChunk, payload_len, hash);
   };
   MemorySink sink(true);
   Result r = against_receiver([&](RawSender& s) { s.frame(header(e.encoded_len, e.hash ^ 1), out); }, &sink,
                               kChunk);
   EXPECT_EQ(r.reason, wire::Reason::checksum);
-  EXPECT_NE(r.error.find("chunk 1 at offset 0: decoded bytes do not match their XXH3-64"), std::string::npos)
+  EXPECT_NE(r.error.find("chunk 1 at offset 0: decoded bytes do not match their chunk hash"),
+            std::string::npos)
       << r.error;
   auto bad = out;
   bad[0] |= std::byte{1u << 1};  // the zero page marked present: the pages no longer fill the payload
   r = against_receiver([&](RawSender& s) { s.frame(header(e.encoded_len, e.hash), bad); }, &sink, kChunk);
   EXPECT_EQ(r.reason, wire::Reason::checksum);
   EXPECT_NE(r.error.find("encoded length impossible"), std::string::npos) << r.error;
+  EXPECT_TRUE(sink.bytes_.empty());
+}
+
+// With page hashes agreed (capability bit 5), a sparse chunk is verified against the hash of its pages,
+// bitmap and length: the right one commits; the bytes' XXH3-64 does not; and a form that marks the zero page
+// present is corrupt even when its hash is computed over that form (a sender could not make it honestly).
+TEST(ReceiverStateMachine, WithPageHashesASparseChunkCountsInItsOwnFormOnly) {
+  constexpr size_t kChunk = 4 * 4096;
+  const uint64_t caps = wire::kCapLz4 | wire::kCapPageHash;
+  std::vector<std::byte> bytes(kChunk, std::byte{7});
+  std::memset(bytes.data() + 4096, 0, 4096);
+  std::vector<std::byte> out(compress::encode_bound(compress::Codec::sparse, kChunk));
+  const compress::EncodeOptions pages{.codec = compress::Codec::sparse, .hash = compress::HashForm::pages};
+  const compress::EncodeResult e = compress::encode_chunk(pages, bytes, out);
+  ASSERT_EQ(e.codec, compress::Codec::sparse);
+  ASSERT_EQ(e.hash, compress::chunk_hash(compress::HashForm::pages, bytes));
+  out.resize(e.encoded_len);
+  auto header = [&](uint32_t payload_len, uint64_t hash) {
+    return first_sparse_chunk(kChunk, payload_len, hash);
+  };
+  for (const bool pieces : {true, false}) {
+    MemorySink sink(pieces);
+    const Result r = against_receiver(
+        [&](RawSender& s) {
+          s.frame(header(e.encoded_len, e.hash), out);
+          wire::StreamDigest d;
+          d.add(1, kChunk, e.hash);
+          s.frame(wire::make_end(1, kChunk, d.value()));
+        },
+        &sink, kChunk, nullptr, caps);
+    ASSERT_TRUE(r.committed) << r.error;
+    EXPECT_TRUE(sink.bytes_ == bytes);
+  }
+  MemorySink sink(true);
+  const uint64_t raw_hash = compress::hash64(bytes.data(), bytes.size());
+  Result r = against_receiver([&](RawSender& s) { s.frame(header(e.encoded_len, raw_hash), out); }, &sink,
+                              kChunk, nullptr, caps);
+  EXPECT_EQ(r.reason, wire::Reason::checksum);
+  EXPECT_NE(r.error.find("do not match their chunk hash"), std::string::npos) << r.error;
+  // Every page present, the zero one too, hashed as that form would be.
+  std::vector<std::byte> marked{std::byte{0x0f}};
+  marked.insert(marked.end(), bytes.begin(), bytes.end());
+  std::vector<std::byte> form(bytes.begin(), bytes.end());
+  form.push_back(std::byte{0x0f});
+  for (size_t i = 0; i < 8; ++i) form.push_back(std::byte(uint64_t(kChunk) >> (8 * i)));
+  for (const uint64_t hash : {compress::hash64(form.data(), form.size()), e.hash}) {
+    r = against_receiver([&](RawSender& s) { s.frame(header(uint32_t(marked.size()), hash), marked); }, &sink,
+                         kChunk, nullptr, caps);
+    EXPECT_EQ(r.reason, wire::Reason::checksum);
+    EXPECT_NE(r.error.find("corrupt payload"), std::string::npos) << r.error;
+  }
   EXPECT_TRUE(sink.bytes_.empty());
 }
 
@@ -1578,11 +1635,11 @@ TEST(ReceiverStateMachine, RejectsMalformedPagedChunks) {
   Result r = against_receiver(
       [&](RawSender& s) { s.frame(header(e.paged_len - 1, e.encoded_len, e.hash), out); }, &sink, kChunk);
   EXPECT_EQ(r.reason, wire::Reason::checksum);
-  EXPECT_NE(r.error.find("chunk 1 at offset 0: corrupt compressed payload"), std::string::npos) << r.error;
+  EXPECT_NE(r.error.find("chunk 1 at offset 0: corrupt payload"), std::string::npos) << r.error;
   r = against_receiver([&](RawSender& s) { s.frame(header(e.paged_len, e.encoded_len, e.hash ^ 1), out); },
                        &sink, kChunk);
   EXPECT_EQ(r.reason, wire::Reason::checksum);
-  EXPECT_NE(r.error.find("decoded bytes do not match their XXH3-64"), std::string::npos) << r.error;
+  EXPECT_NE(r.error.find("decoded bytes do not match their chunk hash"), std::string::npos) << r.error;
   // A sparse form whose bitmap marks the zero page present, compressed and sent as paged.
   std::vector<std::byte> sparse(e.paged_len);
   ASSERT_EQ(compress::decode_paged(compress::Codec::lz4, out, sparse, kChunk), compress::DecodeError::ok);

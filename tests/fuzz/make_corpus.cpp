@@ -226,6 +226,11 @@ void chunk_corpus() {
     c("pages-repair-" + std::string(compress::codec_name(codec)), uint8_t(k), 32 | 2, uint32_t(src.size()), 0,
       e.payload);
   }
+  for (const auto codec : {compress::Codec::lz4, compress::Codec::zstd}) {  // paged, pages hash
+    const Encoded e = encode(codec, sparse.payload);
+    c("pages-paged-" + std::string(compress::codec_name(codec)), uint8_t(codec), 32 | 16 | 2,
+      uint32_t(raw.size()), sparse.payload.size() - 1, e.payload);
+  }
   c("pages-sparse-zero-page-present", 3, 32 | 2, uint32_t(raw.size()),
     compress::chunk_hash(compress::HashForm::pages, raw), cat({u8s({0x0f}), raw}));
 }
