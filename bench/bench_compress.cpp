@@ -62,6 +62,23 @@ void BM_Hash64(benchmark::State& state) {
 }
 BENCHMARK(BM_Hash64)->Arg(4 << 10)->Arg(64 << 10)->Arg(1 << 20)->Arg(4 << 20);
 
+// A chunk's hash as the receiver checks a raw chunk: XXH3-64 of its bytes, or of its non-zero pages, bitmap
+// and length (the page scan included).
+template <dstx::compress::HashForm kForm>
+void BM_ChunkHash(benchmark::State& state) {
+  const int profile = static_cast<int>(state.range(0));
+  const auto raw = chunk(profile, state.range(1));
+  for (auto _ : state) benchmark::DoNotOptimize(dstx::compress::chunk_hash(kForm, raw));
+  state.SetBytesProcessed(state.iterations() * state.range(1));
+  set_label(state, profile);
+}
+BENCHMARK_TEMPLATE(BM_ChunkHash, dstx::compress::HashForm::raw)
+    ->ArgNames({"profile", "bytes"})
+    ->ArgsProduct({benchmark::CreateDenseRange(0, kProfileCount - 1, 1), {1 << 20}});
+BENCHMARK_TEMPLATE(BM_ChunkHash, dstx::compress::HashForm::pages)
+    ->ArgNames({"profile", "bytes"})
+    ->ArgsProduct({benchmark::CreateDenseRange(0, kProfileCount - 1, 1), {1 << 20}});
+
 template <Codec kCodec>
 void BM_Encode(benchmark::State& state) {
   const int profile = static_cast<int>(state.range(0));
