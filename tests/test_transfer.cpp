@@ -1578,8 +1578,8 @@ TEST(ReceiverStateMachine, WithPageHashesASparseChunkCountsInItsOwnFormOnly) {
   EXPECT_EQ(r.reason, wire::Reason::checksum);
   EXPECT_NE(r.error.find("do not match their chunk hash"), std::string::npos) << r.error;
   // Every page present, the zero one too, hashed as that form would be.
-  std::vector<std::byte> marked{std::byte{0x0f}};
-  marked.insert(marked.end(), bytes.begin(), bytes.end());
+  std::vector<std::byte> marked(1 + kChunk, std::byte{0x0f});
+  std::copy(bytes.begin(), bytes.end(), marked.begin() + 1);
   std::vector<std::byte> form(bytes.begin(), bytes.end());
   form.push_back(std::byte{0x0f});
   for (size_t i = 0; i < 8; ++i) form.push_back(std::byte(uint64_t(kChunk) >> (8 * i)));
