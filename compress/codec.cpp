@@ -151,6 +151,13 @@ uint64_t pages_hash(std::span<const std::byte> raw, std::span<const std::byte> b
   return length_digest(hasher, raw.size());
 }
 
+// HashForm::pages of the chunk `raw`, its page bitmap written into `bits` (sparse_bitmap_bytes(raw.size())
+// bytes) and its present pages' bytes into `present`.
+uint64_t scan_and_hash_pages(std::span<const std::byte> raw, std::byte* bits, size_t* present) {
+  *present = page_bitmap(raw, bits);
+  return pages_hash(raw, std::span<const std::byte>(bits, sparse_bitmap_bytes(raw.size())), scratch_hasher());
+}
+
 // Whether the chunk of raw_len bytes whose sparse form (layout checked) is `sparse` hashes to `expect` in
 // `form`. pages: a present page that is all zero makes the form corrupt, as page_bitmap never sets its bit
 // (the hash is then a function of the chunk's bytes, one form per chunk).
@@ -413,11 +420,9 @@ EncodeResult encode_chunk(const EncodeOptions& opts, std::span<const std::byte> 
   const std::byte* bits = nullptr;
   size_t present = 0;
   if (opts.hash == HashForm::pages) {
-    const size_t bitmap = sparse_bitmap_bytes(raw.size());
-    std::byte* b = scratch_bitmap(bitmap);
-    present = page_bitmap(raw, b);
+    std::byte* b = scratch_bitmap(sparse_bitmap_bytes(raw.size()));
+    result.hash = scan_and_hash_pages(raw, b, &present);
     bits = b;
-    result.hash = pages_hash(raw, std::span<const std::byte>(b, bitmap), scratch_hasher());
   } else {
     result.hash = hash64(raw.data(), raw.size());
   }
@@ -505,10 +510,8 @@ const char* decode_error_text(DecodeError err) {
 
 uint64_t chunk_hash(HashForm form, std::span<const std::byte> raw) {
   if (form == HashForm::raw) return hash64(raw.data(), raw.size());
-  const size_t bitmap = sparse_bitmap_bytes(raw.size());
-  std::byte* bits = scratch_bitmap(bitmap);
-  page_bitmap(raw, bits);
-  return pages_hash(raw, std::span<const std::byte>(bits, bitmap), scratch_hasher());
+  size_t present = 0;
+  return scan_and_hash_pages(raw, scratch_bitmap(sparse_bitmap_bytes(raw.size())), &present);
 }
 
 DecodeError decode_chunk(Codec codec, bool zero, std::span<const std::byte> enc, std::span<std::byte> raw_out,
