@@ -25,10 +25,13 @@ constexpr double kOpeningMinSeconds = 0.008;
 // The warm-up before the opening: parts of kFirstChunks chunks and kFirstMinSeconds, at most kFirstParts of
 // them while none finds a reason to skip lz4 (see end_period). A fast link gets to raw after one part; on a
 // slow one the opening starts where it did with one warm-up of 8 chunks (with one of 4, auto at 1 Gbit/s
-// climbed less: 1.5-3 % slower, with 10 % less CPU spent).
-constexpr unsigned kFirstChunks = 4;
-constexpr double kFirstMinSeconds = 0.005;  // kSpareMinSeconds: a part that ends sooner knows no idle CPU yet
-constexpr unsigned kFirstParts = 2;
+// climbed less: 1.5-3 % slower, with 10 % less CPU spent). Parts of 2 chunks and 3 ms rather than 4 and
+// 5 ms: on unlimited veth with binary state lz4's part ran 8 ms at 0.4-0.6 GB/s where raw does 3.5, and
+// ends 2-6 ms sooner now (512 MiB, 11 runs side by side: 190.0 -> 177.4 ms, --codec none 166.3; 10 Gbit/s
+// 445 -> 439 ms; 1 Gbit/s and the other profiles within noise).
+constexpr unsigned kFirstChunks = 2;
+constexpr double kFirstMinSeconds = 0.003;  // kSpareMinSeconds: a part that ends sooner knows no idle CPU yet
+constexpr unsigned kFirstParts = 4;
 constexpr double kPeriodMaxSeconds = 0.2;
 constexpr double kSmoothing = 0.5;
 constexpr double kMargin = 0.03;          // a measured neighbour must deliver this much more to be taken
@@ -37,13 +40,17 @@ constexpr double kLinkBoundShare = 0.45;  // link wait at or above this: more ef
 constexpr double kCpuBoundShare = 0.25;   // at or below this: less effort may pay
 
 constexpr double kSpareWindowSeconds = 0.1;  // spare CPU is averaged over this long at most
-constexpr double kSpareMinSeconds = 0.005;    // and at least this long: cpuidle counts in microseconds,
+constexpr double kSpareMinSeconds = 0.003;    // and at least this long: cpuidle counts in microseconds,
 constexpr double kSpareMinSecondsCoarse = 0.05;  // but /proc/stat in 10 ms ticks per CPU
 constexpr double kNoSpareCores = 0.1;         // less idle than this: the machine has no CPU to spare
 constexpr double kPathMargin = 1.5;          // TCP's path rate is a sample: raw is skipped below 1/1.5 of lz4
 constexpr double kSkipLz4MinRatio = 0.4;     // see the warm-up in end_period
 constexpr double kKeptUpShare = 0.75;        // likewise
-constexpr uint64_t kCostMinBytes = 4 << 20;    // a rung's encode cost is known after this many bytes
+// A rung's encode cost is known after this many bytes: at most what lz4's warm-up part encodes (the chunk
+// that starts it and 2 more), so that raw's warm-up can give lz4 its period back (lz4_wanted_back) and a
+// trial up from raw is weighed by its cost (with 4 MiB, unknown costs let trials through that cost
+// 1.6-2.2 GB/s periods on unlimited veth).
+constexpr uint64_t kCostMinBytes = 2 << 20;
 // The share of a step's extra encode CPU that must be idle for an upward trial. Well below all of it:
 // fewer bytes on the wire save kernel CPU on both ends, which encode costs do not show, and costs measured
 // while both hyperthreads of a core are busy overstate the step. On this project's 2-core machine, steps

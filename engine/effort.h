@@ -96,7 +96,7 @@ class ShareSelector {
 // each (a core no worker runs on is out of their reach); workers waiting on their sockets do not mean spare
 // CPU when something else (on one machine, the receiver) keeps the cores busy.
 // It opens with one short period on each pure rung, and starts from the fastest:
-// - lz4, skipped when its warm-up (its first 4 or 8 chunks) kept the workers busy without waiting on the
+// - lz4, skipped when its warm-up (its first 2 to 8 chunks) kept the workers busy without waiting on the
 //   link and left no CPU idle in their reach, unless TCP measured a path slower than lz4 or the send queues
 //   grew (the link did not keep up with lz4); and given back its period when raw then waits on the link
 //   more than a CPU-bound worker does, with CPU idle, at less than half what lz4's encode cost allows (a
