@@ -13,6 +13,7 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -808,6 +809,62 @@ TEST_F(TlsTest, CutConnectionResumesOverTls) {
   ASSERT_TRUE(o.recv.committed) << o.recv.error;
   EXPECT_GE(st.resumes.load(), 1u);
   expect_byte_exact();
+}
+
+// A cut stream reconnects, with a TLS handshake of its own, to a receiver that holds no session to resume
+// (another one, as after a restart). It refuses the resume HELLO: the sender gives up at once and says so
+// ("not taken back"), rather than spending its other attempts, exactly as without TLS
+// (Resume.ARefusedReconnectionFailsAtOnceWithTheRefusal). Neither receiver commits or writes anything.
+TEST_F(TlsTest, ReconnectionRefusedAfterItsHandshakeIsNotRetried) {
+  auto source = open_source("file:" + src_.string());
+  auto sink = open_sink("file:" + sink_.string());
+  const fs::path other_sink_path = dir_ / "other.bin";
+  auto other_sink = open_sink("file:" + other_sink_path.string());
+  io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
+  io::Fd other = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
+  const uint16_t other_port = io::bound_port(other.get());
+  RecvOptions ro;
+  ro.accept_timeout_ms = 10000;
+  ro.handshake_timeout_ms = 5000;
+  ro.resume_timeout_ms = 1500;  // the first receiver may wait it out for the cut stream
+  ro.tls = certs("receiver");
+  Result recv_result, other_result;
+  std::thread receiver([&] { recv_result = receive(*sink, listener.get(), ro, nullptr, nullptr); });
+  std::thread other_receiver([&] { other_result = receive(*other_sink, other.get(), ro, nullptr, nullptr); });
+  const test::Fault cut{.kind = test::Fault::cut, .connection = 0, .at = 1 << 20, .down_ms = -1};
+  test::FaultProxy proxy(io::bound_port(listener.get()), cut);
+  SendOptions so;
+  so.streams = 2;
+  so.chunk_bytes = 256 << 10;
+  so.codec = CodecMode::none;  // every chunk whole on the wire: stream 0 reaches the cut
+  so.handshake_timeout_ms = 5000;
+  so.resume = true;
+  so.reconnect_attempts = 5;
+  so.reconnect_backoff_ms = 20;
+  so.tls = certs("sender");
+  std::atomic<int> reconnects{0};
+  so.reconnect = [&] {
+    ++reconnects;
+    return io::tcp_connect(io::HostPort{"127.0.0.1", other_port}, so.socket);
+  };
+  Stats st;
+  const Result send_result = send_to(*source, io::HostPort{"127.0.0.1", proxy.port()}, so, &st, nullptr);
+  receiver.join();
+  other_receiver.join();
+  EXPECT_TRUE(proxy.fired());
+  EXPECT_FALSE(send_result.committed);
+  EXPECT_EQ(send_result.reason, wire::Reason::connection) << send_result.error;
+  EXPECT_TRUE(contains(send_result.error, "not taken back: receiver refused (session): no session to resume"))
+      << send_result.error;
+  EXPECT_FALSE(contains(send_result.error, "attempts")) << send_result.error;
+  EXPECT_EQ(reconnects.load(), 1);
+  EXPECT_EQ(st.resumes.load(), 0u);
+  EXPECT_FALSE(recv_result.committed);
+  EXPECT_FALSE(other_result.committed);
+  EXPECT_EQ(other_result.reason, wire::Reason::session) << other_result.error;
+  expect_nothing_written();
+  EXPECT_FALSE(fs::exists(other_sink_path)) << other_sink_path;
+  EXPECT_FALSE(fs::exists(other_sink_path.string() + ".partial")) << other_sink_path;
 }
 
 // ---- properties the kTLS path relies on -------------------------------------------------------------------
