@@ -18,38 +18,41 @@
 namespace dstx::engine {
 namespace {
 
+constexpr double kSpareWindowSeconds = 0.1;  // spare CPU is averaged over this long at most
+constexpr double kSpareMinSeconds = 0.003;    // and at least this long: cpuidle counts in microseconds,
+constexpr double kSpareMinSecondsCoarse = 0.05;  // but /proc/stat in 10 ms ticks per CPU
+
 constexpr unsigned kPeriodChunks = 24;
 constexpr unsigned kOpeningChunks = 8;
 constexpr double kPeriodMinSeconds = 0.02;
 constexpr double kOpeningMinSeconds = 0.008;
 // The warm-up before the opening: parts of kFirstChunks chunks and kFirstMinSeconds, at most kFirstParts of
-// them while none finds a reason to skip lz4 (see end_period). A fast link gets to raw after one part; on a
-// slow one the opening starts where it did with one warm-up of 8 chunks (with one of 4, auto at 1 Gbit/s
-// climbed less: 1.5-3 % slower, with 10 % less CPU spent). Parts of 2 chunks and 3 ms rather than 4 and
-// 5 ms: on unlimited veth with binary state lz4's part ran 8 ms at 0.4-0.6 GB/s where raw does 3.5, and
-// ends 2-6 ms sooner now (512 MiB, 11 runs side by side: 190.0 -> 177.4 ms, --codec none 166.3; 10 Gbit/s
-// 445 -> 439 ms; 1 Gbit/s and the other profiles within noise).
+// them and kFirstMaxSeconds in all while none finds a reason to skip lz4 (see end_period). A fast link gets
+// to raw after one part; on a slow one the opening starts where it did with one warm-up of 8 chunks (with
+// one of 4, auto at 1 Gbit/s climbed less: 1.5-3 % slower, with 10 % less CPU spent), and on a very slow one
+// (each part cut at kPeriodMaxSeconds) after as long as two such parts took. Parts of 2 chunks and 3 ms
+// rather than 4 and 5 ms: on unlimited veth with binary state lz4's part ran 8 ms at 0.4-0.6 GB/s where raw
+// does 3.5, and ends 2-6 ms sooner now (512 MiB, 11 runs side by side: 190.0 -> 177.4 ms, --codec none
+// 166.3; 10 Gbit/s 445 -> 439 ms; 1 Gbit/s and the other profiles within noise).
 constexpr unsigned kFirstChunks = 2;
-constexpr double kFirstMinSeconds = 0.003;  // kSpareMinSeconds: a part that ends sooner knows no idle CPU yet
+constexpr double kFirstMinSeconds = kSpareMinSeconds;  // a part that ends sooner knows no idle CPU yet
 constexpr unsigned kFirstParts = 4;
 constexpr double kPeriodMaxSeconds = 0.2;
+constexpr double kFirstMaxSeconds = 2 * kPeriodMaxSeconds;
 constexpr double kSmoothing = 0.5;
 constexpr double kMargin = 0.03;          // a measured neighbour must deliver this much more to be taken
 constexpr unsigned kStalePeriods = 6;     // measurements older than this many periods are forgotten
 constexpr double kLinkBoundShare = 0.45;  // link wait at or above this: more effort may pay
 constexpr double kCpuBoundShare = 0.25;   // at or below this: less effort may pay
 
-constexpr double kSpareWindowSeconds = 0.1;  // spare CPU is averaged over this long at most
-constexpr double kSpareMinSeconds = 0.003;    // and at least this long: cpuidle counts in microseconds,
-constexpr double kSpareMinSecondsCoarse = 0.05;  // but /proc/stat in 10 ms ticks per CPU
 constexpr double kNoSpareCores = 0.1;         // less idle than this: the machine has no CPU to spare
 constexpr double kPathMargin = 1.5;          // TCP's path rate is a sample: raw is skipped below 1/1.5 of lz4
 constexpr double kSkipLz4MinRatio = 0.4;     // see the warm-up in end_period
 constexpr double kKeptUpShare = 0.75;        // likewise
-// A rung's encode cost is known after this many bytes: at most what lz4's warm-up part encodes (the chunk
-// that starts it and 2 more), so that raw's warm-up can give lz4 its period back (lz4_wanted_back) and a
-// trial up from raw is weighed by its cost (with 4 MiB, unknown costs let trials through that cost
-// 1.6-2.2 GB/s periods on unlimited veth).
+// A rung's encode cost is known after this many bytes: with the default 1 MiB chunks at most what lz4's
+// warm-up part encodes (the chunk that starts it and 2 more), so that raw's warm-up can give lz4 its period
+// back (lz4_wanted_back) and a trial up from raw is weighed by its cost (with 4 MiB, unknown costs let
+// trials through that cost 1.6-2.2 GB/s periods on unlimited veth).
 constexpr uint64_t kCostMinBytes = 2 << 20;
 // The share of a step's extra encode CPU that must be idle for an upward trial. Well below all of it:
 // fewer bytes on the wire save kernel CPU on both ends, which encode costs do not show, and costs measured
@@ -288,7 +291,9 @@ void EffortController::end_period(Clock::time_point now, uint64_t sent, uint64_t
       opened_ = 1;
       switch_to(opening_[1], now, idle);
       warmed_up_ = false;
-    } else if (opened_ == 0 && ++warm_up_parts_ < kFirstParts) {
+    } else if (opened_ == 0 && ++warm_up_parts_ < kFirstParts &&
+               warm_up_seconds_ + dt < kFirstMaxSeconds) {
+      warm_up_seconds_ += dt;
       warmed_up_ = false;
     } else if (opened_ == 1 && current_ == 0 && estimate_[size_t(kLevelsPerRung)] < 0 &&
                lz4_wanted_back(rate, link_share)) {

@@ -215,6 +215,7 @@ class EffortController {
   size_t opened_ = 0;
   bool warmed_up_ = false;
   unsigned warm_up_parts_ = 0;  // of the warm-up before the opening
+  double warm_up_seconds_ = 0;  // the time its parts took
   bool trace_ = false;
   unsigned periods_ = 0;
   int current_ = 0;

@@ -361,10 +361,11 @@ TEST(EffortController, AStartThatLooksCpuBoundOnASlowPathKeepsLz4sPeriod) {
   slow.start_fills_queues = true;
   run = simulate(slow, 3.0, 600);
   EXPECT_EQ(std::count(run.efforts.begin(), run.efforts.end(), 0.0), 0);
-  // zstd's opening period follows the warm-up's four parts of 2 chunks and lz4's 8 (a warm-up that ended
-  // after 4 chunks here made auto climb less at 1 Gbit/s).
+  // zstd's opening period follows the warm-up's four parts and lz4's 8 chunks. A part needs 2 chunks and
+  // 3 ms, and a chunk takes about 1 ms here: 3 chunks each (a warm-up that ended after 4 chunks here made
+  // auto climb less at 1 Gbit/s; parts of 4 chunks, two of them, put zstd at 19).
   const auto zstd_at = std::find(run.efforts.begin(), run.efforts.end(), 2.0) - run.efforts.begin();
-  EXPECT_GE(zstd_at, 16);
+  EXPECT_GE(zstd_at, 20);
   EXPECT_LT(zstd_at, 24);
   EXPECT_GE(tail_mean(run.efforts, 300), 1.9);
   // A path that kept up at first and slowed down then misleads both: raw starts, but waits on the link, and
@@ -374,9 +375,9 @@ TEST(EffortController, AStartThatLooksCpuBoundOnASlowPathKeepsLz4sPeriod) {
   EXPECT_LE(std::count(run.efforts.begin(), run.efforts.end(), 0.0), 24);
   EXPECT_LT(std::find(run.efforts.begin(), run.efforts.end(), 2.0) - run.efforts.begin(), 80);
   EXPECT_GE(tail_mean(run.efforts, 300), 1.9);
-  // When only the warm-up's first part misleads, raw's own warm-up already waits on the link with CPU idle:
-  // lz4 is back after that, before raw's measured period.
-  slow.busy_start_chunks = 8;
+  // When only the warm-up's first part (3 chunks) misleads, raw's own warm-up already waits on the link with
+  // CPU idle: lz4 is back after that, before raw's measured period.
+  slow.busy_start_chunks = 3;
   run = simulate(slow, 3.0, 600);
   EXPECT_LE(std::count(run.efforts.begin(), run.efforts.end(), 0.0), 8);  // raw's warm-up only (+8: its period)
   EXPECT_LT(std::find(run.efforts.begin(), run.efforts.end(), 2.0) - run.efforts.begin(), 32);
@@ -384,6 +385,18 @@ TEST(EffortController, AStartThatLooksCpuBoundOnASlowPathKeepsLz4sPeriod) {
   const Link fast{.link_gbps = 10, .cores = 1.0, .tcp_path_rate = true, .busy_start_chunks = 16};
   run = simulate(fast, 3.0, 200);
   EXPECT_LE(std::find(run.efforts.begin(), run.efforts.end(), 0.0) - run.efforts.begin(), 3);
+}
+
+TEST(EffortController, AVerySlowLinksWarmUpLastsAsLongAsTwoPartsCutAtTheirLongest) {
+  // 40 Mbit/s: a part of the warm-up (2 chunks) takes longer than a period may, and is cut. The warm-up
+  // ends after two such parts, as when it had two parts of 4 chunks, not after all four: on a link this slow
+  // the opening would otherwise start ~0.4 s later.
+  const Link slow{.link_gbps = 0.005, .cores = 1.5};
+  const Trace run = simulate(slow, 3.0, 60);
+  const auto zstd_at = std::find(run.efforts.begin(), run.efforts.end(), 2.0) - run.efforts.begin();
+  // The first chunk, two parts of 2 chunks, lz4's period cut after 2 (with four parts: 11).
+  EXPECT_LE(zstd_at, 7);
+  EXPECT_EQ(std::count(run.efforts.begin(), run.efforts.end(), 0.0), 0);
 }
 
 TEST(EffortController, WithoutZstdTheLadderStopsAtLz4) {
