@@ -21,9 +21,12 @@ std::string tune_profile_path() {
 }
 
 // A minimal, strict scan: the text must be one JSON object with balanced brackets and closed strings; only
-// the top-level keys named below are read, and each must be a plain non-negative integer.
+// the top-level keys named below are read, and each must be a plain non-negative integer. The first four
+// are required; the last two came later (profiles saved before them lack them).
 std::optional<TuneDefaults> parse_tune_profile(std::string_view text, std::string* error) {
-  static const char* const kKeys[] = {"version", "chunk_bytes", "streams", "zero_copy_min_bytes"};
+  static const char* const kKeys[] = {"version",  "chunk_bytes", "streams", "zero_copy_min_bytes",
+                                      "raw_mb_s", "lz4_mb_s"};
+  constexpr size_t kRequired = 4;
   std::map<std::string, uint64_t> found;
   auto fail = [&](const std::string& why) {
     *error = why;
@@ -78,8 +81,8 @@ std::optional<TuneDefaults> parse_tune_profile(std::string_view text, std::strin
   skip_ws();
   if (depth != 0) return fail("unbalanced brackets");
   if (i != text.size()) return fail("text after the object");
-  for (const char* k : kKeys) {
-    if (!found.count(k)) return fail(std::string("missing \"") + k + "\"");
+  for (size_t k = 0; k < kRequired; ++k) {
+    if (!found.count(kKeys[k])) return fail(std::string("missing \"") + kKeys[k] + "\"");
   }
   if (found["version"] != 1) return fail("unsupported version " + std::to_string(found["version"]));
   TuneDefaults d;
@@ -94,6 +97,15 @@ std::optional<TuneDefaults> parse_tune_profile(std::string_view text, std::strin
   d.chunk_bytes = uint32_t(chunk);
   d.streams = unsigned(found["streams"]);
   d.zero_copy_min_bytes = found["zero_copy_min_bytes"];
+  constexpr uint64_t kMaxMbPerSecond = 1000000;  // 1 TB/s: a larger value is no measurement
+  for (const char* k : {"raw_mb_s", "lz4_mb_s"}) {
+    if (found[k] > kMaxMbPerSecond) {
+      return fail(std::string(k) + " " + std::to_string(found[k]) + " is above " +
+                  std::to_string(kMaxMbPerSecond));
+    }
+  }
+  d.raw_bytes_per_second = found["raw_mb_s"] * 1000000;
+  d.lz4_bytes_per_second = found["lz4_mb_s"] * 1000000;
   return d;
 }
 
@@ -130,6 +142,8 @@ engine::SendOptions send_options(const Args& args) {
       o.streams = t->streams;
       o.chunk_bytes = t->chunk_bytes;
       o.zero_copy_min_bytes = t->zero_copy_min_bytes;
+      o.tuned_raw_bytes_per_second = t->raw_bytes_per_second;
+      o.tuned_lz4_bytes_per_second = t->lz4_bytes_per_second;
     }
   }
   o.streams = args.get_unsigned("streams", o.streams, 1, engine::wire::kMaxStreams);

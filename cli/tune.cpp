@@ -19,6 +19,7 @@
 #include "cli/progress.h"
 #include "cli/send_options.h"
 #include "compress/codec.h"
+#include "engine/effort.h"
 #include "engine/spec.h"
 #include "engine/transfer.h"
 #include "io/content.h"
@@ -42,6 +43,8 @@ const char* kTuneHelp =
     "  zero copy   random data, --codec none, frames of 64K/256K/1M/4M with and without SEND_ZC, median of "
     "3;\n"
     "              zero_copy_min_bytes = the smallest frame size where SEND_ZC is >= 5% faster, else 0\n"
+    "  opening     raw_mb_s = the fastest plain-send rate above, lz4_mb_s = lz4's fastest encode speed:\n"
+    "              --codec auto starts raw, not lz4, where raw_mb_s > lz4_mb_s x streams\n"
     "\n"
     "  --to HOST:PORT  measure this link; the other side runs\n"
     "                  dstx recv --listen HOST:PORT --sink null: --count N   (N: see --plan)\n"
@@ -272,8 +275,9 @@ Plan make_plan(bool quick, uint64_t size) {
 }
 
 std::string profile_json(unsigned cores, const std::string& io_backend, const std::string& link,
-                         const Run& best, uint64_t zero_copy_min, const std::string& zero_copy_note,
-                         const std::vector<CodecPoint>& codecs, const std::vector<Run>& runs,
+                         const Run& best, uint64_t raw_mb_s, uint64_t lz4_mb_s, uint64_t zero_copy_min,
+                         const std::string& zero_copy_note, const std::vector<CodecPoint>& codecs,
+                         const std::vector<Run>& runs,
                          const std::vector<std::pair<uint32_t, std::pair<double, double>>>& zc) {
   std::string j = "{\n";
   j += fmt("  \"version\": 1,\n  \"machine\": {\"cores\": %u, \"io\": \"%s\"},\n", cores,
@@ -281,6 +285,8 @@ std::string profile_json(unsigned cores, const std::string& io_backend, const st
   j += "  \"link\": \"" + json_escape(link) + "\",\n";
   j += fmt("  \"chunk_bytes\": %u,\n  \"streams\": %u,\n  \"zero_copy_min_bytes\": %llu,\n", best.chunk_bytes,
            best.streams, (unsigned long long)zero_copy_min);
+  j += fmt("  \"raw_mb_s\": %llu,\n  \"lz4_mb_s\": %llu,\n", (unsigned long long)raw_mb_s,
+           (unsigned long long)lz4_mb_s);
   j += "  \"zero_copy_note\": \"" + json_escape(zero_copy_note) + "\",\n";
   j += "  \"codecs\": {";
   std::string current;
@@ -452,8 +458,16 @@ int cmd_tune(const std::vector<std::string>& argv) {
       zc_note = "SEND_ZC is at least 5% faster from " + short_size(zero_copy_min) + " frames";
     }
 
-    const std::string profile =
-        profile_json(cores, best.io, link, best, zero_copy_min, zc_note, codecs, runs, zc_table);
+    // What --codec auto opens on: the link's raw rate (the fastest plain-send frame size) against lz4's
+    // fastest single-core encode speed (engine::EffortPrior).
+    double raw = 0, lz4 = 0;
+    for (const auto& [frame, speeds] : zc_table) raw = std::max(raw, speeds.first);
+    for (const auto& c : codecs) {
+      if (c.codec == "lz4") lz4 = std::max(lz4, c.encode_mb_s);
+    }
+    const auto raw_mb_s = uint64_t(raw), lz4_mb_s = uint64_t(lz4);
+    const std::string profile = profile_json(cores, best.io, link, best, raw_mb_s, lz4_mb_s, zero_copy_min,
+                                             zc_note, codecs, runs, zc_table);
     save(out_path, profile);
 
     if (json) {
@@ -487,10 +501,15 @@ int cmd_tune(const std::vector<std::string>& argv) {
       std::printf("  %-7s %11.1f  %12.1f  %+6.1f%%\n", short_size(frame).c_str(), speeds.first, speeds.second,
                   speeds.first > 0 ? (speeds.second / speeds.first - 1) * 100 : 0.0);
     }
-    std::printf("\nprofile: chunk %s, %u streams, zero-copy min %s (%s)\nsaved to %s\n",
+    std::printf("\nprofile: chunk %s, %u streams, zero-copy min %s (%s)\n",
                 short_size(best.chunk_bytes).c_str(), best.streams,
-                zero_copy_min ? short_size(zero_copy_min).c_str() : "0 (never)", zc_note.c_str(),
-                out_path.c_str());
+                zero_copy_min ? short_size(zero_copy_min).c_str() : "0 (never)", zc_note.c_str());
+    const bool opens_raw =
+        engine::EffortPrior{.raw_rate = double(raw_mb_s) * 1e6, .lz4_rate = double(lz4_mb_s) * 1e6}.opens_raw(
+            best.streams);
+    std::printf("--codec auto opens on %s: raw %llu MB/s %s lz4 %llu MB/s x %u streams\nsaved to %s\n",
+                opens_raw ? "raw" : "lz4", (unsigned long long)raw_mb_s,
+                opens_raw ? ">" : "<=", (unsigned long long)lz4_mb_s, best.streams, out_path.c_str());
     return 0;
   } catch (const TuneError& e) {
     std::fprintf(stderr, "dstx tune: %s\n", e.what());

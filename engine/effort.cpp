@@ -179,11 +179,12 @@ void ShareSelector::record(double share, double estimate, bool up) {
     next_ = (next_ + 1) % kHistory;
     count_ = std::min(count_ + 1, kHistory);
   }
-  // Bounded: a run of incompressible chunks (above kIncompressibleRatio, raw whatever the limit) owes nothing.
+  // Bounded: a run of incompressible chunks (above kIncompressibleRatio, raw whatever the limit) owes
+  // nothing.
   credit_ = std::clamp(credit_ + share - (up ? 1 : 0), -kCreditLimit - 1, kCreditLimit + 1);
 }
 
-EffortController::EffortController(double top, size_t streams, IdleSeconds idle)
+EffortController::EffortController(double top, size_t streams, IdleSeconds idle, EffortPrior prior)
     : levels_(std::clamp(int(top * kLevelsPerRung) + 1, kLevelsPerRung + 1, kMaxLevels)),
       streams_(double(std::max<size_t>(streams, 1))),
       idle_(std::move(idle)),
@@ -202,8 +203,19 @@ EffortController::EffortController(double top, size_t streams, IdleSeconds idle)
   opening_ = {kLevelsPerRung, 0, 2 * kLevelsPerRung};  // lz4, raw, then zstd if the ladder has it
   opening_count_ = levels_ > 2 * kLevelsPerRung ? 3 : 2;
   current_ = opening_[0];
-  effort_.store(level_effort(current_), std::memory_order_relaxed);
   trace_ = std::getenv("DSTX_TRACE_CODEC") != nullptr;
+  if (prior.lz4_rate > 0) prior_lz4_cost_ = 1 / prior.lz4_rate;
+  // The link outruns lz4 on every worker: lz4's warm-up would only show that (on unlimited veth with binary
+  // state it costs 8 ms of ~170; 25 Gbit/s: 203.6 -> 194.4 ms, --codec none 193.9, 11 runs side by side).
+  if (prior.opens_raw(streams)) {
+    opened_ = 1;
+    current_ = opening_[1];
+    if (trace_) {
+      std::fprintf(stderr, "opening on raw: tuned link %.3f GB/s, lz4 %.3f GB/s x %.0f workers\n",
+                   prior.raw_rate / 1e9, prior.lz4_rate / 1e9, streams_);
+    }
+  }
+  effort_.store(level_effort(current_), std::memory_order_relaxed);
 }
 
 // A period is long enough once it saw a good number of chunks (fast links settle quickly, so short transfers
@@ -415,10 +427,11 @@ double EffortController::encoded_ratio(int rung, uint64_t min_bytes) const {
   return double(encoded_bytes_[size_t(rung)].load(std::memory_order_relaxed)) / double(plain);
 }
 
-// A rung's measured encode cost in CPU seconds per byte; < 0 until kCostMinBytes were encoded on it.
+// A rung's measured encode cost in CPU seconds per byte; until kCostMinBytes were encoded on it, the prior's
+// for lz4, else < 0.
 double EffortController::cost_per_byte(int rung) const {
   const uint64_t bytes = encode_bytes_[size_t(rung)].load(std::memory_order_relaxed);
-  if (bytes < kCostMinBytes) return -1;
+  if (bytes < kCostMinBytes) return rung == 1 ? prior_lz4_cost_ : -1;
   return double(encode_ns_[size_t(rung)].load(std::memory_order_relaxed)) * 1e-9 / double(bytes);
 }
 

@@ -75,6 +75,19 @@ class ShareSelector {
   double credit_ = 0;
 };
 
+// What `dstx tune` measured on this link and machine beforehand, in logical bytes/s (0: unknown): the rate
+// raw transfers reached, and lz4's single-core encode speed on the data it encodes fastest. lz4's encode
+// cost counts as 1 / lz4_rate until it is measured. A link faster than lz4 on every worker
+// (raw_rate > lz4_rate x streams) opens on raw, as when lz4's warm-up showed the CPU setting the pace:
+// lz4 gets a period only if raw then waits on the link with CPU idle (see EffortController's opening).
+struct EffortPrior {
+  double raw_rate = 0;
+  double lz4_rate = 0;
+  bool opens_raw(size_t streams) const {
+    return lz4_rate > 0 && raw_rate > lz4_rate * double(std::max<size_t>(streams, 1));
+  }
+};
+
 // --codec auto walks a ladder of encodings, cheapest first: raw (zero pages dropped), lz4, zstd, and zstd one
 // and two levels higher (at most level 19). The effort in [0, top] says where the sender stands: its integer
 // part picks the lower rung, its fraction the share of chunks that take the rung above. Which effort is best
@@ -98,18 +111,19 @@ class ShareSelector {
 // It opens with one short period on each pure rung, and starts from the fastest:
 // - lz4, skipped when its warm-up (its first 2 to 8 chunks) kept the workers busy without waiting on the
 //   link and left no CPU idle in their reach, unless TCP measured a path slower than lz4 or the send queues
-//   grew (the link did not keep up with lz4); and given back its period when raw then waits on the link
-//   more than a CPU-bound worker does, with CPU idle, at less than half what lz4's encode cost allows (a
-//   start-up can look CPU-bound on any link);
+//   grew (the link did not keep up with lz4), or when dstx tune measured the link faster than lz4
+//   (EffortPrior); and given back its period when raw then waits on the link more than a CPU-bound worker
+//   does, with CPU idle, at less than half what lz4's encode cost allows (a start-up can look CPU-bound on
+//   any link);
 // - raw, skipped when lz4 already waited on the link, or TCP's path rate is far below lz4's rate (twice the
 //   bytes on the same link can only be slower);
 // - zstd, skipped when lz4 lost to raw (a link that outruns lz4 outruns zstd too); where its period waits
 //   on the link with CPU idle and it shrank the data more than lz4, the opening ends on it whatever the
 //   rates (measured on different data) say.
 // Links much faster or much slower than the compressor, the common cases, are settled right there. The
-// opening and the warm-up before it run at lz4 with short periods: on a slow link every raw chunk costs a
-// lot of link time, on a fast one every compressed chunk a lot of CPU, and lz4 is the cheaper mistake in
-// both.
+// opening and the warm-up before it run at lz4 (unless an EffortPrior says otherwise) with short periods: on
+// a slow link every raw chunk costs a lot of link time, on a fast one every compressed chunk a lot of CPU,
+// and lz4 is the cheaper mistake in both.
 class EffortController {
  public:
   using Clock = std::chrono::steady_clock;
@@ -120,7 +134,7 @@ class EffortController {
   // top: the highest effort (1 = lz4 is the top rung, 4 = the zstd rungs too). streams: workers reporting.
   // idle: where spare CPU is read (empty: cpuidle's residency counters, else /proc/stat, for the cores in
   // this thread's affinity mask).
-  EffortController(double top, size_t streams, IdleSeconds idle = {});
+  EffortController(double top, size_t streams, IdleSeconds idle = {}, EffortPrior prior = {});
 
   double effort() const { return effort_.load(std::memory_order_relaxed); }
   double top() const { return level_effort(levels_ - 1); }
@@ -232,9 +246,10 @@ class EffortController {
   // Spare CPU: the idle seconds and the time when the current window started, and the last window's average.
   double window_idle_ = -1;
   Clock::time_point window_start_{};
-  double spare_cores_ = -1;  // idle cores on average, < 0 when unknown
-  double path_rate_ = -1;    // the last Sockets::path_rate
-  double spare_min_seconds_;  // the shortest window read (the idle counters' resolution)
+  double spare_cores_ = -1;     // idle cores on average, < 0 when unknown
+  double path_rate_ = -1;       // the last Sockets::path_rate
+  double spare_min_seconds_;    // the shortest window read (the idle counters' resolution)
+  double prior_lz4_cost_ = -1;  // CPU seconds per byte, from EffortPrior::lz4_rate; < 0 when unknown
 };
 
 }  // namespace dstx::engine

@@ -71,6 +71,11 @@ struct SendOptions {
   // sources here.
   bool register_buffers = false;
   size_t zero_copy_min_bytes = 0;  // SEND_ZC for sends at least this large (io_uring, when probed); 0: never
+  // What dstx tune measured (bytes/s, 0: unknown): the rate --codec none reached on this link, and lz4's
+  // fastest single-core encode speed. --codec auto opens on raw where the link outruns lz4 on every stream
+  // (EffortPrior; --bandwidth caps the link's rate).
+  uint64_t tuned_raw_bytes_per_second = 0;
+  uint64_t tuned_lz4_bytes_per_second = 0;
   LogFn log;                       // optional: a stream lost, reconnected, resumed
 };
 

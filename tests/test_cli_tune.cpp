@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cctype>
 #include <chrono>
 #include <cstdlib>
@@ -102,6 +103,21 @@ TEST_F(TuneCliTest, QuickTuneWritesASaneProfile) {
                           "\"decode_mb_s\"", "\"zero_copy_note\""}) {
     EXPECT_NE(p.find(key), std::string::npos) << key << "\n" << p;
   }
+  // What --codec auto opens on: the fastest plain-send rate of the zero-copy table, lz4's fastest encode.
+  const auto largest = [&](size_t from, size_t to, const std::string& key) {
+    double best = -1;
+    for (size_t at = p.find("\"" + key + "\": ", from); at < to; at = p.find("\"" + key + "\": ", at + 1)) {
+      best = std::max(best, std::stod(p.substr(at + key.size() + 4)));
+    }
+    return best;
+  };
+  const double copy = largest(p.find("\"zero_copy\": ["), p.find("\"runs\""), "copy_mb_s");
+  const double lz4 = largest(p.find("\"lz4\": {"), p.find("\"zstd-1\": {"), "encode_mb_s");
+  ASSERT_GT(copy, 0) << p;
+  ASSERT_GT(lz4, 0) << p;
+  EXPECT_NEAR(double(number_field(p, "raw_mb_s")), copy, 1.0) << p;
+  EXPECT_NEAR(double(number_field(p, "lz4_mb_s")), lz4, 1.0) << p;
+  EXPECT_NE(out.find("--codec auto opens on "), std::string::npos) << out;
   EXPECT_GE(count_of(p, "\"kind\": \"sweep\""), 2) << p;
   EXPECT_EQ(count_of(p, "\"kind\": \"zero_copy\""), 12) << p;  // 2 frame sizes x 2 modes x median of 3
   // The profile it wrote is one send accepts.
@@ -153,6 +169,31 @@ TEST_F(TuneCliTest, SendTakesItsDefaultsFromTheProfileAndOptionsOverride) {
   EXPECT_EQ(number_field(out, "chunks"), 512) << out;
 }
 
+TEST_F(TuneCliTest, AutoOpensOnRawWhereTheProfileSaysTheLinkOutrunsLz4) {
+  // DSTX_TRACE_CODEC prints the controller's decisions, the opening among them.
+  setenv("DSTX_TRACE_CODEC", "1", 1);
+  write_profile(
+      "{\"version\":1,\"chunk_bytes\":1048576,\"streams\":2,\"zero_copy_min_bytes\":0,\"raw_mb_s\":5000,"
+      "\"lz4_mb_s\":1000}");
+  std::string out, err;
+  ASSERT_EQ(send_once({}, &out, &err), 0) << out << err;
+  EXPECT_NE(err.find("opening on raw: tuned link 5.000 GB/s, lz4 1.000 GB/s x 2 workers"), std::string::npos)
+      << err;
+  // A cap below lz4 on both streams (--bandwidth 1500M) is the link's rate now; so is lz4 on more
+  // streams than the link outruns; nor without the profile.
+  for (const std::vector<std::string>& args : std::vector<std::vector<std::string>>{
+           {"--bandwidth", "1500M"}, {"--streams", "5"}, {"--no-tune"}}) {
+    ASSERT_EQ(send_once(args, &out, &err), 0) << out << err;
+    EXPECT_EQ(err.find("opening on raw"), std::string::npos) << args[0] << "\n" << err;
+    EXPECT_NE(err.find("effort 1.00"), std::string::npos) << args[0] << "\n" << err;  // it traced lz4
+  }
+  // A profile saved before these fields opens on lz4, as before.
+  write_profile("{\"version\":1,\"chunk_bytes\":1048576,\"streams\":2,\"zero_copy_min_bytes\":0}");
+  ASSERT_EQ(send_once({}, &out, &err), 0) << out << err;
+  EXPECT_EQ(err.find("opening on raw"), std::string::npos) << err;
+  unsetenv("DSTX_TRACE_CODEC");
+}
+
 TEST_F(TuneCliTest, MissingProfileIsSilent) {
   setenv("DSTX_TUNE_PROFILE", "/nonexistent/dstx/tune.json", 1);
   std::string out, err;
@@ -179,6 +220,8 @@ TEST_F(TuneCliTest, MalformedProfileIsAUsageErrorNamingTheFile) {
       "{\"version\":1,\"chunk_bytes\":1048576,\"streams\":0,\"zero_copy_min_bytes\":0}",
       "{\"version\":1,\"chunk_bytes\":1.5,\"streams\":1,\"zero_copy_min_bytes\":0}",
       "{\"version\":1,\"chunk_bytes\":1048576,\"streams\":1,\"zero_copy_min_bytes\":0} trailing",
+      "{\"version\":1,\"chunk_bytes\":1048576,\"streams\":1,\"zero_copy_min_bytes\":0,\"raw_mb_s\":2.5}",
+      "{\"version\":1,\"chunk_bytes\":1048576,\"streams\":1,\"zero_copy_min_bytes\":0,\"lz4_mb_s\":2000000}",
   };
   for (const auto& text : bad) {
     write_profile(text);

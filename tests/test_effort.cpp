@@ -73,9 +73,9 @@ struct Trace {
 
 // Sends `chunks` chunks of 1 MiB over `streams` streams, at the rate the model gives for the effort in force.
 // The machine's idle time and each chunk's encode cost follow the model too.
-Trace simulate(const Link& link, double top, int chunks, int streams = 2) {
+Trace simulate(const Link& link, double top, int chunks, int streams = 2, EffortPrior prior = {}) {
   double idle_seconds = 0;
-  EffortController c(top, size_t(streams), [&] { return idle_seconds; });
+  EffortController c(top, size_t(streams), [&] { return idle_seconds; }, prior);
   Trace run;
   auto now = Clock::time_point{} + std::chrono::seconds(1);
   uint64_t sent = 0;
@@ -397,6 +397,38 @@ TEST(EffortController, AVerySlowLinksWarmUpLastsAsLongAsTwoPartsCutAtTheirLonges
   // The first chunk, two parts of 2 chunks, lz4's period cut after 2 (with four parts: 11).
   EXPECT_LE(zstd_at, 7);
   EXPECT_EQ(std::count(run.efforts.begin(), run.efforts.end(), 0.0), 0);
+}
+
+TEST(EffortController, ATunedLinkFasterThanLz4OpensOnRawWithoutItsWarmUp) {
+  // dstx tune measured this link at 3 GB/s raw and lz4 at 0.67 GB/s a core (kCpu[1]): raw from the first
+  // chunk, where the warm-up alone sends the first 3 chunks with lz4.
+  const Link fast{.link_gbps = 10, .cores = 1.0};
+  const EffortPrior tuned{.raw_rate = 3e9, .lz4_rate = 1 / kCpu[1] * 1e9};
+  ASSERT_TRUE(tuned.opens_raw(2));
+  const Trace run = simulate(fast, 3.0, 200, 2, tuned);
+  EXPECT_TRUE(std::all_of(run.efforts.begin(), run.efforts.end(), [](double e) { return e == 0.0; }));
+  const Trace untuned = simulate(fast, 3.0, 200);
+  EXPECT_EQ(untuned.efforts[0], 1.0);
+  EXPECT_LT(run.seconds, untuned.seconds);
+  // Not when lz4 keeps up on the workers there are (4 streams: 2.7 GB/s), nor without lz4's speed.
+  EXPECT_FALSE(tuned.opens_raw(5));
+  EXPECT_EQ(simulate(fast, 3.0, 200, 5, tuned).efforts[0], 1.0);
+  EXPECT_FALSE((EffortPrior{.raw_rate = 3e9}.opens_raw(1)));
+}
+
+TEST(EffortController, AProfileTunedOnAFastLinkGivesLz4BackOnASlowOne) {
+  // The same profile on a 1 Gbit/s link: raw's warm-up waits on the link with CPU idle, at far less than
+  // what lz4's (tuned) speed allows, so lz4 gets its period and zstd follows, as without the profile. Without
+  // lz4's tuned cost nothing would bring it back, and lz4 would count as lost after raw's measured period:
+  // the climb would start from raw, a quarter step at a time.
+  const Link slow{.link_gbps = 0.12, .cores = 1.5};
+  const EffortPrior tuned{.raw_rate = 3e9, .lz4_rate = 1 / kCpu[1] * 1e9};
+  const Trace run = simulate(slow, 3.0, 600, 2, tuned);
+  EXPECT_EQ(run.efforts[0], 0.0);
+  // The first chunk and raw's warm-up (8 chunks), then lz4's period (8) and zstd's.
+  EXPECT_LE(std::count(run.efforts.begin(), run.efforts.end(), 0.0), 9);
+  EXPECT_LE(std::find(run.efforts.begin(), run.efforts.end(), 2.0) - run.efforts.begin(), 26);
+  EXPECT_GT(tail_mean(run.efforts, 300), 2.9);
 }
 
 TEST(EffortController, WithoutZstdTheLadderStopsAtLz4) {
