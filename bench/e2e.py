@@ -11,6 +11,10 @@ ends' egress, and runs in one go, for each link x data profile:
   zstd|socat            zstd -1 -T0 -c FILE | socat  ->  socat | zstd -d > /dev/null
   dstx-none/-lz4/-zstd/-auto   dstx send --codec MODE  ->  dstx recv --sink null: (verifies, discards)
 
+Before a link's runs, `dstx tune --quick` measures it (as an operator would once per link), and dstx reads
+what tune measured for the opening of --codec auto from a profile (DSTX_TUNE_PROFILE; chunk size, streams and
+zero-copy at their defaults; --no-tune: no profile at all, never the user's own).
+
 Every tool is measured the same way: wall time from the launch of the first sender-side process to the exit
 of the last receiver-side process (receivers are started and listening first); each process runs under
 /usr/bin/time: CPU seconds from wait4 on it (children included), peak RSS from its %M; bytes on the link from the veth's
@@ -730,7 +734,10 @@ def write_md(results, summary, derived, tgts, path, png_name):
         L.append(f"### {link_label(link)}\n")
         L.append(f"Link ceiling (iperf3): 1 stream {li['iperf3'][0]['Bps'] / 1e9:.2f} GB/s, "
                  f"{li['iperf3'][1]['streams']} streams {li['iperf3'][1]['Bps'] / 1e9:.2f} GB/s. "
-                 f"qdisc: `{li['qdisc'] or 'none'}`\n")
+                 f"qdisc: `{li['qdisc'] or 'none'}`"
+                 + (f". `dstx tune --quick` here: raw {li['tune']['raw_mb_s']} MB/s, lz4 {li['tune']['lz4_mb_s']} "
+                    f"MB/s a core x {li['tune']['streams']} streams: auto opens on {li['tune']['opens']}"
+                    if li.get("tune") else "") + "\n")
         L.append("| profile | " + " | ".join(md(t) for t in tools) + " | auto/base | auto/ideal | ideal GB/s | auto/fixed |")
         L.append("|---|" + "---:|" * (len(tools) + 4))
         for prof in results["args"]["profiles"]:
@@ -947,14 +954,58 @@ def measure_link(h, link, a):
     return {"qdisc": q if "tbf" in q else "", "iperf3": res, "ceiling_Bps": max(x["Bps"] for x in res)}
 
 
+def tune_link(h, link, a):
+    """`dstx tune --quick` over this link, as an operator would run it once per link. The dstx runs on the link
+    then read a profile (DSTX_TUNE_PROFILE) with what it measured for the opening of --codec auto (raw_mb_s,
+    lz4_mb_s); chunk size, streams and zero-copy stay at their defaults, so that the columns compare codecs as
+    in earlier runs, not the chunk sizes a short sweep happened to prefer."""
+    b = a.build
+    n = int(run([b / "dstx", "tune", "--quick", "--plan"]).stdout.split()[0])
+    port = h.next_port()
+    saved = h.tmp(f"tune-{link}.json")
+    procs = [Proc(h, h.ns_dst, [b / "dstx", "recv", "--listen", f"{DST_IP}:{port}", "--sink", "null:",
+                                "--count", n, "--quiet"], "tune-recv")]
+    try:
+        deadline = time.monotonic() + 10
+        while not h.listening(port):
+            if time.monotonic() > deadline or procs[0].done.is_set():
+                raise RuntimeError(f"dstx tune: receiver not listening on {port}: {procs[0].stderr_tail()}")
+            time.sleep(0.002)
+        procs.append(Proc(h, h.ns_src, [b / "dstx", "tune", "--quick", "--to", f"{DST_IP}:{port}", "--out",
+                                        saved], "tune"))
+        deadline = time.monotonic() + 300
+        while not all(p.done.is_set() for p in procs):
+            failed = [p for p in procs if p.done.is_set() and p.status != 0]
+            if failed or time.monotonic() > deadline:
+                raise RuntimeError("dstx tune: " + ("; ".join(f"{p.name}: exit {p.status}: {p.stderr_tail()}"
+                                                              for p in failed) if failed else "no exit in 300 s"))
+            time.sleep(0.01)
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.done.wait(5)
+    with open(saved) as f:
+        tuned = json.load(f)
+    profile = {"version": 1, "chunk_bytes": 1 << 20, "streams": min(64, os.cpu_count() or 1),
+               "zero_copy_min_bytes": 0, "raw_mb_s": tuned["raw_mb_s"], "lz4_mb_s": tuned["lz4_mb_s"]}
+    path = h.tmp(f"profile-{link}.json")
+    with open(path, "w") as f:
+        json.dump(profile, f)
+    os.environ["DSTX_TUNE_PROFILE"] = path
+    return dict(profile, opens="raw" if tuned["raw_mb_s"] > tuned["lz4_mb_s"] * profile["streams"] else "lz4")
+
+
 def main_run(a, h):
     results = {"started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": a.command,
                "args": {"size": a.size, "repeats": a.repeats, "fast_repeats": a.fast_repeats,
                         "short_run_seconds": SHORT_RUN_SECONDS, "links": a.links, "profiles": a.profiles,
-                        "tools": a.tools, "dstx_arg": a.dstx_arg, "socat_buffer": a.socat_buffer,
+                        "tools": a.tools, "dstx_arg": a.dstx_arg, "tune": a.tune, "socat_buffer": a.socat_buffer,
                         "build": os.path.relpath(a.build, REPO) if a.build.is_relative_to(REPO) else str(a.build), "quiet_machine": a.quiet_machine},
                "links": {}, "runs": []}
     h.setup_net()
+    # No profile but the one each link gets (tune_link): never one found in the user's configuration.
+    os.environ["DSTX_TUNE_PROFILE"] = os.path.join(h.work, "no-tune-profile.json")
     files = {}
     for prof in a.profiles:
         path = os.path.join(h.work, f"{prof}.bin")
@@ -983,6 +1034,10 @@ def main_run(a, h):
         else:
             h.set_link("unlimited")
         results["links"][link] = li
+        if a.tune:
+            li["tune"] = tune_link(h, link, a)
+            log(f"link {link_label(link)}: dstx tune: raw {li['tune']['raw_mb_s']} MB/s, lz4 "
+                f"{li['tune']['lz4_mb_s']} MB/s x {li['tune']['streams']}: auto opens on {li['tune']['opens']}")
         log(f"link {link_label(link)}: ceiling {li['ceiling_Bps'] / 1e9:.2f} GB/s "
             f"(1 stream {li['iperf3'][0]['Bps'] / 1e9:.2f}, {a.streams} streams {li['iperf3'][1]['Bps'] / 1e9:.2f})")
         for prof in a.profiles:
@@ -1059,6 +1114,9 @@ def self_test(a, h, out_dir):
     check("CPU and RSS recorded for both sides", all(r.get("send_cpu_s") is not None and r.get("recv_rss_mib")
                                                      for r in ok))
     check("link counters moved", all(r["link_bytes"] > 0 for r in ok))
+    check("dstx tune measured every link", not a.tune or all(
+        results["links"][lk]["tune"]["raw_mb_s"] > 0 and results["links"][lk]["tune"]["lz4_mb_s"] > 0
+        for lk in a.links), str({lk: results["links"][lk].get("tune") for lk in a.links}))
     plain = [r for r in ok if r["tool"] == "plain"]
     check("plain: link bytes >= state bytes", all(r["link_bytes"] >= r["bytes"] for r in plain))
     comp = [r for r in ok if r["tool"] in ("lz4|socat", "zstd|socat")]
@@ -1130,6 +1188,8 @@ def main():
     ap.add_argument("--self-test", action="store_true", help="tiny run checking the harness; with --quick < 60 s")
     ap.add_argument("--render", type=Path, metavar="JSON", help="only recompute the summary and rewrite e2e.json, e2e.md, e2e.png in --out from "
                     "an earlier run's e2e.json (no root needed)")
+    ap.add_argument("--no-tune", dest="tune", action="store_false", help="dstx runs without a tune profile "
+                    "(default: `dstx tune --quick` on each link gives dstx the opening of --codec auto)")
     ap.add_argument("--quiet-machine", action="store_true", help="say in the report that nothing else ran")
     a = ap.parse_args()
     a.command = " ".join(["bench/e2e.py"] + sys.argv[1:])
