@@ -985,6 +985,10 @@ def tune_link(h, link, a):
             p.kill()
         for p in procs:
             p.done.wait(5)
+    failed = [p for p in procs if p.status != 0]
+    if failed:
+        raise RuntimeError("dstx tune: " + "; ".join(f"{p.name}: exit {p.status}: {p.stderr_tail()}"
+                                                     for p in failed))
     with open(saved) as f:
         tuned = json.load(f)
     profile = {"version": 1, "chunk_bytes": 1 << 20, "streams": min(64, os.cpu_count() or 1),
@@ -993,6 +997,8 @@ def tune_link(h, link, a):
     with open(path, "w") as f:
         json.dump(profile, f)
     os.environ["DSTX_TUNE_PROFILE"] = path
+    # engine::EffortPrior::opens_raw's rule, for the report (send arguments in --dstx-arg such as --streams or
+    # --bandwidth are not accounted for)
     return dict(profile, opens="raw" if tuned["raw_mb_s"] > tuned["lz4_mb_s"] * profile["streams"] else "lz4")
 
 

@@ -204,12 +204,14 @@ EffortController::EffortController(double top, size_t streams, IdleSeconds idle,
   opening_count_ = levels_ > 2 * kLevelsPerRung ? 3 : 2;
   current_ = opening_[0];
   trace_ = std::getenv("DSTX_TRACE_CODEC") != nullptr;
-  if (prior.lz4_rate > 0) prior_lz4_cost_ = 1 / prior.lz4_rate;
-  // The link outruns lz4 on every worker: lz4's warm-up would only show that (on unlimited veth with binary
-  // state it costs 8 ms of ~170; 25 Gbit/s: 203.6 -> 194.4 ms, --codec none 193.9, 11 runs side by side).
+  // The link outruns lz4 on every worker: lz4's warm-up would only show that (unlimited veth, binary state,
+  // 15 runs side by side: 171.9 -> 161.5 ms, --codec none 160.5; 25 Gbit/s, 11 runs: 202.1 -> 195.3, 195.1).
+  // lz4's tuned cost stands in until its own is measured: raw's warm-up can then give lz4 its period back on
+  // a link slower than the profile's. Only here: the lz4 opening measures its own, as without a profile.
   if (prior.opens_raw(streams)) {
     opened_ = 1;
     current_ = opening_[1];
+    prior_lz4_cost_ = 1 / prior.lz4_rate;
     if (trace_) {
       std::fprintf(stderr, "opening on raw: tuned link %.3f GB/s, lz4 %.3f GB/s x %.0f workers\n",
                    prior.raw_rate / 1e9, prior.lz4_rate / 1e9, streams_);
@@ -406,9 +408,9 @@ void EffortController::trace(double rate, double link_share) const {
 }
 
 // Whether raw, running at `rate` after lz4's period was skipped, waits on the link (more than a CPU-bound
-// worker does) with CPU idle, at less than half what lz4's encode cost allows: see end_period.
+// worker does) with CPU measured idle, at less than half what lz4's encode cost allows: see end_period.
 bool EffortController::lz4_wanted_back(double rate, double link_share) const {
-  return link_share > kCpuBoundShare && !no_spare() && lz4_outruns(2 * rate);
+  return link_share > kCpuBoundShare && spare_cores_ >= 0 && !no_spare() && lz4_outruns(2 * rate);
 }
 
 // Whether lz4's measured encode cost lets the workers (a core each at most) encode more than `rate`

@@ -76,10 +76,10 @@ class ShareSelector {
 };
 
 // What `dstx tune` measured on this link and machine beforehand, in logical bytes/s (0: unknown): the rate
-// raw transfers reached, and lz4's single-core encode speed on the data it encodes fastest. lz4's encode
-// cost counts as 1 / lz4_rate until it is measured. A link faster than lz4 on every worker
-// (raw_rate > lz4_rate x streams) opens on raw, as when lz4's warm-up showed the CPU setting the pace:
-// lz4 gets a period only if raw then waits on the link with CPU idle (see EffortController's opening).
+// raw transfers reached, and lz4's single-core encode speed on the data it encodes fastest. A link faster
+// than lz4 on every worker (raw_rate > lz4_rate x streams) opens on raw, as when lz4's warm-up showed the CPU
+// setting the pace: lz4 gets a period only if raw then waits on the link with CPU idle (see
+// EffortController's opening), and its encode cost counts as 1 / lz4_rate until it is measured.
 struct EffortPrior {
   double raw_rate = 0;
   double lz4_rate = 0;
@@ -249,7 +249,7 @@ class EffortController {
   double spare_cores_ = -1;     // idle cores on average, < 0 when unknown
   double path_rate_ = -1;       // the last Sockets::path_rate
   double spare_min_seconds_;    // the shortest window read (the idle counters' resolution)
-  double prior_lz4_cost_ = -1;  // CPU seconds per byte, from EffortPrior::lz4_rate; < 0 when unknown
+  double prior_lz4_cost_ = -1;  // opening on raw: lz4's tuned CPU seconds per byte; else < 0
 };
 
 }  // namespace dstx::engine

@@ -57,17 +57,19 @@ class TuneCliTest : public ::testing::Test {
   }
   void TearDown() override {
     unsetenv("DSTX_TUNE_PROFILE");
+    unsetenv("DSTX_TRACE_CODEC");
     fs::remove_all(dir_);
   }
   void write_profile(const std::string& text) { std::ofstream(profile_) << text; }
 
   // One send of `source` to a fresh `dstx recv --sink null:`; returns the send's exit code and JSON.
-  int send_once(std::vector<std::string> extra, std::string* out, std::string* err = nullptr) {
+  int send_once(std::vector<std::string> extra, std::string* out, std::string* err = nullptr,
+                const std::string& source = "emu:size=8M,profile=mixed") {
     Proc recv({"recv", "--listen", "127.0.0.1:0", "--sink", "null:", "--quiet"});
     const uint16_t port = start_recv(recv);
     if (port == 0) return -1;
     std::vector<std::string> args = {
-        "send",  "--source", "emu:size=8M,profile=mixed", "--to", "127.0.0.1:" + std::to_string(port),
+        "send",  "--source", source, "--to", "127.0.0.1:" + std::to_string(port),
         "--json"};
     args.insert(args.end(), extra.begin(), extra.end());
     const int rc = run(args, out, err);
@@ -170,28 +172,29 @@ TEST_F(TuneCliTest, SendTakesItsDefaultsFromTheProfileAndOptionsOverride) {
 }
 
 TEST_F(TuneCliTest, AutoOpensOnRawWhereTheProfileSaysTheLinkOutrunsLz4) {
-  // DSTX_TRACE_CODEC prints the controller's decisions, the opening among them.
+  // DSTX_TRACE_CODEC prints the controller's decisions, the opening among them. 64 MiB: long enough for a
+  // traced period on any machine.
   setenv("DSTX_TRACE_CODEC", "1", 1);
+  const std::string source = "emu:size=64M,profile=mixed";
   write_profile(
       "{\"version\":1,\"chunk_bytes\":1048576,\"streams\":2,\"zero_copy_min_bytes\":0,\"raw_mb_s\":5000,"
       "\"lz4_mb_s\":1000}");
   std::string out, err;
-  ASSERT_EQ(send_once({}, &out, &err), 0) << out << err;
+  ASSERT_EQ(send_once({}, &out, &err, source), 0) << out << err;
   EXPECT_NE(err.find("opening on raw: tuned link 5.000 GB/s, lz4 1.000 GB/s x 2 workers"), std::string::npos)
       << err;
   // A cap below lz4 on both streams (--bandwidth 1500M) is the link's rate now; so is lz4 on more
   // streams than the link outruns; nor without the profile.
   for (const std::vector<std::string>& args : std::vector<std::vector<std::string>>{
            {"--bandwidth", "1500M"}, {"--streams", "5"}, {"--no-tune"}}) {
-    ASSERT_EQ(send_once(args, &out, &err), 0) << out << err;
+    ASSERT_EQ(send_once(args, &out, &err, source), 0) << out << err;
     EXPECT_EQ(err.find("opening on raw"), std::string::npos) << args[0] << "\n" << err;
     EXPECT_NE(err.find("effort 1.00"), std::string::npos) << args[0] << "\n" << err;  // it traced lz4
   }
   // A profile saved before these fields opens on lz4, as before.
   write_profile("{\"version\":1,\"chunk_bytes\":1048576,\"streams\":2,\"zero_copy_min_bytes\":0}");
-  ASSERT_EQ(send_once({}, &out, &err), 0) << out << err;
+  ASSERT_EQ(send_once({}, &out, &err, source), 0) << out << err;
   EXPECT_EQ(err.find("opening on raw"), std::string::npos) << err;
-  unsetenv("DSTX_TRACE_CODEC");
 }
 
 TEST_F(TuneCliTest, MissingProfileIsSilent) {

@@ -410,7 +410,7 @@ TEST(EffortController, ATunedLinkFasterThanLz4OpensOnRawWithoutItsWarmUp) {
   const Trace untuned = simulate(fast, 3.0, 200);
   EXPECT_EQ(untuned.efforts[0], 1.0);
   EXPECT_LT(run.seconds, untuned.seconds);
-  // Not when lz4 keeps up on the workers there are (4 streams: 2.7 GB/s), nor without lz4's speed.
+  // Not when lz4 keeps up on the workers there are (5 streams: 3.3 GB/s), nor without lz4's speed.
   EXPECT_FALSE(tuned.opens_raw(5));
   EXPECT_EQ(simulate(fast, 3.0, 200, 5, tuned).efforts[0], 1.0);
   EXPECT_FALSE((EffortPrior{.raw_rate = 3e9}.opens_raw(1)));
@@ -425,7 +425,7 @@ TEST(EffortController, AProfileTunedOnAFastLinkGivesLz4BackOnASlowOne) {
   const EffortPrior tuned{.raw_rate = 3e9, .lz4_rate = 1 / kCpu[1] * 1e9};
   const Trace run = simulate(slow, 3.0, 600, 2, tuned);
   EXPECT_EQ(run.efforts[0], 0.0);
-  // The first chunk and raw's warm-up (8 chunks), then lz4's period (8) and zstd's.
+  // The first chunk and raw's warm-up (8 chunks), then lz4's (8 draining, 8 measured) and zstd's.
   EXPECT_LE(std::count(run.efforts.begin(), run.efforts.end(), 0.0), 9);
   EXPECT_LE(std::find(run.efforts.begin(), run.efforts.end(), 2.0) - run.efforts.begin(), 26);
   EXPECT_GT(tail_mean(run.efforts, 300), 2.9);
