@@ -97,7 +97,7 @@ std::optional<TuneDefaults> parse_tune_profile(std::string_view text, std::strin
   d.chunk_bytes = uint32_t(chunk);
   d.streams = unsigned(found["streams"]);
   d.zero_copy_min_bytes = found["zero_copy_min_bytes"];
-  constexpr uint64_t kMaxMbPerSecond = 1000000;  // 1 TB/s: a larger value is no measurement
+  constexpr uint64_t kMaxMbPerSecond = engine::kMaxTunedBytesPerSecond / 1000000;
   for (const char* k : {"raw_mb_s", "lz4_mb_s"}) {
     if (found[k] > kMaxMbPerSecond) {
       return fail(std::string(k) + " " + std::to_string(found[k]) + " is above " +

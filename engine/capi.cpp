@@ -65,7 +65,9 @@ static_assert(offsetof(dstx_send_config, before_stop_copy) == kSendConfigSizeV1 
                   offsetof(dstx_send_config, zero_copy_min_bytes) == kSendConfigSizeV1 + 56 &&
                   offsetof(dstx_send_config, send_flags) == kSendConfigSizeV1 + 64 &&
                   offsetof(dstx_send_config, reserved2) == kSendConfigSizeV1 + 68 &&
-                  sizeof(dstx_send_config) == kSendConfigSizeV1 + 72 &&
+                  offsetof(dstx_send_config, tuned_raw_bytes_per_second) == kSendConfigSizeV1 + 72 &&
+                  offsetof(dstx_send_config, tuned_lz4_bytes_per_second) == kSendConfigSizeV1 + 80 &&
+                  sizeof(dstx_send_config) == kSendConfigSizeV1 + 88 &&
                   offsetof(dstx_recv_config, tls_ca_file) == kRecvConfigSizeV1 &&
                   sizeof(dstx_recv_config) == kRecvConfigSizeV1 + 5 * sizeof(void*) &&
                   offsetof(dstx_stats, device_state) == kStatsSizeV1 &&
@@ -361,6 +363,15 @@ Status setup_send(Transfer& t, const dstx_send_config* config_in, const dstx_end
   }
   if (c.reserved2 != 0) return failure(DSTX_E_INVALID, "config.reserved2 must be 0");
   o.register_buffers = (c.send_flags & DSTX_SEND_REGISTER_BUFFERS) != 0;
+  for (const auto& [value, name] : {std::pair{c.tuned_raw_bytes_per_second, "tuned_raw_bytes_per_second"},
+                                    std::pair{c.tuned_lz4_bytes_per_second, "tuned_lz4_bytes_per_second"}}) {
+    if (value > engine::kMaxTunedBytesPerSecond) {
+      return failure(DSTX_E_INVALID, std::string("config.") + name + " is " + std::to_string(value) +
+                                         ": at most 10^12 (1 TB/s)");
+    }
+  }
+  o.tuned_raw_bytes_per_second = c.tuned_raw_bytes_per_second;
+  o.tuned_lz4_bytes_per_second = c.tuned_lz4_bytes_per_second;
   if (c.reconnect_attempts < -1) {
     return failure(DSTX_E_INVALID, "config.reconnect_attempts is " + std::to_string(c.reconnect_attempts) +
                                        ": expected attempts > 0, 0 for the default or -1 for no resume");

@@ -30,6 +30,8 @@ using LogFn = std::function<void(LogLevel level, const std::string& text)>;
 inline constexpr uint32_t kDefaultChunkBytes = 1u << 20;
 // The replay buffer (SendOptions::replay_bytes) is memory held on the sender: at most this much.
 inline constexpr uint64_t kMaxReplayBytes = 1ull << 30;
+// The largest tuned rate (SendOptions::tuned_*_bytes_per_second) taken: 1 TB/s; more is no measurement.
+inline constexpr uint64_t kMaxTunedBytesPerSecond = 1'000'000'000'000;
 
 // The chunk size for a state of known (or estimated: io::Source::size_estimate) size: chunk_bytes, or when
 // the state holds fewer than kFitChunks of them, size / kFitChunks rounded up to a power of two and at least

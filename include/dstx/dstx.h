@@ -381,6 +381,13 @@ typedef struct dstx_send_config {
                                  * and veth the kernel copies anyway; `dstx tune` measures the break-even) */
   uint32_t send_flags;          /* DSTX_SEND_REGISTER_BUFFERS, or 0 */
   uint32_t reserved2;           /* must be 0 */
+  /* DSTX_CODEC_AUTO's opening (appended after send_flags): what `dstx tune` measured on this link and
+   * machine, its profile's raw_mb_s and lz4_mb_s times 10^6. 0: unknown (both must be set to act). Where the link
+   * outran lz4 on every stream (raw > lz4 x streams, raw capped by bandwidth_bytes_per_second), auto starts
+   * raw instead of warming up on lz4, and it still turns to lz4 and zstd when the link turns out slower.
+   * Each at most 10^12. */
+  uint64_t tuned_raw_bytes_per_second; /* the rate DSTX_CODEC_NONE reached on the link */
+  uint64_t tuned_lz4_bytes_per_second; /* lz4's encode speed on one core */
 } dstx_send_config;
 
 /* send_flags: register the frame buffers with io_uring (READ_FIXED reads from files on block devices).

@@ -336,6 +336,19 @@ static void loopback_with(const dstx_send_config* base, const dstx_endpoint* sou
   dstx_transfer_destroy(recv);
 }
 
+/* A buffer to a buffer (dst cleared first) with the sender's config sc: both sides must succeed and dst must
+ * hold src's n bytes. The sender's stats go to ss. */
+static void buffer_roundtrip(const dstx_send_config* sc, unsigned char* src, unsigned char* dst, size_t n,
+                             dstx_stats* ss) {
+  memset(dst, 0xAB, n);
+  const dstx_endpoint source = buffer_endpoint(src, n), sink = buffer_endpoint(dst, n);
+  int s = -1, r = -1;
+  loopback_with(sc, &source, &sink, &s, &r, NULL, NULL, 0, ss);
+  CHECK_STATUS(s, DSTX_OK);
+  CHECK_STATUS(r, DSTX_OK);
+  CHECK(memcmp(src, dst, n) == 0);
+}
+
 static void loopback(const dstx_endpoint* source, const dstx_endpoint* sink, int* send_status,
                      int* recv_status, char* send_error, char* recv_error, size_t error_size) {
   loopback_with(NULL, source, sink, send_status, recv_status, send_error, recv_error, error_size, NULL);
@@ -626,17 +639,11 @@ static void test_codecs(void) {
   double ratio[3] = {0, 0, 0};
   uint64_t digest[3] = {0, 0, 0};
   for (size_t i = 0; i < 3; ++i) {
-    memset(dst, 0xAB, n);
     dstx_send_config sc = DSTX_SEND_CONFIG_INIT;
     sc.streams = 2;
     sc.codec = codecs[i];
-    const dstx_endpoint source = buffer_endpoint(src, n), sink = buffer_endpoint(dst, n);
     dstx_stats ss = DSTX_STATS_INIT;
-    int s = -1, r = -1;
-    loopback_with(&sc, &source, &sink, &s, &r, NULL, NULL, 0, &ss);
-    CHECK_STATUS(s, DSTX_OK);
-    CHECK_STATUS(r, DSTX_OK);
-    CHECK(memcmp(src, dst, n) == 0);
+    buffer_roundtrip(&sc, src, dst, n, &ss);
     ratio[i] = ss.ratio;
     digest[i] = ss.digest;
     if (codecs[i] == DSTX_CODEC_NONE) CHECK(ss.wire_bytes > n && ss.raw_chunks == ss.chunks); /* + headers */
@@ -653,6 +660,42 @@ static void test_codecs(void) {
   dstx_transfer* t = NULL;
   CHECK_STATUS(make_sender(&bad, &source, 9, &t), DSTX_E_UNSUPPORTED);
   CHECK_CONTAINS(dstx_last_error(NULL), "config.codec");
+  free(src);
+  free(dst);
+}
+
+/* DSTX_CODEC_AUTO's opening from what `dstx tune` measured: a link that outran lz4 on every stream starts
+ * raw, with no lz4 chunk on compressible state; an untuned run, or one with only the link's rate, warms up
+ * on lz4 first. (tests/test_effort.cpp covers the controller's side, test_cli_tune the CLI's profile.) */
+static void test_tuned_opening(void) {
+  const size_t n = 8u << 20;
+  unsigned char *src = malloc(n), *dst = malloc(n);
+  if (src == NULL || dst == NULL) abort();
+  for (size_t i = 0; i < n; ++i) src[i] = (unsigned char)(i / 64 + i % 7); /* lz4 shrinks it */
+  const struct {
+    uint64_t raw, lz4;
+    int opens_raw;
+  } runs[] = {{100000000000ull, 1000000ull, 1}, {0, 0, 0}, {100000000000ull, 0, 0}};
+  for (size_t i = 0; i < sizeof runs / sizeof runs[0]; ++i) {
+    dstx_send_config sc = DSTX_SEND_CONFIG_INIT;
+    sc.streams = 1;
+    sc.chunk_bytes = 64u << 10;
+    sc.tuned_raw_bytes_per_second = runs[i].raw;
+    sc.tuned_lz4_bytes_per_second = runs[i].lz4;
+    dstx_stats ss = DSTX_STATS_INIT;
+    buffer_roundtrip(&sc, src, dst, n, &ss);
+    CHECK(ss.chunks == n / sc.chunk_bytes && ss.zero_chunks == 0);
+    if (runs[i].opens_raw) {
+      /* lz4 at 1 MB/s never pays on loopback: every chunk raw, or zstd if the controller climbs past it. */
+      CHECK(ss.lz4_chunks == 0);
+      CHECK(ss.raw_chunks > 0);
+    } else {
+      CHECK(ss.lz4_chunks > 0); /* auto's first chunk */
+    }
+    if (g_failures) fprintf(stderr, "  run %zu: raw %llu lz4 %llu zstd %llu\n", i,
+                            (unsigned long long)ss.raw_chunks, (unsigned long long)ss.lz4_chunks,
+                            (unsigned long long)ss.zstd_chunks);
+  }
   free(src);
   free(dst);
 }
@@ -696,6 +739,15 @@ static void test_create_errors(void) {
   CHECK_STATUS(dstx_send_create(&sc, &emu, &t), DSTX_E_INVALID);
   CHECK_CONTAINS(dstx_last_error(NULL), "replay_buffer_bytes");
   sc.replay_buffer_bytes = 0;
+  /* Tuned rates above 1 TB/s are no measurement. */
+  sc.tuned_lz4_bytes_per_second = 1000000000001ull;
+  CHECK_STATUS(dstx_send_create(&sc, &emu, &t), DSTX_E_INVALID);
+  CHECK_CONTAINS(dstx_last_error(NULL), "tuned_lz4_bytes_per_second");
+  sc.tuned_lz4_bytes_per_second = 0;
+  sc.tuned_raw_bytes_per_second = ~0ull;
+  CHECK_STATUS(dstx_send_create(&sc, &emu, &t), DSTX_E_INVALID);
+  CHECK_CONTAINS(dstx_last_error(NULL), "tuned_raw_bytes_per_second");
+  sc.tuned_raw_bytes_per_second = 0;
 
   dstx_endpoint device_spec = spec_endpoint("emu-v2:size=1M,colour=blue");
   CHECK_STATUS(dstx_send_create(&sc, &device_spec, &t), DSTX_E_INVALID);
@@ -1286,6 +1338,7 @@ static const test_case k_tests[] = {
     {"socketpairs_both_sides", test_socketpairs_both_sides},
     {"failing_transfer", test_failing_transfer},
     {"codecs", test_codecs},
+    {"tuned_opening", test_tuned_opening},
     {"create_errors", test_create_errors},
     {"struct_sizes", test_struct_sizes},
     {"cancel_mid_transfer", test_cancel_mid_transfer},
