@@ -266,11 +266,17 @@ class Worker {
         link_(shared.links[index]),
         wait_all_(io::socket_sends_may_wait_all(fd())) {}
 
-  void run() {
+  // go: 0 while the handshake lasts, then 1 to send, or -1 when the handshake failed. The rings and fixed
+  // files are set up meanwhile, during the HELLO round trip.
+  void run(const std::atomic<int>& go) {
     try {
-      setup();
-      loop();
-      if (!stopping()) finish_stream();
+      prepare();
+      go.wait(0);
+      if (go.load() > 0) {
+        setup();
+        loop();
+        if (!stopping()) finish_stream();
+      }
     } catch (const std::exception& e) {
       sh_.failure.set(Reason::source, e.what());
     }
@@ -326,7 +332,8 @@ class Worker {
   // Frames kept inline cost no buffer; this bounds their number per stream (~80 bytes each).
   static constexpr size_t kMaxInlineReplays = 4096;
 
-  void setup() {
+  // What does not depend on the handshake's outcome: the rings, the buffer size, SEND_ZC, fixed files.
+  void prepare() {
     const unsigned depth = std::max(1u, sh_.options.depth);
     ring_ = io::make_ring(sh_.backend, io::RingOptions{.entries = std::bit_ceil(2 * depth + 4)});
     // Synchronous source reads (sequential sources, generated content, finishing a short read) and
@@ -340,6 +347,25 @@ class Worker {
         std::max({size_t(sh_.chunk_bytes), compress::encode_bound(compress::Codec::lz4, sh_.chunk_bytes),
                   compress::encode_bound(compress::Codec::zstd, sh_.chunk_bytes),
                   compress::encode_bound(compress::Codec::sparse, sh_.chunk_bytes)}));
+    if (sh_.backend == io::Backend::uring && io::probe().send_zc)
+      zero_copy_min_ = sh_.options.zero_copy_min_bytes;
+    // Fixed files: the stream's socket and, when reads go through the ring, the source file. io_uring then
+    // neither looks them up nor takes a reference on them per operation. Where the kernel refuses, plain
+    // fds do the same job.
+    if (sh_.backend == io::Backend::uring) {
+      const bool ring_reads = reads_through_ring();
+      const int files[2] = {fd(), ring_reads ? sh_.source.read_fd() : -1};
+      if (ring_->register_files(std::span(files, ring_reads ? 2 : 1)) == 0) {
+        socket_file_ = 0;
+        source_file_ = ring_reads ? 1 : -1;
+        sh_.fixed_file_streams.fetch_add(1, std::memory_order_relaxed);
+      }
+    }
+  }
+
+  // After the handshake: the buffer pool, sized for resuming if the receiver agreed to it.
+  void setup() {
+    const unsigned depth = std::max(1u, sh_.options.depth);
     size_t replay_buffers = 0;
     if (sh_.resume && !rereads()) {
       const uint64_t replay = std::min(sh_.options.replay_bytes, kMaxReplayBytes);
@@ -355,26 +381,12 @@ class Worker {
     // A sparse frame's pieces: the header with the bitmap, then at most one run per two pages.
     for (Slot& slot : slots_) slot.iov.reserve(2 + compress::sparse_bitmap_bytes(sh_.chunk_bytes) * 4);
     send_iov_.reserve(io::kMaxIov);
-    if (sh_.backend == io::Backend::uring && io::probe().send_zc)
-      zero_copy_min_ = sh_.options.zero_copy_min_bytes;
     // Registered once, the buffers spare the kernel a page walk on every read (READ_FIXED). Where the kernel
     // refuses (RLIMIT_MEMLOCK, an old kernel), plain reads do the same job.
     if (sh_.options.register_buffers && sh_.backend == io::Backend::uring && io::probe().read_fixed &&
         reads_through_ring()) {
       const iovec whole{memory_.data(), buf_bytes_ * count};
       fixed_buffers_ = ring_->register_buffers(std::span(&whole, 1)) == 0;
-    }
-    // Fixed files: the stream's socket and, when reads go through the ring, the source file. io_uring then
-    // neither looks them up nor takes a reference on them per operation. Where the kernel refuses, plain
-    // fds do the same job.
-    if (sh_.backend == io::Backend::uring) {
-      const bool ring_reads = reads_through_ring();
-      const int files[2] = {fd(), ring_reads ? sh_.source.read_fd() : -1};
-      if (ring_->register_files(std::span(files, ring_reads ? 2 : 1)) == 0) {
-        socket_file_ = 0;
-        source_file_ = ring_reads ? 1 : -1;
-        sh_.fixed_file_streams.fetch_add(1, std::memory_order_relaxed);
-      }
     }
     if (sh_.effort) {  // set-up is not the transfer's CPU
       cpu_reported_ = thread_cpu_time();
@@ -1463,6 +1475,29 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
     }
     return fail(Reason::connection, "stream " + std::to_string(i) + ": " + err);
   }
+  // The workers set up their rings during the HELLO round trip and start sending once it has succeeded
+  // (crew.go); if it fails, crew's destructor sends them home before `fail` returns.
+  struct Crew {
+    std::vector<std::thread> threads;
+    std::atomic<int> go{0};
+    std::atomic<unsigned> running{0};
+    void release(int verdict) {
+      go.store(verdict);
+      go.notify_all();
+    }
+    ~Crew() {
+      if (go.load() == 0) release(-1);
+      for (std::thread& t : threads) t.join();
+    }
+  } crew;
+  crew.running = unsigned(links.size());
+  for (unsigned i = 0; i < links.size(); ++i) {
+    crew.threads.emplace_back([&sh, &crew, i] {
+      Worker(sh, i).run(crew.go);
+      --crew.running;
+      sh.wake();
+    });
+  }
   for (size_t i = 0; i < links.size(); ++i) {
     hello.stream_index = uint16_t(i);
     wire::Hello reply;
@@ -1494,15 +1529,8 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
 
   std::atomic<bool> control_stop{false};
   std::thread control([&] { control_loop(sh, control_stop); });
-  std::atomic<unsigned> running{unsigned(links.size())};
-  std::vector<std::thread> workers;
-  for (unsigned i = 0; i < links.size(); ++i) {
-    workers.emplace_back([&, i] {
-      Worker(sh, i).run();
-      --running;
-      sh.wake();
-    });
-  }
+  crew.release(1);
+  std::atomic<unsigned>& running = crew.running;
 
   // Supervise until the receiver commits or the transfer fails: cancel, idle time-out, commit time-out.
   {
@@ -1542,7 +1570,8 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
       for (Link& l : links) ::shutdown(l.fd.load(), SHUT_RDWR);
     }
   }
-  for (auto& w : workers) w.join();
+  for (std::thread& w : crew.threads) w.join();
+  crew.threads.clear();
   control_stop = true;
   sh.events.flush();
 
