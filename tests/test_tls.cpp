@@ -150,6 +150,30 @@ class TlsTest : public ::testing::Test {
     return o;
   }
 
+  // The two ends of a transfer whose stream 0 is cut after 1 MiB and reconnects (FaultProxy, .down_ms -1):
+  // the receiver waits for it up to 1.5 s; the sender sends every chunk whole (so stream 0 reaches the
+  // cut) and tries `attempts` reconnections.
+  static RecvOptions resuming_receiver(const TlsOptions& tls) {
+    RecvOptions ro;
+    ro.accept_timeout_ms = 10000;
+    ro.handshake_timeout_ms = 5000;
+    ro.resume_timeout_ms = 1500;
+    ro.tls = tls;
+    return ro;
+  }
+  static SendOptions resuming_sender(int attempts) {
+    SendOptions so;
+    so.streams = 2;
+    so.chunk_bytes = 256 << 10;
+    so.codec = CodecMode::none;
+    so.handshake_timeout_ms = 5000;
+    so.resume = true;
+    so.reconnect_attempts = attempts;
+    so.reconnect_backoff_ms = 20;
+    so.tls = certs("sender");
+    return so;
+  }
+
   // Options for the two ends of a loopback transfer: these handshake time-outs and TLS settings.
   static std::pair<RecvOptions, SendOptions> options(const TlsOptions& recv_tls, const TlsOptions& send_tls,
                                                      int handshake_timeout_ms) {
@@ -823,25 +847,13 @@ TEST_F(TlsTest, ReconnectionRefusedAfterItsHandshakeIsNotRetried) {
   io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
   io::Fd other = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
   const uint16_t other_port = io::bound_port(other.get());
-  RecvOptions ro;
-  ro.accept_timeout_ms = 10000;
-  ro.handshake_timeout_ms = 5000;
-  ro.resume_timeout_ms = 1500;  // the first receiver may wait it out for the cut stream
-  ro.tls = certs("receiver");
+  const RecvOptions ro = resuming_receiver(certs("receiver"));
   Result recv_result, other_result;
   std::thread receiver([&] { recv_result = receive(*sink, listener.get(), ro, nullptr, nullptr); });
   std::thread other_receiver([&] { other_result = receive(*other_sink, other.get(), ro, nullptr, nullptr); });
   const test::Fault cut{.kind = test::Fault::cut, .connection = 0, .at = 1 << 20, .down_ms = -1};
   test::FaultProxy proxy(io::bound_port(listener.get()), cut);
-  SendOptions so;
-  so.streams = 2;
-  so.chunk_bytes = 256 << 10;
-  so.codec = CodecMode::none;  // every chunk whole on the wire: stream 0 reaches the cut
-  so.handshake_timeout_ms = 5000;
-  so.resume = true;
-  so.reconnect_attempts = 5;
-  so.reconnect_backoff_ms = 20;
-  so.tls = certs("sender");
+  SendOptions so = resuming_sender(5);
   std::atomic<int> reconnects{0};
   so.reconnect = [&] {
     ++reconnects;
@@ -865,6 +877,66 @@ TEST_F(TlsTest, ReconnectionRefusedAfterItsHandshakeIsNotRetried) {
   expect_nothing_written();
   EXPECT_FALSE(fs::exists(other_sink_path)) << other_sink_path;
   EXPECT_FALSE(fs::exists(other_sink_path.string() + ".partial")) << other_sink_path;
+}
+
+// A cut stream reconnects to receivers whose certificate comes from a CA the sender does not trust (as if
+// the address now led elsewhere). Each attempt's own TLS handshake fails on the sender's side, which is no
+// refusal by the receiver: the sender tries again, as often as it may, and then fails naming the
+// certificate problem and the attempts. Nothing is committed or written anywhere.
+TEST_F(TlsTest, ReconnectionWhoseTlsHandshakeFailsIsRetriedThenNamed) {
+  constexpr int kAttempts = 2;
+  auto source = open_source("file:" + src_.string());
+  auto sink = open_sink("file:" + sink_.string());
+  io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
+  const RecvOptions ro = resuming_receiver(certs("receiver"));
+  // One stranger per attempt: a receiver that failed a handshake is done and accepts no more.
+  const RecvOptions stranger_ro = resuming_receiver(certs("stranger"));
+  std::vector<io::Fd> strangers;
+  std::vector<fs::path> stranger_sinks;
+  std::vector<std::unique_ptr<io::Sink>> stranger_sink_objects;
+  for (int i = 0; i < kAttempts; ++i) {
+    strangers.push_back(io::tcp_listen(io::HostPort{"127.0.0.1", 0}));
+    stranger_sinks.push_back(dir_ / ("stranger" + std::to_string(i) + ".bin"));
+    stranger_sink_objects.push_back(open_sink("file:" + stranger_sinks.back().string()));
+  }
+  Result recv_result;
+  std::vector<Result> stranger_results(kAttempts);
+  std::thread receiver([&] { recv_result = receive(*sink, listener.get(), ro, nullptr, nullptr); });
+  std::vector<std::thread> stranger_threads;
+  for (int i = 0; i < kAttempts; ++i) {
+    stranger_threads.emplace_back([&, i] {
+      const size_t k = size_t(i);
+      stranger_results[k] = receive(*stranger_sink_objects[k], strangers[k].get(), stranger_ro, nullptr, nullptr);
+    });
+  }
+  const test::Fault cut{.kind = test::Fault::cut, .connection = 0, .at = 1 << 20, .down_ms = -1};
+  test::FaultProxy proxy(io::bound_port(listener.get()), cut);
+  SendOptions so = resuming_sender(kAttempts);
+  std::atomic<int> reconnects{0};
+  so.reconnect = [&] {
+    const int i = reconnects++;
+    if (i >= kAttempts) throw std::runtime_error("more attempts than allowed");
+    return io::tcp_connect(io::HostPort{"127.0.0.1", io::bound_port(strangers[size_t(i)].get())}, so.socket);
+  };
+  Stats st;
+  const Result send_result = send_to(*source, io::HostPort{"127.0.0.1", proxy.port()}, so, &st, nullptr);
+  receiver.join();
+  for (std::thread& t : stranger_threads) t.join();
+  EXPECT_TRUE(proxy.fired());
+  EXPECT_FALSE(send_result.committed);
+  EXPECT_EQ(send_result.reason, wire::Reason::connection) << send_result.error;
+  EXPECT_TRUE(contains(send_result.error, "not resumed after 2 attempts")) << send_result.error;
+  EXPECT_TRUE(contains(send_result.error, "not issued by the CA we trust")) << send_result.error;
+  EXPECT_EQ(reconnects.load(), kAttempts);
+  EXPECT_EQ(st.resumes.load(), 0u);
+  EXPECT_FALSE(recv_result.committed);
+  for (int i = 0; i < kAttempts; ++i) {
+    EXPECT_FALSE(stranger_results[size_t(i)].committed) << i;
+    EXPECT_FALSE(stranger_results[size_t(i)].error.empty()) << i;
+    EXPECT_FALSE(fs::exists(stranger_sinks[size_t(i)])) << stranger_sinks[size_t(i)];
+    EXPECT_FALSE(fs::exists(stranger_sinks[size_t(i)].string() + ".partial")) << stranger_sinks[size_t(i)];
+  }
+  expect_nothing_written();
 }
 
 // ---- properties the kTLS path relies on -------------------------------------------------------------------
