@@ -906,7 +906,8 @@ TEST_F(TlsTest, ReconnectionWhoseTlsHandshakeFailsIsRetriedThenNamed) {
   for (int i = 0; i < kAttempts; ++i) {
     stranger_threads.emplace_back([&, i] {
       const size_t k = size_t(i);
-      stranger_results[k] = receive(*stranger_sink_objects[k], strangers[k].get(), stranger_ro, nullptr, nullptr);
+      stranger_results[k] =
+          receive(*stranger_sink_objects[k], strangers[k].get(), stranger_ro, nullptr, nullptr);
     });
   }
   const test::Fault cut{.kind = test::Fault::cut, .connection = 0, .at = 1 << 20, .down_ms = -1};
