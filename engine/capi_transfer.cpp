@@ -210,7 +210,10 @@ Status Transfer::run_send() {
   stop_copy_ns = now_ns() - t0;
   log_line(DSTX_LOG_DEBUG, "send: I/O backend: " + r.io_backend);
   if (!r.committed) return failure(status_from_reason(r.reason), r.error);
-  downtime_ns = stop_copy_ns.load();
+  // Up to COMMITTED, as for a device (engine::migrate), not to the end of send()'s teardown.
+  downtime_ns = r.committed_at ? std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                     r.committed_at->time_since_epoch()).count() - t0
+                               : stop_copy_ns.load();
   digest = r.digest;
   log_line(DSTX_LOG_INFO, "send: committed " + std::to_string(r.bytes) + " bytes (" +
                               std::to_string(r.wire_bytes) + " on the wire, ratio " +

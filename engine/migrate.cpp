@@ -642,7 +642,9 @@ MigrateResult finish(MigrationSource& source, Result transfer, bool want_digest)
   const auto ended = MigrationSource::Clock::now();
   r.device_note = transfer.committed ? source.finish_committed() : source.roll_back();
   if (const auto started = source.stop_copy_started()) {
-    const auto until = transfer.committed ? ended : MigrationSource::Clock::now();
+    // Committed: the downtime ends with COMMITTED, not with the teardown of send()'s threads.
+    const auto until =
+        transfer.committed ? transfer.committed_at.value_or(ended) : MigrationSource::Clock::now();
     r.downtime_ms = std::chrono::duration<double, std::milli>(until - *started).count();
   }
   r.transfer = std::move(transfer);

@@ -210,6 +210,7 @@ struct Shared {
   std::atomic<int> ack_waiters{0};
   bool committed = false;
   wire::Header committed_header;
+  Clock::time_point committed_at;  // when the control thread read COMMITTED
 
   Shared(io::Source& s, const SendOptions& o, std::vector<Link>& l, Stats& st, const Cancel* ca,
          io::Backend b, uint32_t chunk, uint32_t window)
@@ -1306,6 +1307,7 @@ void control_loop(Shared& sh, const std::atomic<bool>& stop) {
           std::lock_guard lock(sh.control_mu);
           sh.committed = true;
           sh.committed_header = h;
+          sh.committed_at = Clock::now();
           sh.control_cv.notify_all();
           return;
         }
@@ -1605,6 +1607,7 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
     return result;
   }
   result.committed = true;
+  result.committed_at = sh.committed_at;
   return result;
 }
 

@@ -3,8 +3,10 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -126,6 +128,9 @@ struct Result {
   std::string io_backend;    // "io_uring" or "syscall", with the reason
   unsigned fixed_file_streams = 0;  // streams whose ring uses fixed files (registered fds)
   std::string tls = "none";  // "none", "kTLS (…)" or "user-space TLS (…)": TlsSession::describe()
+  // Sending: when COMMITTED was read, before the threads and rings were torn down (a downtime ends there,
+  // not when send() returns). Unset unless committed.
+  std::optional<std::chrono::steady_clock::time_point> committed_at;
 };
 
 // Set from any thread (a signal handler may call request()): the transfer stops and fails with reason

@@ -31,6 +31,7 @@ struct Outcome {
   std::string source_digest;
   std::string sink_digest;
   uint64_t sink_resets = 0;
+  std::optional<MigrationSource::Clock::time_point> stop_copy_started;
 };
 
 struct RunOptions {
@@ -68,6 +69,7 @@ Outcome run(MigrationSource& src, DeviceSink& sink, const RunOptions& o = {}) {
   receiver.join();
   done = true;
   watcher.join();
+  out.stop_copy_started = src.stop_copy_started();
   out.source_state = src.device_state();
   out.sink_state = sink.device_state();
   out.source_digest = src.state_digest();
@@ -93,6 +95,13 @@ void expect_migrated(const Outcome& o, const std::string& what) {
   EXPECT_EQ(o.source_digest, o.sink_digest) << what << ": the destination holds another state";
   EXPECT_TRUE(o.send.device_note.empty()) << what << ": " << o.send.device_note;
   EXPECT_GE(o.send.downtime_ms, 0) << what;
+  // The downtime runs from entering stop-copy to reading COMMITTED, not to the end of the teardown.
+  EXPECT_TRUE(o.stop_copy_started && o.send.transfer.committed_at) << what;
+  if (o.stop_copy_started && o.send.transfer.committed_at) {
+    const std::chrono::duration<double, std::milli> until_committed =
+        *o.send.transfer.committed_at - *o.stop_copy_started;
+    EXPECT_DOUBLE_EQ(o.send.downtime_ms, until_committed.count()) << what;
+  }
   EXPECT_GE(o.send.stopcopy_bytes, uint64_t(io::vfio::kEmuTrailerBytes))
       << what << ": the trailer is stop-copy";
   EXPECT_EQ(o.send.transfer.bytes, o.send.precopy_bytes + o.send.stopcopy_bytes) << what;

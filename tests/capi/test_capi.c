@@ -273,6 +273,8 @@ static void test_buffer_loopback(void) {
   CHECK(ss.wire_bytes > 0 && ss.ratio > 0.0 && ss.ratio < 1.0); /* a fifth of the pages are zero */
   CHECK(ss.zero_chunks + ss.raw_chunks + ss.compressed_chunks == ss.chunks);
   CHECK(ss.elapsed_ns > 0 && ss.stop_copy_ns > 0 && ss.downtime_ns > 0);
+  /* The downtime ends with COMMITTED; stop-copy goes on until the threads are torn down. */
+  CHECK(ss.downtime_ns < ss.stop_copy_ns);
   CHECK(ss.connect_ns > 0);
 
   /* The final progress call came before completion and saw the end. */
