@@ -369,7 +369,7 @@ int cmd_tune(const std::vector<std::string>& argv) {
     std::printf("%u transfers\n", plan.transfers());
     return 0;
   }
-  std::string out_path = args.get("out").value_or(tune_profile_path());
+  std::string out_path = args.get("out").value_or(engine::tune_profile_path());
   if (out_path.empty()) throw UsageError("no --out, and neither DSTX_TUNE_PROFILE nor HOME is set");
 
   struct sigaction sa {};

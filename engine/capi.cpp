@@ -19,6 +19,7 @@
 #include "dstx/dstx.h"
 #include "engine/capi_endpoints.h"
 #include "engine/capi_transfer.h"
+#include "engine/tune_profile.h"
 #include "engine/wire.h"
 #include "io/socket.h"
 
@@ -533,9 +534,27 @@ Status setup_recv(Transfer& t, const dstx_recv_config* config_in, const dstx_end
   return make_event_fd(t);
 }
 
+// Runs an entry point's body: no exception leaves the library; one that escapes becomes the calling
+// thread's error (dstx_last_error(NULL)) and a status.
+template <class Body>
+int guarded(Body body) noexcept {
+  try {
+    return body();
+  } catch (const std::bad_alloc&) {
+    set_create_error("out of memory");
+    return DSTX_E_NOMEM;
+  } catch (const std::exception& e) {
+    set_create_error(e.what());
+    return DSTX_E_INTERNAL;
+  } catch (...) {
+    set_create_error("unknown exception");
+    return DSTX_E_INTERNAL;
+  }
+}
+
 template <class Setup>
 int create(dstx_transfer** out, Setup setup) noexcept {
-  try {
+  return guarded([&]() -> int {
     if (out == nullptr) {
       set_create_error("out is NULL");
       return DSTX_E_INVALID;
@@ -550,16 +569,7 @@ int create(dstx_transfer** out, Setup setup) noexcept {
     set_create_error("");
     *out = to_handle(t.release());
     return DSTX_OK;
-  } catch (const std::bad_alloc&) {
-    set_create_error("out of memory");
-    return DSTX_E_NOMEM;
-  } catch (const std::exception& e) {
-    set_create_error(e.what());
-    return DSTX_E_INTERNAL;
-  } catch (...) {
-    set_create_error("unknown exception");
-    return DSTX_E_INTERNAL;
-  }
+  });
 }
 
 bool claim(Transfer* t) {
@@ -619,6 +629,47 @@ DSTX_API const char* dstx_strerror(int status) {
 DSTX_API int dstx_send_create(const dstx_send_config* config, const dstx_endpoint* source,
                               dstx_transfer** out) {
   return create(out, [&](Transfer& t) { return setup_send(t, config, source); });
+}
+
+DSTX_API int dstx_send_config_apply_tune(dstx_send_config* config, const char* path) {
+  return guarded([&]() -> int {
+    if (config == nullptr || config->size < kSendConfigSizeV1) {
+      set_create_error("config is NULL or its size is below the first release's");
+      return DSTX_E_INVALID;
+    }
+    const std::string file = path != nullptr ? std::string(path) : engine::tune_profile_path();
+    engine::TuneProfile p;
+    std::string why;
+    switch (engine::read_tune_profile(file, &p, &why)) {
+      case engine::ProfileRead::ok:
+        break;
+      case engine::ProfileRead::missing:
+        set_create_error(file.empty() ? std::string("no tune profile: DSTX_TUNE_PROFILE and HOME are unset")
+                                      : "no tune profile at " + file + " (dstx tune writes one)");
+        return DSTX_E_SYSTEM;
+      case engine::ProfileRead::unreadable:
+        set_create_error("tune profile " + file + ": " + why);
+        return DSTX_E_SYSTEM;
+      case engine::ProfileRead::malformed:
+        set_create_error("tune profile " + file + " is malformed: " + why);
+        return DSTX_E_INVALID;
+    }
+    // Only the fields this caller's struct has, and only those it left at 0.
+    auto reaches = [&](size_t offset, size_t bytes) { return config->size >= offset + bytes; };
+    if (config->net != DSTX_NET_FDS && config->streams == 0) config->streams = p.streams;
+    if (reaches(offsetof(dstx_send_config, zero_copy_min_bytes), sizeof(uint64_t)) &&
+        config->zero_copy_min_bytes == 0) {
+      config->zero_copy_min_bytes = p.zero_copy_min_bytes;
+    }
+    if (reaches(offsetof(dstx_send_config, tuned_lz4_bytes_per_second), sizeof(uint64_t))) {
+      uint64_t& raw = config->tuned_raw_bytes_per_second;
+      uint64_t& lz4 = config->tuned_lz4_bytes_per_second;
+      if (raw == 0) raw = p.raw_bytes_per_second;
+      if (lz4 == 0) lz4 = p.lz4_bytes_per_second;
+    }
+    set_create_error("");
+    return DSTX_OK;
+  });
 }
 
 DSTX_API int dstx_recv_create(const dstx_recv_config* config, const dstx_endpoint* sink,

@@ -19,7 +19,7 @@
  *     fields it does not know; a longer struct (a newer header, an older library) is accepted when the
  *     fields this library does not know are zero, and refused with DSTX_E_UNSUPPORTED otherwise.
  *   - No C++ exception ever leaves the library; every function reports failure by status.
- *   - Only the functions below are exported (version node DSTX_1.0).
+ *   - Only the functions below are exported (version node DSTX_1.0; dstx_send_config_apply_tune: DSTX_1.1).
  *
  * Thread safety, in general (each function says more):
  *   - dstx_version*, dstx_strerror: any thread, any time.
@@ -382,10 +382,10 @@ typedef struct dstx_send_config {
   uint32_t send_flags;          /* DSTX_SEND_REGISTER_BUFFERS, or 0 */
   uint32_t reserved2;           /* must be 0 */
   /* DSTX_CODEC_AUTO's opening (appended after send_flags): what `dstx tune` measured on this link and
-   * machine, its profile's raw_mb_s and lz4_mb_s times 10^6. 0: unknown (both must be set to act). Where the link
-   * outran lz4 on every stream (raw > lz4 x streams, raw capped by bandwidth_bytes_per_second), auto starts
-   * raw instead of warming up on lz4, and it still turns to lz4 and zstd when the link turns out slower.
-   * Each at most 10^12. */
+   * machine, its profile's raw_mb_s and lz4_mb_s times 10^6 (dstx_send_config_apply_tune reads them). 0:
+   * unknown (both must be set to act). Where the link outran lz4 on every stream (raw > lz4 x streams, raw
+   * capped by bandwidth_bytes_per_second), auto starts raw instead of warming up on lz4, and it still turns
+   * to lz4 and zstd when the link turns out slower. Each at most 10^12. */
   uint64_t tuned_raw_bytes_per_second; /* the rate DSTX_CODEC_NONE reached on the link */
   uint64_t tuned_lz4_bytes_per_second; /* lz4's encode speed on one core */
 } dstx_send_config;
@@ -442,6 +442,19 @@ typedef struct dstx_recv_config {
  */
 DSTX_API int dstx_send_create(const dstx_send_config* config, const dstx_endpoint* source,
                               dstx_transfer** out);
+
+/*
+ * Added in DSTX_1.1. Fills in *config what `dstx tune` measured on this machine and link, from the profile
+ * it wrote: streams (DSTX_NET_ADDRESS only), zero_copy_min_bytes, tuned_raw_bytes_per_second and
+ * tuned_lz4_bytes_per_second, each only where it is 0 (a setting the caller made wins) and only as far as
+ * config->size reaches. chunk_bytes is left alone: at 0 dstx fits chunks to a small state, which a tuned
+ * size for large ones would undo. path: the profile; NULL: where dstx send looks ($DSTX_TUNE_PROFILE, else
+ * ${XDG_CONFIG_HOME:-$HOME/.config}/dstx/tune.json). Returns DSTX_OK when a profile was applied;
+ * DSTX_E_SYSTEM when there is none at the path or it cannot be read, DSTX_E_INVALID when it is malformed
+ * (or config is NULL or shorter than the first release's): *config is then unchanged, and
+ * dstx_last_error(NULL) names the file and what is wrong. Thread-safe (it reads the environment).
+ */
+DSTX_API int dstx_send_config_apply_tune(dstx_send_config* config, const char* path);
 
 /*
  * Creates the receiving side of one transfer: validates the config, opens the sink (a FILE sink creates
@@ -518,9 +531,9 @@ DSTX_API int dstx_transfer_local_port(const dstx_transfer* transfer, uint16_t* p
  * The detailed English text of a failure. With a handle: why its transfer failed, once it has ended (e.g.
  * "emu sink: byte mismatch at offset 4096 (expected 0x1f, got 0x00)"); "" before that or after success.
  * Status codes from misuse (DSTX_E_STATE, or DSTX_E_INVALID for a bad argument to a handle's function) do
- * not change it. With NULL: why the calling thread's latest dstx_send_create or dstx_recv_create failed
- * ("" if it succeeded). Never NULL. Valid until the handle is destroyed (NULL: until this thread's next
- * create). Thread-safe.
+ * not change it. With NULL: why the calling thread's latest dstx_send_create, dstx_recv_create or
+ * dstx_send_config_apply_tune failed ("" if it succeeded). Never NULL. Valid until the handle is destroyed
+ * (NULL: until this thread's next such call). Thread-safe.
  */
 DSTX_API const char* dstx_last_error(const dstx_transfer* transfer);
 

@@ -19,6 +19,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -87,6 +88,17 @@ static void fill_pattern(unsigned char* p, size_t n, uint32_t seed) {
       p[i] = (unsigned char)x;
     }
   }
+}
+
+/* Writes `text` to a new file at `path` (a failure counts against the current test). */
+static void write_text(const char* path, const char* text) {
+  FILE* f = fopen(path, "w");
+  if (f == NULL) {
+    ++g_failures;
+    return;
+  }
+  fputs(text, f);
+  fclose(f);
 }
 
 static dstx_endpoint buffer_endpoint(void* buffer, uint64_t bytes) {
@@ -702,6 +714,76 @@ static void test_tuned_opening(void) {
   free(dst);
 }
 
+/* dstx_send_config_apply_tune: a profile written by `dstx tune` fills the fields the caller left at 0, within
+ * the caller's struct size; missing and malformed profiles are named and change nothing. */
+static void test_apply_tune(void) {
+  char path[512], bad[512], missing[512];
+  snprintf(path, sizeof path, "%s/tune.json", g_dir);
+  snprintf(bad, sizeof bad, "%s/bad-tune.json", g_dir);
+  snprintf(missing, sizeof missing, "%s/no-tune.json", g_dir);
+  write_text(path,
+             "{\"version\": 1, \"chunk_bytes\": 4194304, \"streams\": 3, \"zero_copy_min_bytes\": 65536,\n"
+             " \"raw_mb_s\": 100000, \"lz4_mb_s\": 1, \"codecs\": {\"lz4\": [1, 2]}}\n");
+  write_text(bad, "{\"version\": 1, \"chunk_bytes\": 4194304}\n");
+
+  dstx_send_config sc = DSTX_SEND_CONFIG_INIT;
+  sc.net = DSTX_NET_ADDRESS;
+  REQUIRE_OK(dstx_send_config_apply_tune(&sc, path));
+  CHECK(strcmp(dstx_last_error(NULL), "") == 0);
+  CHECK(sc.streams == 3 && sc.zero_copy_min_bytes == 65536);
+  CHECK(sc.tuned_raw_bytes_per_second == 100000000000ull && sc.tuned_lz4_bytes_per_second == 1000000ull);
+  CHECK(sc.chunk_bytes == 0); /* left to fit small states */
+
+  /* What the caller set wins; handed-in fds keep their stream count. */
+  dstx_send_config mine = DSTX_SEND_CONFIG_INIT;
+  mine.net = DSTX_NET_FDS;
+  mine.zero_copy_min_bytes = 4096;
+  mine.tuned_raw_bytes_per_second = 5;
+  REQUIRE_OK(dstx_send_config_apply_tune(&mine, path));
+  CHECK(mine.streams == 0 && mine.zero_copy_min_bytes == 4096);
+  CHECK(mine.tuned_raw_bytes_per_second == 5 && mine.tuned_lz4_bytes_per_second == 1000000ull);
+
+  /* A caller built against the first header: nothing past its size is written. */
+  dstx_send_config old = DSTX_SEND_CONFIG_INIT;
+  old.size = offsetof(dstx_send_config, before_stop_copy);
+  old.net = DSTX_NET_ADDRESS;
+  REQUIRE_OK(dstx_send_config_apply_tune(&old, path));
+  CHECK(old.streams == 3);
+  CHECK(old.zero_copy_min_bytes == 0);
+  CHECK(old.tuned_raw_bytes_per_second == 0 && old.tuned_lz4_bytes_per_second == 0);
+
+  /* Missing, malformed, no config: a status, a text naming the file, the config as it was. */
+  dstx_send_config untouched = DSTX_SEND_CONFIG_INIT;
+  CHECK_STATUS(dstx_send_config_apply_tune(&untouched, missing), DSTX_E_SYSTEM);
+  CHECK_CONTAINS(dstx_last_error(NULL), "no-tune.json");
+  CHECK_STATUS(dstx_send_config_apply_tune(&untouched, bad), DSTX_E_INVALID);
+  CHECK_CONTAINS(dstx_last_error(NULL), "bad-tune.json");
+  CHECK_CONTAINS(dstx_last_error(NULL), "malformed");
+  CHECK(untouched.streams == 0 && untouched.tuned_raw_bytes_per_second == 0);
+  CHECK_STATUS(dstx_send_config_apply_tune(NULL, path), DSTX_E_INVALID);
+
+  /* NULL: where dstx send looks. */
+  setenv("DSTX_TUNE_PROFILE", path, 1);
+  dstx_send_config from_env = DSTX_SEND_CONFIG_INIT;
+  REQUIRE_OK(dstx_send_config_apply_tune(&from_env, NULL));
+  CHECK(from_env.streams == 3 && from_env.tuned_lz4_bytes_per_second == 1000000ull);
+  setenv("DSTX_TUNE_PROFILE", missing, 1);
+  CHECK_STATUS(dstx_send_config_apply_tune(&from_env, NULL), DSTX_E_SYSTEM);
+  unsetenv("DSTX_TUNE_PROFILE");
+
+  /* Applied, the profile's opening holds: its link outran lz4 on 3 streams, so no chunk is lz4's. */
+  const size_t n = 4u << 20;
+  unsigned char *src = malloc(n), *dst = malloc(n);
+  if (src == NULL || dst == NULL) abort();
+  for (size_t i = 0; i < n; ++i) src[i] = (unsigned char)(i / 64 + i % 7);
+  sc.chunk_bytes = 64u << 10;
+  dstx_stats ss = DSTX_STATS_INIT;
+  buffer_roundtrip(&sc, src, dst, n, &ss);
+  CHECK(ss.streams == 3 && ss.lz4_chunks == 0);
+  free(src);
+  free(dst);
+}
+
 /* Creates that must fail, each with its status and a text that says why. */
 static void test_create_errors(void) {
   dstx_transfer* t = (dstx_transfer*)&t; /* must be reset to NULL */
@@ -1272,22 +1354,12 @@ typedef struct {
 
 /* TLS through the config's fields: a PSK on both sides commits byte-exact; a different key on the receiver
  * fails on both sides; a missing PSK file is a create error naming it. */
-static void write_psk(const char* path, const char* line) {
-  FILE* f = fopen(path, "w");
-  if (f == NULL) {
-    ++g_failures;
-    return;
-  }
-  fputs(line, f);
-  fclose(f);
-}
-
 static void test_tls_psk(void) {
   char good[512], other[512];
   snprintf(good, sizeof good, "%s/good.psk", g_dir);
   snprintf(other, sizeof other, "%s/other.psk", g_dir);
-  write_psk(good, "vmm-a:00112233445566778899aabbccddeeff\n");
-  write_psk(other, "vmm-a:ffeeddccbbaa99887766554433221100\n");
+  write_text(good, "vmm-a:00112233445566778899aabbccddeeff\n");
+  write_text(other, "vmm-a:ffeeddccbbaa99887766554433221100\n");
   for (int mismatch = 0; mismatch < 2; ++mismatch) {
     dstx_endpoint source = spec_endpoint("emu:size=3M,profile=mixed,seed=4");
     dstx_endpoint sink = spec_endpoint("emu:size=3M,profile=mixed,seed=4");
@@ -1341,6 +1413,7 @@ static const test_case k_tests[] = {
     {"failing_transfer", test_failing_transfer},
     {"codecs", test_codecs},
     {"tuned_opening", test_tuned_opening},
+    {"apply_tune", test_apply_tune},
     {"create_errors", test_create_errors},
     {"struct_sizes", test_struct_sizes},
     {"cancel_mid_transfer", test_cancel_mid_transfer},
