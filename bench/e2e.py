@@ -310,6 +310,16 @@ class Harness:
                 pass
         return False
 
+
+    def await_listening(self, port, servers, what):
+        """Waits (at most 10 s) until something in the destination namespace listens on `port`; fails naming
+        `what` and the servers' last words if one of them exits first."""
+        deadline = time.monotonic() + 10
+        while not self.listening(port):
+            if time.monotonic() > deadline or any(s.done.is_set() for s in servers):
+                raise RuntimeError(f"{what}: not listening on {port}: "
+                                   f"{' | '.join(s.stderr_tail() for s in servers)}")
+            time.sleep(0.002)
     def set_link(self, link):
         """tbf on both veth ends' egress; burst = 2 ms at the rate (>= 256 KiB, so GSO packets pass whole and
         timer jitter on a busy machine does not cost throughput), queue = 5 ms at the rate."""
@@ -386,12 +396,7 @@ class Harness:
         else:
             raise ValueError(tool)
         try:
-            deadline = time.monotonic() + 10
-            while not self.listening(port):
-                if time.monotonic() > deadline or any(r.done.is_set() for r in recv):
-                    raise RuntimeError(f"{tool}: receiver not listening on {port}: "
-                                       f"{' | '.join(r.stderr_tail() for r in recv)}")
-                time.sleep(0.002)
+            self.await_listening(port, recv, f"{tool}: receiver")
             tx0 = self.tx_bytes()
             t0 = time.monotonic()
             if send_argv is not None:
@@ -470,11 +475,7 @@ class Harness:
         port = self.next_port()
         srv = Proc(self, self.ns_dst, ["iperf3", "-s", "-1", "-B", DST_IP, "-p", port], "iperf3-server")
         try:
-            deadline = time.monotonic() + 10
-            while not self.listening(port):
-                if time.monotonic() > deadline or srv.done.is_set():
-                    raise RuntimeError(f"iperf3 server did not listen: {srv.stderr_tail()}")
-                time.sleep(0.005)
+            self.await_listening(port, [srv], "iperf3 server")
             cli = Proc(self, self.ns_src, ["iperf3", "-c", DST_IP, "-p", port, "-t", secs, "-P", streams, "-J"],
                        "iperf3-client", capture=True)
             ok = cli.done.wait(secs + 30) and srv.done.wait(10)
@@ -966,11 +967,7 @@ def tune_link(h, link, a):
     procs = [Proc(h, h.ns_dst, [b / "dstx", "recv", "--listen", f"{DST_IP}:{port}", "--sink", "null:",
                                 "--count", n, "--quiet"], "tune-recv")]
     try:
-        deadline = time.monotonic() + 10
-        while not h.listening(port):
-            if time.monotonic() > deadline or procs[0].done.is_set():
-                raise RuntimeError(f"dstx tune: receiver not listening on {port}: {procs[0].stderr_tail()}")
-            time.sleep(0.002)
+        h.await_listening(port, procs, "dstx tune: receiver")
         procs.append(Proc(h, h.ns_src, [b / "dstx", "tune", "--quick", "--to", f"{DST_IP}:{port}", "--out",
                                         saved], "tune"))
         deadline = time.monotonic() + 300
@@ -997,9 +994,29 @@ def tune_link(h, link, a):
     with open(path, "w") as f:
         json.dump(profile, f)
     os.environ["DSTX_TUNE_PROFILE"] = path
-    # engine::EffortPrior::opens_raw's rule, for the report (send arguments in --dstx-arg such as --streams or
-    # --bandwidth are not accounted for)
-    return dict(profile, opens="raw" if tuned["raw_mb_s"] > tuned["lz4_mb_s"] * profile["streams"] else "lz4")
+    return dict(profile, opens=observed_opening(h, a))
+
+
+def observed_opening(h, a):
+    """The rung --codec auto opens on with this link's profile and --dstx-arg, as dstx itself reports it
+    (DSTX_TRACE_CODEC) for a 64 MiB send of generated binary-like state: "raw" or "lz4"."""
+    b = a.build
+    port = h.next_port()
+    procs = [Proc(h, h.ns_dst, [b / "dstx", "recv", "--listen", f"{DST_IP}:{port}", "--sink", "null:", "--quiet"],
+                  "opening-recv")]
+    try:
+        h.await_listening(port, procs, "opening probe: receiver")
+        procs.append(Proc(h, h.ns_src, ["env", "DSTX_TRACE_CODEC=1", b / "dstx", "send", "--source",
+                                        "emu:size=64M,profile=binary", "--to", f"{DST_IP}:{port}", "--codec",
+                                        "auto", "--quiet", *a.dstx_arg], "opening-send"))
+        if not all(p.done.wait(120) for p in procs) or any(p.status != 0 for p in procs):
+            raise RuntimeError("opening probe: " + "; ".join(f"{p.name}: exit {p.status}: {p.stderr_tail()}"
+                                                             for p in procs))
+        with open(procs[1].errfile, errors="replace") as f:
+            return "raw" if "opening on raw" in f.read() else "lz4"
+    finally:
+        for p in procs:
+            p.kill()
 
 
 def main_run(a, h):
@@ -1123,6 +1140,11 @@ def self_test(a, h, out_dir):
     check("dstx tune measured every link", not a.tune or all(
         results["links"][lk]["tune"]["raw_mb_s"] > 0 and results["links"][lk]["tune"]["lz4_mb_s"] > 0
         for lk in a.links), str({lk: results["links"][lk].get("tune") for lk in a.links}))
+    # The opening as dstx reported it: lz4 outruns a 1 Gbit/s link on any machine, so raw there means the probe
+    # misread dstx's trace.
+    openings = {lk: results["links"][lk]["tune"]["opens"] for lk in a.links} if a.tune else {}
+    check("auto's opening observed on every link",
+          all(o in ("raw", "lz4") for o in openings.values()) and openings.get("1", "lz4") == "lz4", str(openings))
     plain = [r for r in ok if r["tool"] == "plain"]
     check("plain: link bytes >= state bytes", all(r["link_bytes"] >= r["bytes"] for r in plain))
     comp = [r for r in ok if r["tool"] in ("lz4|socat", "zstd|socat")]
