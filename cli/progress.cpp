@@ -13,7 +13,8 @@ using engine::format_bytes;
 
 engine::LogFn stderr_log(const char* role) {
   const bool tty = ::isatty(STDERR_FILENO);
-  return [role, tty](engine::LogLevel, const std::string& text) {
+  return [role, tty](engine::LogLevel level, const std::string& text) {
+    if (level == engine::LogLevel::debug) return;  // for embedders that ask for it (the C ABI's log level)
     std::fprintf(stderr, "%sdstx %s: %s\n", tty ? "\r\033[K" : "", role, text.c_str());
   };
 }

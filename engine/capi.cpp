@@ -633,8 +633,14 @@ DSTX_API int dstx_send_create(const dstx_send_config* config, const dstx_endpoin
 
 DSTX_API int dstx_send_config_apply_tune(dstx_send_config* config, const char* path) {
   return guarded([&]() -> int {
-    if (config == nullptr || config->size < kSendConfigSizeV1) {
-      set_create_error("config is NULL or its size is below the first release's");
+    if (config == nullptr) {
+      set_create_error("config is NULL");
+      return DSTX_E_INVALID;
+    }
+    if (config->size < kSendConfigSizeV1) {
+      set_create_error("config->size is " + std::to_string(config->size) +
+                       ", smaller than any published dstx_send_config (" + std::to_string(kSendConfigSizeV1) +
+                       "): initialise it with DSTX_SEND_CONFIG_INIT");
       return DSTX_E_INVALID;
     }
     const std::string file = path != nullptr ? std::string(path) : engine::tune_profile_path();
@@ -656,7 +662,7 @@ DSTX_API int dstx_send_config_apply_tune(dstx_send_config* config, const char* p
     }
     // Only the fields this caller's struct has, and only those it left at 0.
     auto reaches = [&](size_t offset, size_t bytes) { return config->size >= offset + bytes; };
-    if (config->net != DSTX_NET_FDS && config->streams == 0) config->streams = p.streams;
+    if (config->net == DSTX_NET_ADDRESS && config->streams == 0) config->streams = p.streams;
     if (reaches(offsetof(dstx_send_config, zero_copy_min_bytes), sizeof(uint64_t)) &&
         config->zero_copy_min_bytes == 0) {
       config->zero_copy_min_bytes = p.zero_copy_min_bytes;

@@ -16,10 +16,12 @@
 
 namespace dstx::capi {
 
+int64_t ns_of(std::chrono::steady_clock::time_point t) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count();
+}
+
 int64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
+  return ns_of(std::chrono::steady_clock::now());
 }
 
 int status_from_reason(engine::wire::Reason reason) {
@@ -211,9 +213,7 @@ Status Transfer::run_send() {
   log_line(DSTX_LOG_DEBUG, "send: I/O backend: " + r.io_backend);
   if (!r.committed) return failure(status_from_reason(r.reason), r.error);
   // Up to COMMITTED, as for a device (engine::migrate), not to the end of send()'s teardown.
-  downtime_ns = r.committed_at ? std::chrono::duration_cast<std::chrono::nanoseconds>(
-                                     r.committed_at->time_since_epoch()).count() - t0
-                               : stop_copy_ns.load();
+  downtime_ns = r.committed_at ? ns_of(*r.committed_at) - t0 : stop_copy_ns.load();
   digest = r.digest;
   log_line(DSTX_LOG_INFO, "send: committed " + std::to_string(r.bytes) + " bytes (" +
                               std::to_string(r.wire_bytes) + " on the wire, ratio " +

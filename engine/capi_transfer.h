@@ -4,6 +4,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
@@ -115,6 +116,8 @@ inline dstx_transfer* to_handle(Transfer* t) {
   return reinterpret_cast<dstx_transfer*>(t);
 }
 
+// steady_clock in nanoseconds: a time point, and now.
+int64_t ns_of(std::chrono::steady_clock::time_point t);
 int64_t now_ns();
 // The C ABI's status for an engine failure reason.
 int status_from_reason(engine::wire::Reason reason);

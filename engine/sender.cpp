@@ -25,6 +25,7 @@
 #include "compress/codec.h"
 #include "engine/effort.h"
 #include "engine/session.h"
+#include "engine/spec.h"
 #include "engine/transfer.h"
 #include "engine/window.h"
 #include "io/memory.h"
@@ -1478,7 +1479,7 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
     return fail(Reason::connection, "stream " + std::to_string(i) + ": " + err);
   }
   // The workers set up their rings during the HELLO round trip and start sending once it has succeeded
-  // (crew.go); if it fails, crew's destructor sends them home before `fail` returns.
+  // (crew.go); if it fails, crew's destructor sends them home as send() returns.
   struct Crew {
     std::vector<std::thread> threads;
     std::atomic<int> go{0};
@@ -1517,6 +1518,12 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
     }
     sh.effort = std::make_unique<EffortController>(sh.zstd_in_auto ? 4.0 : 1.0, sh.links.size(),
                                                    EffortController::IdleSeconds{}, prior);
+    if (prior.opens_raw(sh.links.size())) {
+      sh.events.add(LogLevel::debug, "codec auto opens on raw: the tuned link rate, " +
+                                         format_bytes(prior.raw_rate) + "/s, outruns lz4 at " +
+                                         format_bytes(prior.lz4_rate) + "/s on each of " +
+                                         std::to_string(sh.links.size()) + " streams");
+    }
   }
   if (std::string err = codec_err; !err.empty()) {
     send_frame(*ring, links[0].fd, wire::make_aborted(Reason::capability, err.size()),

@@ -381,11 +381,11 @@ typedef struct dstx_send_config {
                                  * and veth the kernel copies anyway; `dstx tune` measures the break-even) */
   uint32_t send_flags;          /* DSTX_SEND_REGISTER_BUFFERS, or 0 */
   uint32_t reserved2;           /* must be 0 */
-  /* DSTX_CODEC_AUTO's opening (appended after send_flags): what `dstx tune` measured on this link and
+  /* DSTX_CODEC_AUTO's opening (appended after reserved2): what `dstx tune` measured on this link and
    * machine, its profile's raw_mb_s and lz4_mb_s times 10^6 (dstx_send_config_apply_tune reads them). 0:
    * unknown (both must be set to act). Where the link outran lz4 on every stream (raw > lz4 x streams, raw
-   * capped by bandwidth_bytes_per_second), auto starts raw instead of warming up on lz4, and it still turns
-   * to lz4 and zstd when the link turns out slower. Each at most 10^12. */
+   * capped by bandwidth_bytes_per_second), auto starts raw instead of warming up on lz4 (a DSTX_LOG_DEBUG
+   * line says so), and it still turns to lz4 and zstd when the link turns out slower. Each at most 10^12. */
   uint64_t tuned_raw_bytes_per_second; /* the rate DSTX_CODEC_NONE reached on the link */
   uint64_t tuned_lz4_bytes_per_second; /* lz4's encode speed on one core */
 } dstx_send_config;
@@ -452,7 +452,8 @@ DSTX_API int dstx_send_create(const dstx_send_config* config, const dstx_endpoin
  * ${XDG_CONFIG_HOME:-$HOME/.config}/dstx/tune.json). Returns DSTX_OK when a profile was applied;
  * DSTX_E_SYSTEM when there is none at the path or it cannot be read, DSTX_E_INVALID when it is malformed
  * (or config is NULL or shorter than the first release's): *config is then unchanged, and
- * dstx_last_error(NULL) names the file and what is wrong. Thread-safe (it reads the environment).
+ * dstx_last_error(NULL) names the file and what is wrong. Thread-safe, unless another thread changes the
+ * environment meanwhile (it reads DSTX_TUNE_PROFILE, XDG_CONFIG_HOME and HOME).
  */
 DSTX_API int dstx_send_config_apply_tune(dstx_send_config* config, const char* path);
 
