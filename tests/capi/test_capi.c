@@ -682,34 +682,43 @@ static void test_codecs(void) {
   free(dst);
 }
 
+/* Sends n bytes that lz4 shrinks, buffer to buffer, with sc and its DEBUG lines observed; the sender's stats
+ * go to ss. Returns whether the sender logged DSTX_CODEC_AUTO's opening on raw. */
+static int sends_with_raw_opening(dstx_send_config* sc, size_t n, dstx_stats* ss) {
+  unsigned char *src = malloc(n), *dst = malloc(n);
+  if (src == NULL || dst == NULL) abort();
+  for (size_t i = 0; i < n; ++i) src[i] = (unsigned char)(i / 64 + i % 7);
+  observer o;
+  observer_init(&o);
+  sc->log = on_log;
+  sc->log_level = DSTX_LOG_DEBUG;
+  sc->user = &o;
+  buffer_roundtrip(sc, src, dst, n, ss);
+  free(src);
+  free(dst);
+  return atomic_load(&o.saw_raw_opening);
+}
+
 /* DSTX_CODEC_AUTO's opening from what `dstx tune` measured: a link that outran lz4 on every stream starts
  * raw, with no lz4 chunk on compressible state; an untuned run, or one with only the link's rate, warms up
  * on lz4 first. (tests/test_effort.cpp covers the controller's side, test_cli_tune the CLI's profile.) */
 static void test_tuned_opening(void) {
   const size_t n = 8u << 20;
-  unsigned char *src = malloc(n), *dst = malloc(n);
-  if (src == NULL || dst == NULL) abort();
-  for (size_t i = 0; i < n; ++i) src[i] = (unsigned char)(i / 64 + i % 7); /* lz4 shrinks it */
   const struct {
     uint64_t raw, lz4;
     int opens_raw;
   } runs[] = {{100000000000ull, 1000000ull, 1}, {0, 0, 0}, {100000000000ull, 0, 0}};
   for (size_t i = 0; i < sizeof runs / sizeof runs[0]; ++i) {
-    observer o;
-    observer_init(&o);
     dstx_send_config sc = DSTX_SEND_CONFIG_INIT;
     sc.streams = 1;
     sc.chunk_bytes = 64u << 10;
     sc.tuned_raw_bytes_per_second = runs[i].raw;
     sc.tuned_lz4_bytes_per_second = runs[i].lz4;
-    sc.log = on_log;
-    sc.log_level = DSTX_LOG_DEBUG;
-    sc.user = &o;
     dstx_stats ss = DSTX_STATS_INIT;
-    buffer_roundtrip(&sc, src, dst, n, &ss);
+    const int logged = sends_with_raw_opening(&sc, n, &ss);
     CHECK(ss.chunks == n / sc.chunk_bytes && ss.zero_chunks == 0);
     /* The opening, as the sender logs it; what the controller does after it depends on what it measures. */
-    CHECK(atomic_load(&o.saw_raw_opening) == runs[i].opens_raw);
+    CHECK(logged == runs[i].opens_raw);
     if (runs[i].opens_raw) {
       CHECK(ss.raw_chunks > 0);
     } else {
@@ -719,8 +728,6 @@ static void test_tuned_opening(void) {
                             (unsigned long long)ss.raw_chunks, (unsigned long long)ss.lz4_chunks,
                             (unsigned long long)ss.zstd_chunks);
   }
-  free(src);
-  free(dst);
 }
 
 /* dstx_send_config_apply_tune: a profile written by `dstx tune` fills the fields the caller left at 0, within
@@ -799,21 +806,10 @@ static void test_apply_tune(void) {
   unsetenv("DSTX_TUNE_PROFILE");
 
   /* Applied, the profile's opening holds: its link outran lz4 on 3 streams. */
-  const size_t n = 4u << 20;
-  unsigned char *src = malloc(n), *dst = malloc(n);
-  if (src == NULL || dst == NULL) abort();
-  for (size_t i = 0; i < n; ++i) src[i] = (unsigned char)(i / 64 + i % 7);
   sc.chunk_bytes = 64u << 10;
-  observer o;
-  observer_init(&o);
-  sc.log = on_log;
-  sc.log_level = DSTX_LOG_DEBUG;
-  sc.user = &o;
   dstx_stats ss = DSTX_STATS_INIT;
-  buffer_roundtrip(&sc, src, dst, n, &ss);
-  CHECK(ss.streams == 3 && atomic_load(&o.saw_raw_opening) == 1);
-  free(src);
-  free(dst);
+  const int logged = sends_with_raw_opening(&sc, 4u << 20, &ss);
+  CHECK(ss.streams == 3 && logged == 1);
 }
 
 /* Creates that must fail, each with its status and a text that says why. */
