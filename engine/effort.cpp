@@ -208,6 +208,7 @@ EffortController::EffortController(double top, size_t streams, IdleSeconds idle,
   // 15 runs side by side: 171.9 -> 161.5 ms, --codec none 160.5; 25 Gbit/s, 11 runs: 202.1 -> 195.3, 195.1).
   // lz4's tuned cost stands in until its own is measured: raw's warm-up can then give lz4 its period back on
   // a link slower than the profile's. Only here: the lz4 opening measures its own, as without a profile.
+  if (prior.raw_rate > 0) prior_link_rate_ = prior.raw_rate;
   if (prior.opens_raw(streams)) {
     opened_ = 1;
     current_ = opening_[1];
@@ -292,12 +293,13 @@ void EffortController::end_period(Clock::time_point now, uint64_t sent, uint64_t
     // the socket buffers alone may have taken it.
     const double lz4_ratio = std::max(0.0, encoded_ratio(1, 1));
     // A start-up can look CPU-bound on any link (threads and buffers being set up, socket buffers swallowing
-    // the first megabytes): when TCP already measured a path slower than lz4's rate, raw (which has to carry
-    // about that rate) cannot win, and lz4 keeps its period. Nor when the send queues grew meanwhile: the
-    // link did not keep up even with lz4 (1 Gbit/s, binary state: 0.33-0.66 of what was sent left the
-    // queues, where TCP's first rate samples, a shaper's burst, said 0.25-30 GB/s; 10 Gbit/s and faster:
-    // 0.83-1.0).
-    const bool path_allows_raw = path_rate_ < 0 || path_rate_ >= rate;
+    // the first megabytes): when TCP already measured a path (or dstx tune did) on which raw would deliver
+    // less than lz4, raw cannot win, and lz4 keeps its period. Nor when the send queues
+    // grew meanwhile: the link did not keep up even with lz4 (1 Gbit/s, binary state: 0.33-0.66 of what was
+    // sent left the queues, where TCP's first rate samples, a shaper's burst, said 0.25-30 GB/s; 10 Gbit/s
+    // and faster: 0.83-1.0).
+    const double raw = raw_link_rate();
+    const bool path_allows_raw = raw < 0 || raw >= rate;
     const bool link_kept_up = rate >= kKeptUpShare * sent_rate_;
     trace(rate, link_share);
     if (opened_ == 0 && link_share <= kCpuBoundShare && no_spare() &&
@@ -336,9 +338,10 @@ void EffortController::end_period(Clock::time_point now, uint64_t sent, uint64_t
   const bool in_opening = opened_ < opening_count_;
   int next = current_;
   if (in_opening) {
-    // lz4 waited on the link, or TCP measured a path far slower than lz4's logical rate (what raw would
-    // have to carry): raw would only be slower.
-    const bool path_too_slow = path_rate_ >= 0 && path_rate_ * kPathMargin < est;
+    // lz4 waited on the link, or TCP (or dstx tune) measured a path on which raw would deliver far less
+    // than lz4's logical rate: raw would only be slower.
+    const double raw = raw_link_rate();
+    const bool path_too_slow = raw >= 0 && raw * kPathMargin < est;
     if (opened_ == 0 && (link_bound || path_too_slow)) ++opened_;
     const bool lz4_lost =
         opened_ == 1 && estimate_[0] >= 0 && estimate_[size_t(kLevelsPerRung)] <= estimate_[0];
@@ -418,6 +421,22 @@ bool EffortController::lz4_wanted_back(double rate, double link_share) const {
 bool EffortController::lz4_outruns(double rate) const {
   const double cost = cost_per_byte(1);
   return cost >= 0 && rate * cost < streams_;
+}
+
+// What raw could deliver over the link, in logical bytes/s, < 0 when unknown. The link's rate: the lower of
+// TCP's path rate and the prior's (on a shaped link TCP's first samples measure the shaper's burst: at 1
+// Gbit/s with zero-heavy state 4.3 GB/s, and lz4's warm-up, CPU-bound on what compresses well, was skipped
+// for raw in 5 traces of 6, whose period delivered half of lz4's). Raw drops zero pages, so it delivers the
+// link's rate times the logical bytes per non-zero byte of the chunks lz4 encoded (zero-heavy state: 6.7;
+// at 10 Gbit/s raw delivers 6-7 GB/s there where lz4 makes 2.5).
+double EffortController::raw_link_rate() const {
+  const double link = prior_link_rate_ < 0 ? path_rate_
+                      : path_rate_ < 0     ? prior_link_rate_
+                                           : std::min(path_rate_, prior_link_rate_);
+  const uint64_t bytes = encode_bytes_[1].load(std::memory_order_relaxed);
+  const uint64_t plain = plain_bytes_[1].load(std::memory_order_relaxed);
+  if (link < 0 || bytes == 0) return link;
+  return plain == 0 ? std::numeric_limits<double>::infinity() : link * double(bytes) / double(plain);
 }
 
 // What a rung's encoding made of the bytes given to it, against what raw would have sent of them (zero

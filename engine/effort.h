@@ -76,15 +76,23 @@ class ShareSelector {
 };
 
 // What `dstx tune` measured on this link and machine beforehand, in logical bytes/s (0: unknown): the rate
-// raw transfers reached, and lz4's single-core encode speed on the data it encodes fastest. A link faster
-// than lz4 on every worker (raw_rate > lz4_rate x streams) opens on raw, as when lz4's warm-up showed the CPU
-// setting the pace: lz4 gets a period only if raw then waits on the link with CPU idle (see
-// EffortController's opening), and its encode cost counts as 1 / lz4_rate until it is measured.
+// raw transfers reached (or --bandwidth's cap, if lower or the only one known), and lz4's single-core encode
+// speed on the data it encodes fastest. A link faster than lz4 on every worker (raw_rate > lz4_rate x
+// streams) opens on raw, as when lz4's warm-up showed the CPU setting the pace: lz4 gets a period only if raw
+// then waits on the link with CPU idle (see EffortController's opening), and its encode cost counts as
+// 1 / lz4_rate until it is measured. A slower link's rate stands in for TCP's path rate where that is higher
+// (EffortController::raw_link_rate).
 struct EffortPrior {
   double raw_rate = 0;
   double lz4_rate = 0;
   bool opens_raw(size_t streams) const {
     return lz4_rate > 0 && raw_rate > lz4_rate * double(std::max<size_t>(streams, 1));
+  }
+  // Under --bandwidth's cap (bytes/s, 0: none) raw goes no faster than the cap.
+  EffortPrior capped(double cap) const {
+    EffortPrior p = *this;
+    if (cap > 0) p.raw_rate = raw_rate > 0 ? std::min(raw_rate, cap) : cap;
+    return p;
   }
 };
 
@@ -206,6 +214,7 @@ class EffortController {
   bool lz4_wanted_back(double rate, double link_share) const;
   double cost_per_byte(int rung) const;
   double encoded_ratio(int rung, uint64_t min_bytes) const;
+  double raw_link_rate() const;
   void trace(double rate, double link_share) const;
   void switch_to(int level, Clock::time_point now, double idle);
 
@@ -248,6 +257,7 @@ class EffortController {
   Clock::time_point window_start_{};
   double spare_cores_ = -1;     // idle cores on average, < 0 when unknown
   double path_rate_ = -1;       // the last Sockets::path_rate
+  double prior_link_rate_ = -1; // EffortPrior::raw_rate, < 0 when unknown
   double spare_min_seconds_;    // the shortest window read (the idle counters' resolution)
   double prior_lz4_cost_ = -1;  // opening on raw: lz4's tuned CPU seconds per byte; else < 0
 };

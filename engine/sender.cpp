@@ -1511,11 +1511,9 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
   std::string codec_err = pick_codec(options, caps, &sh.encode, &sh.zstd_in_auto);
   if (codec_err.empty() && options.codec == CodecMode::auto_select &&
       sh.encode.codec != compress::Codec::none) {
-    EffortPrior prior{.raw_rate = double(options.tuned_raw_bytes_per_second),
-                      .lz4_rate = double(options.tuned_lz4_bytes_per_second)};
-    if (options.bandwidth_bytes_per_second > 0) {
-      prior.raw_rate = std::min(prior.raw_rate, double(options.bandwidth_bytes_per_second));
-    }
+    const EffortPrior prior = EffortPrior{.raw_rate = double(options.tuned_raw_bytes_per_second),
+                                          .lz4_rate = double(options.tuned_lz4_bytes_per_second)}
+                                  .capped(double(options.bandwidth_bytes_per_second));
     sh.effort = std::make_unique<EffortController>(sh.zstd_in_auto ? 4.0 : 1.0, sh.links.size(),
                                                    EffortController::IdleSeconds{}, prior);
     if (prior.opens_raw(sh.links.size())) {

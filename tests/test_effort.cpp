@@ -57,8 +57,9 @@ struct Link {
   // speeds up and slows down every level by this share (binary state at 1 Gbit/s: twofold).
   double swing = 0;
   int run_chunks = 30;
-  // The share of the state in zero pages, which raw skips as every codec does: only the encoded sizes
-  // count them (the rates above are per logical byte already).
+  // The share of the state in zero pages, which raw skips as every codec does: only the encoded sizes and
+  // TCP's path rate (wire bytes: link_gbps times the non-zero share) count them (the rates above are per
+  // logical byte already).
   double zero_pages = 0;
   // Cores idle at this effort: what neither the sender nor the other load uses.
   double spare(double effort) const {
@@ -114,7 +115,8 @@ Trace simulate(const Link& link, double top, int chunks, int streams = 2, Effort
     sent += 1 << 20;
     c.observe(now, sent, [&] {
       const bool path_known = link.tcp_path_rate && (busy_start || link.link_limited(effort));
-      const double path = busy_start && link.start_path_gbps >= 0 ? link.start_path_gbps : link.link_gbps;
+      const double path = busy_start && link.start_path_gbps >= 0 ? link.start_path_gbps
+                                                                  : link.link_gbps * (1 - link.zero_pages);
       return EffortController::Sockets{.queued = uint64_t(queued), .path_rate = path_known ? path * 1e9 : -1};
     });
   }
@@ -385,6 +387,53 @@ TEST(EffortController, AStartThatLooksCpuBoundOnASlowPathKeepsLz4sPeriod) {
   const Link fast{.link_gbps = 10, .cores = 1.0, .tcp_path_rate = true, .busy_start_chunks = 16};
   run = simulate(fast, 3.0, 200);
   EXPECT_LE(std::find(run.efforts.begin(), run.efforts.end(), 0.0) - run.efforts.begin(), 3);
+}
+
+TEST(EffortController, ATunedSlowLinkKeepsLz4sPeriodWhereTcpSamplesABurst) {
+  // 1 Gbit/s whose first chunks look CPU-bound while TCP reports the shaper's burst, and the send queues do
+  // not fill: without a profile raw starts (AStartThatLooksCpuBoundOnASlowPathKeepsLz4sPeriod). dstx tune
+  // measured the link at 0.12 GB/s: raw cannot deliver what lz4 does, and is never tried.
+  const Link slow{.link_gbps = 0.12, .cores = 1.5, .tcp_path_rate = true, .busy_start_chunks = 16,
+                  .start_path_gbps = 16};
+  const EffortPrior tuned{.raw_rate = 0.12e9, .lz4_rate = 1 / kCpu[1] * 1e9};
+  ASSERT_FALSE(tuned.opens_raw(2));
+  const Trace untuned = simulate(slow, 3.0, 600);
+  ASSERT_GT(std::count(untuned.efforts.begin(), untuned.efforts.end(), 0.0), 0);
+  // A --bandwidth cap at the link's rate says as much, without a profile.
+  for (const EffortPrior prior : {tuned, EffortPrior{}.capped(0.12e9)}) {
+    SCOPED_TRACE(prior.lz4_rate);
+    const Trace run = simulate(slow, 3.0, 600, 2, prior);
+    EXPECT_EQ(std::count(run.efforts.begin(), run.efforts.end(), 0.0), 0);
+    EXPECT_LT(std::find(run.efforts.begin(), run.efforts.end(), 2.0) - run.efforts.begin(),
+              std::find(untuned.efforts.begin(), untuned.efforts.end(), 2.0) - untuned.efforts.begin());
+    EXPECT_GE(tail_mean(run.efforts, 300), 1.9);
+    EXPECT_LT(run.seconds, untuned.seconds);
+  }
+}
+
+TEST(EffortPrior, ACapBoundsTheTunedRawRate) {
+  const EffortPrior tuned{.raw_rate = 3e9, .lz4_rate = 0.5e9};
+  EXPECT_EQ(tuned.capped(0).raw_rate, 3e9);
+  EXPECT_EQ(tuned.capped(5e9).raw_rate, 3e9);
+  EXPECT_EQ(tuned.capped(1e8).raw_rate, 1e8);
+  EXPECT_EQ(tuned.capped(1e8).lz4_rate, 0.5e9);
+  EXPECT_TRUE(tuned.opens_raw(2));
+  EXPECT_FALSE(tuned.capped(1e8).opens_raw(2));
+  EXPECT_EQ(EffortPrior{}.capped(1e8).raw_rate, 1e8);  // the cap alone
+  EXPECT_FALSE(EffortPrior{}.capped(1e8).opens_raw(1));  // but not lz4's speed
+}
+
+TEST(EffortController, RawIsTriedWhereZeroPagesLetItOutrunLz4OnASlowerPath) {
+  // 85 % zero pages: the path carries 0.6 GB/s of wire bytes, less than lz4's 1.33 GB/s of state, but raw
+  // drops the zero pages and delivers 4 GB/s of state. Raw is tried after lz4's period and kept, whether
+  // the path's rate comes from TCP or from dstx tune.
+  const Link fast{.link_gbps = 4, .cores = 2.0, .tcp_path_rate = true, .zero_pages = 0.85};
+  for (const EffortPrior prior : {EffortPrior{}, EffortPrior{.raw_rate = 0.6e9, .lz4_rate = 1 / kCpu[1] * 1e9}}) {
+    SCOPED_TRACE(prior.raw_rate);
+    const Trace run = simulate(fast, 3.0, 200, 2, prior);
+    EXPECT_LE(std::find(run.efforts.begin(), run.efforts.end(), 0.0) - run.efforts.begin(), 24);
+    EXPECT_LT(tail_mean(run.efforts, 100), 0.1);
+  }
 }
 
 TEST(EffortController, AVerySlowLinksWarmUpLastsAsLongAsTwoPartsCutAtTheirLongest) {
