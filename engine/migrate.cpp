@@ -603,7 +603,7 @@ void DeviceSink::commit(io::Ring&, uint64_t) {
 }
 
 void DeviceSink::abort() noexcept {
-  if (committed_ || aborted_) return;
+  if (aborted_) return;  // after the commit too: the device holds a state the sender never saw committed
   aborted_ = true;
   try {
     if (data_fd_ >= 0) dev_.device->kernel().close(data_fd_);

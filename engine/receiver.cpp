@@ -82,7 +82,8 @@ struct Shared {
   unsigned streams_ended = 0;
   bool end_seen = false;
   wire::Header end;
-  std::atomic<bool> committed{false};
+  std::atomic<bool> committing{false};  // the writer is in the sink's commit, or past it
+  std::atomic<bool> committed{false};   // and COMMITTED goes (went) to the sender: the transfer succeeded
   std::atomic<bool> done{false};  // the writer is out: committed or failed
   std::atomic<unsigned> running{0};
   std::atomic<unsigned> fixed_file_streams{0};
@@ -470,23 +471,36 @@ void writer(Shared& sh) {
                                   ", received " + std::to_string(digest.value()));
       return;
     }
+    if (sh.failure.failed()) return;  // a cancel that came with the last chunk: nothing to commit
+    // A commit may take long (a file's fdatasync, a device checking the state it was given): the sender
+    // bounds it with its commit time-out, and the idle watch is off meanwhile.
+    sh.committing = true;
     sh.sink.commit(*ring, bytes);
   } catch (const std::exception& e) {
     sh.fail(Reason::sink, sh.sink.describe() + ": " + e.what());
     return;
   }
-  if (sh.failure.failed()) return;
-  sh.committed = true;
-  // COMMITTED goes on stream 0; if that connection is broken, wait (bounded) for the sender to resume it.
+  // COMMITTED goes on stream 0 unless a failure came during the commit (the sender gave up, a cancel): then
+  // the supervisor undoes the commit (Sink::abort). Once COMMITTED is sent the transfer has succeeded,
+  // whatever breaks afterwards: the sender may have read it. If stream 0 is broken, wait (bounded) for the
+  // sender to resume it; the acceptor takes reconnections until COMMITTED is sent.
   const auto deadline =
       Clock::now() + std::chrono::milliseconds(sh.resume ? sh.options.resume_timeout_ms : 0);
   for (;;) {
-    const int rc = sh.send_on(*ring, 0, wire::make_committed(applied, bytes, digest.value()));
-    if (rc == 0) break;
-    if (!sh.resume || Clock::now() > deadline || sh.failure.failed()) {
-      // The sink is committed but the sender cannot learn it: it will report failure, which is the safe side.
+    int rc = 0;
+    if (sh.failure.seal_unless_failed([&] {
+          sh.committed = true;  // before the send: the sender closes its streams once it has read COMMITTED
+          rc = sh.send_on(*ring, 0, wire::make_committed(applied, bytes, digest.value()));
+          if (rc != 0) sh.committed = false;
+          return rc == 0;
+        })) {
+      return;
+    }
+    if (sh.failure.failed()) return;
+    if (!sh.resume || Clock::now() > deadline) {
+      // The sender cannot learn of the commit: it reports failure, and the commit is undone to match.
       sh.fail(Reason::connection, "send COMMITTED: " + errno_text(rc));
-      break;
+      return;
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
@@ -580,7 +594,10 @@ void acceptor(Shared& sh, int listen_fd, const std::function<io::Fd(int)>& next_
     // Without the event (eventfd failed) the loop still ends, at the next 50 ms tick.
     const int r = ::poll(p, sh.over_event ? 2 : 1, 50);
     if (r <= 0 || !(p[0].revents & POLLIN)) continue;
-    if (sh.committed) break;
+    if (sh.committed) {  // COMMITTED is on its way: a connection now belongs to the next transfer
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      continue;
+    }
     io::Fd c;
     try {
       c = next_connection(0);
@@ -768,7 +785,8 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int l
     std::unique_lock lock(sh.done_mu);
     while (sh.running > 0) {
       if (cancel && cancel->requested()) sh.fail(Reason::cancelled, "cancelled");
-      if (idle.expired(stats.wire_bytes.load() + stats.bytes.load() + stats.resumes.load())) {
+      if (!sh.committing &&
+          idle.expired(stats.wire_bytes.load() + stats.bytes.load() + stats.resumes.load())) {
         sh.fail(Reason::timeout, "nothing arrived from the sender for " +
                                      std::to_string(options.idle_timeout_ms) + " ms (stalled sender?)");
       }
@@ -821,6 +839,7 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int l
   result.chunks = stats.chunks.load();
   result.fixed_file_streams = sh.fixed_file_streams.load();
   if (sh.failure.failed() || !sh.committed) {
+    sink.abort();  // also when the failure came during or after the sink's commit
     result.reason = sh.failure.failed() ? sh.failure.reason() : Reason::internal;
     result.error = tls.annotate(sh.failure.failed() ? sh.failure.text() : "transfer ended without commit");
     return result;

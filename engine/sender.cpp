@@ -1546,12 +1546,14 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
     std::unique_lock lock(sh.control_mu);
     while (!sh.committed && !sh.failure.failed()) {
       if (cancel && cancel->requested()) sh.failure.set(Reason::cancelled, "cancelled");
-      if (idle.expired(stats.bytes.load() + stats.acked_chunks.load() + stats.resumes.load())) {
-        sh.failure.set(Reason::timeout, "nothing moved for " + std::to_string(options.idle_timeout_ms) +
-                                            " ms (stalled receiver or link?)");
-      }
       if (!commit_deadline && sh.sequencer.completed() == sh.sequencer.total()) {
         commit_deadline = Clock::now() + std::chrono::milliseconds(options.commit_timeout_ms);
+      }
+      // Once the receiver has every chunk, nothing moves while its sink commits: the commit time-out rules.
+      if (!commit_deadline &&
+          idle.expired(stats.bytes.load() + stats.acked_chunks.load() + stats.resumes.load())) {
+        sh.failure.set(Reason::timeout, "nothing moved for " + std::to_string(options.idle_timeout_ms) +
+                                            " ms (stalled receiver or link?)");
       }
       if (commit_deadline && Clock::now() > *commit_deadline) {
         sh.failure.set(Reason::timeout, "no COMMITTED from the receiver within " +

@@ -14,6 +14,7 @@ namespace dstx::engine {
 
 bool Failure::set(wire::Reason reason, std::string text, bool from_peer) {
   std::lock_guard lock(mu_);
+  if (sealed_) return false;
   // The peer's own reason beats a broken connection seen here first: that break was its abort closing up.
   const bool peer_explains = from_peer && !from_peer_ && reason_ == wire::Reason::connection;
   if (failed_.load(std::memory_order_relaxed) && !peer_explains) return false;

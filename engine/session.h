@@ -24,6 +24,16 @@ class Failure {
   // recorded before it (the connection broke because the peer aborted).
   bool set(wire::Reason reason, std::string text, bool from_peer = false);
   bool failed() const { return failed_.load(std::memory_order_acquire); }
+  // Runs `deliver` (true when it succeeded) unless a failure is recorded, holding off failures meanwhile.
+  // Once it succeeded, no failure is recorded any more: the outcome went to the peer, which may already have
+  // acted on it. Returns whether it succeeded.
+  template <typename Deliver>
+  bool seal_unless_failed(Deliver&& deliver) {
+    std::lock_guard lock(mu_);
+    if (failed_.load(std::memory_order_relaxed) || !deliver()) return false;
+    sealed_ = true;
+    return true;
+  }
   wire::Reason reason() const;
   std::string text() const;
   bool from_peer() const;
@@ -34,6 +44,7 @@ class Failure {
   wire::Reason reason_ = wire::Reason::unspecified;
   std::string text_;
   bool from_peer_ = false;
+  bool sealed_ = false;
 };
 
 // Notices a transfer that stopped moving: the supervisor feeds it a progress counter; it expires once the

@@ -257,7 +257,12 @@ class FileSink final : public Sink {
   }
 
   void abort() noexcept override {
-    if (committed_) return;
+    if (committed_) {
+      // The transfer failed after the commit (the sender never learnt of it): nothing may look complete.
+      ::unlink(path_.c_str());
+      committed_ = false;
+      return;
+    }
     if (fd_ >= 0) {
       ::close(fd_);
       fd_ = -1;

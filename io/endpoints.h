@@ -74,7 +74,9 @@ class Sink {
   // Every byte is written and verified: make the result durable and visible (a file appears under its name
   // only here). Throws if it cannot; the caller then calls abort().
   virtual void commit(Ring& ring, uint64_t total_bytes) = 0;
-  // The transfer failed or was cancelled: leave nothing that looks complete. Never throws; idempotent.
+  // The transfer failed or was cancelled: leave nothing that looks complete, after a commit too (the sender
+  // never learnt of it): a file goes, a device is reset; a stream's bytes are out of reach. Never throws;
+  // idempotent.
   virtual void abort() noexcept = 0;
 };
 
@@ -86,7 +88,8 @@ std::unique_ptr<Source> open_fd_source(int fd, bool owned, std::string name);
 std::unique_ptr<Source> open_emu_source(const ContentGenerator& gen, uint64_t size);
 
 // file:PATH as a sink: writes PATH.partial (created exclusively, mode 0644), skips zero runs (holes), and at
-// commit truncates to the final size, fsyncs and renames to PATH. abort() unlinks PATH.partial.
+// commit truncates to the final size, fsyncs and renames to PATH. abort() unlinks PATH.partial (or PATH,
+// after the commit).
 std::unique_ptr<Sink> open_file_sink(const std::string& path);
 // fd:N / stdout: as a sink: bytes written in order; abort() closes the fd so the reader sees the stream end
 // (the engine also never writes unverified bytes). `owned` closes it on destruction.

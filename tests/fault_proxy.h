@@ -12,7 +12,9 @@
 #include <atomic>
 #include <chrono>
 #include <memory>
+#include <mutex>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "engine/wire.h"
@@ -45,6 +47,16 @@ class FaultProxy {
   }
   uint16_t port() const { return port_; }
   bool fired() const { return fired_; }
+  // Cuts every connection accepted so far, both directions, now: a link that goes down at a moment the test
+  // picks. Returns how many there were.
+  size_t cut_all() {
+    std::lock_guard lock(mu_);
+    for (auto& [down, up] : connections_) {
+      shutdown(down->get(), SHUT_RDWR);
+      shutdown(up->get(), SHUT_RDWR);
+    }
+    return connections_.size();
+  }
 
  private:
   using Clock = std::chrono::steady_clock;
@@ -69,6 +81,10 @@ class FaultProxy {
       }
       auto upstream = std::make_shared<io::Fd>(std::move(up));
       auto downstream = std::make_shared<io::Fd>(std::move(c));
+      {
+        std::lock_guard lock(mu_);
+        connections_.emplace_back(downstream, upstream);  // kept open until the proxy goes: cut_all
+      }
       const bool faulty = index++ == fault_.connection;
       pumps.emplace_back([=, this] { pump(downstream->get(), upstream->get(), faulty, downstream->get()); });
       pumps.emplace_back([=, this] { pump(upstream->get(), downstream->get(), false, -1); });
@@ -179,6 +195,8 @@ class FaultProxy {
   std::atomic<bool> stop_{false};
   std::atomic<bool> fired_{false};
   std::atomic<Clock::time_point> fired_at_{};
+  std::mutex mu_;
+  std::vector<std::pair<std::shared_ptr<io::Fd>, std::shared_ptr<io::Fd>>> connections_;  // under mu_
   std::thread thread_;
 };
 

@@ -298,8 +298,28 @@ TEST_P(Endpoints, FileSinkAppearsOnlyAtCommitWithHoles) {
   // Zero runs were skipped: only about 2 MiB of the 8 are allocated (some slack for filesystem metadata).
   EXPECT_LE(static_cast<uint64_t>(st.st_blocks) * 512, 3 * mib)
       << "zero runs were written, not left as holes";
-  sink->abort();  // after commit: a no-op
+  sink.reset();  // destroyed after the commit: the file stays
   EXPECT_TRUE(fs::exists(dst));
+}
+
+// An abort after the commit (the transfer failed before the sender learnt of the commit) removes the file:
+// nothing may look complete. Idempotent; nothing else in the directory is touched.
+TEST_P(Endpoints, FileSinkAbortAfterCommitRemovesTheFile) {
+  const std::string dst = path("dst");
+  const std::string other = path("other");
+  write_file(other, Bytes(10, std::byte{1}));
+  auto sink = open_file_sink(dst);
+  const Bytes data(4096, std::byte{7});
+  sink->write(ring(), 0, data);
+  sink->commit(ring(), data.size());
+  ASSERT_TRUE(fs::exists(dst));
+  sink->abort();
+  EXPECT_FALSE(fs::exists(dst));
+  EXPECT_FALSE(fs::exists(dst + ".partial"));
+  sink->abort();
+  sink.reset();
+  EXPECT_FALSE(fs::exists(dst));
+  EXPECT_TRUE(fs::exists(other));
 }
 
 TEST_P(Endpoints, FileSinkAbortLeavesNothing) {

@@ -197,6 +197,24 @@ TEST(Migrate, StraightToStopCopy) {
   EXPECT_EQ(o.send.precopy_rounds, 0u);
 }
 
+// An abort after the commit (the receiver failed before the sender could learn of the commit) resets the
+// destination: it must not keep a state the source reports as not migrated.
+TEST(Migrate, AnAbortAfterTheCommitResetsTheDestination) {
+  for (const std::string spec : {"emu-v2:size=4M", "emu-v1:size=4M"}) {
+    auto src = source(spec);
+    auto dst = sink(spec);
+    const Outcome o = run(*src, *dst);
+    expect_migrated(o, spec);
+    const uint64_t resets = dst->emu()->counters(dst->emu_id()).resets;
+    dst->abort();
+    EXPECT_EQ(dst->device_state(), "RUNNING") << spec;
+    EXPECT_EQ(dst->emu()->counters(dst->emu_id()).resets, resets + 1) << spec;
+    EXPECT_NE(dst->state_digest(), o.source_digest) << spec;
+    dst->abort();  // idempotent
+    EXPECT_EQ(dst->emu()->counters(dst->emu_id()).resets, resets + 1) << spec;
+  }
+}
+
 TEST(Migrate, AV2StateGoesInChunksSizedByTheDevicesStopCopyEstimate) {
   // 48 MiB by MIG_DATA_SIZE (plus the emulated stream's header and trailer): 48M / 512 is 96K and a little,
   // rounded up to 128K (no estimate, or one of 0, would give 1M or 64K). v1 has no estimate while RUNNING,

@@ -334,6 +334,28 @@ class MemorySink final : public io::Sink {
   bool pieces_;
 };
 
+// A sink that passes everything on and runs `after_commit` once the inner sink committed: a slow commit (a
+// large file's fdatasync, a device checking the state it was given), or something happening meanwhile.
+class CommitHookSink final : public io::Sink {
+ public:
+  CommitHookSink(io::Sink& inner, std::function<void()> after_commit)
+      : in_(inner), after_commit_(std::move(after_commit)) {}
+  std::string describe() const override { return in_.describe(); }
+  void write(io::Ring& ring, uint64_t offset, std::span<const std::byte> data) override {
+    in_.write(ring, offset, data);
+  }
+  void write_zero(io::Ring& ring, uint64_t offset, uint64_t len) override { in_.write_zero(ring, offset, len); }
+  void commit(io::Ring& ring, uint64_t total) override {
+    in_.commit(ring, total);
+    after_commit_();
+  }
+  void abort() noexcept override { in_.abort(); }
+
+ private:
+  io::Sink& in_;
+  std::function<void()> after_commit_;
+};
+
 // --codec sparse: raw chunks without their zero pages. The sender sends each chunk's present pages from where
 // they were read, in pieces: in 16 MiB chunks with every other page zero, 2049 pieces a frame, more than one
 // sendmsg takes. Both kinds of sink get the same bytes; the wire carries the present pages only.
@@ -873,6 +895,35 @@ TEST(Resume, ASmallReplayBufferStillCommitsByteExact) {
   }
 }
 
+// Both streams break while the sink commits: the sender resumes them, the receiver takes the reconnections
+// though it is committing, and COMMITTED goes on the resumed stream 0.
+TEST(Resume, StreamsBrokenDuringTheCommitAreResumedForCommitted) {
+  const io::ContentGenerator gen(io::Profile::mixed, 13);
+  constexpr uint64_t size = 4 << 20;
+  auto src = io::open_emu_source(gen, size);
+  auto sink = io::open_emu_sink(gen, size);
+  io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
+  const uint16_t port = io::bound_port(listener.get());
+  FaultProxy proxy(port, Fault{});
+  size_t cut = 0;
+  CommitHookSink hooked(*sink, [&] {
+    cut = proxy.cut_all();
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));  // the sender notices before COMMITTED
+  });
+  SendOptions so{.streams = 2};
+  so.reconnect_backoff_ms = 20;
+  Stats send_stats, recv_stats;
+  Result recv;
+  std::thread receiver([&] { recv = receive(hooked, listener.get(), RecvOptions{}, &recv_stats, nullptr); });
+  const Result send = send_to(*src, io::HostPort{"127.0.0.1", proxy.port()}, so, &send_stats, nullptr);
+  receiver.join();
+  EXPECT_EQ(cut, 2u);
+  EXPECT_TRUE(send.committed) << send.error;
+  EXPECT_TRUE(recv.committed) << recv.error;
+  EXPECT_EQ(send.digest, recv.digest);
+  EXPECT_GE(recv_stats.resumes.load(), 1u);
+}
+
 // A chunk read again for a resume that no longer matches the hash it was sent with (a file written to during
 // the transfer) fails the transfer on both sides, naming the chunk: its bytes are never sent as they are now.
 TEST(Resume, AChunkThatChangedBeforeItIsReadAgainFailsTheTransfer) {
@@ -1146,6 +1197,74 @@ TEST(Transfer, CancelStopsBothSidesAndLeavesNoFile) {
   EXPECT_FALSE(o.send.committed);
   EXPECT_FALSE(o.recv.committed);
   EXPECT_EQ(o.send.reason, wire::Reason::cancelled);
+  EXPECT_FALSE(fs::exists(out));
+  EXPECT_FALSE(fs::exists(out.string() + ".partial"));
+  fs::remove_all(dir);
+}
+
+// A commit that takes longer than either side's idle time-out is bounded by the sender's commit time-out
+// only: nothing moves on the wire meanwhile, and that is not a stall.
+TEST(Transfer, ASlowCommitIsBoundByTheCommitTimeOutNotTheIdleOne) {
+  const fs::path dir = fs::temp_directory_path() / ("dstx-slow-commit-" + std::to_string(getpid()));
+  fs::create_directories(dir);
+  const fs::path out = dir / "out.bin";
+  const io::ContentGenerator gen(io::Profile::mixed, 3);
+  auto src = io::open_emu_source(gen, 4 << 20);
+  auto file = open_sink("file:" + out.string());
+  CommitHookSink slow(*file, [] { std::this_thread::sleep_for(std::chrono::milliseconds(800)); });
+  SendOptions so{.streams = 2};
+  so.idle_timeout_ms = 200;
+  so.commit_timeout_ms = 20000;
+  RecvOptions ro;
+  ro.idle_timeout_ms = 200;
+  const Outcome o = transfer(*src, slow, so, ro);
+  EXPECT_TRUE(o.send.committed) << o.send.error;
+  EXPECT_TRUE(o.recv.committed) << o.recv.error;
+  EXPECT_TRUE(fs::exists(out));
+  // The commit time-out still bounds it.
+  const fs::path out2 = dir / "out2.bin";
+  auto file2 = open_sink("file:" + out2.string());
+  CommitHookSink slower(*file2, [] { std::this_thread::sleep_for(std::chrono::milliseconds(1500)); });
+  so.commit_timeout_ms = 300;
+  const Outcome late = transfer(*src, slower, so, ro);
+  EXPECT_FALSE(late.send.committed);
+  EXPECT_EQ(late.send.reason, wire::Reason::timeout);
+  EXPECT_NE(late.send.error.find("no COMMITTED"), std::string::npos) << late.send.error;
+  EXPECT_FALSE(late.recv.committed);
+  EXPECT_FALSE(fs::exists(out2));  // committed, then undone: the sender never learnt of it
+  EXPECT_FALSE(fs::exists(out2.string() + ".partial"));
+  fs::remove_all(dir);
+}
+
+// A failure while the sink commits (here a cancel on the receiver) undoes the commit: the sender reports
+// failure, so nothing at the destination may look complete.
+TEST(Transfer, AFailureDuringTheCommitUndoesIt) {
+  const fs::path dir = fs::temp_directory_path() / ("dstx-undo-commit-" + std::to_string(getpid()));
+  fs::create_directories(dir);
+  const fs::path out = dir / "out.bin";
+  const io::ContentGenerator gen(io::Profile::mixed, 4);
+  auto src = io::open_emu_source(gen, 4 << 20);
+  auto file = open_sink("file:" + out.string());
+  Cancel cancel;
+  bool existed = false;
+  CommitHookSink hooked(*file, [&] {
+    existed = fs::exists(out);
+    cancel.request();
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));  // the supervisor sees the cancel
+  });
+  io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
+  const uint16_t port = io::bound_port(listener.get());
+  RecvOptions ro;
+  ro.accept_timeout_ms = 10000;
+  Result recv;
+  std::thread receiver([&] { recv = receive(hooked, listener.get(), ro, nullptr, &cancel); });
+  const Result send = send_to(*src, io::HostPort{"127.0.0.1", port}, SendOptions{.streams = 2}, nullptr, nullptr);
+  receiver.join();
+  EXPECT_TRUE(existed);  // the commit did happen
+  EXPECT_FALSE(recv.committed);
+  EXPECT_EQ(recv.reason, wire::Reason::cancelled);
+  EXPECT_FALSE(send.committed);
+  EXPECT_EQ(send.reason, wire::Reason::cancelled) << send.error;
   EXPECT_FALSE(fs::exists(out));
   EXPECT_FALSE(fs::exists(out.string() + ".partial"));
   fs::remove_all(dir);
