@@ -56,7 +56,7 @@ const char* kMigrateHelp =
     "\n"
     "emulated device keys: size=SIZE, profile=NAME, seed=N, dirty=BYTES_PER_SEC, fault=NAME (repeatable),\n"
     "  open=cdev|group, delay-us=N (a slow driver); v2: precopy=0|1, p2p=0|1, temp-end=enomsg|zero;\n"
-    "  v1: section=SIZE, mmap=all|part|none\n"
+    "  v1: section=SIZE, mmap=all|part|none|ro\n"
     "faults: reject-state, eio-read@BYTES, eio-write@BYTES, transition-fail@STATE, transition-error@STATE,\n"
     "  short-read, bad-range\n"
     "docs/vfio.md: real hardware (vfio-pci binding, permissions, which protocol is used).\n";

@@ -129,8 +129,10 @@ EmuDeviceConfig parse_emu_device(Protocol protocol, std::string_view params, Dev
         c.mmap = EmuDeviceConfig::Mmap::part;
       else if (value == "none")
         c.mmap = EmuDeviceConfig::Mmap::none;
+      else if (value == "ro")
+        c.mmap = EmuDeviceConfig::Mmap::read_only;
       else
-        throw bad("emu: mmap=" + std::string(value) + ": expected all, part or none");
+        throw bad("emu: mmap=" + std::string(value) + ": expected all, part, none or ro");
     } else if (key == "delay-us") {
       c.delay_us = uint32_t(std::min<uint64_t>(parse_emu_number(key, value), 10'000'000));
     } else {
@@ -550,7 +552,7 @@ void DeviceSink::write(io::Ring& ring, uint64_t, std::span<const std::byte> data
 void DeviceSink::write_v1_bytes(io::Ring& ring, uint64_t at, std::span<const std::byte> data) {
   io::vfio::VfioDevice& d = *dev_.device;
   while (!data.empty()) {
-    const io::vfio::VfioDevice::Span span = d.v1_span(at);
+    const io::vfio::VfioDevice::Span span = d.v1_span(at, /*for_write=*/true);
     const size_t n = size_t(std::min<uint64_t>(data.size(), span.len));
     if (span.addr) {
       std::memcpy(span.addr, data.data(), n);

@@ -47,7 +47,7 @@ inline constexpr const char* kDeviceKinds =
 inline constexpr const char* kEmuDeviceKeys =
     "size=SIZE, profile=NAME, seed=N, dirty=BYTES_PER_SEC, fault=NAME (repeatable), open=cdev|group, "
     "delay-us=N; "
-    "v2: precopy=0|1, p2p=0|1, temp-end=enomsg|zero; v1: section=SIZE, mmap=all|part|none";
+    "v2: precopy=0|1, p2p=0|1, temp-end=enomsg|zero; v1: section=SIZE, mmap=all|part|none|ro";
 
 bool is_device_spec(std::string_view spec);
 // The part after "emu-v1:" or "emu-v2:". *open_as gets how dstx opens it (default: v2 cdev, v1 group).

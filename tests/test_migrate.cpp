@@ -197,6 +197,17 @@ TEST(Migrate, StraightToStopCopy) {
   EXPECT_EQ(o.send.precopy_rounds, 0u);
 }
 
+// A v1 destination whose driver maps the data section read-only is written through the device fd (it
+// crashed writing into the read-only mapping), and a source like it is read from the mapping.
+TEST(Migrate, AV1SectionMappedReadOnlyIsWrittenThroughTheFd) {
+  for (const std::string& src_spec : {std::string("emu-v1:size=6M,section=256K,mmap=ro"),
+                                      std::string("emu-v2:size=6M")}) {
+    auto src = source(src_spec);
+    auto dst = sink("emu-v1:size=6M,section=256K,mmap=ro");
+    expect_migrated(run(*src, *dst), src_spec + " -> read-only v1 section");
+  }
+}
+
 // An abort after the commit (the receiver failed before the sender could learn of the commit) resets the
 // destination: it must not keep a state the source reports as not migrated.
 TEST(Migrate, AnAbortAfterTheCommitResetsTheDestination) {

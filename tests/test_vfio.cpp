@@ -3,6 +3,7 @@
 // v1 region clause and every v2 arc.
 #include <fcntl.h>
 #include <poll.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <gtest/gtest.h>
@@ -359,6 +360,18 @@ TEST(EmuV1, RegionAndSparseMmapAreas) {
   Emu none(c);
   EXPECT_EQ(none.dev->v1_mapped_areas(), 0);
   EXPECT_EQ(none.dev->v1_span(4096).len, UINT64_MAX);
+
+  // A driver that maps the section read-only: mapped for reading, but written through the fd.
+  c.mmap = EmuDeviceConfig::Mmap::read_only;
+  Emu ro(c);
+  EXPECT_EQ(ro.dev->v1_mapped_areas(), 1);
+  EXPECT_EQ(ro.k->mmap(ro.dev->fd(), 4096, PROT_READ | PROT_WRITE, ro.dev->v1_region().offset + 4096, &p),
+            -EACCES);
+  EXPECT_NE(ro.dev->v1_span(4096).addr, nullptr);
+  const VfioDevice::Span for_write = ro.dev->v1_span(4096, /*for_write=*/true);
+  EXPECT_EQ(for_write.addr, nullptr);
+  EXPECT_EQ(for_write.len, UINT64_MAX);
+  EXPECT_NE(e.dev->v1_span(4096, /*for_write=*/true).addr, nullptr);  // writable where the driver allows it
 }
 
 // Save: pending_bytes -> data_offset -> data_size -> data -> pending_bytes, in that order; repeated

@@ -336,6 +336,7 @@ void VfioDevice::map_v1_areas() {
     if ((region_.offset + a.offset) % page != 0) continue;  // not mappable: read it instead
     void* p = nullptr;
     int rc = kernel_->mmap(device_fd_, a.size, PROT_READ | PROT_WRITE, region_.offset + a.offset, &p);
+    a.writable = rc == 0;
     if (rc < 0) rc = kernel_->mmap(device_fd_, a.size, PROT_READ, region_.offset + a.offset, &p);
     if (rc == 0) a.addr = static_cast<std::byte*>(p);
   }
@@ -346,10 +347,10 @@ int VfioDevice::v1_mapped_areas() const {
       std::count_if(region_.areas.begin(), region_.areas.end(), [](auto& a) { return a.addr != nullptr; }));
 }
 
-VfioDevice::Span VfioDevice::v1_span(uint64_t offset) const {
+VfioDevice::Span VfioDevice::v1_span(uint64_t offset, bool for_write) const {
   uint64_t next = UINT64_MAX;
   for (const V1Region::Area& a : region_.areas) {
-    if (!a.addr) continue;
+    if (!a.addr || (for_write && !a.writable)) continue;
     if (offset >= a.offset && offset < a.offset + a.size)
       return {a.addr + (offset - a.offset), a.offset + a.size - offset};
     if (a.offset > offset) next = std::min(next, a.offset - offset);

@@ -60,6 +60,7 @@ struct V1Region {
     uint64_t offset = 0;  // within the region
     uint64_t size = 0;
     std::byte* addr = nullptr;  // null when the area could not be mapped
+    bool writable = false;      // mapped for writing too (a driver may allow read-only mappings only)
   };
   std::vector<Area> areas;  // sorted by offset, non-overlapping
 };
@@ -101,12 +102,13 @@ class VfioDevice {
   uint64_t v1_data_size();
   void v1_set_data_size(uint64_t bytes);
   // What lies at region offset `offset`: a mapped area (addr, bytes to its end) or unmapped bytes (nullptr,
-  // bytes until the next mapped area; UINT64_MAX when none follows).
+  // bytes until the next mapped area; UINT64_MAX when none follows). `for_write`: areas mapped read-only
+  // count as unmapped.
   struct Span {
     std::byte* addr = nullptr;
     uint64_t len = 0;
   };
-  Span v1_span(uint64_t offset) const;
+  Span v1_span(uint64_t offset, bool for_write = false) const;
   int v1_mapped_areas() const;
 
   int reset();               // VFIO_DEVICE_RESET: 0 or -errno

@@ -837,6 +837,7 @@ EmuKernel::Added EmuKernel::add_device(const EmuDeviceConfig& config) {
     const auto page_down = [](uint64_t x) { return x / kEmuPageBytes * kEmuPageBytes; };
     switch (config.mmap) {
       case EmuDeviceConfig::Mmap::all:
+      case EmuDeviceConfig::Mmap::read_only:
         d->areas = {{kHeaderPage, s}};
         break;
       case EmuDeviceConfig::Mmap::part: {
@@ -1174,6 +1175,7 @@ int EmuKernel::mmap(int fd, size_t len, int prot, uint64_t offset, void** out) {
     if (at >= a_off && at - a_off <= a_size && len <= a_size - (at - a_off)) inside = true;
   }
   if (!inside) return -EINVAL;  // only the sparse areas may be mapped
+  if ((prot & PROT_WRITE) && dev->cfg.mmap == EmuDeviceConfig::Mmap::read_only) return -EACCES;
   void* p = ::mmap(nullptr, len, prot, MAP_SHARED, fd, off_t(offset));
   if (p == MAP_FAILED) return -errno;
   *out = p;

@@ -64,7 +64,8 @@ struct EmuDeviceConfig {
   enum class Mmap : uint8_t {
     all,
     part,
-    none
+    none,
+    read_only  // as all, but the driver refuses writable mappings (EACCES)
   } mmap = Mmap::part;  // part: a hole in the middle is read, not mapped
   // Common
   uint32_t delay_us = 0;  // a slow driver: v1 takes this long per data_offset, v2 per 256 KiB it produces
