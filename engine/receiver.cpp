@@ -82,6 +82,7 @@ struct Shared {
   unsigned streams_ended = 0;
   bool end_seen = false;
   wire::Header end;
+  std::atomic<bool> in_sink{false};     // the writer is handing a chunk to the sink (which may block)
   std::atomic<bool> committing{false};  // the writer is in the sink's commit, or past it
   std::atomic<bool> committed{false};   // and COMMITTED goes (went) to the sender: the transfer succeeded
   std::atomic<bool> done{false};  // the writer is out: committed or failed
@@ -429,6 +430,7 @@ void writer(Shared& sh) {
                                       std::to_string(meta.offset) + ", expected " + std::to_string(bytes));
         return;
       }
+      sh.in_sink.store(true, std::memory_order_relaxed);
       if (meta.flags & wire::kFlagZero) {
         sh.sink.write_zero(*ring, bytes, meta.raw_len);
       } else if (meta.packed_len > 0) {  // only for a sink that takes pieces
@@ -443,6 +445,7 @@ void writer(Shared& sh) {
         sh.sink.write(*ring, bytes, slot.first(meta.raw_len));
       }
       if (meta.flags & wire::kFlagEndOfTransaction) sh.sink.end_transaction(*ring);
+      sh.in_sink.store(false, std::memory_order_relaxed);
       digest.add(meta.seq, meta.raw_len, meta.hash);
       bytes += meta.raw_len;
       applied = meta.seq;
@@ -787,8 +790,12 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int l
       if (cancel && cancel->requested()) sh.fail(Reason::cancelled, "cancelled");
       if (!sh.committing &&
           idle.expired(stats.wire_bytes.load() + stats.bytes.load() + stats.resumes.load())) {
-        sh.fail(Reason::timeout, "nothing arrived from the sender for " +
-                                     std::to_string(options.idle_timeout_ms) + " ms (stalled sender?)");
+        // Nothing arrives either while the sink blocks: the reorder window fills, and TCP holds the sender.
+        sh.fail(Reason::timeout,
+                sh.in_sink ? sink.describe() + " took no bytes for " + std::to_string(options.idle_timeout_ms) +
+                                 " ms (a reader that stopped reading?)"
+                           : "nothing arrived from the sender for " + std::to_string(options.idle_timeout_ms) +
+                                 " ms (stalled sender?)");
       }
       if (sh.failure.failed()) break;
       lock.unlock();  // the caller's log function may take its time
@@ -800,14 +807,16 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int l
   }
   if (sh.failure.failed()) {
     sh.window.close();
-    writer_thread.join();  // the sink is no longer written once the writer is out
-    sink.abort();
+    // The sender learns why before the writer is waited for: it may be blocked in the sink (a pipe whose
+    // reader stopped) or in its commit, for as long as they take.
     if (!sh.failure.from_peer()) {
       const std::string text = sh.failure.text();
       sh.send_on(*ring, 0, wire::make_aborted(sh.failure.reason(), text.size()),
                  std::as_bytes(std::span(text.data(), std::min<size_t>(text.size(), wire::kMaxTextBytes))));
     }
     for (Link& l : links) ::shutdown(l.fd.load(), SHUT_WR);
+    writer_thread.join();  // the sink is no longer written once the writer is out
+    sink.abort();
     // Workers leave at their next frame; one waiting on a silent sender is woken by shutting its socket.
     sh.done = true;
     sh.wake_links();

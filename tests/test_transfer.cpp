@@ -1326,6 +1326,41 @@ TEST(Transfer, AStalledSenderIsNoticedByTheIdleTimeOut) {
   EXPECT_NE(r.error.find("stalled sender"), std::string::npos) << r.error;
 }
 
+// A sink that stops taking bytes (a pipe whose reader stopped reading) stalls the receiver: its idle
+// time-out names the sink, and the sender learns that at once, though the receiver's writer stays blocked
+// in the sink until the reader wakes.
+TEST(Transfer, ABlockedSinkIsNamedAndTheSenderToldWhileTheWriterWaits) {
+  int fds[2];
+  ASSERT_EQ(::pipe2(fds, O_CLOEXEC), 0);
+  io::Fd read_end(fds[0]);
+  auto sink = io::open_fd_sink(fds[1], /*owned=*/true, "fd:pipe");
+  auto src = io::open_emu_source(io::ContentGenerator(io::Profile::random, 2), 64 << 20);
+  io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
+  const uint16_t port = io::bound_port(listener.get());
+  RecvOptions ro;
+  ro.idle_timeout_ms = 300;
+  Result recv;
+  std::thread receiver([&] { recv = receive(*sink, listener.get(), ro, nullptr, nullptr); });
+  SendOptions so{.streams = 2};
+  so.idle_timeout_ms = 60000;  // only the receiver's verdict can end it soon
+  const Result send = send_to(*src, io::HostPort{"127.0.0.1", port}, so, nullptr, nullptr);
+  EXPECT_FALSE(send.committed);
+  EXPECT_EQ(send.reason, wire::Reason::timeout);
+  EXPECT_NE(send.error.find("fd:pipe took no bytes for 300 ms"), std::string::npos) << send.error;
+  // The reader wakes: the writer gets out, and the receiver ends with the same reason.
+  std::thread reader([&] {
+    std::vector<char> buf(1 << 16);
+    while (::read(read_end.get(), buf.data(), buf.size()) > 0) {
+    }
+  });
+  receiver.join();
+  sink.reset();  // the write end: the reader sees the end
+  reader.join();
+  EXPECT_FALSE(recv.committed);
+  EXPECT_EQ(recv.reason, wire::Reason::timeout);
+  EXPECT_NE(recv.error.find("fd:pipe took no bytes"), std::string::npos) << recv.error;
+}
+
 TEST(Transfer, AStalledReceiverIsNoticedByTheIdleTimeOut) {
   io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
   const uint16_t port = io::bound_port(listener.get());
