@@ -61,6 +61,14 @@ struct Link {
   io::Fd owner;
   io::Fd pending;
   std::atomic<int> fd{-1};
+  // Held from reading `fd` to shutting it, and from replacing the connection to closing the old one: a
+  // shutdown never finds a number that was closed meanwhile and reused. Never held while sending (a send
+  // blocked on a stalled peer is what a shutdown ends).
+  std::mutex swap_mu;
+  void shut(int how) {
+    std::lock_guard lock(swap_mu);
+    ::shutdown(fd.load(), how);
+  }
 };
 
 struct Shared {
@@ -355,9 +363,13 @@ class StreamWorker {
       return false;
     }
     // The new connection goes in before the broken one is closed, so that no thread ever finds the old
-    // number in link_.fd once it may be reused; the ring's fixed file is re-pointed (or the table dropped).
+    // number in link_.fd once it may be reused (Link::shut); the ring's fixed file is re-pointed (or the
+    // table dropped).
     io::Fd broken = std::exchange(link_.owner, std::move(link_.pending));
-    link_.fd.store(link_.owner.get());
+    {
+      std::lock_guard swap(link_.swap_mu);
+      link_.fd.store(link_.owner.get());
+    }
     if (socket_file_ >= 0 && ring_->update_file(unsigned(socket_file_), link_.owner.get()) != 0) {
       (void)ring_->register_files({});
       socket_file_ = -1;
@@ -626,7 +638,7 @@ void acceptor(Shared& sh, int listen_fd, const std::function<io::Fd(int)>& next_
     Link& l = sh.links[hello.stream_index];
     std::lock_guard lock(l.mu);
     l.pending = std::move(c);
-    ::shutdown(l.fd.load(), SHUT_RDWR);  // if the worker still waits on the old connection, it notices now
+    l.shut(SHUT_RDWR);  // if the worker still waits on the old connection, it notices now
     l.cv.notify_all();
   }
 }
@@ -775,7 +787,7 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int l
     sh.wake_links();
     if (sh.committed) {
       // Streams waiting in case of a reconnection can stop now: nothing more is needed from the sender.
-      for (Link& l : sh.links) ::shutdown(l.fd.load(), SHUT_RD);
+      for (Link& l : sh.links) l.shut(SHUT_RD);
     }
     sh.thread_done();
   });
@@ -814,7 +826,7 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int l
       sh.send_on(*ring, 0, wire::make_aborted(sh.failure.reason(), text.size()),
                  std::as_bytes(std::span(text.data(), std::min<size_t>(text.size(), wire::kMaxTextBytes))));
     }
-    for (Link& l : links) ::shutdown(l.fd.load(), SHUT_WR);
+    for (Link& l : links) l.shut(SHUT_WR);
     writer_thread.join();  // the sink is no longer written once the writer is out
     sink.abort();
     // Workers leave at their next frame; one waiting on a silent sender is woken by shutting its socket.
@@ -823,7 +835,7 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int l
     const auto until = Clock::now() + std::chrono::milliseconds(300);
     while (sh.running > 0 && Clock::now() < until) std::this_thread::sleep_for(std::chrono::milliseconds(5));
     if (sh.running > 0) {
-      for (Link& l : links) ::shutdown(l.fd.load(), SHUT_RD);
+      for (Link& l : links) l.shut(SHUT_RD);
     }
     for (auto& t : threads) t.join();
     threads.clear();
@@ -834,7 +846,7 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int l
   } else {
     writer_thread.join();
     // Let the sender read COMMITTED before the connection closes.
-    for (Link& l : links) ::shutdown(l.fd.load(), SHUT_WR);
+    for (Link& l : links) l.shut(SHUT_WR);
   }
   sh.done = true;
   sh.wake_links();
