@@ -298,7 +298,7 @@ void EffortController::end_period(Clock::time_point now, uint64_t sent, uint64_t
     // grew meanwhile: the link did not keep up even with lz4 (1 Gbit/s, binary state: 0.33-0.66 of what was
     // sent left the queues, where TCP's first rate samples, a shaper's burst, said 0.25-30 GB/s; 10 Gbit/s
     // and faster: 0.83-1.0).
-    const double raw = raw_link_rate();
+    const double raw = raw_link_rate(/*with_prior=*/true);
     const bool path_allows_raw = raw < 0 || raw >= rate;
     const bool link_kept_up = rate >= kKeptUpShare * sent_rate_;
     trace(rate, link_share);
@@ -338,9 +338,9 @@ void EffortController::end_period(Clock::time_point now, uint64_t sent, uint64_t
   const bool in_opening = opened_ < opening_count_;
   int next = current_;
   if (in_opening) {
-    // lz4 waited on the link, or TCP (or dstx tune) measured a path on which raw would deliver far less
-    // than lz4's logical rate: raw would only be slower.
-    const double raw = raw_link_rate();
+    // lz4 waited on the link, or TCP measured a path on which raw would deliver far less than lz4's logical
+    // rate: raw would only be slower.
+    const double raw = raw_link_rate(/*with_prior=*/false);
     const bool path_too_slow = raw >= 0 && raw * kPathMargin < est;
     if (opened_ == 0 && (link_bound || path_too_slow)) ++opened_;
     const bool lz4_lost =
@@ -423,16 +423,18 @@ bool EffortController::lz4_outruns(double rate) const {
   return cost >= 0 && rate * cost < streams_;
 }
 
-// What raw could deliver over the link, in logical bytes/s, < 0 when unknown. The link's rate: the lower of
-// TCP's path rate and the prior's (on a shaped link TCP's first samples measure the shaper's burst: at 1
-// Gbit/s with zero-heavy state 4.3 GB/s, and lz4's warm-up, CPU-bound on what compresses well, was skipped
-// for raw in 5 traces of 6, whose period delivered half of lz4's). Raw drops zero pages, so it delivers the
-// link's rate times the logical bytes per non-zero byte of the chunks lz4 encoded (zero-heavy state: 6.7;
-// at 10 Gbit/s raw delivers 6-7 GB/s there where lz4 makes 2.5).
-double EffortController::raw_link_rate() const {
-  const double link = prior_link_rate_ < 0 ? path_rate_
-                      : path_rate_ < 0     ? prior_link_rate_
-                                           : std::min(path_rate_, prior_link_rate_);
+// What raw could deliver over the link, in logical bytes/s, < 0 when unknown. The link's rate: TCP's path
+// rate, or with_prior the lower of it and the prior's. The prior counts in the warm-up only, where TCP's
+// first samples on a shaped link measure the shaper's burst (at 1 Gbit/s with zero-heavy state 4.3 GB/s:
+// lz4's warm-up, CPU-bound on what compresses well, was skipped for raw in 5 traces of 6, whose period
+// delivered half of lz4's); later TCP's own samples are the better guide, and a profile tuned on another
+// link may be stale. Raw drops zero pages, so it delivers the link's rate times the logical bytes per
+// non-zero byte of the chunks lz4 encoded (zero-heavy state: 6.7; at 10 Gbit/s raw delivers 6-7 GB/s there
+// where lz4 makes 2.5).
+double EffortController::raw_link_rate(bool with_prior) const {
+  const double link = !with_prior || prior_link_rate_ < 0 ? path_rate_
+                      : path_rate_ < 0                    ? prior_link_rate_
+                                                          : std::min(path_rate_, prior_link_rate_);
   const uint64_t bytes = encode_bytes_[1].load(std::memory_order_relaxed);
   const uint64_t plain = plain_bytes_[1].load(std::memory_order_relaxed);
   if (link < 0 || bytes == 0) return link;

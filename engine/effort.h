@@ -80,8 +80,8 @@ class ShareSelector {
 // speed on the data it encodes fastest. A link faster than lz4 on every worker (raw_rate > lz4_rate x
 // streams) opens on raw, as when lz4's warm-up showed the CPU setting the pace: lz4 gets a period only if raw
 // then waits on the link with CPU idle (see EffortController's opening), and its encode cost counts as
-// 1 / lz4_rate until it is measured. A slower link's rate stands in for TCP's path rate where that is higher
-// (EffortController::raw_link_rate).
+// 1 / lz4_rate until it is measured. In lz4's warm-up a slower link's rate stands in for TCP's path rate
+// where that is higher (EffortController::raw_link_rate).
 struct EffortPrior {
   double raw_rate = 0;
   double lz4_rate = 0;
@@ -214,7 +214,7 @@ class EffortController {
   bool lz4_wanted_back(double rate, double link_share) const;
   double cost_per_byte(int rung) const;
   double encoded_ratio(int rung, uint64_t min_bytes) const;
-  double raw_link_rate() const;
+  double raw_link_rate(bool with_prior) const;
   void trace(double rate, double link_share) const;
   void switch_to(int level, Clock::time_point now, double idle);
 

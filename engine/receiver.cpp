@@ -61,6 +61,7 @@ struct Link {
   io::Fd owner;
   io::Fd pending;
   std::atomic<int> fd{-1};
+  std::atomic<bool> broken{false};  // its worker saw the connection break and waits for a resume
   // Held from reading `fd` to shutting it, and from replacing the connection to closing the old one: a
   // shutdown never finds a number that was closed meanwhile and reused. Never held while sending (a send
   // blocked on a stalled peer is what a shutdown ends).
@@ -85,6 +86,7 @@ struct Shared {
   bool resume = false;  // broken streams may come back (a listener is there to accept them)
   wire::Hello hello_ack;
   TlsSession* tls = nullptr;  // the streams' TLS: reconnections are secured like the first connections
+  const Cancel* cancel = nullptr;
   // END bookkeeping.
   std::mutex end_mu;
   unsigned streams_ended = 0;
@@ -113,6 +115,10 @@ struct Shared {
         chunk_bytes(chunk),
         window(slots, chunk) {}
 
+  // The caller's cancel, if requested, as a failure (the supervisor checks it too, every 20 ms).
+  void check_cancel() {
+    if (cancel && cancel->requested()) fail(Reason::cancelled, "cancelled");
+  }
   void fail(Reason reason, std::string text, bool from_peer = false) {
     if (failure.set(reason, std::move(text), from_peer)) {
       window.close();
@@ -340,6 +346,7 @@ class StreamWorker {
       sh_.fail(Reason::connection, name_ + ": " + why);
       return false;
     }
+    link_.broken = true;  // COMMITTED waits for the new connection
     // `done` and the failure change without link_.mu, so a notify can fall between a check of the predicate
     // and the wait: the wait is sliced, and such a wake-up is late by one slice at most.
     if (!sh_.committed && !sh_.done && !sh_.failure.failed()) {  // not the end of the transfer
@@ -370,6 +377,7 @@ class StreamWorker {
       std::lock_guard swap(link_.swap_mu);
       link_.fd.store(link_.owner.get());
     }
+    link_.broken = false;
     if (socket_file_ >= 0 && ring_->update_file(unsigned(socket_file_), link_.owner.get()) != 0) {
       (void)ring_->register_files({});
       socket_file_ = -1;
@@ -486,10 +494,13 @@ void writer(Shared& sh) {
                                   ", received " + std::to_string(digest.value()));
       return;
     }
+    sh.check_cancel();
     if (sh.failure.failed()) return;  // a cancel that came with the last chunk: nothing to commit
     // A commit may take long (a file's fdatasync, a device checking the state it was given): the sender
-    // bounds it with its commit time-out, and the idle watch is off meanwhile.
+    // bounds it with its commit time-out, and the idle watch is off meanwhile, here and at the sender once
+    // it has this ACK of every chunk.
     sh.committing = true;
+    sh.send_on(*ring, 0, wire::make_ack(applied));  // best effort, as every ACK
     sh.sink.commit(*ring, bytes);
   } catch (const std::exception& e) {
     sh.fail(Reason::sink, sh.sink.describe() + ": " + e.what());
@@ -497,13 +508,15 @@ void writer(Shared& sh) {
   }
   // COMMITTED goes on stream 0 unless a failure came during the commit (the sender gave up, a cancel): then
   // the supervisor undoes the commit (Sink::abort). Once COMMITTED is sent the transfer has succeeded,
-  // whatever breaks afterwards: the sender may have read it. If stream 0 is broken, wait (bounded) for the
-  // sender to resume it; the acceptor takes reconnections until COMMITTED is sent.
+  // whatever breaks afterwards: the sender may have read it. If stream 0 is broken (its worker saw it, or
+  // the send fails), wait (bounded) for the sender to resume it; the acceptor takes reconnections until
+  // COMMITTED is on its way.
   const auto deadline =
       Clock::now() + std::chrono::milliseconds(sh.resume ? sh.options.resume_timeout_ms : 0);
   for (;;) {
-    int rc = 0;
-    if (sh.failure.seal_unless_failed([&] {
+    sh.check_cancel();
+    int rc = -EPIPE;
+    if (!sh.links[0].broken && sh.failure.seal_unless_failed([&] {
           sh.committed = true;  // before the send: the sender closes its streams once it has read COMMITTED
           rc = sh.send_on(*ring, 0, wire::make_committed(applied, bytes, digest.value()));
           if (rc != 0) sh.committed = false;
@@ -759,6 +772,7 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int l
     links[i].fd.store(links[i].owner.get());
   }
   Shared sh(sink, options, links, stats, backend, chunk, slots);
+  sh.cancel = cancel;
   // Resuming needs a listener to take reconnections.
   sh.resume = listen_fd >= 0 && (first.capabilities & wire::kCapResume);
   sh.tls = &tls;
@@ -799,7 +813,7 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int l
     IdleWatch idle(options.idle_timeout_ms);
     std::unique_lock lock(sh.done_mu);
     while (sh.running > 0) {
-      if (cancel && cancel->requested()) sh.fail(Reason::cancelled, "cancelled");
+      sh.check_cancel();
       if (!sh.committing &&
           idle.expired(stats.wire_bytes.load() + stats.bytes.load() + stats.resumes.load())) {
         // Nothing arrives either while the sink blocks: the reorder window fills, and TCP holds the sender.

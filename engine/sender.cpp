@@ -1549,8 +1549,10 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
       if (!commit_deadline && sh.sequencer.completed() == sh.sequencer.total()) {
         commit_deadline = Clock::now() + std::chrono::milliseconds(options.commit_timeout_ms);
       }
-      // Once the receiver has every chunk, nothing moves while its sink commits: the commit time-out rules.
-      if (!commit_deadline &&
+      // Once the receiver acknowledged every chunk (it does so as its sink starts to commit), nothing moves
+      // while the sink commits: the commit time-out rules.
+      const bool receiver_commits = commit_deadline && stats.acked_chunks.load() == sh.sequencer.total();
+      if (!receiver_commits &&
           idle.expired(stats.bytes.load() + stats.acked_chunks.load() + stats.resumes.load())) {
         sh.failure.set(Reason::timeout, "nothing moved for " + std::to_string(options.idle_timeout_ms) +
                                             " ms (stalled receiver or link?)");

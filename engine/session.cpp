@@ -15,14 +15,43 @@ namespace dstx::engine {
 bool Failure::set(wire::Reason reason, std::string text, bool from_peer) {
   std::lock_guard lock(mu_);
   if (sealed_) return false;
+  if (delivering_) {
+    const bool peer_explains =
+        held_ && from_peer && !held_->from_peer && held_->reason == wire::Reason::connection;
+    if (!held_ || peer_explains) held_ = Held{reason, std::move(text), from_peer};
+    return false;
+  }
   // The peer's own reason beats a broken connection seen here first: that break was its abort closing up.
   const bool peer_explains = from_peer && !from_peer_ && reason_ == wire::Reason::connection;
   if (failed_.load(std::memory_order_relaxed) && !peer_explains) return false;
+  record(reason, std::move(text), from_peer);
+  return true;
+}
+
+void Failure::record(wire::Reason reason, std::string text, bool from_peer) {
   reason_ = reason;
   text_ = std::move(text);
   from_peer_ = from_peer;
   failed_.store(true, std::memory_order_release);
+}
+
+bool Failure::begin_delivery() {
+  std::lock_guard lock(mu_);
+  if (failed_.load(std::memory_order_relaxed) || sealed_) return false;
+  delivering_ = true;
   return true;
+}
+
+bool Failure::end_delivery(bool delivered) {
+  std::lock_guard lock(mu_);
+  delivering_ = false;
+  if (delivered) {
+    sealed_ = true;
+  } else if (held_) {
+    record(held_->reason, std::move(held_->text), held_->from_peer);
+  }
+  held_.reset();
+  return delivered;
 }
 
 wire::Reason Failure::reason() const {

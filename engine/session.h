@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdint>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 #include <utility>
@@ -24,26 +25,37 @@ class Failure {
   // recorded before it (the connection broke because the peer aborted).
   bool set(wire::Reason reason, std::string text, bool from_peer = false);
   bool failed() const { return failed_.load(std::memory_order_acquire); }
-  // Runs `deliver` (true when it succeeded) unless a failure is recorded, holding off failures meanwhile.
-  // Once it succeeded, no failure is recorded any more: the outcome went to the peer, which may already have
-  // acted on it. Returns whether it succeeded.
+  // Runs `deliver` (true when it succeeded) unless a failure is recorded. A failure set while it runs is
+  // held back: dropped if `deliver` succeeded, after which no failure is recorded any more (the outcome went
+  // to the peer, which may already have acted on it); recorded once it returns otherwise. `deliver` runs
+  // without the lock, so that it may block (a send) while other threads report failures. Returns whether
+  // `deliver` ran and succeeded. One caller at a time.
   template <typename Deliver>
   bool seal_unless_failed(Deliver&& deliver) {
-    std::lock_guard lock(mu_);
-    if (failed_.load(std::memory_order_relaxed) || !deliver()) return false;
-    sealed_ = true;
-    return true;
+    if (!begin_delivery()) return false;
+    return end_delivery(deliver());
   }
   wire::Reason reason() const;
   std::string text() const;
   bool from_peer() const;
 
  private:
+  struct Held {
+    wire::Reason reason;
+    std::string text;
+    bool from_peer;
+  };
+  bool begin_delivery();
+  bool end_delivery(bool delivered);
+  void record(wire::Reason reason, std::string text, bool from_peer);  // under mu_
+
   std::atomic<bool> failed_{false};
   mutable std::mutex mu_;
   wire::Reason reason_ = wire::Reason::unspecified;
   std::string text_;
   bool from_peer_ = false;
+  bool delivering_ = false;
+  std::optional<Held> held_;  // set while delivering
   bool sealed_ = false;
 };
 

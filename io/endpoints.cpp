@@ -171,7 +171,8 @@ std::string parent_dir(const std::string& path) {
 
 // Writes go to PATH.partial and become PATH only at commit, so no reader ever sees a half-written file under
 // the final name. An existing PATH is replaced at commit (rename is atomic): its old content stays intact
-// until the new one is complete and durable, and is gone afterwards.
+// until the new one is complete and durable, and is gone afterwards. A transfer that fails after the commit
+// (before the sender could learn of it) removes PATH again.
 class FileSink final : public Sink {
  public:
   explicit FileSink(const std::string& path)
@@ -258,8 +259,14 @@ class FileSink final : public Sink {
 
   void abort() noexcept override {
     if (committed_) {
-      // The transfer failed after the commit (the sender never learnt of it): nothing may look complete.
+      // The transfer failed after the commit (the sender never learnt of it): nothing may look complete,
+      // after a crash either (best effort: nothing can be done about a failure here).
       ::unlink(path_.c_str());
+      const int dir_fd = ::open(parent_dir(path_).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+      if (dir_fd >= 0) {
+        (void)::fsync(dir_fd);
+        ::close(dir_fd);
+      }
       committed_ = false;
       return;
     }

@@ -48,9 +48,12 @@ class FaultProxy {
   uint16_t port() const { return port_; }
   bool fired() const { return fired_; }
   // Cuts every connection accepted so far, both directions, now: a link that goes down at a moment the test
-  // picks. Returns how many there were.
+  // picks (with a cut fault's down_ms it stays down that long; give it a connection that never comes, -1).
+  // Returns how many there were.
   size_t cut_all() {
     std::lock_guard lock(mu_);
+    fired_at_ = Clock::now();
+    fired_ = true;
     for (auto& [down, up] : connections_) {
       shutdown(down->get(), SHUT_RDWR);
       shutdown(up->get(), SHUT_RDWR);

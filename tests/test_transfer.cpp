@@ -25,6 +25,7 @@
 
 #include "compress/codec.h"
 #include "compress/hash.h"
+#include "engine/session.h"
 #include "engine/spec.h"
 #include "engine/transfer.h"
 #include "fault_proxy.h"
@@ -895,8 +896,9 @@ TEST(Resume, ASmallReplayBufferStillCommitsByteExact) {
   }
 }
 
-// Both streams break while the sink commits: the sender resumes them, the receiver takes the reconnections
-// though it is committing, and COMMITTED goes on the resumed stream 0.
+// Both streams break while the sink commits, and the path stays down a while: the receiver, whose stream 0
+// is known broken, does not send COMMITTED into the dead connection (which would succeed locally and reach
+// no one) but waits for the sender to resume it, and takes the reconnections though it is committing.
 TEST(Resume, StreamsBrokenDuringTheCommitAreResumedForCommitted) {
   const io::ContentGenerator gen(io::Profile::mixed, 13);
   constexpr uint64_t size = 4 << 20;
@@ -904,20 +906,29 @@ TEST(Resume, StreamsBrokenDuringTheCommitAreResumedForCommitted) {
   auto sink = io::open_emu_sink(gen, size);
   io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
   const uint16_t port = io::bound_port(listener.get());
-  FaultProxy proxy(port, Fault{});
+  FaultProxy proxy(port, Fault{.kind = Fault::cut, .connection = -1, .down_ms = 300});
+  std::atomic<bool> stream0_lost{false};
+  RecvOptions ro;
+  ro.log = [&](LogLevel, const std::string& line) {
+    if (line.find("stream 0: ") == 0 && line.find("for the sender to resume it") != std::string::npos)
+      stream0_lost = true;
+  };
   size_t cut = 0;
   CommitHookSink hooked(*sink, [&] {
     cut = proxy.cut_all();
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));  // the sender notices before COMMITTED
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (!stream0_lost && std::chrono::steady_clock::now() < until)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
   });
   SendOptions so{.streams = 2};
   so.reconnect_backoff_ms = 20;
   Stats send_stats, recv_stats;
   Result recv;
-  std::thread receiver([&] { recv = receive(hooked, listener.get(), RecvOptions{}, &recv_stats, nullptr); });
+  std::thread receiver([&] { recv = receive(hooked, listener.get(), ro, &recv_stats, nullptr); });
   const Result send = send_to(*src, io::HostPort{"127.0.0.1", proxy.port()}, so, &send_stats, nullptr);
   receiver.join();
   EXPECT_EQ(cut, 2u);
+  EXPECT_TRUE(stream0_lost);
   EXPECT_TRUE(send.committed) << send.error;
   EXPECT_TRUE(recv.committed) << recv.error;
   EXPECT_EQ(send.digest, recv.digest);
@@ -1249,8 +1260,7 @@ TEST(Transfer, AFailureDuringTheCommitUndoesIt) {
   bool existed = false;
   CommitHookSink hooked(*file, [&] {
     existed = fs::exists(out);
-    cancel.request();
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));  // the supervisor sees the cancel
+    cancel.request();  // the writer checks it before COMMITTED goes
   });
   io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
   const uint16_t port = io::bound_port(listener.get());
@@ -1304,6 +1314,43 @@ namespace dstx::engine {
 namespace {
 
 // A peer that completes the handshake and then goes silent (a stopped process: its kernel still ACKs).
+// The receiver's verdict: a failure reported while COMMITTED is being sent waits for the send. Sent, the
+// transfer has succeeded and later failures are dropped; not sent, the held failure is the transfer's.
+TEST(Failure, AFailureDuringADeliveryIsHeldUntilItsOutcome) {
+  Failure sent;
+  EXPECT_TRUE(sent.seal_unless_failed([&] {
+    EXPECT_FALSE(sent.set(wire::Reason::cancelled, "cancelled"));  // does not wait for the delivery
+    EXPECT_FALSE(sent.failed());
+    return true;
+  }));
+  EXPECT_FALSE(sent.failed());
+  EXPECT_FALSE(sent.set(wire::Reason::connection, "later"));
+  EXPECT_FALSE(sent.failed());
+
+  Failure lost;
+  EXPECT_FALSE(lost.seal_unless_failed([&] {
+    lost.set(wire::Reason::connection, "stream 1 broke");
+    lost.set(wire::Reason::timeout, "a second one");
+    lost.set(wire::Reason::cancelled, "the peer's reason", /*from_peer=*/true);  // explains the break
+    return false;
+  }));
+  EXPECT_TRUE(lost.failed());
+  EXPECT_EQ(lost.reason(), wire::Reason::cancelled);
+  EXPECT_EQ(lost.text(), "the peer's reason");
+  EXPECT_TRUE(lost.from_peer());
+
+  Failure quiet;  // not delivered, nothing held: nothing recorded (the caller reports its own failure)
+  EXPECT_FALSE(quiet.seal_unless_failed([] { return false; }));
+  EXPECT_FALSE(quiet.failed());
+
+  Failure before;
+  before.set(wire::Reason::sink, "sink");
+  bool ran = false;
+  EXPECT_FALSE(before.seal_unless_failed([&] { return ran = true; }));
+  EXPECT_FALSE(ran);
+  EXPECT_EQ(before.reason(), wire::Reason::sink);
+}
+
 TEST(Transfer, AStalledSenderIsNoticedByTheIdleTimeOut) {
   io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
   const uint16_t port = io::bound_port(listener.get());
@@ -1362,36 +1409,42 @@ TEST(Transfer, ABlockedSinkIsNamedAndTheSenderToldWhileTheWriterWaits) {
 }
 
 TEST(Transfer, AStalledReceiverIsNoticedByTheIdleTimeOut) {
-  io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
-  const uint16_t port = io::bound_port(listener.get());
-  std::atomic<bool> done{false};
-  std::thread fake([&] {
-    io::Fd c;
-    while (!c) c = io::tcp_accept(listener.get(), 100, {});
-    std::array<std::byte, wire::kHeaderBytes + wire::kHelloBytes> buf;
-    ASSERT_EQ(recv(c.get(), buf.data(), buf.size(), MSG_WAITALL), ssize_t(buf.size()));
-    wire::Hello h;
-    ASSERT_EQ(wire::decode_hello(std::span<const std::byte, wire::kHelloBytes>(
-                                     buf.data() + wire::kHeaderBytes, wire::kHelloBytes),
-                                 &h),
-              wire::Error::ok);
-    h.capabilities &= wire::kCapLz4;
-    wire::encode_header(wire::Header{.type = wire::FrameType::hello_ack, .payload_len = wire::kHelloBytes},
-                        std::span<std::byte, wire::kHeaderBytes>(buf.data(), wire::kHeaderBytes));
-    wire::encode_hello(
-        h, std::span<std::byte, wire::kHelloBytes>(buf.data() + wire::kHeaderBytes, wire::kHelloBytes));
-    ASSERT_EQ(send(c.get(), buf.data(), buf.size(), MSG_NOSIGNAL), ssize_t(buf.size()));
-    while (!done) std::this_thread::sleep_for(std::chrono::milliseconds(10));  // never reads again
-  });
-  auto src = io::open_emu_source(io::ContentGenerator(io::Profile::random, 1), 1ull << 30);
-  SendOptions so{.streams = 1};
-  so.idle_timeout_ms = 300;
-  const Result r = send_to(*src, io::HostPort{"127.0.0.1", port}, so, nullptr, nullptr);
-  done = true;
-  fake.join();
-  EXPECT_FALSE(r.committed);
-  EXPECT_EQ(r.reason, wire::Reason::timeout);
-  EXPECT_NE(r.error.find("stalled receiver"), std::string::npos) << r.error;
+  // 1 GiB does not fit in the socket buffers; 64 KiB does, and is all handed to the kernel at once: the idle
+  // time-out still applies (only the receiver's ACK of every chunk turns it off, for its sink's commit).
+  for (const uint64_t size : {1ull << 30, 64ull << 10}) {
+    SCOPED_TRACE(size);
+    io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
+    const uint16_t port = io::bound_port(listener.get());
+    std::atomic<bool> done{false};
+    std::thread fake([&] {
+      io::Fd c;
+      while (!c) c = io::tcp_accept(listener.get(), 100, {});
+      std::array<std::byte, wire::kHeaderBytes + wire::kHelloBytes> buf;
+      ASSERT_EQ(recv(c.get(), buf.data(), buf.size(), MSG_WAITALL), ssize_t(buf.size()));
+      wire::Hello h;
+      ASSERT_EQ(wire::decode_hello(std::span<const std::byte, wire::kHelloBytes>(
+                                       buf.data() + wire::kHeaderBytes, wire::kHelloBytes),
+                                   &h),
+                wire::Error::ok);
+      h.capabilities &= wire::kCapLz4;
+      wire::encode_header(wire::Header{.type = wire::FrameType::hello_ack, .payload_len = wire::kHelloBytes},
+                          std::span<std::byte, wire::kHeaderBytes>(buf.data(), wire::kHeaderBytes));
+      wire::encode_hello(
+          h, std::span<std::byte, wire::kHelloBytes>(buf.data() + wire::kHeaderBytes, wire::kHelloBytes));
+      ASSERT_EQ(send(c.get(), buf.data(), buf.size(), MSG_NOSIGNAL), ssize_t(buf.size()));
+      while (!done) std::this_thread::sleep_for(std::chrono::milliseconds(10));  // never reads again
+    });
+    auto src = io::open_emu_source(io::ContentGenerator(io::Profile::random, 1), size);
+    SendOptions so{.streams = 1};
+    so.idle_timeout_ms = 300;
+    so.commit_timeout_ms = 60000;
+    const Result r = send_to(*src, io::HostPort{"127.0.0.1", port}, so, nullptr, nullptr);
+    done = true;
+    fake.join();
+    EXPECT_FALSE(r.committed);
+    EXPECT_EQ(r.reason, wire::Reason::timeout);
+    EXPECT_NE(r.error.find("stalled receiver"), std::string::npos) << r.error;
+  }
 }
 
 }  // namespace

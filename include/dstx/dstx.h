@@ -108,7 +108,8 @@ typedef enum dstx_endpoint_kind {
    * must be in RESUMING; after DSTX_OK the caller moves it RESUMING -> STOP, which validates the state. */
   DSTX_ENDPOINT_DATA_FD = 2,
   /* A path. Source: a regular file or block device, read with random access. Sink: writes PATH.partial and
-   * renames it to PATH only at commit (PATH.partial must not exist). */
+   * renames it to PATH only at commit (PATH.partial must not exist); a transfer that fails after the commit
+   * (before COMMITTED could go to the sender) removes PATH again. */
   DSTX_ENDPOINT_FILE = 3,
   /* A byte stream fd (pipe, socket, tty, or a file read/written from its current position). Source: read
    * until end of file. Sink: written in order; on failure a socket is shut down for writing. */

@@ -98,7 +98,10 @@ class CheckingSink : public io::Sink {
                (unsigned long long)bytes_);
     committed_ = true;
   }
-  void abort() noexcept override { aborted_ = true; }
+  void abort() noexcept override {  // after a commit too: it is undone
+    aborted_ = true;
+    committed_ = false;
+  }
 
   bool pieces() const { return pieces_; }
   bool committed() const { return committed_; }
