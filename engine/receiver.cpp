@@ -62,9 +62,9 @@ struct Link {
   io::Fd pending;
   std::atomic<int> fd{-1};
   std::atomic<bool> broken{false};  // its worker saw the connection break and waits for a resume
-  // Held from reading `fd` to shutting it, and from replacing the connection to closing the old one: a
-  // shutdown never finds a number that was closed meanwhile and reused. Never held while sending (a send
-  // blocked on a stalled peer is what a shutdown ends).
+  // Held from reading `fd` to shutting it, and while a resume stores the new connection's number (it closes
+  // the old one afterwards): a shutdown never finds a number that was closed meanwhile and reused. Never held
+  // while sending (a send blocked on a stalled peer is what a shutdown ends).
   std::mutex swap_mu;
   void shut(int how) {
     std::lock_guard lock(swap_mu);

@@ -344,7 +344,9 @@ typedef struct dstx_send_config {
   int32_t user_timeout_ms;      /* TCP_USER_TIMEOUT; 0: 30000; -1: leave the kernel's */
   int32_t keepalive_idle_s;     /* TCP keepalive idle time; 0: 10; -1: no keepalive */
   int32_t socket_buffer_bytes;  /* SO_SNDBUF/SO_RCVBUF; 0: the kernel's */
-  int32_t idle_timeout_ms;      /* fail when nothing moves (no byte sent, no ACK) this long; 0: 30000 */
+  int32_t idle_timeout_ms;      /* fail when nothing moves (no byte sent, no ACK) this long; 0: 30000. Not
+                                 * once the receiver acknowledged every chunk: its commit has
+                                 * commit_timeout_ms */
   /* ADDRESS: a broken stream is reconnected and resumes where the receiver's acknowledgements left off, up
    * to this many attempts per break (0: 5; -1: no resume). FDS: no resume (dstx cannot open the VMM's
    * connections). */
@@ -412,7 +414,8 @@ typedef struct dstx_recv_config {
   int32_t user_timeout_ms;       /* TCP_USER_TIMEOUT on accepted sockets; 0: 30000; -1: the kernel's */
   int32_t keepalive_idle_s;      /* 0: 10; -1: no keepalive */
   int32_t socket_buffer_bytes;   /* 0: the kernel's */
-  int32_t idle_timeout_ms;       /* fail when nothing arrives and nothing is written this long; 0: 30000 */
+  int32_t idle_timeout_ms;       /* fail when nothing arrives and nothing is written this long; 0: 30000.
+                                  * Not while the sink commits (the sender's commit_timeout_ms bounds it) */
   int32_t resume_timeout_ms;     /* ADDRESS, LISTEN_FD: how long a broken stream may take to come back;
                                     0: 30000 */
   uint32_t log_level;            /* dstx_log_level; 0: DSTX_LOG_WARN */
