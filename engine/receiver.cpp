@@ -310,23 +310,25 @@ class StreamWorker {
   }
 
   bool end(const wire::Header& h) {
-    std::lock_guard lock(sh_.end_mu);
-    if (sh_.end_seen && (sh_.end.seq != h.seq || sh_.end.offset != h.offset || sh_.end.hash != h.hash)) {
-      sh_.fail(Reason::protocol, name_ + ": END differs from another stream's END");
-      return false;
-    }
-    if (last_seq_ > h.seq) {
-      sh_.fail(Reason::protocol, name_ + ": chunk " + std::to_string(last_seq_) + " beyond END's count " +
-                                     std::to_string(h.seq));
-      return false;
-    }
-    sh_.stats.wire_bytes.fetch_add(wire::kHeaderBytes, std::memory_order_relaxed);
-    if (!ended_) {  // after a resume the same END comes again
-      sh_.end_seen = true;
-      sh_.end = h;
-      ++sh_.streams_ended;
-      ended_ = true;
-      sh_.window.wake();  // the writer may be waiting for a chunk that will not come: the last END ends it
+    {
+      std::lock_guard lock(sh_.end_mu);  // not across the STREAM_ACK below: the writer takes it per chunk
+      if (sh_.end_seen && (sh_.end.seq != h.seq || sh_.end.offset != h.offset || sh_.end.hash != h.hash)) {
+        sh_.fail(Reason::protocol, name_ + ": END differs from another stream's END");
+        return false;
+      }
+      if (last_seq_ > h.seq) {
+        sh_.fail(Reason::protocol, name_ + ": chunk " + std::to_string(last_seq_) + " beyond END's count " +
+                                       std::to_string(h.seq));
+        return false;
+      }
+      sh_.stats.wire_bytes.fetch_add(wire::kHeaderBytes, std::memory_order_relaxed);
+      if (!ended_) {  // after a resume the same END comes again
+        sh_.end_seen = true;
+        sh_.end = h;
+        ++sh_.streams_ended;
+        ended_ = true;
+        sh_.window.wake();  // the writer may be waiting for a chunk that will not come: the last END ends it
+      }
     }
     stream_ack();
     // Without resume nothing more comes on this stream; with it the stream stays until the transfer ends, in
