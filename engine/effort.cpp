@@ -204,11 +204,11 @@ EffortController::EffortController(double top, size_t streams, IdleSeconds idle,
   opening_count_ = levels_ > 2 * kLevelsPerRung ? 3 : 2;
   current_ = opening_[0];
   trace_ = std::getenv("DSTX_TRACE_CODEC") != nullptr;
+  if (prior.raw_rate > 0) prior_link_rate_ = prior.raw_rate;  // for lz4's warm-up: raw_link_rate
   // The link outruns lz4 on every worker: lz4's warm-up would only show that (unlimited veth, binary state,
   // 15 runs side by side: 171.9 -> 161.5 ms, --codec none 160.5; 25 Gbit/s, 11 runs: 202.1 -> 195.3, 195.1).
   // lz4's tuned cost stands in until its own is measured: raw's warm-up can then give lz4 its period back on
   // a link slower than the profile's. Only here: the lz4 opening measures its own, as without a profile.
-  if (prior.raw_rate > 0) prior_link_rate_ = prior.raw_rate;
   if (prior.opens_raw(streams)) {
     opened_ = 1;
     current_ = opening_[1];
@@ -294,10 +294,10 @@ void EffortController::end_period(Clock::time_point now, uint64_t sent, uint64_t
     const double lz4_ratio = std::max(0.0, encoded_ratio(1, 1));
     // A start-up can look CPU-bound on any link (threads and buffers being set up, socket buffers swallowing
     // the first megabytes): when TCP already measured a path (or dstx tune did) on which raw would deliver
-    // less than lz4, raw cannot win, and lz4 keeps its period. Nor when the send queues
-    // grew meanwhile: the link did not keep up even with lz4 (1 Gbit/s, binary state: 0.33-0.66 of what was
-    // sent left the queues, where TCP's first rate samples, a shaper's burst, said 0.25-30 GB/s; 10 Gbit/s
-    // and faster: 0.83-1.0).
+    // less than lz4, raw cannot win, and lz4 keeps its period. Nor when the send queues grew meanwhile: the
+    // link did not keep up even with lz4 (1 Gbit/s, binary state: 0.33-0.66 of what was sent left the
+    // queues, where TCP's first rate samples, a shaper's burst, said 0.25-30 GB/s; 10 Gbit/s and faster:
+    // 0.83-1.0).
     const double raw = raw_link_rate(/*with_prior=*/true);
     const bool path_allows_raw = raw < 0 || raw >= rate;
     const bool link_kept_up = rate >= kKeptUpShare * sent_rate_;

@@ -257,7 +257,7 @@ class EffortController {
   Clock::time_point window_start_{};
   double spare_cores_ = -1;     // idle cores on average, < 0 when unknown
   double path_rate_ = -1;       // the last Sockets::path_rate
-  double prior_link_rate_ = -1; // EffortPrior::raw_rate, < 0 when unknown
+  double prior_link_rate_ = -1;  // EffortPrior::raw_rate, < 0 when unknown
   double spare_min_seconds_;    // the shortest window read (the idle counters' resolution)
   double prior_lz4_cost_ = -1;  // opening on raw: lz4's tuned CPU seconds per byte; else < 0
 };

@@ -62,6 +62,7 @@ struct Link {
   io::Fd pending;
   std::atomic<int> fd{-1};
   std::atomic<bool> broken{false};  // its worker saw the connection break and waits for a resume
+  bool silenced = false;            // under mu: ABORTED went out, and nothing may follow it
   // Held from reading `fd` to shutting it, and while a resume stores the new connection's number (it closes
   // the old one afterwards): a shutdown never finds a number that was closed meanwhile and reused. Never held
   // while sending (a send blocked on a stalled peer is what a shutdown ends).
@@ -132,10 +133,13 @@ struct Shared {
   }
 
   // Each caller passes its own ring: a ring belongs to the thread that made it.
-  int send_on(io::Ring& ring, unsigned stream, const wire::Header& h,
-              std::span<const std::byte> payload = {}) {
+  // `last`: the stream's last frame (ABORTED); later sends on it are dropped (-ECANCELED).
+  int send_on(io::Ring& ring, unsigned stream, const wire::Header& h, std::span<const std::byte> payload = {},
+              bool last = false) {
     Link& l = links[stream];
     std::lock_guard lock(l.mu);
+    if (l.silenced) return -ECANCELED;
+    l.silenced = last;
     return send_frame(ring, l.fd.load(), h, payload);
   }
 
@@ -310,25 +314,25 @@ class StreamWorker {
   }
 
   bool end(const wire::Header& h) {
-    {
-      std::lock_guard lock(sh_.end_mu);  // not across the STREAM_ACK below: the writer takes it per chunk
-      if (sh_.end_seen && (sh_.end.seq != h.seq || sh_.end.offset != h.offset || sh_.end.hash != h.hash)) {
-        sh_.fail(Reason::protocol, name_ + ": END differs from another stream's END");
-        return false;
-      }
-      if (last_seq_ > h.seq) {
-        sh_.fail(Reason::protocol, name_ + ": chunk " + std::to_string(last_seq_) + " beyond END's count " +
-                                       std::to_string(h.seq));
-        return false;
-      }
-      sh_.stats.wire_bytes.fetch_add(wire::kHeaderBytes, std::memory_order_relaxed);
-      if (!ended_) {  // after a resume the same END comes again
-        sh_.end_seen = true;
-        sh_.end = h;
-        ++sh_.streams_ended;
-        ended_ = true;
-        sh_.window.wake();  // the writer may be waiting for a chunk that will not come: the last END ends it
-      }
+    // Held across the STREAM_ACK below too: the writer commits (and sends COMMITTED, after which nothing may
+    // follow on the stream) only once it sees every END under this lock.
+    std::lock_guard lock(sh_.end_mu);
+    if (sh_.end_seen && (sh_.end.seq != h.seq || sh_.end.offset != h.offset || sh_.end.hash != h.hash)) {
+      sh_.fail(Reason::protocol, name_ + ": END differs from another stream's END");
+      return false;
+    }
+    if (last_seq_ > h.seq) {
+      sh_.fail(Reason::protocol, name_ + ": chunk " + std::to_string(last_seq_) + " beyond END's count " +
+                                     std::to_string(h.seq));
+      return false;
+    }
+    sh_.stats.wire_bytes.fetch_add(wire::kHeaderBytes, std::memory_order_relaxed);
+    if (!ended_) {  // after a resume the same END comes again
+      sh_.end_seen = true;
+      sh_.end = h;
+      ++sh_.streams_ended;
+      ended_ = true;
+      sh_.window.wake();  // the writer may be waiting for a chunk that will not come: the last END ends it
     }
     stream_ack();
     // Without resume nothing more comes on this stream; with it the stream stays until the transfer ends, in
@@ -819,11 +823,10 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int l
       if (!sh.committing &&
           idle.expired(stats.wire_bytes.load() + stats.bytes.load() + stats.resumes.load())) {
         // Nothing arrives either while the sink blocks: the reorder window fills, and TCP holds the sender.
-        sh.fail(Reason::timeout,
-                sh.in_sink ? sink.describe() + " took no bytes for " + std::to_string(options.idle_timeout_ms) +
-                                 " ms (a reader that stopped reading?)"
-                           : "nothing arrived from the sender for " + std::to_string(options.idle_timeout_ms) +
-                                 " ms (stalled sender?)");
+        const std::string ms = std::to_string(options.idle_timeout_ms);
+        sh.fail(Reason::timeout, sh.in_sink ? sink.describe() + " took no bytes for " + ms +
+                                                  " ms (a reader that stopped reading?)"
+                                            : "nothing arrived from the sender for " + ms + " ms (stalled sender?)");
       }
       if (sh.failure.failed()) break;
       lock.unlock();  // the caller's log function may take its time
@@ -840,7 +843,8 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int l
     if (!sh.failure.from_peer()) {
       const std::string text = sh.failure.text();
       sh.send_on(*ring, 0, wire::make_aborted(sh.failure.reason(), text.size()),
-                 std::as_bytes(std::span(text.data(), std::min<size_t>(text.size(), wire::kMaxTextBytes))));
+                 std::as_bytes(std::span(text.data(), std::min<size_t>(text.size(), wire::kMaxTextBytes))),
+                 /*last=*/true);  // the writer and the streams may still be at work
     }
     for (Link& l : links) l.shut(SHUT_WR);
     writer_thread.join();  // the sink is no longer written once the writer is out

@@ -428,7 +428,8 @@ TEST(EffortController, RawIsTriedWhereZeroPagesLetItOutrunLz4OnASlowerPath) {
   // drops the zero pages and delivers 4 GB/s of state. Raw is tried after lz4's period and kept, whether
   // the path's rate comes from TCP or from dstx tune.
   const Link fast{.link_gbps = 4, .cores = 2.0, .tcp_path_rate = true, .zero_pages = 0.85};
-  for (const EffortPrior prior : {EffortPrior{}, EffortPrior{.raw_rate = 0.6e9, .lz4_rate = 1 / kCpu[1] * 1e9}}) {
+  const EffortPrior tuned{.raw_rate = 0.6e9, .lz4_rate = 1 / kCpu[1] * 1e9};
+  for (const EffortPrior prior : {EffortPrior{}, tuned}) {
     SCOPED_TRACE(prior.raw_rate);
     const Trace run = simulate(fast, 3.0, 200, 2, prior);
     EXPECT_LE(std::find(run.efforts.begin(), run.efforts.end(), 0.0) - run.efforts.begin(), 24);

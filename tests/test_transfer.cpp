@@ -345,7 +345,9 @@ class CommitHookSink final : public io::Sink {
   void write(io::Ring& ring, uint64_t offset, std::span<const std::byte> data) override {
     in_.write(ring, offset, data);
   }
-  void write_zero(io::Ring& ring, uint64_t offset, uint64_t len) override { in_.write_zero(ring, offset, len); }
+  void write_zero(io::Ring& ring, uint64_t offset, uint64_t len) override {
+    in_.write_zero(ring, offset, len);
+  }
   void commit(io::Ring& ring, uint64_t total) override {
     in_.commit(ring, total);
     after_commit_();
@@ -1268,7 +1270,8 @@ TEST(Transfer, AFailureDuringTheCommitUndoesIt) {
   ro.accept_timeout_ms = 10000;
   Result recv;
   std::thread receiver([&] { recv = receive(hooked, listener.get(), ro, nullptr, &cancel); });
-  const Result send = send_to(*src, io::HostPort{"127.0.0.1", port}, SendOptions{.streams = 2}, nullptr, nullptr);
+  const Result send =
+      send_to(*src, io::HostPort{"127.0.0.1", port}, SendOptions{.streams = 2}, nullptr, nullptr);
   receiver.join();
   EXPECT_TRUE(existed);  // the commit did happen
   EXPECT_FALSE(recv.committed);

@@ -1454,7 +1454,7 @@ static const test_case k_tests[] = {
     {"tls_psk", test_tls_psk},
 };
 
-/* The run's directory and whatever a test left in it (a REQUIRE that failed returns before its own unlink). */
+/* The run's directory and whatever a test left in it (a failed REQUIRE returns before its own unlink). */
 static void remove_dir(const char* dir) {
   DIR* d = opendir(dir);
   if (d != NULL) {
