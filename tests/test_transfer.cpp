@@ -335,28 +335,34 @@ class MemorySink final : public io::Sink {
   bool pieces_;
 };
 
-// A sink that passes everything on and runs `after_commit` once the inner sink committed: a slow commit (a
-// large file's fdatasync, a device checking the state it was given), or something happening meanwhile.
-class CommitHookSink final : public io::Sink {
+// A sink that passes everything on to another and runs hooks: before each write (a slow sink), and once the
+// inner sink committed (a slow commit: a large file's fdatasync, a device checking the state it was given;
+// or something happening meanwhile).
+class HookSink final : public io::Sink {
  public:
-  CommitHookSink(io::Sink& inner, std::function<void()> after_commit)
-      : in_(inner), after_commit_(std::move(after_commit)) {}
+  struct Hooks {
+    std::function<void()> before_write;
+    std::function<void()> after_commit;
+  };
+  HookSink(io::Sink& inner, Hooks hooks) : in_(inner), hooks_(std::move(hooks)) {}
   std::string describe() const override { return in_.describe(); }
   void write(io::Ring& ring, uint64_t offset, std::span<const std::byte> data) override {
+    if (hooks_.before_write) hooks_.before_write();
     in_.write(ring, offset, data);
   }
   void write_zero(io::Ring& ring, uint64_t offset, uint64_t len) override {
+    if (hooks_.before_write) hooks_.before_write();
     in_.write_zero(ring, offset, len);
   }
   void commit(io::Ring& ring, uint64_t total) override {
     in_.commit(ring, total);
-    after_commit_();
+    if (hooks_.after_commit) hooks_.after_commit();
   }
   void abort() noexcept override { in_.abort(); }
 
  private:
   io::Sink& in_;
-  std::function<void()> after_commit_;
+  Hooks hooks_;
 };
 
 // --codec sparse: raw chunks without their zero pages. The sender sends each chunk's present pages from where
@@ -864,17 +870,6 @@ TEST(Resume, ALostAndResumedStreamIsLoggedOnTheCallersThread) {
 //   256 KiB: 16 chunks): the sender makes room for that many anyway instead of waiting for an
 //   acknowledgement that cannot come (it used to stall until the idle time-out).
 TEST(Resume, ASmallReplayBufferStillCommitsByteExact) {
-  struct SlowSink final : io::Sink {
-    io::Sink& in;
-    explicit SlowSink(io::Sink& s) : in(s) {}
-    std::string describe() const override { return "test:slow"; }
-    void write(io::Ring& ring, uint64_t offset, std::span<const std::byte> data) override {
-      std::this_thread::sleep_for(std::chrono::milliseconds(2));
-      in.write(ring, offset, data);
-    }
-    void commit(io::Ring& ring, uint64_t total) override { in.commit(ring, total); }
-    void abort() noexcept override { in.abort(); }
-  };
   struct Case {
     uint64_t size;
     uint32_t chunk_bytes;
@@ -885,7 +880,7 @@ TEST(Resume, ASmallReplayBufferStillCommitsByteExact) {
     const io::ContentGenerator gen(io::Profile::random, 12);
     CountingSource src(gen, c.size, true);
     auto sink = io::open_emu_sink(gen, c.size);
-    SlowSink slow(*sink);
+    HookSink slow(*sink, {.before_write = [] { std::this_thread::sleep_for(std::chrono::milliseconds(2)); }});
     SendOptions so{.streams = 1, .chunk_bytes = c.chunk_bytes, .codec = CodecMode::none};
     so.replay_bytes = c.replay_bytes;
     so.idle_timeout_ms = 5000;
@@ -916,12 +911,12 @@ TEST(Resume, StreamsBrokenDuringTheCommitAreResumedForCommitted) {
       stream0_lost = true;
   };
   size_t cut = 0;
-  CommitHookSink hooked(*sink, [&] {
+  HookSink hooked(*sink, {.after_commit = [&] {
     cut = proxy.cut_all();
     const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
     while (!stream0_lost && std::chrono::steady_clock::now() < until)
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  });
+  }});
   SendOptions so{.streams = 2};
   so.reconnect_backoff_ms = 20;
   Stats send_stats, recv_stats;
@@ -1224,7 +1219,7 @@ TEST(Transfer, ASlowCommitIsBoundByTheCommitTimeOutNotTheIdleOne) {
   const io::ContentGenerator gen(io::Profile::mixed, 3);
   auto src = io::open_emu_source(gen, 4 << 20);
   auto file = open_sink("file:" + out.string());
-  CommitHookSink slow(*file, [] { std::this_thread::sleep_for(std::chrono::milliseconds(800)); });
+  HookSink slow(*file, {.after_commit = [] { std::this_thread::sleep_for(std::chrono::milliseconds(800)); }});
   SendOptions so{.streams = 2};
   so.idle_timeout_ms = 200;
   so.commit_timeout_ms = 20000;
@@ -1237,7 +1232,8 @@ TEST(Transfer, ASlowCommitIsBoundByTheCommitTimeOutNotTheIdleOne) {
   // The commit time-out still bounds it.
   const fs::path out2 = dir / "out2.bin";
   auto file2 = open_sink("file:" + out2.string());
-  CommitHookSink slower(*file2, [] { std::this_thread::sleep_for(std::chrono::milliseconds(1500)); });
+  HookSink slower(*file2,
+                  {.after_commit = [] { std::this_thread::sleep_for(std::chrono::milliseconds(1500)); }});
   so.commit_timeout_ms = 300;
   const Outcome late = transfer(*src, slower, so, ro);
   EXPECT_FALSE(late.send.committed);
@@ -1260,10 +1256,10 @@ TEST(Transfer, AFailureDuringTheCommitUndoesIt) {
   auto file = open_sink("file:" + out.string());
   Cancel cancel;
   bool existed = false;
-  CommitHookSink hooked(*file, [&] {
+  HookSink hooked(*file, {.after_commit = [&] {
     existed = fs::exists(out);
     cancel.request();  // the writer checks it before COMMITTED goes
-  });
+  }});
   io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
   const uint16_t port = io::bound_port(listener.get());
   RecvOptions ro;
