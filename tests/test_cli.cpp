@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "cli_proc.h"
+#include "scratch_dir.h"
 #include "engine/spec.h"
 #include "io/content.h"
 
@@ -30,13 +31,8 @@ int run_cmp(const fs::path& a, const fs::path& b) {
 
 class CliTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    dir_ = fs::temp_directory_path() / ("dstx-cli-" + std::to_string(getpid()) + "-" +
-                                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::create_directories(dir_);
-  }
-  void TearDown() override { fs::remove_all(dir_); }
-  fs::path dir_;
+  const dstx::test::ScratchDir scratch_{"dstx-cli"};
+  const fs::path& dir_ = scratch_.path();
 };
 
 TEST_F(CliTest, UsageErrorsExitTwoAndNameWhatWasWrong) {

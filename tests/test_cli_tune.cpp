@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "cli_proc.h"
+#include "scratch_dir.h"
 
 namespace {
 
@@ -48,9 +49,6 @@ int count_of(const std::string& text, const std::string& needle) {
 class TuneCliTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = fs::temp_directory_path() / ("dstx-tune-" + std::to_string(getpid()) + "-" +
-                                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::create_directories(dir_);
     profile_ = (dir_ / "tune.json").string();
     // Every dstx this test starts reads (only) this profile, never the user's.
     setenv("DSTX_TUNE_PROFILE", profile_.c_str(), 1);
@@ -58,7 +56,6 @@ class TuneCliTest : public ::testing::Test {
   void TearDown() override {
     unsetenv("DSTX_TUNE_PROFILE");
     unsetenv("DSTX_TRACE_CODEC");
-    fs::remove_all(dir_);
   }
   void write_profile(const std::string& text) { std::ofstream(profile_) << text; }
 
@@ -77,7 +74,8 @@ class TuneCliTest : public ::testing::Test {
     return rc;
   }
 
-  fs::path dir_;
+  const dstx::test::ScratchDir scratch_{"dstx-tune"};
+  const fs::path& dir_ = scratch_.path();
   std::string profile_;
 };
 

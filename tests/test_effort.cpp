@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "engine/effort.h"
+#include "scratch_dir.h"
 
 namespace dstx::engine {
 namespace {
@@ -493,11 +494,8 @@ TEST(EffortController, WithoutZstdTheLadderStopsAtLz4) {
 class IdleMeterTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    root_ = fs::temp_directory_path() / ("dstx-idle-" + std::to_string(::getpid()));
-    fs::remove_all(root_);
     for (int cpu : {0, 1}) fs::create_directories(state_dir(cpu));
   }
-  void TearDown() override { fs::remove_all(root_); }
   fs::path state_dir(int cpu) const {
     return root_ / "sys/devices/system/cpu" / ("cpu" + std::to_string(cpu)) / "cpuidle/state0";
   }
@@ -515,7 +513,8 @@ class IdleMeterTest : public ::testing::Test {
     write(state_dir(1) / "time", std::to_string(us1) + "\n");
     write(state_dir(1) / "usage", std::to_string(entries1) + "\n");
   }
-  fs::path root_;
+  const test::ScratchDir scratch_{"dstx-idle"};
+  const fs::path& root_ = scratch_.path();
 };
 
 TEST_F(IdleMeterTest, CountsCpuidleForCpusThatWokeAndProcStatForTheOthers) {

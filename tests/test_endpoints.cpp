@@ -23,6 +23,7 @@
 #include "io/content.h"
 #include "io/endpoints.h"
 #include "io/ring.h"
+#include "scratch_dir.h"
 
 namespace dstx::io {
 namespace {
@@ -102,19 +103,14 @@ class Endpoints : public ::testing::TestWithParam<Backend> {
     // A closed pipe must surface as EPIPE rather than kill the test process.
     ::signal(SIGPIPE, SIG_IGN);
     ring_ = make_ring(GetParam());
-    std::string templ = (fs::temp_directory_path() / "dstx-endpoints-XXXXXX").string();
-    ASSERT_NE(::mkdtemp(templ.data()), nullptr) << std::strerror(errno);
-    dir_ = templ;
-  }
-  void TearDown() override {
-    if (!dir_.empty()) fs::remove_all(dir_);
   }
   std::string path(const std::string& name) const { return dir_ + "/" + name; }
   Ring& ring() { return *ring_; }
   ReadInfo info_;
 
   std::unique_ptr<Ring> ring_;
-  std::string dir_;
+  const dstx::test::ScratchDir scratch_{"dstx-endpoints"};
+  const std::string dir_ = scratch_.path().string();
 };
 
 // --- sources -----------------------------------------------------------------------------------------------
@@ -166,13 +162,8 @@ bool on_tmpfs(const std::string& path) {
 // A file in memory is read with pread on the caller's thread, not through the ring: same bytes, same errors.
 TEST_P(Endpoints, FileSourceInMemoryReadsTheSameWithoutTheRing) {
   if (!on_tmpfs("/dev/shm")) GTEST_SKIP() << "/dev/shm is not tmpfs here";
-  std::string templ = "/dev/shm/dstx-endpoints-XXXXXX";
-  ASSERT_NE(::mkdtemp(templ.data()), nullptr) << std::strerror(errno);
-  const std::string file = templ + "/src";
-  struct Cleanup {
-    std::string dir;
-    ~Cleanup() { fs::remove_all(dir); }
-  } cleanup{templ};
+  const dstx::test::ScratchDir shm("dstx-endpoints", "/dev/shm");
+  const std::string file = (shm.path() / "src").string();
   ContentGenerator gen(Profile::binary, 5);
   const size_t size = (3 << 20) + 77;
   const Bytes content = generate(gen, 0, size);

@@ -15,6 +15,7 @@
 #include "engine/spec.h"
 #include "engine/transfer.h"
 #include "fault_proxy.h"
+#include "scratch_dir.h"
 
 namespace dstx::engine {
 namespace {
@@ -91,8 +92,8 @@ bool file_equals_generator(const fs::path& p, const io::ContentGenerator& gen, u
 TEST(FaultMatrix, EveryRunEndsCommittedAndExactOrFailedAndClean) {
   const uint64_t seed = seed_from_env();
   std::mt19937_64 rng(seed);
-  const fs::path dir = fs::temp_directory_path() / ("dstx-faults-" + std::to_string(getpid()));
-  fs::create_directories(dir);
+  const test::ScratchDir scratch("dstx-faults");
+  const fs::path& dir = scratch.path();
   constexpr uint64_t size = 12 << 20;
   const Fault::Kind kinds[] = {Fault::flip, Fault::cut, Fault::truncate, Fault::duplicate, Fault::delay};
   for (int i = 0; i < 20; ++i) {
@@ -131,7 +132,6 @@ TEST(FaultMatrix, EveryRunEndsCommittedAndExactOrFailedAndClean) {
     }
     fs::remove(out);
   }
-  fs::remove_all(dir);
 }
 
 }  // namespace

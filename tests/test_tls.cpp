@@ -19,6 +19,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <optional>
 #include <random>
 #include <string>
 #include <thread>
@@ -31,6 +32,7 @@
 #include "engine/transfer.h"
 #include "engine/wire.h"
 #include "fault_proxy.h"
+#include "scratch_dir.h"
 
 namespace dstx::engine {
 namespace {
@@ -91,8 +93,8 @@ chmod 600 *.key psk*.txt
 class TlsTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    certs_ = fs::temp_directory_path() / ("dstx-tls-certs-" + std::to_string(getpid()));
-    fs::create_directories(certs_);
+    certs_dir_.emplace("dstx-tls-certs");
+    certs_ = certs_dir_->path();
     const fs::path script = certs_ / "make.sh";
     std::ofstream(script) << kMakeCerts;
     const std::string cmd =
@@ -103,17 +105,11 @@ class TlsTest : public ::testing::Test {
       log_ = std::string(std::istreambuf_iterator<char>(log), {});
     }
   }
-  static void TearDownTestSuite() {
-    std::error_code ec;
-    fs::remove_all(certs_, ec);
-  }
+  static void TearDownTestSuite() { certs_dir_.reset(); }
 
   void SetUp() override {
     ASSERT_TRUE(ok_) << "generating test certificates with the openssl command failed:\n" << log_;
     unsetenv("DSTX_KTLS");
-    dir_ = fs::temp_directory_path() /
-           ("dstx-tls-" + std::to_string(getpid()) + "-" + std::to_string(counter_++));
-    fs::create_directories(dir_);
     src_ = dir_ / "state.bin";
     sink_ = dir_ / "received.bin";
     // 12 MiB: random, zero and repetitive thirds (raw, zero and compressed chunks all cross TLS).
@@ -126,11 +122,7 @@ class TlsTest : public ::testing::Test {
     for (size_t i = 2 * data.size() / 3; i < data.size(); ++i) data[i] = "device state "[i % 13];
     std::ofstream(src_, std::ios::binary).write(data.data(), std::streamsize(data.size()));
   }
-  void TearDown() override {
-    unsetenv("DSTX_KTLS");
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
-  }
+  void TearDown() override { unsetenv("DSTX_KTLS"); }
 
   static std::string cert(const std::string& name) { return (certs_ / name).string(); }
 
@@ -298,11 +290,13 @@ class TlsTest : public ::testing::Test {
     }
   }
 
+  static inline std::optional<test::ScratchDir> certs_dir_;
   static inline fs::path certs_;
   static inline bool ok_ = false;
   static inline std::string log_;
-  static inline int counter_ = 0;
-  fs::path dir_, src_, sink_;
+  const test::ScratchDir scratch_{"dstx-tls"};
+  const fs::path& dir_ = scratch_.path();
+  fs::path src_, sink_;
 };
 
 // ---- a hand-driven TLS client, for peers that misbehave ---------------------------------------------------

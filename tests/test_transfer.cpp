@@ -20,6 +20,7 @@
 #include <random>
 #include <set>
 #include <mutex>
+#include <optional>
 #include <future>
 #include <thread>
 
@@ -29,6 +30,7 @@
 #include "engine/spec.h"
 #include "engine/transfer.h"
 #include "fault_proxy.h"
+#include "scratch_dir.h"
 #include "io/ring.h"
 
 namespace dstx::engine {
@@ -64,17 +66,10 @@ class BackendTest : public ::testing::TestWithParam<io::Backend> {
       GTEST_SKIP() << "io_uring unavailable: " << io::probe().uring_unavailable_reason;
     }
     setenv("DSTX_IO", GetParam() == io::Backend::uring ? "uring" : "syscall", 1);
-    dir_ = fs::temp_directory_path() /
-           ("dstx-transfer-" + std::to_string(getpid()) + "-" + std::to_string(counter_++));
-    fs::create_directories(dir_);
   }
-  void TearDown() override {
-    unsetenv("DSTX_IO");
-    std::error_code ec;
-    if (!dir_.empty()) fs::remove_all(dir_, ec);
-  }
-  fs::path dir_;
-  static inline int counter_ = 0;
+  void TearDown() override { unsetenv("DSTX_IO"); }
+  const test::ScratchDir scratch_{"dstx-transfer"};
+  const fs::path& dir_ = scratch_.path();
 };
 
 std::string backend_label(const ::testing::TestParamInfo<io::Backend>& info) {
@@ -136,18 +131,12 @@ TEST_P(BackendTest, FileToFileEveryProfileAndOddSizes) {
     bool in_memory = false;  // the source must take the pread path
   };
   std::vector<Variant> variants = {{false, dir_, "plain buffers"}, {true, dir_, "registered buffers"}};
-  const fs::path shm = fs::path("/dev/shm") / ("dstx-transfer-" + std::to_string(::getpid()));
-  std::error_code ec;
   struct statfs shm_fs {};
-  if (::statfs("/dev/shm", &shm_fs) == 0 && shm_fs.f_type == TMPFS_MAGIC && fs::create_directory(shm, ec))
-    variants.push_back({false, shm, "source on /dev/shm", true});
-  struct Cleanup {
-    fs::path dir;
-    ~Cleanup() {
-      std::error_code ignored;
-      fs::remove_all(dir, ignored);
-    }
-  } cleanup{shm};
+  std::optional<test::ScratchDir> shm;
+  if (::statfs("/dev/shm", &shm_fs) == 0 && shm_fs.f_type == TMPFS_MAGIC) {
+    shm.emplace("dstx-transfer", "/dev/shm");
+    variants.push_back({false, shm->path(), "source on /dev/shm", true});
+  }
   for (const Variant& v : variants) {
     SCOPED_TRACE(v.label);
     const bool registered = v.registered;
@@ -558,8 +547,8 @@ TEST(Transfer, ChunkHashesCoverPagesOnlyWhereBothEndsAgree) {
 // Every flipped byte, wherever it lands (headers, hello, payloads of each kind), fails the transfer on both
 // sides and leaves no file behind.
 TEST(Transfer, AFlippedByteOnTheWireIsAlwaysCaught) {
-  const fs::path dir = fs::temp_directory_path() / ("dstx-flip-" + std::to_string(getpid()));
-  fs::create_directories(dir);
+  const test::ScratchDir scratch("dstx-flip");
+  const fs::path& dir = scratch.path();
   constexpr uint64_t size = 4 << 20;
   const io::ContentGenerator gen(io::Profile::mixed, 77);
   // A fixed codec: --codec auto's choices depend on timing, so the wire size would differ from run to run.
@@ -608,7 +597,6 @@ TEST(Transfer, AFlippedByteOnTheWireIsAlwaysCaught) {
     EXPECT_FALSE(fs::exists(out.string() + ".partial")) << "flip at " << pos;
     fs::remove(out);
   }
-  fs::remove_all(dir);
 }
 
 // Generated content as a random-access source that counts what it reads (a resume reads sent chunks again),
@@ -972,8 +960,8 @@ TEST(Resume, AChunkThatChangedBeforeItIsReadAgainFailsTheTransfer) {
 // The path stays down: the sender gives up after its attempts, the receiver after its resume time-out, and
 // nothing is left at the destination.
 TEST(Resume, APathThatStaysDownFailsCleanlyOnBothSides) {
-  const fs::path dir = fs::temp_directory_path() / ("dstx-down-" + std::to_string(getpid()));
-  fs::create_directories(dir);
+  const test::ScratchDir scratch("dstx-down");
+  const fs::path& dir = scratch.path();
   const fs::path out = dir / "out.bin";
   const io::ContentGenerator gen(io::Profile::random, 2);
   auto src = io::open_emu_source(gen, 64 << 20);
@@ -1000,7 +988,6 @@ TEST(Resume, APathThatStaysDownFailsCleanlyOnBothSides) {
       << recv_result.error;
   EXPECT_FALSE(fs::exists(out));
   EXPECT_FALSE(fs::exists(out.string() + ".partial"));
-  fs::remove_all(dir);
 }
 
 // A broken stream whose reconnection the receiver refuses (here another receiver, which has no session to
@@ -1189,8 +1176,8 @@ TEST(Transfer, APartialHandshakeFrameThenSilenceEndsAtTheHandshakeTimeOut) {
 }
 
 TEST(Transfer, CancelStopsBothSidesAndLeavesNoFile) {
-  const fs::path dir = fs::temp_directory_path() / ("dstx-cancel-" + std::to_string(getpid()));
-  fs::create_directories(dir);
+  const test::ScratchDir scratch("dstx-cancel");
+  const fs::path& dir = scratch.path();
   const fs::path out = dir / "out.bin";
   auto src =
       io::open_emu_source(io::ContentGenerator(io::Profile::random, 1), 64ull << 30);  // would take minutes
@@ -1207,14 +1194,13 @@ TEST(Transfer, CancelStopsBothSidesAndLeavesNoFile) {
   EXPECT_EQ(o.send.reason, wire::Reason::cancelled);
   EXPECT_FALSE(fs::exists(out));
   EXPECT_FALSE(fs::exists(out.string() + ".partial"));
-  fs::remove_all(dir);
 }
 
 // A commit that takes longer than either side's idle time-out is bounded by the sender's commit time-out
 // only: nothing moves on the wire meanwhile, and that is not a stall.
 TEST(Transfer, ASlowCommitIsBoundByTheCommitTimeOutNotTheIdleOne) {
-  const fs::path dir = fs::temp_directory_path() / ("dstx-slow-commit-" + std::to_string(getpid()));
-  fs::create_directories(dir);
+  const test::ScratchDir scratch("dstx-slow-commit");
+  const fs::path& dir = scratch.path();
   const fs::path out = dir / "out.bin";
   const io::ContentGenerator gen(io::Profile::mixed, 3);
   auto src = io::open_emu_source(gen, 4 << 20);
@@ -1242,14 +1228,13 @@ TEST(Transfer, ASlowCommitIsBoundByTheCommitTimeOutNotTheIdleOne) {
   EXPECT_FALSE(late.recv.committed);
   EXPECT_FALSE(fs::exists(out2));  // committed, then undone: the sender never learnt of it
   EXPECT_FALSE(fs::exists(out2.string() + ".partial"));
-  fs::remove_all(dir);
 }
 
 // A failure while the sink commits (here a cancel on the receiver) undoes the commit: the sender reports
 // failure, so nothing at the destination may look complete.
 TEST(Transfer, AFailureDuringTheCommitUndoesIt) {
-  const fs::path dir = fs::temp_directory_path() / ("dstx-undo-commit-" + std::to_string(getpid()));
-  fs::create_directories(dir);
+  const test::ScratchDir scratch("dstx-undo-commit");
+  const fs::path& dir = scratch.path();
   const fs::path out = dir / "out.bin";
   const io::ContentGenerator gen(io::Profile::mixed, 4);
   auto src = io::open_emu_source(gen, 4 << 20);
@@ -1276,7 +1261,6 @@ TEST(Transfer, AFailureDuringTheCommitUndoesIt) {
   EXPECT_EQ(send.reason, wire::Reason::cancelled) << send.error;
   EXPECT_FALSE(fs::exists(out));
   EXPECT_FALSE(fs::exists(out.string() + ".partial"));
-  fs::remove_all(dir);
 }
 
 // The cap is a lower bound on duration (a token bucket cannot send faster than its rate plus its burst), so
@@ -1696,8 +1680,8 @@ TEST(ReceiverStateMachine, SparseChunksReachEveryKindOfSinkExactly) {
     }
   }
   // A file sink.
-  const fs::path dir = fs::temp_directory_path() / ("dstx-sparse-" + std::to_string(getpid()));
-  fs::create_directories(dir);
+  const test::ScratchDir scratch("dstx-sparse");
+  const fs::path& dir = scratch.path();
   auto file = open_sink("file:" + (dir / "out").string());
   const Result r = against_receiver(script, file.get(), kChunk);
   ASSERT_TRUE(r.committed) << r.error;
@@ -1705,7 +1689,6 @@ TEST(ReceiverStateMachine, SparseChunksReachEveryKindOfSinkExactly) {
   const std::vector<char> got((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   EXPECT_EQ(got.size(), size);
   EXPECT_TRUE(got.size() == size && std::memcmp(got.data(), state.data(), size) == 0);
-  fs::remove_all(dir);
 }
 
 // The header of a sparse DATA frame for chunk 1 (offset 0).
