@@ -379,8 +379,6 @@ Status setup_send(Transfer& t, const dstx_send_config* config_in, const dstx_end
   }
   if (c.net == DSTX_NET_ADDRESS && c.reconnect_attempts != -1) {
     if (c.reconnect_attempts > 0) o.reconnect_attempts = c.reconnect_attempts;
-    // As engine::send_to does: a broken stream gets a new connection to the same receiver.
-    o.reconnect = [to = *t.connect_to, socket = o.socket] { return io::tcp_connect(to, socket); };
   } else {
     o.resume = false;
   }
@@ -414,6 +412,11 @@ Status setup_send(Transfer& t, const dstx_send_config* config_in, const dstx_end
                                 c.socket_buffer_bytes, &o.socket);
       !s.ok()) {
     return s;
+  }
+  if (o.resume && c.net == DSTX_NET_ADDRESS) {
+    // As engine::send_to does: a broken stream gets a new connection to the same receiver, with the
+    // caller's socket options like the first.
+    o.reconnect = [to = *t.connect_to, socket = o.socket] { return io::tcp_connect(to, socket); };
   }
   common_callbacks(t, c.log_level, c.progress_interval_ms, c.progress, c.log, c.on_complete, c.user);
 

@@ -217,6 +217,7 @@ void MigrationSource::start() {
     if (s != MigState::running) {
       fail(std::string("the device is ") + io::vfio::mig_state_name(s) + "; a migration starts from RUNNING");
     }
+    touched_ = true;
     if ((d.migration_flags() & VFIO_MIGRATION_PRE_COPY) && opt_.precopy_max_rounds > 0) {
       int fd = -1;
       if (const int rc = d.set_state(MigState::pre_copy, &fd); rc < 0) fail("RUNNING -> PRE_COPY", -rc);
@@ -231,6 +232,7 @@ void MigrationSource::start() {
     if ((s & io::vfio::kV1Mask) != io::vfio::kV1Running) {
       fail("the device is " + io::vfio::v1_state_name(s) + "; a migration starts from RUNNING");
     }
+    touched_ = true;
     if (opt_.precopy_max_rounds > 0) {
       if (const int rc = d.v1_set_state(io::vfio::kV1Saving | io::vfio::kV1Running); rc < 0) {
         fail("device_state SAVING|RUNNING (pre-copy)", -rc);
@@ -432,6 +434,10 @@ std::string MigrationSource::finish_committed() {
 
 std::string MigrationSource::roll_back() noexcept {
   if (phase_ == Phase::committed || phase_ == Phase::rolled_back) return {};
+  if (!touched_) {
+    phase_ = Phase::rolled_back;
+    return {};
+  }
   std::string note;
   try {
     io::vfio::VfioDevice& d = *dev_.device;

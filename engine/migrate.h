@@ -120,6 +120,9 @@ class MigrationSource final : public io::Source {
   OpenedDevice dev_;
   MigrateOptions opt_;
   Phase phase_ = Phase::idle;
+  // A transition was asked of the device: only then has roll_back anything to undo (a device refused for
+  // its state, a paused VM's in STOP, or one never read, is left as it was).
+  bool touched_ = false;
   int data_fd_ = -1;
   std::atomic<unsigned> rounds_{0};
   uint64_t round_bytes_ = 0;

@@ -936,6 +936,12 @@ class Worker {
   void finish_stream() {
     while (sh_.sequencer.completed() != sh_.sequencer.total()) {
       if (stopping()) return;
+      // Our last frames may be lost with the connection: the receiver's reorder window can then hold up the
+      // other streams, whose chunks would never complete while we wait for them.
+      if (link_.broken.load()) {
+        reconnect("the receiver's side of the connection closed");
+        continue;
+      }
       sh_.sequencer.wait_for_progress(std::chrono::milliseconds(20));
     }
     const uint64_t chunks = sh_.sequencer.completed();
@@ -1590,13 +1596,19 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
   result.chunks = sh.sequencer.completed();
   result.bytes = stats.bytes.load();
   result.digest = sh.sequencer.digest();
-  if (sh.committed) {
+  // A COMMITTED that matches what was sent decides the outcome, whatever failed here meanwhile (a stream that
+  // broke during the receiver's commit and was not taken back, a cancel that came too late): the receiver
+  // sealed its success as it sent it, so reporting failure would have the caller roll the source back while
+  // the destination runs the state.
+  auto committed_here = [&] {
+    std::lock_guard lock(sh.control_mu);
+    if (!sh.committed) return false;
     const wire::Header& c = sh.committed_header;
-    if (c.seq != result.chunks || c.offset != result.bytes || c.hash != result.digest) {
-      sh.failure.set(Reason::digest, "receiver committed a different stream (digest or counts differ)");
-    }
-  }
-  if (sh.failure.failed() && !sh.failure.from_peer()) {
+    if (c.seq == result.chunks && c.offset == result.bytes && c.hash == result.digest) return true;
+    sh.failure.set(Reason::digest, "receiver committed a different stream (digest or counts differ)");
+    return false;
+  };
+  if (!committed_here() && sh.failure.failed() && !sh.failure.from_peer()) {
     // Tell the receiver why, on every stream, so whichever it reads first carries our reason rather than a
     // broken connection. Best effort: the workers are gone, so no frame is interleaved.
     const std::string text = sh.failure.text();
@@ -1610,7 +1622,8 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
 
   result.seconds = std::chrono::duration<double>(Clock::now() - started).count();
   result.wire_bytes = stats.wire_bytes.load();
-  if (sh.failure.failed()) {
+  // Checked again: COMMITTED may have been read since, overtaking our ABORTED at the receiver.
+  if (!committed_here()) {
     result.reason = sh.failure.reason();
     result.error = tls.annotate(sh.failure.text());
     return result;

@@ -60,6 +60,17 @@ class FaultProxy {
     }
     return connections_.size();
   }
+  // Cuts the connection accepted `index`-th (streams connect in their order), both directions, now. False
+  // when there is none such yet.
+  bool cut(size_t index) {
+    std::lock_guard lock(mu_);
+    if (index >= connections_.size()) return false;
+    fired_at_ = Clock::now();
+    fired_ = true;
+    shutdown(connections_[index].first->get(), SHUT_RDWR);
+    shutdown(connections_[index].second->get(), SHUT_RDWR);
+    return true;
+  }
 
  private:
   using Clock = std::chrono::steady_clock;

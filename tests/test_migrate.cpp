@@ -433,14 +433,26 @@ TEST(Migrate, ProtocolOverridesAndBadSpecs) {
   EXPECT_EQ(device_sink_json_fields(*null), "");
 }
 
-TEST(Migrate, ADeviceThatIsNotRunningIsNotMigrated) {
-  auto src = source("emu-v2:size=1M");
-  ASSERT_EQ(src->device().set_state(io::vfio::MigState::stop, nullptr), 0);
-  auto dst = sink("emu-v2:size=1M");
-  const Outcome o = run(*src, *dst);
-  EXPECT_FALSE(o.send.transfer.committed);
-  EXPECT_NE(o.send.transfer.error.find("a migration starts from RUNNING"), std::string::npos)
-      << o.send.transfer.error;
+// ... and is left as it was (a paused VM's device in STOP must not start running because dstx refused it).
+TEST(Migrate, ADeviceThatIsNotRunningIsNotMigratedNorTouched) {
+  for (const char* spec : {"emu-v2:size=1M", "emu-v1:size=1M"}) {
+    SCOPED_TRACE(spec);
+    auto src = source(spec);
+    if (src->protocol() == Protocol::v2) {
+      ASSERT_EQ(src->device().set_state(io::vfio::MigState::stop, nullptr), 0);
+    } else {
+      ASSERT_EQ(src->device().v1_set_state(io::vfio::kV1Stop), 0);
+    }
+    auto dst = sink(spec);
+    const Outcome o = run(*src, *dst);
+    EXPECT_FALSE(o.send.transfer.committed);
+    EXPECT_NE(o.send.transfer.error.find("the device is STOP; a migration starts from RUNNING"),
+              std::string::npos)
+        << o.send.transfer.error;
+    EXPECT_EQ(o.send.device_state, "STOP");
+    EXPECT_EQ(o.send.device_note, "");
+    EXPECT_EQ(src->device_state(), "STOP");
+  }
 }
 
 // ---------------------------------------------------------------- the fault matrix

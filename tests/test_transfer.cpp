@@ -920,6 +920,45 @@ TEST(Resume, StreamsBrokenDuringTheCommitAreResumedForCommitted) {
   EXPECT_GE(recv_stats.resumes.load(), 1u);
 }
 
+// A stream that breaks during the receiver's commit and is not taken back gives up only after COMMITTED came
+// on stream 0: the receiver committed the state, so the sender must report success too (a failure would have
+// the caller roll the source back while the destination runs it).
+TEST(Resume, AStreamLostAfterCommittedCameDoesNotFailTheSender) {
+  const io::ContentGenerator gen(io::Profile::mixed, 21);
+  constexpr uint64_t size = 4 << 20;
+  auto src = io::open_emu_source(gen, size);
+  auto sink = io::open_emu_sink(gen, size);
+  io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
+  const uint16_t port = io::bound_port(listener.get());
+  FaultProxy proxy(port, Fault{});  // no fault of its own: the sink's hook cuts stream 1
+  std::atomic<bool> cut{false};
+  std::atomic<int> reconnects{0};
+  HookSink hooked(*sink, {.after_commit = [&] {
+    cut = proxy.cut(1);
+    // COMMITTED goes once the sender's stream 1 is trying to reconnect.
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (reconnects == 0 && std::chrono::steady_clock::now() < until)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }});
+  SendOptions so{.streams = 2};
+  so.reconnect_attempts = 1;
+  so.reconnect = [&]() -> io::Fd {
+    ++reconnects;
+    // Long enough for COMMITTED to come on stream 0 meanwhile; then the only attempt fails.
+    std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+    throw std::runtime_error("test: no way back");
+  };
+  Result recv;
+  std::thread receiver([&] { recv = receive(hooked, listener.get(), RecvOptions{}, nullptr, nullptr); });
+  const Result send = send_to(*src, io::HostPort{"127.0.0.1", proxy.port()}, so, nullptr, nullptr);
+  receiver.join();
+  EXPECT_TRUE(cut);
+  EXPECT_EQ(reconnects.load(), 1);
+  EXPECT_TRUE(recv.committed) << recv.error;
+  EXPECT_TRUE(send.committed) << send.error;
+  EXPECT_EQ(send.digest, recv.digest);
+}
+
 // A chunk read again for a resume that no longer matches the hash it was sent with (a file written to during
 // the transfer) fails the transfer on both sides, naming the chunk: its bytes are never sent as they are now.
 TEST(Resume, AChunkThatChangedBeforeItIsReadAgainFailsTheTransfer) {

@@ -2,6 +2,8 @@
 // (prefixed "send: " and "recv: "), on the thread that runs each transfer. It needs a fault between the two,
 // which the C program (test_capi.c) has no proxy for, so this test drives the C functions from C++ with
 // tests/fault_proxy.h. The stats that count resumes and codecs are checked here as well.
+#include <sys/socket.h>
+
 #include <gtest/gtest.h>
 
 #include <mutex>
@@ -11,6 +13,7 @@
 #include <vector>
 
 #include "dstx/dstx.h"
+#include "engine/capi_transfer.h"
 #include "fault_proxy.h"
 
 namespace {
@@ -166,6 +169,31 @@ TEST(CapiEvents, TheStatsSplitTheChunksByCodec) {
     dstx_transfer_destroy(send);
     dstx_transfer_destroy(recv);
   }
+}
+
+// A broken stream's new connection gets the caller's socket options like the first ones did (here the
+// buffer size; the connect and user time-outs and keepalive travel with it). White box: the reconnection
+// function the handle gives the engine, called directly.
+TEST(CapiEvents, AReconnectionUsesTheCallersSocketOptions) {
+  dstx::io::Fd listener = dstx::io::tcp_listen(dstx::io::HostPort{"127.0.0.1", 0});
+  const std::string address = "127.0.0.1:" + std::to_string(dstx::io::bound_port(listener.get()));
+  dstx_send_config sc = DSTX_SEND_CONFIG_INIT;
+  sc.net = DSTX_NET_ADDRESS;
+  sc.address = address.c_str();
+  sc.socket_buffer_bytes = 96 << 10;  // below the default net.core.wmem_max
+  dstx_endpoint source = DSTX_ENDPOINT_INIT;
+  source.kind = DSTX_ENDPOINT_SPEC;
+  source.spec = "emu:size=1M";
+  dstx_transfer* send = nullptr;
+  ASSERT_EQ(dstx_send_create(&sc, &source, &send), DSTX_OK) << dstx_last_error(nullptr);
+  const auto* t = reinterpret_cast<const dstx::capi::Transfer*>(send);
+  ASSERT_TRUE(t->send_options.reconnect);
+  const dstx::io::Fd c = t->send_options.reconnect();
+  int sndbuf = 0;
+  socklen_t len = sizeof sndbuf;
+  ASSERT_EQ(::getsockopt(c.get(), SOL_SOCKET, SO_SNDBUF, &sndbuf, &len), 0);
+  EXPECT_EQ(sndbuf, 2 * (96 << 10));  // the kernel doubles what it is given
+  dstx_transfer_destroy(send);
 }
 
 }  // namespace
