@@ -32,6 +32,8 @@ struct Fault {
   int stall_ms = 0;     // cut: first read and drop what comes for this long, so that frames the sender has
                         // handed over in full are lost whatever the socket buffers hold
   uint64_t clear_caps = 0;  // capability bits cleared in the HELLO of every connection (any fault kind)
+  int buffer_bytes = 0;     // the proxy's socket buffers on every connection (so that little waits in
+                            // them); 0: the kernel's, which grow to tens of megabytes
 };
 
 class FaultProxy {
@@ -84,12 +86,13 @@ class FaultProxy {
     std::vector<std::thread> pumps;
     int index = 0;
     while (!stop_) {
-      io::Fd c = io::tcp_accept(listener_.get(), 50, {});
+      const io::SocketOptions buffers{.buffer_bytes = fault_.buffer_bytes};
+      io::Fd c = io::tcp_accept(listener_.get(), 50, buffers);
       if (!c) continue;
       if (path_down()) continue;  // closes it
       io::Fd up;
       try {
-        up = io::tcp_connect(io::HostPort{"127.0.0.1", target_}, {});
+        up = io::tcp_connect(io::HostPort{"127.0.0.1", target_}, buffers);
       } catch (const std::exception&) {
         continue;
       }

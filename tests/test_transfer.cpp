@@ -920,6 +920,43 @@ TEST(Resume, StreamsBrokenDuringTheCommitAreResumedForCommitted) {
   EXPECT_GE(recv_stats.resumes.load(), 1u);
 }
 
+// A stream whose last frames are lost with its connection, after its worker sent its last chunk: the
+// receiver's reorder window then waits for them and holds up the other stream, whose chunks never complete.
+// The worker waiting for them must reconnect instead of waiting too (until the idle time-out failed both).
+TEST(Resume, AStreamBrokenAfterItsLastChunkIsResumedWhileTheOthersWait) {
+  const io::ContentGenerator gen(io::Profile::random, 23);
+  // 12 chunks: fewer than the sender's window (2 streams x 4 x 2), so that one stream can claim all that
+  // are left; small socket buffers all along, so that the other's wait in them.
+  constexpr uint32_t chunk = 1 << 20;
+  constexpr uint64_t size = 12 * uint64_t(chunk);
+  auto src = io::open_emu_source(gen, size);
+  auto sink = io::open_emu_sink(gen, size);
+  io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
+  const uint16_t port = io::bound_port(listener.get());
+  // Stream 1's bytes from its second chunk on are dropped for 1.5 s, then its connection is cut: meanwhile
+  // its worker sends every chunk it can claim into the void, the last ones too.
+  FaultProxy proxy(port, Fault{.kind = Fault::cut, .connection = 1, .at = chunk + 4096, .stall_ms = 1500,
+                                .buffer_bytes = 64 << 10});
+  SendOptions so{.streams = 2, .chunk_bytes = chunk, .codec = CodecMode::none};
+  so.reconnect_backoff_ms = 20;
+  so.idle_timeout_ms = 5000;
+  so.socket.buffer_bytes = 64 << 10;
+  RecvOptions ro;
+  ro.memory_budget_bytes = 5 << 20;  // a reorder window of two chunks
+  ro.socket.buffer_bytes = 64 << 10;
+  ro.idle_timeout_ms = 5000;
+  Stats send_stats, recv_stats;
+  Result recv;
+  std::thread receiver([&] { recv = receive(*sink, listener.get(), ro, &recv_stats, nullptr); });
+  const Result send = send_to(*src, io::HostPort{"127.0.0.1", proxy.port()}, so, &send_stats, nullptr);
+  receiver.join();
+  EXPECT_TRUE(proxy.fired());
+  EXPECT_TRUE(send.committed) << send.error;
+  EXPECT_TRUE(recv.committed) << recv.error;
+  EXPECT_EQ(send.digest, recv.digest);
+  EXPECT_GE(recv_stats.resumes.load(), 1u);
+}
+
 // A stream that breaks during the receiver's commit and is not taken back gives up only after COMMITTED came
 // on stream 0: the receiver committed the state, so the sender must report success too (a failure would have
 // the caller roll the source back while the destination runs it).
