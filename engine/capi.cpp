@@ -344,6 +344,12 @@ Status setup_send(Transfer& t, const dstx_send_config* config_in, const dstx_end
   if (o.depth > 256) {
     return failure(DSTX_E_INVALID, "config.depth is " + std::to_string(c.depth) + ": at most 256");
   }
+  // Its entries are allocated up front: bounded like streams and depth.
+  constexpr uint32_t kMaxWindowChunks = uint32_t(wire::kMaxStreams) * 256 * 2;
+  if (c.window_chunks > kMaxWindowChunks) {
+    return failure(DSTX_E_INVALID, "config.window_chunks is " + std::to_string(c.window_chunks) +
+                                       ": at most " + std::to_string(kMaxWindowChunks));
+  }
   o.window_chunks = c.window_chunks;
   // The engine's 0 is "never"; ours is the default.
   if (Status s =

@@ -665,18 +665,33 @@ MigrateResult finish(MigrationSource& source, Result transfer, bool want_digest)
   return r;
 }
 
+// The transfer's result, also when it throws after all (out of memory): the device is then rolled back now,
+// not when the source goes.
+template <typename Send>
+Result sent(Send&& send) {
+  try {
+    return send();
+  } catch (const std::exception& e) {
+    Result r;
+    r.reason = wire::Reason::internal;
+    r.error = e.what();
+    return r;
+  }
+}
+
 }  // namespace
 
 MigrateResult migrate(MigrationSource& source, std::vector<io::Fd> connections, const SendOptions& options,
                       Stats* stats, const Cancel* cancel, bool want_digest) {
   source.set_cancel(cancel);
-  return finish(source, send(source, std::move(connections), options, stats, cancel), want_digest);
+  return finish(source, sent([&] { return send(source, std::move(connections), options, stats, cancel); }),
+                want_digest);
 }
 
 MigrateResult migrate_to(MigrationSource& source, const io::HostPort& to, const SendOptions& options,
                          Stats* stats, const Cancel* cancel, bool want_digest) {
   source.set_cancel(cancel);
-  return finish(source, send_to(source, to, options, stats, cancel), want_digest);
+  return finish(source, sent([&] { return send_to(source, to, options, stats, cancel); }), want_digest);
 }
 
 std::string device_sink_json_fields(io::Sink& sink) {

@@ -19,6 +19,7 @@
 #include <deque>
 #include <mutex>
 #include <new>
+#include <stdexcept>
 #include <optional>
 #include <thread>
 
@@ -43,6 +44,22 @@ Clock::duration thread_cpu_time() {
 }
 using wire::Reason;
 
+// A worker's own failure (its ring), not the source's: reported as internal.
+struct InternalError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Whose failure a worker's exception is: ours (the ring, memory, a broken invariant), nobody's (a cancel
+// that the source noticed before the supervisor did: a device's wait ends with an error), or the source's.
+Reason worker_failure_reason(const std::exception& e, const Cancel* cancel) {
+  if (cancel && cancel->requested()) return Reason::cancelled;
+  if (dynamic_cast<const InternalError*>(&e) || dynamic_cast<const std::logic_error*>(&e) ||
+      dynamic_cast<const std::bad_alloc*>(&e)) {
+    return Reason::internal;
+  }
+  return Reason::source;
+}
+
 // Keeps little unsent data queued in the kernel: the throughput the codec controller measures is then close
 // to what the link carries, not what the socket buffers swallow, and on a fast path each byte is sent soon
 // after it was copied in (the receiver's CPU per byte fell by a quarter: both ends copy the bytes while they
@@ -61,7 +78,10 @@ void limit_unsent(int fd) {
 class Pacer {
  public:
   explicit Pacer(uint64_t bytes_per_second) : rate_(double(bytes_per_second)) {}
-  void wait(size_t bytes) {
+  // Waits for `bytes`' turn, which may be far off at a low rate (a frame per ten seconds at 100 KB/s);
+  // returns false as soon as `stop()` says so (asked every 20 ms).
+  template <typename Stop>
+  bool wait(size_t bytes, Stop&& stop) {
     Clock::time_point start;
     {
       std::lock_guard lock(mu_);
@@ -71,11 +91,16 @@ class Pacer {
       next_ +=
           std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(double(bytes) / rate_));
     }
-    std::this_thread::sleep_until(start);
+    for (auto now = Clock::now(); now < start; now = Clock::now()) {
+      if (stop()) return false;
+      std::this_thread::sleep_until(std::min(start, now + kSlice));
+    }
+    return true;
   }
 
  private:
   static constexpr auto kBurst = std::chrono::milliseconds(5);
+  static constexpr auto kSlice = std::chrono::milliseconds(20);
   const double rate_;
   std::mutex mu_;
   Clock::time_point next_{};
@@ -176,8 +201,18 @@ struct Link {
   // connection: a reconnection reuses the closed descriptor's number, and a read begun on the old
   // connection must not take bytes of the new one's handshake (the worker's HELLO_ACK).
   std::mutex read_mu;
+  // Held by the worker while it closes the connection, and by any other thread around its shutdown of fd:
+  // a shutdown must not hit the number once it is closed and reused (by the reconnection, or by anything
+  // else in the process).
+  std::mutex swap_mu;
   std::atomic<uint64_t> acked_seq{0};  // STREAM_ACK: the receiver holds every chunk of this stream up to here
   std::atomic<bool> broken{false};     // the control thread saw the return path fail
+
+  // Both directions, from a thread other than the worker's.
+  void shut() {
+    std::lock_guard lock(swap_mu);
+    if (const int f = fd.load(); f >= 0) ::shutdown(f, SHUT_RDWR);
+  }
 };
 
 struct Shared {
@@ -280,7 +315,8 @@ class Worker {
         if (!stopping()) finish_stream();
       }
     } catch (const std::exception& e) {
-      sh_.failure.set(Reason::source, e.what());
+      const Reason reason = worker_failure_reason(e, sh_.cancel);
+      sh_.failure.set(reason, reason == Reason::cancelled ? "cancelled" : e.what());
     }
     sh_.wake();
     drain();
@@ -453,7 +489,7 @@ class Worker {
       const auto wait_start = link_wait ? Clock::now() : Clock::time_point{};
       const int rc = ring_->submit(wait ? 1 : 0);
       if (rc < 0)
-        throw std::runtime_error("stream " + std::to_string(index_) + ": io ring: " + errno_text(rc));
+        throw InternalError("stream " + std::to_string(index_) + ": io ring: " + errno_text(rc));
       reap();
       if (link_wait) sh_.effort->add_link_wait(Clock::now() - wait_start);
       if (stopping()) return;
@@ -582,7 +618,7 @@ class Worker {
       slot.state = State::reading;
       if (!ring_->queue(&slot.io)) {
         ring_->submit(0);
-        if (!ring_->queue(&slot.io)) throw std::runtime_error("io ring full");
+        if (!ring_->queue(&slot.io)) throw InternalError("io ring full");
       }
     } else {
       src.read_at(*sync_ring_, slot.offset, std::span<std::byte>(data, slot.len));
@@ -754,7 +790,7 @@ class Worker {
     Slot& slot = *fifo_.front();
     if (sh_.pacer) {  // the cap is this transfer's link: time spent here is link wait
       const auto start = Clock::now();
-      sh_.pacer->wait(slot.frame_len);
+      if (!sh_.pacer->wait(slot.frame_len, [this] { return stopping(); })) return;
       if (sh_.effort) sh_.effort->add_link_wait(Clock::now() - start);
     }
     queue_send(slot);
@@ -824,7 +860,7 @@ class Worker {
     }
     if (!ring_->queue(&send_io_)) {
       ring_->submit(0);
-      if (!ring_->queue(&send_io_)) throw std::runtime_error("io ring full");
+      if (!ring_->queue(&send_io_)) throw InternalError("io ring full");
     }
     sending_ = true;
   }
@@ -987,6 +1023,7 @@ class Worker {
     sending_ = false;
     {
       std::lock_guard read_lock(link_.read_mu);  // the shutdown above ends a read in progress
+      std::lock_guard swap_lock(link_.swap_mu);
       link_.fd.store(-1, std::memory_order_release);
       link_.owner.reset();
     }
@@ -1210,14 +1247,19 @@ class Worker {
 // Reads the return path of every stream: STREAM_ACKs, ACKs, then COMMITTED or ABORTED. A stream whose
 // connection fails is marked broken for its worker to reconnect (with resume) instead of failing the
 // transfer.
+void control_loop_on(Shared& sh, const std::atomic<bool>& stop, std::unique_ptr<io::Ring> ring);
+
 void control_loop(Shared& sh, const std::atomic<bool>& stop) {
-  std::unique_ptr<io::Ring> ring;
+  // Nothing may escape a thread (std::terminate): a failure here fails the transfer.
   try {
-    ring = io::make_ring(sh.backend, io::RingOptions{.entries = 4});
+    control_loop_on(sh, stop, io::make_ring(sh.backend, io::RingOptions{.entries = 4}));
   } catch (const std::exception& e) {
-    sh.failure.set(Reason::internal, e.what());
-    return;
+    sh.failure.set(Reason::internal, std::string("reading the receiver's frames: ") + e.what());
+    sh.wake();
   }
+}
+
+void control_loop_on(Shared& sh, const std::atomic<bool>& stop, std::unique_ptr<io::Ring> ring) {
   std::vector<pollfd> pfds;
   std::vector<unsigned> which;
   // Streams other than 0 that the receiver closed cleanly, and when. The receiver closes its streams right
@@ -1236,7 +1278,7 @@ void control_loop(Shared& sh, const std::atomic<bool>& stop) {
       closed[i].fd = -1;
       if (sh.resume) {
         sh.links[i].broken.store(true);
-        ::shutdown(sh.links[i].fd.load(), SHUT_RDWR);
+        sh.links[i].shut();
       } else {
         sh.failure.set(Reason::connection,
                        "connection to receiver lost (stream " + std::to_string(i) + "): closed by peer");
@@ -1542,6 +1584,16 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
 
   std::atomic<bool> control_stop{false};
   std::thread control([&] { control_loop(sh, control_stop); });
+  // Joined on every way out: a std::thread destroyed while joinable ends the process.
+  struct JoinControl {
+    std::atomic<bool>& stop;
+    std::thread& thread;
+    ~JoinControl() {
+      if (!thread.joinable()) return;
+      stop = true;
+      thread.join();
+    }
+  } join_control{control_stop, control};
   crew.release(1);
   std::atomic<unsigned>& running = crew.running;
 
@@ -1584,7 +1636,7 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
     const auto until = Clock::now() + std::chrono::seconds(2);
     while (running > 0 && Clock::now() < until) std::this_thread::sleep_for(std::chrono::milliseconds(5));
     if (running > 0) {
-      for (Link& l : links) ::shutdown(l.fd.load(), SHUT_RDWR);
+      for (Link& l : links) l.shut();
     }
   }
   for (std::thread& w : crew.threads) w.join();
@@ -1617,7 +1669,7 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
                  std::as_bytes(std::span(text.data(), std::min<size_t>(text.size(), wire::kMaxTextBytes))));
     }
   }
-  for (Link& l : links) ::shutdown(l.fd.load(), SHUT_RDWR);
+  for (Link& l : links) l.shut();
   control.join();
 
   result.seconds = std::chrono::duration<double>(Clock::now() - started).count();

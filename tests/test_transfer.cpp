@@ -1354,6 +1354,59 @@ TEST(Transfer, BandwidthCapHoldsTheRate) {
   EXPECT_GE(seconds, 0.45);  // 32 MiB at 64 MiB/s is 0.5 s, less the 5 ms burst
 }
 
+// A source that notices a cancel while it waits (a device's data_fd that says "try again") ends its read with
+// an error: the transfer is reported cancelled, not failed by its source.
+TEST(Transfer, ACancelNoticedByTheSourceIsReportedAsACancel) {
+  struct Waiting final : io::Source {
+    const Cancel& cancel;
+    explicit Waiting(const Cancel& c) : cancel(c) {}
+    std::string describe() const override { return "test:waiting"; }
+    std::optional<uint64_t> size() const override { return 8 << 20; }
+    bool random_access() const override { return true; }
+    void read_at(io::Ring&, uint64_t, std::span<std::byte>) override {
+      while (!cancel.requested()) std::this_thread::sleep_for(std::chrono::microseconds(200));
+      throw std::runtime_error("test:waiting: cancelled while waiting for the device");
+    }
+  };
+  for (int i = 0; i < 5; ++i) {
+    Cancel cancel;
+    Waiting src(cancel);
+    auto sink = io::open_null_sink();
+    std::thread canceller([&] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      cancel.request();
+    });
+    const Outcome o = transfer(src, *sink, SendOptions{.streams = 2}, {}, nullptr, &cancel);
+    canceller.join();
+    EXPECT_FALSE(o.send.committed);
+    EXPECT_EQ(o.send.reason, wire::Reason::cancelled) << o.send.error;
+    EXPECT_EQ(o.send.error, "cancelled");
+  }
+}
+
+// A cap so low that each frame waits its turn for many seconds: a cancel still ends the transfer at once,
+// not after the frames already scheduled.
+TEST(Transfer, ACancelEndsAWaitForALowBandwidthCap) {
+  const io::ContentGenerator gen(io::Profile::random, 6);
+  auto src = io::open_emu_source(gen, 16 << 20);
+  auto sink = io::open_emu_sink(gen, 16 << 20);
+  SendOptions so{.streams = 2};
+  so.bandwidth_bytes_per_second = 16 << 10;  // 1 MiB chunks: a minute per frame
+  Cancel cancel;
+  std::thread canceller([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    cancel.request();
+  });
+  auto done = std::async(std::launch::async, [&] { return transfer(*src, *sink, so, {}, nullptr, &cancel); });
+  const bool ended = done.wait_for(std::chrono::seconds(20)) == std::future_status::ready;
+  EXPECT_TRUE(ended) << "the sender still waits for its turn";
+  const Outcome o = done.get();
+  canceller.join();
+  EXPECT_FALSE(o.send.committed);
+  EXPECT_FALSE(o.recv.committed);
+  EXPECT_EQ(o.send.reason, wire::Reason::cancelled) << o.send.error;
+}
+
 TEST(Transfer, ReceiverMemoryIsBoundedIndependentOfStateSize) {
   // The reorder window is sized from the budget, not from the transfer.
   const io::ContentGenerator gen(io::Profile::random, 5);

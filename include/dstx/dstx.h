@@ -337,7 +337,8 @@ typedef struct dstx_send_config {
   uint32_t codec;             /* dstx_codec */
   int32_t zstd_level;         /* 0: 1; else 1..19 (DSTX_CODEC_ZSTD) */
   uint32_t depth;             /* chunks in flight per stream; 0: 4 */
-  uint32_t window_chunks;     /* how far streams may run ahead of each other; 0: streams * depth * 2 */
+  uint32_t window_chunks;     /* how far streams may run ahead of each other; 0: streams * depth * 2;
+                               * at most 32768 */
   int32_t connect_timeout_ms; /* ADDRESS: per connection; 0: 10000 */
   int32_t handshake_timeout_ms; /* 0: 10000 */
   int32_t commit_timeout_ms;    /* after the last byte, how long to wait for COMMITTED; 0: 120000 */

@@ -900,6 +900,11 @@ static void test_create_errors(void) {
   CHECK_STATUS(dstx_send_create(&bad_rounds, &ok, &t), DSTX_E_INVALID);
   CHECK_CONTAINS(dstx_last_error(NULL), "reconnect_attempts");
 
+  dstx_send_config bad_window = sc;
+  bad_window.window_chunks = 0xFFFFFFFFu;
+  CHECK_STATUS(dstx_send_create(&bad_window, &ok, &t), DSTX_E_INVALID);
+  CHECK_CONTAINS(dstx_last_error(NULL), "config.window_chunks is 4294967295: at most 32768");
+
   dstx_send_config bad_chunk = sc;
   bad_chunk.chunk_bytes = 100;
   CHECK_STATUS(dstx_send_create(&bad_chunk, &ok, &t), DSTX_E_INVALID);
