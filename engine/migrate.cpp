@@ -321,7 +321,7 @@ size_t MigrationSource::read_v2(io::Ring& ring, std::span<std::byte> out) {
       continue;
     }
     if (n == -EINTR || n == -EAGAIN) {
-      if (cancel_ && cancel_->requested()) fail("cancelled while waiting for the device");
+      if ((cancel_ && cancel_->requested()) || stop_requested()) fail("gave up waiting for the device (the transfer ended)");
       k.poll(data_fd_, POLLIN, 100);
       continue;
     }
@@ -401,7 +401,7 @@ size_t MigrationSource::read_v1(io::Ring& ring, std::span<std::byte> out, io::Re
            std::to_string(size) + " outside its " + std::to_string(region.size) + "-byte region");
     }
     if (size == 0) {
-      if (cancel_ && cancel_->requested()) fail("cancelled while waiting for the device");
+      if ((cancel_ && cancel_->requested()) || stop_requested()) fail("gave up waiting for the device (the transfer ended)");
       if (++empty_txns_ > kEmptyTransactionsMax) {
         fail("v1: the device reports " + std::to_string(pending) + " pending bytes but hands out no data");
       }
@@ -527,6 +527,7 @@ void DeviceSink::write(io::Ring& ring, uint64_t, std::span<const std::byte> data
       if (n > 0) {
         data = data.subspan(size_t(n));
       } else if (n == -EINTR || n == -EAGAIN) {
+        if (stop_requested()) fail("gave up waiting for the device to take data (the transfer ended)");
         d.kernel().poll(data_fd_, POLLOUT, 100);
       } else {
         fail("write of migration data to RESUMING", n < 0 ? int(-n) : EIO);

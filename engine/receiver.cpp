@@ -778,6 +778,13 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int l
     links[i].fd.store(links[i].owner.get());
   }
   Shared sh(sink, options, links, stats, backend, chunk, slots);
+  // The sink gives up a wait on its other end (a stalled pipe, a device that says "try again") once the
+  // transfer fails, instead of holding it.
+  struct StopGuard {
+    io::Stoppable& endpoint;
+    ~StopGuard() { endpoint.set_stop(nullptr); }
+  } stop_guard{sink};
+  sink.set_stop(&sh.failure.failed_flag());
   sh.cancel = cancel;
   // Resuming needs a listener to take reconnections.
   sh.resume = listen_fd >= 0 && (first.capabilities & wire::kCapResume);

@@ -1485,6 +1485,13 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
     links[i].fd.store(links[i].owner.get());
   }
   Shared sh(source, options, links, stats, cancel, backend, chunk_bytes, window);
+  // The source gives up a wait on its other end (a stalled pipe, a device that says "try again") once the
+  // transfer fails, instead of holding it.
+  struct StopGuard {
+    io::Stoppable& endpoint;
+    ~StopGuard() { endpoint.set_stop(nullptr); }
+  } stop_guard{source};
+  source.set_stop(&sh.failure.failed_flag());
   if (size) sh.sequencer.set_total((*size + chunk_bytes - 1) / chunk_bytes);
 
   // Handshake on every stream, then agree on a codec and on resuming.

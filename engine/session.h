@@ -25,6 +25,8 @@ class Failure {
   // recorded before it (the connection broke because the peer aborted).
   bool set(wire::Reason reason, std::string text, bool from_peer = false);
   bool failed() const { return failed_.load(std::memory_order_acquire); }
+  // True once failed(): for endpoints, which must not know the engine (io::Stoppable).
+  const std::atomic<bool>& failed_flag() const { return failed_; }
   // Runs `deliver` (true when it succeeded) unless a failure is recorded. A failure set while it runs is
   // held back: dropped if `deliver` succeeded, after which no failure is recorded any more (the outcome went
   // to the peer, which may already have acted on it); recorded once it returns otherwise. `deliver` runs

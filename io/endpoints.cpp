@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <linux/fs.h>
 #include <linux/magic.h>
+#include <poll.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -105,6 +106,7 @@ class FileSource final : public Source {
 
 class FdSource final : public Source {
  public:
+  static constexpr int kWaitSliceMs = 100;
   FdSource(int fd, bool owned, std::string name) : name_(std::move(name)), fd_(fd), owned_(owned) {}
   ~FdSource() override {
     if (owned_) ::close(fd_);
@@ -114,16 +116,34 @@ class FdSource final : public Source {
   std::optional<uint64_t> size() const override { return std::nullopt; }
   bool random_access() const override { return false; }
 
-  size_t read_next(Ring& ring, std::span<std::byte> out, ReadInfo* /*info*/) override {
+  // A pipe, socket or tty: each read takes what is there once poll says so, and the wait for more is in
+  // slices, so that a writer that stalls without closing cannot hold the transfer past its failure.
+  size_t read_next(Ring&, std::span<std::byte> out, ReadInfo* /*info*/) override {
     // Once a stream has ended we never read again: a tty would otherwise hand out more bytes after Ctrl-D.
     if (eof_ || out.empty()) return 0;
-    int64_t got = read_full(ring, fd_, out.data(), out.size(), -1);
-    if (got < 0) {
-      int err = static_cast<int>(-got);
-      throw_errno(err, stream_error_text(name_, "read", consumed_, err));
+    size_t done = 0;
+    while (done < out.size()) {
+      pollfd p{.fd = fd_, .events = POLLIN, .revents = 0};
+      const int ready = ::poll(&p, 1, kWaitSliceMs);
+      if (ready == 0 || (ready < 0 && errno == EINTR)) {
+        if (stop_requested()) {
+          throw std::runtime_error(name_ + ": gave up waiting for input after byte " +
+                                   std::to_string(consumed_ + done) + " (the transfer ended)");
+        }
+        continue;
+      }
+      const ssize_t got = ready < 0 ? -1 : ::read(fd_, out.data() + done, out.size() - done);
+      if (got < 0) {
+        const int err = errno;
+        if (err == EINTR || err == EAGAIN) continue;
+        throw_errno(err, stream_error_text(name_, "read", consumed_ + done, err));
+      }
+      if (got == 0) {
+        eof_ = true;
+        break;
+      }
+      done += size_t(got);
     }
-    size_t done = static_cast<size_t>(got);
-    if (done < out.size()) eof_ = true;
     consumed_ += done;
     return done;
   }

@@ -3,6 +3,7 @@
 // Errors throw std::runtime_error/std::system_error whose text names the endpoint and what failed.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -24,11 +25,26 @@ struct ReadInfo {
   uint64_t view_token = 0;
 };
 
+// Set by the engine for the length of a transfer: once *stop reads true (the transfer failed or was
+// cancelled), an endpoint waiting on its other end (a pipe that gives nothing, a device that says "try
+// again") gives up with an error instead of waiting on. Endpoints that never wait ignore it. Waits that only
+// the kernel can end (a blocking write into a full pipe) are not covered.
+class Stoppable {
+ public:
+  void set_stop(const std::atomic<bool>* stop) { stop_ = stop; }
+
+ protected:
+  bool stop_requested() const { return stop_ && stop_->load(std::memory_order_acquire); }
+
+ private:
+  const std::atomic<bool>* stop_ = nullptr;
+};
+
 // read_next's answer when it cannot move on now because views it handed out are still held (a VFIO v1 section
 // is refilled only at the next transaction): the caller releases what it holds and asks again.
 inline constexpr size_t kReadAgain = SIZE_MAX;
 
-class Source {
+class Source : public Stoppable {
  public:
   virtual ~Source() = default;
   virtual std::string describe() const = 0;
@@ -56,7 +72,7 @@ class Source {
   virtual void release_view(uint64_t view_token);
 };
 
-class Sink {
+class Sink : public Stoppable {
  public:
   virtual ~Sink() = default;
   virtual std::string describe() const = 0;

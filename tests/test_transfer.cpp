@@ -1365,7 +1365,7 @@ TEST(Transfer, ACancelNoticedByTheSourceIsReportedAsACancel) {
     bool random_access() const override { return true; }
     void read_at(io::Ring&, uint64_t, std::span<std::byte>) override {
       while (!cancel.requested()) std::this_thread::sleep_for(std::chrono::microseconds(200));
-      throw std::runtime_error("test:waiting: cancelled while waiting for the device");
+      throw std::runtime_error("test:waiting: gave up waiting for the device");
     }
   };
   for (int i = 0; i < 5; ++i) {
@@ -1382,6 +1382,28 @@ TEST(Transfer, ACancelNoticedByTheSourceIsReportedAsACancel) {
     EXPECT_EQ(o.send.reason, wire::Reason::cancelled) << o.send.error;
     EXPECT_EQ(o.send.error, "cancelled");
   }
+}
+
+// A stream source whose writer stalls without closing (a pipe nobody writes): the idle time-out fails the
+// transfer, and the read waiting on the pipe gives up, so that send() returns and the receiver learns why.
+TEST(Transfer, AStalledStreamSourceEndsAtTheIdleTimeOut) {
+  int p[2];
+  ASSERT_EQ(::pipe(p), 0);
+  io::Fd read_end(p[0]), write_end(p[1]);
+  auto src = io::open_fd_source(read_end.get(), false, "test:pipe");
+  auto sink = io::open_null_sink();
+  SendOptions so{.streams = 2};
+  so.idle_timeout_ms = 500;
+  auto done = std::async(std::launch::async, [&] { return transfer(*src, *sink, so); });
+  const bool ended = done.wait_for(std::chrono::seconds(20)) == std::future_status::ready;
+  EXPECT_TRUE(ended) << "the sender still waits on the pipe";
+  if (!ended) write_end = io::Fd();  // the end of stream lets it finish
+  const Outcome o = done.get();
+  EXPECT_FALSE(o.send.committed);
+  EXPECT_EQ(o.send.reason, wire::Reason::timeout) << o.send.error;
+  EXPECT_FALSE(o.recv.committed);
+  EXPECT_EQ(o.recv.reason, wire::Reason::timeout) << o.recv.error;
+  EXPECT_NE(o.recv.error.find("nothing moved for 500 ms"), std::string::npos) << o.recv.error;
 }
 
 // A cap so low that each frame waits its turn for many seconds: a cancel still ends the transfer at once,
