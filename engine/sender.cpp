@@ -94,9 +94,13 @@ class Pacer {
     for (auto now = Clock::now(); now < start; now = Clock::now()) {
       if (stop()) return false;
       std::this_thread::sleep_until(std::min(start, now + kSlice));
+      slices_.fetch_add(1, std::memory_order_relaxed);
     }
     return true;
   }
+  // Grows while frames wait for their turn: progress for the idle time-out, since nothing moves on the wire
+  // meanwhile (a frame of a megabyte at 32 KB/s waits longer than the time-out) and no peer is at fault.
+  uint64_t slices() const { return slices_.load(std::memory_order_relaxed); }
 
  private:
   static constexpr auto kBurst = std::chrono::milliseconds(5);
@@ -104,6 +108,7 @@ class Pacer {
   const double rate_;
   std::mutex mu_;
   Clock::time_point next_{};
+  std::atomic<uint64_t> slices_{0};
 };
 
 // Handshake, first half: HELLO on one connection. The receiver answers only when every stream is in, so all
@@ -1618,7 +1623,8 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
       // while the sink commits: the commit time-out rules.
       const bool receiver_commits = commit_deadline && stats.acked_chunks.load() == sh.sequencer.total();
       if (!receiver_commits &&
-          idle.expired(stats.bytes.load() + stats.acked_chunks.load() + stats.resumes.load())) {
+          idle.expired(stats.bytes.load() + stats.acked_chunks.load() + stats.resumes.load() +
+                       (sh.pacer ? sh.pacer->slices() : 0))) {
         sh.failure.set(Reason::timeout, "nothing moved for " + std::to_string(options.idle_timeout_ms) +
                                             " ms (stalled receiver or link?)");
       }

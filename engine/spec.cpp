@@ -82,6 +82,8 @@ uint64_t parse_rate(std::string_view text) {
     if (n.empty() || ec != std::errc() || end != n.data() + n.size() || v == 0) {
       throw bad("bad rate '" + std::string(text) + "': expected e.g. 500M (bytes/s) or 1gbit");
     }
+    if (v > UINT64_MAX / mult) throw bad("bad rate '" + std::string(text) + "': too large");
+    if (v * mult < 8) throw bad("bad rate '" + std::string(text) + "': below one byte per second");
     return v * mult / 8;
   }
   const uint64_t v = parse_size(text);

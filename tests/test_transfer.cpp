@@ -1406,6 +1406,19 @@ TEST(Transfer, AStalledStreamSourceEndsAtTheIdleTimeOut) {
   EXPECT_NE(o.recv.error.find("nothing moved for 500 ms"), std::string::npos) << o.recv.error;
 }
 
+// Under a cap, a frame may wait for its turn longer than the idle time-out: that wait is not a stall.
+TEST(Transfer, AFrameWaitingForTheBandwidthCapIsNotAStall) {
+  const io::ContentGenerator gen(io::Profile::random, 8);
+  auto src = io::open_emu_source(gen, 4 << 20);
+  auto sink = io::open_emu_sink(gen, 4 << 20);
+  SendOptions so{.streams = 1, .chunk_bytes = 1 << 20, .codec = CodecMode::none};
+  so.bandwidth_bytes_per_second = 2 << 20;  // a frame every 0.5 s
+  so.idle_timeout_ms = 200;
+  const Outcome o = transfer(*src, *sink, so);
+  EXPECT_TRUE(o.send.committed) << o.send.error;
+  EXPECT_TRUE(o.recv.committed) << o.recv.error;
+}
+
 // A cap so low that each frame waits its turn for many seconds: a cancel still ends the transfer at once,
 // not after the frames already scheduled.
 TEST(Transfer, ACancelEndsAWaitForALowBandwidthCap) {
