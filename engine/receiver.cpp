@@ -543,6 +543,7 @@ void writer(Shared& sh) {
 struct Refusal {
   Reason reason;
   std::string text;
+  bool silent = false;  // the peer closed or reset the connection before its first byte
 };
 
 // Reads one HELLO. Returns the refusal, if any.
@@ -553,7 +554,9 @@ std::optional<Refusal> read_hello(int fd, int timeout_ms, const RecvOptions& o, 
   if (r == 0) return Refusal{Reason::timeout, "no HELLO within " + std::to_string(timeout_ms) + " ms"};
   if (r < 0) return Refusal{Reason::connection, "poll: " + errno_text(r)};
   const HeaderRead hr = recv_header_by(fd, wire::kMaxChunkBytes, deadline);
-  if (hr.kind == HeaderRead::eof) return Refusal{Reason::connection, "peer closed before HELLO"};
+  if (hr.kind == HeaderRead::eof) return Refusal{Reason::connection, "peer closed before HELLO", true};
+  if (hr.kind == HeaderRead::io_error && hr.err == -ECONNRESET)
+    return Refusal{Reason::connection, "peer reset the connection before HELLO", true};
   if (hr.kind == HeaderRead::io_error && hr.err == -ETIMEDOUT) return Refusal{Reason::timeout, late};
   if (hr.kind == HeaderRead::io_error)
     return Refusal{Reason::connection, "receive HELLO: " + errno_text(hr.err)};
@@ -692,8 +695,8 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int l
   // Accept the streams of one session.
   std::vector<io::Fd> conns;
   wire::Hello first;
-  // The first stream defines the session: a refusal of any stream ends this transfer, and every stream
-  // already accepted is told why, so the sender reports our reason rather than a closed connection.
+  // The first stream defines the session: refusing a sender ends this transfer (but see `stray` below for
+  // connections that never were one), and every stream already accepted is told why, so the sender reports our reason rather than a closed connection.
   // The same for every other failure while streams are being accepted (time-out, cancel, listener error).
   auto abort_accepted = [&](Reason reason, const std::string& text, const char* prefix = "") {
     for (io::Fd& other : conns) {
@@ -704,11 +707,25 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int l
   auto refuse_accepted = [&](const Refusal& r) {
     return abort_accepted(r.reason, r.text, "refused sender: ");
   };
-  for (unsigned accepted = 0; conns.empty() || accepted < first.stream_count; ++accepted) {
+  // On a listener anything may connect, and what never was a sender of this session does not end the
+  // receive: a connection closed or reset before its first byte (a port scan, a health check), a resume
+  // left over from an earlier transfer, another sender's stream while this session's come in (told "busy").
+  // It is refused, logged, and named if the wait then times out. Connections handed in are the caller's own:
+  // any refusal ends the receive.
+  unsigned strays = 0;
+  std::string last_stray;
+  auto stray = [&](const std::string& text) {
+    ++strays;
+    last_stray = text;
+    if (options.log) options.log(LogLevel::warn, "refused a connection that is not this transfer's: " + text);
+  };
+  const bool strays_allowed = listen_fd >= 0;
+  unsigned accepted = 0;
+  auto deadline = Clock::now() + std::chrono::milliseconds(options.accept_timeout_ms);
+  while (conns.empty() || accepted < first.stream_count) {
     io::Fd c;
     // Wait in short slices so a cancel is noticed.
     const int timeout_ms = conns.empty() ? options.accept_timeout_ms : options.handshake_timeout_ms;
-    const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
     try {
       while (!c) {
         if (cancel && cancel->requested())
@@ -716,11 +733,15 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int l
         if (timeout_ms >= 0 && Clock::now() > deadline) {
           const size_t have =
               size_t(std::count_if(conns.begin(), conns.end(), [](const io::Fd& f) { return bool(f); }));
-          return abort_accepted(Reason::timeout,
-                                conns.empty()
-                                    ? "no sender connected within " + std::to_string(timeout_ms) + " ms"
-                                    : "only " + std::to_string(have) + " of " +
-                                          std::to_string(first.stream_count) + " streams connected");
+          std::string text = conns.empty()
+                                 ? "no sender connected within " + std::to_string(timeout_ms) + " ms"
+                                 : "only " + std::to_string(have) + " of " +
+                                       std::to_string(first.stream_count) + " streams connected";
+          if (strays > 0) {
+            text += " (refused " + std::to_string(strays) + " other connection" + (strays > 1 ? "s" : "") +
+                    ", the last: " + last_stray + ")";
+          }
+          return abort_accepted(Reason::timeout, text);
         }
         c = next_connection(100);
       }
@@ -729,18 +750,37 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int l
     }
     // TLS before the HELLO (or, without TLS, the refusal of a TLS client). A connection TLS refused had its
     // answer from secure_server (an alert, or ABORTED to a peer of the other kind): no frame of ours on it.
-    if (HandshakeError e = tls.secure_server(c, options.tls, options.handshake_timeout_ms))
+    if (HandshakeError e = tls.secure_server(c, options.tls, options.handshake_timeout_ms)) {
+      if (strays_allowed && e.silent) {
+        stray(e.text);
+        continue;
+      }
       return refuse_accepted(Refusal{e.reason, e.text});
+    }
     wire::Hello hello;
     std::optional<Refusal> refusal =
         read_hello(c.get(), options.handshake_timeout_ms, options, &hello);
+    // Over TLS a close here is the relay's, after a handshake: that peer was a sender (secure_server tells
+    // a silent one).
+    if (strays_allowed && refusal && refusal->silent && !options.tls.enabled()) {
+      stray(refusal->text);
+      continue;
+    }
+    std::optional<Refusal> not_ours;
     // A resume belongs to a running session; there is none yet.
     if (!refusal && (hello.flags & wire::kHelloResume))
-      refusal = Refusal{Reason::session, "no session to resume"};
+      not_ours = Refusal{Reason::session, "no session to resume"};
+    if (!refusal && !conns.empty() && hello.session_id != first.session_id)
+      not_ours = Refusal{Reason::session, "busy: this receiver is serving another transfer"};
+    if (not_ours) {
+      refuse(*ring, c.get(), *not_ours);
+      if (!strays_allowed) return refuse_accepted(*not_ours);
+      stray(not_ours->text);
+      continue;
+    }
     if (!refusal && !conns.empty()) {
-      if (hello.session_id != first.session_id || hello.stream_count != first.stream_count ||
-          hello.max_chunk_bytes != first.max_chunk_bytes) {
-        refusal = Refusal{Reason::session, "HELLO belongs to another session or disagrees with stream 0's"};
+      if (hello.stream_count != first.stream_count || hello.max_chunk_bytes != first.max_chunk_bytes) {
+        refusal = Refusal{Reason::session, "HELLO disagrees with stream 0's (stream count or chunk size)"};
       }
     }
     if (!refusal) {
@@ -759,6 +799,8 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int l
       return refuse_accepted(*refusal);
     }
     conns[hello.stream_index] = std::move(c);
+    ++accepted;
+    deadline = Clock::now() + std::chrono::milliseconds(options.handshake_timeout_ms);
   }
 
   result.tls = tls.describe();

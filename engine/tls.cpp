@@ -1402,6 +1402,9 @@ HandshakeError TlsSession::secure_server(io::Fd& conn, const TlsOptions& options
   if (n == -ETIMEDOUT) {
     return {Reason::timeout, "no TLS ClientHello within " + std::to_string(timeout_ms) + " ms"};
   }
+  if (n == 0 || n == -ECONNRESET) {
+    return {.reason = Reason::connection, .text = "peer closed before its first byte", .silent = true};
+  }
   if (n == 4 && std::memcmp(first, "DSXF", 4) == 0) {
     send_refusal(conn.get(),
                  "this receiver requires TLS: start the sender with --tls-ca/--tls-cert/--tls-key or "

@@ -57,6 +57,9 @@ struct HandshakeError {
   wire::Reason reason = wire::Reason::unspecified;
   std::string text;
   bool refused = false;
+  // The peer closed or reset the connection before its first byte: a port scan or a health check rather
+  // than a sender (the receiver does not end a receive for it).
+  bool silent = false;
   explicit operator bool() const { return !text.empty(); }
 };
 

@@ -396,6 +396,30 @@ TEST_F(TlsTest, PeerNameMayBeAnIpAddress) {
   expect_byte_exact();
 }
 
+// A connection closed before its first byte (a port scan, a health check) reaches a TLS receiver before the
+// sender: it is refused and logged, and the transfer goes on.
+TEST_F(TlsTest, AConnectionClosedBeforeItsFirstByteDoesNotEndATlsReceive) {
+  auto source = open_source("file:" + src_.string());
+  auto sink = open_sink("file:" + sink_.string());
+  io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
+  const uint16_t port = io::bound_port(listener.get());
+  { io::Fd probe = io::tcp_connect(io::HostPort{"127.0.0.1", port}, io::SocketOptions{}); }
+  auto [ro, so] = options(certs("receiver"), certs("sender"), 5000);
+  std::atomic<int> refused{0};
+  ro.log = [&](LogLevel, const std::string& line) {
+    if (contains(line, "not this transfer's: peer closed before its first byte")) ++refused;
+  };
+  so.streams = 2;
+  Outcome o;
+  std::thread receiver([&] { o.recv = receive(*sink, listener.get(), ro, nullptr, nullptr); });
+  o.send = send_to(*source, io::HostPort{"127.0.0.1", port}, so, nullptr, nullptr);
+  receiver.join();
+  ASSERT_TRUE(o.send.committed) << o.send.error << " | receiver: " << o.recv.error;
+  ASSERT_TRUE(o.recv.committed) << o.recv.error;
+  EXPECT_EQ(refused.load(), 1);
+  expect_byte_exact();
+}
+
 TEST_F(TlsTest, UserSpaceRelayWhenKtlsIsOff) {
   setenv("DSTX_KTLS", "off", 1);
   const Outcome o =
@@ -832,7 +856,8 @@ TEST_F(TlsTest, CutConnectionResumesOverTls) {
 // A cut stream reconnects, with a TLS handshake of its own, to a receiver that holds no session to resume
 // (another one, as after a restart). It refuses the resume HELLO: the sender gives up at once and says so
 // ("not taken back"), rather than spending its other attempts, exactly as without TLS
-// (Resume.ARefusedReconnectionFailsAtOnceWithTheRefusal). Neither receiver commits or writes anything.
+// (Resume.ARefusedReconnectionFailsAtOnceWithTheRefusal). Neither receiver commits or writes anything; the
+// other one, whose wait the stale resume does not end, times out naming it.
 TEST_F(TlsTest, ReconnectionRefusedAfterItsHandshakeIsNotRetried) {
   auto source = open_source("file:" + src_.string());
   auto sink = open_sink("file:" + sink_.string());
@@ -842,9 +867,12 @@ TEST_F(TlsTest, ReconnectionRefusedAfterItsHandshakeIsNotRetried) {
   io::Fd other = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
   const uint16_t other_port = io::bound_port(other.get());
   const RecvOptions ro = resuming_receiver(certs("receiver"));
+  RecvOptions other_ro = ro;
+  other_ro.accept_timeout_ms = 3000;
   Result recv_result, other_result;
   std::thread receiver([&] { recv_result = receive(*sink, listener.get(), ro, nullptr, nullptr); });
-  std::thread other_receiver([&] { other_result = receive(*other_sink, other.get(), ro, nullptr, nullptr); });
+  std::thread other_receiver(
+      [&] { other_result = receive(*other_sink, other.get(), other_ro, nullptr, nullptr); });
   const test::Fault cut{.kind = test::Fault::cut, .connection = 0, .at = 1 << 20, .down_ms = -1};
   test::FaultProxy proxy(io::bound_port(listener.get()), cut);
   SendOptions so = resuming_sender(5);
@@ -867,7 +895,8 @@ TEST_F(TlsTest, ReconnectionRefusedAfterItsHandshakeIsNotRetried) {
   EXPECT_EQ(st.resumes.load(), 0u);
   EXPECT_FALSE(recv_result.committed);
   EXPECT_FALSE(other_result.committed);
-  EXPECT_EQ(other_result.reason, wire::Reason::session) << other_result.error;
+  EXPECT_EQ(other_result.reason, wire::Reason::timeout) << other_result.error;
+  EXPECT_TRUE(contains(other_result.error, "the last: no session to resume")) << other_result.error;
   expect_nothing_written();
   EXPECT_FALSE(fs::exists(other_sink_path)) << other_sink_path;
   EXPECT_FALSE(fs::exists(other_sink_path.string() + ".partial")) << other_sink_path;
