@@ -883,7 +883,7 @@ class Relay {
   }
   ~Relay() { finish(Clock::now() + kRelayFlush); }
 
-  // Flushes what the engine wrote (until the deadline), sends close_notify, stops.
+  // Flushes what the engine wrote (until the deadline), ends the stream with a FIN, stops.
   void finish(Clock::time_point deadline) {
     if (!thread_.joinable()) return;
     deadline_ns_.store(deadline.time_since_epoch().count(), std::memory_order_relaxed);
@@ -922,7 +922,7 @@ class Relay {
     std::vector<char> up(kRelayBuffer), down(kRelayBuffer);
     size_t ub = 0, ue = 0, db = 0, de = 0;
     bool app_eof = false, net_eof = false, close_sent = false, app_out_closed = false;
-    bool w_wants_read = false, w_wants_write = false, r_wants_write = false, close_wants_write = false;
+    bool w_wants_read = false, w_wants_write = false, r_wants_write = false;
     SSL* ssl = conn_->ssl.get();
     const int a = app_.get();
     const int s = net_.get();
@@ -953,9 +953,8 @@ class Relay {
               fail(why);
               return;
             }
-            // The peer closed without close_notify (a kTLS peer never sends one): what arrived is authentic,
-            // so deliver it and end the stream; the engine's END and digests catch a truncation.
-            if (!finishing_.load(std::memory_order_acquire)) errors_->set(who_, why);
+            // The peer closed without close_notify (no dstx peer sends one: see below): what arrived is
+            // authentic, so deliver it and end the stream; the engine's END and digests catch a truncation.
             net_eof = true;
             progress = true;
           }
@@ -974,7 +973,7 @@ class Relay {
       }
       if (app_out_closed || db == de) db = de = 0;
       if (net_eof && de == 0 && !app_out_closed) {
-        ::shutdown(a, SHUT_WR);  // the peer's close_notify: end of stream for the engine
+        ::shutdown(a, SHUT_WR);  // the peer's end of stream: the engine's too
         app_out_closed = true;
         progress = true;
       }
@@ -1017,22 +1016,14 @@ class Relay {
           ub = 0;
         }
       }
-      // close_notify once the engine's stream ended and all of it went out
+      // The engine's stream ended and all of it went out: end ours with a FIN, as kTLS does, not with
+      // close_notify. A kTLS peer reads that alert as an error (EIO from recv), which would turn the end of a
+      // committed transfer into a broken connection; truncation is caught by the engine's own framing (END,
+      // COMMITTED and their digests), never taken for success.
       if (app_eof && ub == ue && !close_sent) {
-        ERR_clear_error();
-        const int r = SSL_shutdown(ssl);
-        close_wants_write = false;
-        if (r >= 0) {
-          close_sent = true;
-          ::shutdown(s, SHUT_WR);
-          progress = true;
-        } else if (SSL_get_error(ssl, r) == SSL_ERROR_WANT_WRITE) {
-          close_wants_write = true;
-        } else {
-          ERR_clear_error();
-          close_sent = true;
-          progress = true;
-        }
+        close_sent = true;
+        ::shutdown(s, SHUT_WR);
+        progress = true;
       }
       if (close_sent && ((net_eof && app_out_closed) || finishing)) return;
       if (progress) continue;
@@ -1041,7 +1032,7 @@ class Relay {
       if (!app_eof && ue < kRelayBuffer) ae |= POLLIN;
       if (de > db && !app_out_closed) ae |= POLLOUT;
       if ((!net_eof && !finishing && de < kRelayBuffer) || w_wants_read) se |= POLLIN;
-      if (w_wants_write || r_wants_write || close_wants_write) se |= POLLOUT;
+      if (w_wants_write || r_wants_write) se |= POLLOUT;
       pollfd p[3] = {{.fd = ae ? a : -1, .events = ae, .revents = 0},
                      {.fd = se ? s : -1, .events = se, .revents = 0},
                      {.fd = wake_.get(), .events = POLLIN, .revents = 0}};
@@ -1288,8 +1279,10 @@ HandshakeError TlsSession::secure_client(std::vector<io::Fd>& conns, const TlsOp
     auto c = std::make_unique<Conn>();
     c->config = impl_->config.get();
     c->fd = sockets[i];
+    // A relay's failure abandons the streams' first handshakes (the transfer is failing), not a
+    // reconnection's (hello null): the broken connection's relay has failed by then, as it should.
     HandshakeResult r = handshake(*impl_->config, *c, timeout_ms, [&] {
-      return failed.load() || impl_->errors.failed() || receiver_spoke();
+      return failed.load() || (hello && impl_->errors.failed()) || receiver_spoke();
     });
     ERR_clear_error();
     {

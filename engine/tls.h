@@ -6,8 +6,9 @@
 // the kernel encrypts and authenticates each record. OpenSSL 3.0 (Debian 12) hands only the TLS 1.3 send
 // keys to the kernel itself (its tls13_change_cipher_state skips the read side), so both directions' keys
 // are derived here from the traffic secrets (RFC 8446 7.3) and installed with setsockopt(SOL_TLS, TLS_TX and
-// TLS_RX). No session tickets are sent, so nothing but application data follows the handshake (a kTLS
-// recv() fails with EIO on any other record type).
+// TLS_RX). No session tickets are sent, and streams end with a FIN, not close_notify, so nothing but
+// application data follows the handshake (a kTLS recv() fails with EIO on any other record type); the
+// engine's framing (END, COMMITTED, digests) catches a truncation.
 //
 // Where kTLS is unavailable (kernel without CONFIG_TLS, a UNIX socket, DSTX_KTLS=off), the engine gets one
 // end of a socketpair instead and a relay thread per stream pumps between it and SSL_read/SSL_write on the
@@ -68,7 +69,7 @@ enum class TlsRole : uint8_t { client, server };  // client: the sender; server:
 // The TLS state of one transfer: every stream's session, and the relays of user-space TLS. Its calls may come
 // from several threads (reconnections are secured while the transfer runs). Destroy it after the engine
 // stopped using the streams: a relay then flushes what the engine wrote (bounded by a few seconds), sends
-// close_notify, and stops.
+// its FIN (no close_notify: see above), and stops.
 class TlsSession {
  public:
   TlsSession();

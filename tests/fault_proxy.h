@@ -28,6 +28,7 @@ struct Fault {
   int64_t at = 0;       // byte position in that connection's sender → receiver bytes
   int64_t length = 64;  // duplicate: how many bytes are sent twice
   int delay_ms = 0;     // delay: added before every forwarded piece, on every connection
+  int delay_pieces = -1;  // delay: only before the first this many pieces of each direction (-1: all)
   int down_ms = 0;      // cut: refuse connections for this long afterwards (-1: for good)
   int stall_ms = 0;     // cut: first read and drop what comes for this long, so that frames the sender has
                         // handed over in full are lost whatever the socket buffers hold
@@ -121,6 +122,7 @@ class FaultProxy {
       }
       pos = engine::wire::kHeaderBytes + engine::wire::kHelloBytes;
     }
+    int pieces = 0;
     for (;;) {
       pollfd p{.fd = from, .events = POLLIN, .revents = 0};
       const int r = poll(&p, 1, 50);
@@ -130,7 +132,7 @@ class FaultProxy {
       }
       const ssize_t n = recv(from, buf.data(), buf.size(), 0);
       if (n <= 0) break;
-      if (fault_.kind == Fault::delay)
+      if (fault_.kind == Fault::delay && (fault_.delay_pieces < 0 || pieces++ < fault_.delay_pieces))
         std::this_thread::sleep_for(std::chrono::milliseconds(fault_.delay_ms));
       const bool here = faulty && !fired_ && fault_.at >= pos && fault_.at < pos + n;
       if (here) {

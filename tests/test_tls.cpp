@@ -647,6 +647,35 @@ TEST_F(TlsTest, GarbageAfterAValidHelloFailsTheTransfer) {
   expect_nothing_written();
 }
 
+// A stream ends with a FIN, never with close_notify: a kTLS peer reads that alert as an error (EIO), which
+// would turn the end of a committed transfer into a broken connection. Here the receiver's relay ends the
+// stream after its ABORTED (for a bad frame).
+TEST_F(TlsTest, StreamsEndWithoutCloseNotify) {
+  const std::string dir = certs_.string();
+  int end = SSL_ERROR_NONE;
+  bool aborted = false;
+  const Result r = receive_from(certs("receiver"), [&](int fd) {
+    RawTlsClient c;
+    ASSERT_TRUE(c.connect(fd, dir));
+    const std::vector<std::byte> hello = hello_frame(1);
+    ASSERT_EQ(SSL_write(c.ssl, hello.data(), int(hello.size())), int(hello.size()));
+    char ack[wire::kHeaderBytes + wire::kHelloBytes];
+    ASSERT_EQ(SSL_read(c.ssl, ack, sizeof ack), int(sizeof ack));  // HELLO_ACK: the session is on
+    const std::string junk(64, 'x');  // not a frame header
+    ASSERT_EQ(SSL_write(c.ssl, junk.data(), int(junk.size())), int(junk.size()));
+    aborted = read_frame(c.ssl).header.type == wire::FrameType::aborted;
+    char b[4096];
+    int n;
+    while ((n = SSL_read(c.ssl, b, sizeof b)) > 0) {
+    }
+    end = SSL_get_error(c.ssl, n);
+  });
+  EXPECT_FALSE(r.committed);
+  EXPECT_TRUE(aborted) << r.error;
+  EXPECT_NE(end, SSL_ERROR_ZERO_RETURN) << "the stream ended with close_notify";
+  EXPECT_NE(end, SSL_ERROR_NONE);
+}
+
 // Streams 0 and 1 are in (TLS and HELLO), then TLS refuses the next connection: a certificate from another
 // CA, a plaintext peer, garbage. The receiver fails the transfer and tells every stream it accepted why
 // (ABORTED, reason and text): the sender then reports the receiver's reason, not a closed connection. Played
@@ -849,6 +878,32 @@ TEST_F(TlsTest, CutConnectionResumesOverTls) {
                                      psk(), true, &st);
   ASSERT_TRUE(o.send.committed) << o.send.error << " | receiver: " << o.recv.error;
   ASSERT_TRUE(o.recv.committed) << o.recv.error;
+  EXPECT_GE(st.resumes.load(), 1u);
+  expect_byte_exact();
+}
+
+// A cut stream's reconnection whose TLS handshake takes more than a moment (a path with some latency: here
+// 150 ms before each of a reconnection's first pieces each way). The relay of the broken connection has failed by then; that must
+// not abandon the new handshake as if the transfer had failed.
+TEST_F(TlsTest, ASlowReconnectionHandshakeIsNotAbandonedForTheBrokenStream) {
+  auto source = open_source("file:" + src_.string());
+  auto sink = open_sink("file:" + sink_.string());
+  io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
+  const uint16_t port = io::bound_port(listener.get());
+  RecvOptions ro = resuming_receiver(certs("receiver"));
+  ro.resume_timeout_ms = 10000;
+  Result recv_result;
+  std::thread receiver([&] { recv_result = receive(*sink, listener.get(), ro, nullptr, nullptr); });
+  test::FaultProxy cutting(port, test::Fault{.kind = test::Fault::cut, .connection = 0, .at = 1 << 20});
+  test::FaultProxy slow(port, test::Fault{.kind = test::Fault::delay, .delay_ms = 150, .delay_pieces = 4});
+  SendOptions so = resuming_sender(3);
+  so.reconnect = [&] { return io::tcp_connect(io::HostPort{"127.0.0.1", slow.port()}, so.socket); };
+  Stats st;
+  const Result send_result = send_to(*source, io::HostPort{"127.0.0.1", cutting.port()}, so, &st, nullptr);
+  receiver.join();
+  EXPECT_TRUE(cutting.fired());
+  ASSERT_TRUE(send_result.committed) << send_result.error << " | receiver: " << recv_result.error;
+  ASSERT_TRUE(recv_result.committed) << recv_result.error;
   EXPECT_GE(st.resumes.load(), 1u);
   expect_byte_exact();
 }
