@@ -338,6 +338,15 @@ std::vector<std::byte> hello_frame(uint16_t streams, uint16_t index = 0) {
   return f;
 }
 
+// A session of one stream on `fd`, by hand: TLS, HELLO, HELLO_ACK. False if any step fails.
+bool start_session(RawTlsClient& c, int fd, const std::string& dir) {
+  if (!c.connect(fd, dir)) return false;
+  const std::vector<std::byte> hello = hello_frame(1);
+  if (SSL_write(c.ssl, hello.data(), int(hello.size())) != int(hello.size())) return false;
+  char ack[wire::kHeaderBytes + wire::kHelloBytes];
+  return SSL_read(c.ssl, ack, sizeof ack) == int(sizeof ack);
+}
+
 // Reads until the peer closes (or the connection fails): what a refused client does while it waits.
 void drain(int fd) {
   char b[256];
@@ -633,11 +642,7 @@ TEST_F(TlsTest, GarbageAfterAValidHelloFailsTheTransfer) {
   const std::string dir = certs_.string();
   const Result r = receive_from(certs("receiver"), [&](int fd) {
     RawTlsClient c;
-    ASSERT_TRUE(c.connect(fd, dir));
-    const std::vector<std::byte> hello = hello_frame(1);
-    ASSERT_EQ(SSL_write(c.ssl, hello.data(), int(hello.size())), int(hello.size()));
-    char ack[wire::kHeaderBytes + wire::kHelloBytes];
-    ASSERT_EQ(SSL_read(c.ssl, ack, sizeof ack), int(sizeof ack));  // HELLO_ACK: the session is on
+    ASSERT_TRUE(start_session(c, fd, dir));
     unsigned char junk[200] = {0x17, 0x03, 0x03, 0x00, 195};
     send_all(fd, junk, sizeof junk);
     drain(fd);
@@ -656,11 +661,7 @@ TEST_F(TlsTest, StreamsEndWithoutCloseNotify) {
   bool aborted = false;
   const Result r = receive_from(certs("receiver"), [&](int fd) {
     RawTlsClient c;
-    ASSERT_TRUE(c.connect(fd, dir));
-    const std::vector<std::byte> hello = hello_frame(1);
-    ASSERT_EQ(SSL_write(c.ssl, hello.data(), int(hello.size())), int(hello.size()));
-    char ack[wire::kHeaderBytes + wire::kHelloBytes];
-    ASSERT_EQ(SSL_read(c.ssl, ack, sizeof ack), int(sizeof ack));  // HELLO_ACK: the session is on
+    ASSERT_TRUE(start_session(c, fd, dir));
     const std::string junk(64, 'x');  // not a frame header
     ASSERT_EQ(SSL_write(c.ssl, junk.data(), int(junk.size())), int(junk.size()));
     aborted = read_frame(c.ssl).header.type == wire::FrameType::aborted;
