@@ -207,6 +207,10 @@ int cmd_recv(const std::vector<std::string>& argv) {
                      "), not '" + spec + "'");
   }
   const io::vfio::ProtocolChoice protocol = vfio_protocol(args);
+  if (count > 1 && spec.starts_with("fd:")) {
+    throw UsageError("--count " + std::to_string(count) + " with --sink " + spec +
+                     ": the descriptor is closed after the first transfer (use stdout: or file:)");
+  }
   io::Fd listener;
   // --count N: one transfer after another on the same listener, each into a sink freshly opened from `spec`.
   int rc = kExitOk;

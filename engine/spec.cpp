@@ -1,5 +1,6 @@
 #include "engine/spec.h"
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <charconv>
@@ -19,6 +20,10 @@ int parse_fd(std::string_view text, std::string_view spec) {
   const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), fd);
   if (ec != std::errc() || end != text.data() + text.size() || fd < 0) {
     throw bad("bad file descriptor '" + std::string(text) + "' in '" + std::string(spec) + "'");
+  }
+  // Not open: the number would name whatever the process opens next (a listener, a stream's socket).
+  if (::fcntl(fd, F_GETFD) < 0) {
+    throw bad("file descriptor " + std::to_string(fd) + " in '" + std::string(spec) + "' is not open");
   }
   return fd;
 }

@@ -117,7 +117,9 @@ class FdSource final : public Source {
   bool random_access() const override { return false; }
 
   // A pipe, socket or tty: each read takes what is there once poll says so, and the wait for more is in
-  // slices, so that a writer that stalls without closing cannot hold the transfer past its failure.
+  // slices, so that a writer that stalls without closing cannot hold the transfer past its failure. A slice
+  // that passes with bytes in hand ends the chunk short: a slow writer's bytes go out as they come, not once
+  // a whole chunk has gathered (which could take longer than the idle time-out).
   size_t read_next(Ring&, std::span<std::byte> out, ReadInfo* /*info*/) override {
     // Once a stream has ended we never read again: a tty would otherwise hand out more bytes after Ctrl-D.
     if (eof_ || out.empty()) return 0;
@@ -125,6 +127,7 @@ class FdSource final : public Source {
     while (done < out.size()) {
       pollfd p{.fd = fd_, .events = POLLIN, .revents = 0};
       const int ready = ::poll(&p, 1, kWaitSliceMs);
+      if (ready == 0 && done > 0) break;
       if (ready == 0 || (ready < 0 && errno == EINTR)) {
         if (stop_requested()) {
           throw std::runtime_error(name_ + ": gave up waiting for input after byte " +

@@ -8,6 +8,7 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -91,7 +92,9 @@ class Ring {
   virtual bool queue(Completion* c) = 0;
 
   // Submits what is queued and waits until at least `min_complete` completions are ready to reap
-  // (min_complete may be 0). Returns 0 or -errno. EINTR is retried inside.
+  // (min_complete may be 0). Returns 0 or -errno. EINTR is retried inside. On failure nothing stays queued:
+  // what the kernel did not take comes back from reap() with an error (-ENOMEM when it lacked memory), so
+  // that no later submission runs it on a buffer its caller has given up.
   virtual int submit(unsigned min_complete) = 0;
 
   // Hands back up to out.size() finished completions (each with `done` set). Never blocks.
@@ -112,6 +115,10 @@ class Ring {
   // Operations queued or in flight that have not yet been reaped (includes send_zc awaiting notification).
   virtual unsigned in_flight() const = 0;
 };
+
+// For tests: while above zero, each io_uring submission fails as when the kernel is short of memory
+// (EAGAIN from io_uring_enter), and counts down.
+extern std::atomic<int> test_failing_submissions;
 
 // Makes a ring of the given backend. Throws std::system_error naming the failing call.
 std::unique_ptr<Ring> make_ring(Backend backend, const RingOptions& options = {});

@@ -104,12 +104,16 @@ class UringRing final : public Ring {
       drain_cqes();
       const bool need_more = ready_.size() < target;
       if (io_uring_sq_ready(&ring_) == 0 && !need_more) return 0;
-      const int rc = io_uring_submit_and_wait(&ring_, need_more ? 1 : 0);
+      const int rc = test_failing_submissions.load(std::memory_order_relaxed) > 0 &&
+                             test_failing_submissions.fetch_sub(1, std::memory_order_relaxed) > 0
+                         ? -EAGAIN
+                         : io_uring_submit_and_wait(&ring_, need_more ? 1 : 0);
       if (rc >= 0 || rc == -EINTR) {
         busy_retries = 0;
         continue;
       }
       if ((rc == -EAGAIN || rc == -EBUSY) && ++busy_retries <= kBusyRetriesMax) continue;
+      withdraw_unsubmitted(rc == -EAGAIN ? -ENOMEM : rc);
       return rc;
     }
   }
@@ -238,6 +242,23 @@ class UringRing final : public Ring {
       if ((cqe.flags & IORING_CQE_F_MORE) == 0) c->notified = true;
     }
     if (c->done && c->notified) ready_.push_back(c);
+  }
+
+  // The kernel would not take the queued SQEs: they would go with the next submission, on buffers their
+  // callers may have freed by then. Each becomes a NOP whose completion is ignored (user_data null), and its
+  // Completion comes back from reap() with `error`.
+  void withdraw_unsubmitted(int error) {
+    const unsigned head = io_uring_smp_load_acquire(ring_.sq.khead);
+    for (unsigned i = head; i != ring_.sq.sqe_tail; ++i) {
+      struct io_uring_sqe* sqe = &ring_.sq.sqes[i & ring_.sq.ring_mask];  // as io_uring_get_sqe gave it
+      auto* c = reinterpret_cast<Completion*>(static_cast<uintptr_t>(sqe->user_data));
+      io_uring_prep_nop(sqe);
+      io_uring_sqe_set_data(sqe, nullptr);
+      if (c == nullptr) continue;
+      c->result = error;
+      c->done = c->notified = true;
+      ready_.push_back(c);
+    }
   }
 
   void cancel_all() noexcept {

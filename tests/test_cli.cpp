@@ -59,6 +59,12 @@ TEST_F(CliTest, UsageErrorsExitTwoAndNameWhatWasWrong) {
   EXPECT_NE(err.find("gzip"), std::string::npos) << err;
   EXPECT_EQ(run({"send", "--source", "emu:", "--to", "127.0.0.1:1", "--replay-buffer", "2G"}, nullptr, &err), 2);
   EXPECT_NE(err.find("--replay-buffer 2G: at most 1G"), std::string::npos) << err;
+  EXPECT_EQ(run({"recv", "--listen", "127.0.0.1:0", "--sink", "fd:77"}, nullptr, &err), 2);
+  EXPECT_NE(err.find("file descriptor 77 in 'fd:77' is not open"), std::string::npos) << err;
+  EXPECT_EQ(run({"recv", "--listen", "127.0.0.1:0", "--sink", "fd:2", "--count", "2"}, nullptr, &err), 2);
+  EXPECT_NE(err.find("--count 2 with --sink fd:2: the descriptor is closed after the first transfer"),
+            std::string::npos)
+      << err;
 }
 
 TEST_F(CliTest, HelpOnEveryCommand) {

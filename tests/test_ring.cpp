@@ -113,6 +113,24 @@ TEST_P(RingTest, ReportsItsBackend) {
   EXPECT_EQ(ring_->backend(), GetParam());
 }
 
+// The kernel will not take a submission (short of memory): the operation comes back with an error and
+// leaves nothing in the ring, so no later submission runs it on a buffer its caller has given up.
+TEST_P(RingTest, AFailedSubmissionLeavesNothingQueued) {
+  if (GetParam() != Backend::uring) GTEST_SKIP() << "io_uring only: the syscall backend submits nothing";
+  Pair p = socket_pair();
+  ASSERT_TRUE(p.a);
+  const std::string first = "first", second = "second";
+  test_failing_submissions = 1 << 20;
+  const int64_t rc = send_full(*ring_, p.a.get(), first.data(), first.size());
+  test_failing_submissions = 0;
+  EXPECT_EQ(rc, -ENOMEM);
+  EXPECT_EQ(ring_->in_flight(), 0u);
+  ASSERT_EQ(send_full(*ring_, p.a.get(), second.data(), second.size()), int64_t(second.size()));
+  char got[64] = {};
+  const ssize_t n = ::recv(p.b.get(), got, sizeof got, MSG_DONTWAIT);
+  EXPECT_EQ(std::string(got, size_t(std::max<ssize_t>(n, 0))), second) << "the withdrawn send ran after all";
+}
+
 TEST_P(RingTest, FileWritesAndReadsAtOffsetsWithSeveralInFlight) {
   Fd file = temp_file();
   ASSERT_TRUE(file);

@@ -1,4 +1,6 @@
 // Endpoint specs, sizes and rates: what users type.
+#include <unistd.h>
+
 #include <gtest/gtest.h>
 
 #include <string>
@@ -102,6 +104,24 @@ TEST(Spec, SourcesAndSinksByKind) {
   }
   for (const char* bad : {"nokind", "bogus:x", "file:", "fd:12x"}) {
     EXPECT_THROW(open_sink(bad), std::invalid_argument) << bad;
+  }
+  // A number that names no open descriptor is refused, not taken as whatever gets that number next.
+  const int closed = ::dup(STDERR_FILENO);
+  ASSERT_GE(closed, 0);
+  ::close(closed);
+  const std::string spec = "fd:" + std::to_string(closed);
+  for (const bool as_sink : {false, true}) {
+    try {
+      if (as_sink) {
+        open_sink(spec);
+      } else {
+        open_source(spec);
+      }
+      ADD_FAILURE() << spec << " accepted";
+    } catch (const std::invalid_argument& e) {
+      EXPECT_EQ(std::string(e.what()),
+                "file descriptor " + std::to_string(closed) + " in '" + spec + "' is not open");
+    }
   }
   try {
     open_source("bogus:x");

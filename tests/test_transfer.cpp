@@ -1496,6 +1496,33 @@ TEST(Transfer, AFrameWaitingForTheBandwidthCapIsNotAStall) {
   EXPECT_TRUE(o.recv.committed) << o.recv.error;
 }
 
+// A stream source whose writer is slow but alive (4 KiB every 100 ms, far from a 1 MiB chunk within the idle
+// time-out): its bytes go out as they come, in short chunks, and the transfer completes.
+TEST(Transfer, ASlowStreamSourceIsNotAStall) {
+  int p[2];
+  ASSERT_EQ(::pipe(p), 0);
+  io::Fd read_end(p[0]);
+  auto src = io::open_fd_source(read_end.get(), false, "test:pipe");
+  auto sink = io::open_null_sink();
+  std::thread writer([w = io::Fd(p[1])] {
+    const std::string piece(4096, 'd');
+    for (int i = 0; i < 16; ++i) {
+      ASSERT_EQ(::write(w.get(), piece.data(), piece.size()), ssize_t(piece.size()));
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  });
+  SendOptions so{.streams = 1, .chunk_bytes = 1 << 20};
+  so.idle_timeout_ms = 700;
+  RecvOptions ro;
+  ro.idle_timeout_ms = 700;
+  const Outcome o = transfer(*src, *sink, so, ro);
+  writer.join();
+  EXPECT_TRUE(o.send.committed) << o.send.error;
+  EXPECT_TRUE(o.recv.committed) << o.recv.error;
+  EXPECT_EQ(o.recv.bytes, 16u * 4096);
+  EXPECT_EQ(o.send.digest, o.recv.digest);
+}
+
 // A cap so low that each frame waits its turn for many seconds: a cancel still ends the transfer at once,
 // not after the frames already scheduled.
 TEST(Transfer, ACancelEndsAWaitForALowBandwidthCap) {

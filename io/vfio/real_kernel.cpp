@@ -140,8 +140,8 @@ int64_t ring_once(Ring& ring, Op op, int fd, void* buf, size_t len, int64_t offs
     // Bounded: each round either reaps our one completion or waits in submit() for it.
     for (int round = 0; round < 1000000 && got == nullptr; ++round) {
       const int rc = ring.submit(1);
-      if (rc < 0) return rc;
-      ring.reap(std::span<Completion*>(&got, 1));
+      ring.reap(std::span<Completion*>(&got, 1));  // a failed submit hands `c` back with its error
+      if (rc < 0 && got == nullptr) return rc;
     }
     if (got != &c) return -EBUSY;
     if (c.result == -EINTR) continue;
