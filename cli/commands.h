@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/transfer.h"
 #include "io/endpoints.h"
 
 namespace dstx::cli {
@@ -14,6 +15,11 @@ int cmd_migrate(const std::vector<std::string>& argv);
 
 // dstx tune: measure this machine and link, save the profile send/demo/migrate default to (cli/tune.cpp).
 int cmd_tune(const std::vector<std::string>& argv);
+
+// Requested by the first SIGINT or SIGTERM (cli/main.cpp); a second ends the process at once.
+engine::Cancel& signal_cancel();
+// What the first signal prints to stderr (a string literal): what cancelling does, and that a second forces.
+void set_signal_note(const char* note);
 
 // dstx recv into a device sink: the device's final state (and digest) for the summary; nothing for other
 // sinks.

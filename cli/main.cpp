@@ -5,6 +5,7 @@
 
 #include <cstdio>
 #include <cstring>
+#include <atomic>
 #include <string>
 #include <thread>
 #include <vector>
@@ -26,9 +27,20 @@ constexpr int kExitFailed = 1;
 constexpr int kExitUsage = 2;
 
 engine::Cancel g_cancel;
+std::atomic<const char*> g_force_note{"dstx: cancelling; a second Ctrl-C ends it at once\n"};
 
-void on_signal(int) {
-  g_cancel.request();
+// The first SIGINT or SIGTERM cancels (both sides stop cleanly); a second ends the process at once, for a
+// wait no cancel reaches (a blocking write into a pipe whose reader stopped, a name lookup).
+void on_signal(int sig) {
+  static std::atomic<int> seen{0};
+  if (seen.fetch_add(1) == 0) {
+    g_cancel.request();
+    const char* note = g_force_note.load();
+    (void)!::write(STDERR_FILENO, note, std::strlen(note));
+    return;
+  }
+  ::signal(sig, SIG_DFL);
+  ::raise(sig);
 }
 
 void install_signals() {
@@ -39,6 +51,13 @@ void install_signals() {
   sigaction(SIGTERM, &sa, nullptr);
   signal(SIGPIPE, SIG_IGN);
 }
+
+}  // namespace
+
+engine::Cancel& signal_cancel() { return g_cancel; }
+void set_signal_note(const char* note) { g_force_note = note; }
+
+namespace {
 
 const char* kMainHelp =
     "dstx: device-state transfer for VM live migration\n"
@@ -267,7 +286,7 @@ int cmd_demo(const std::vector<std::string>& argv) {
       throw UsageError("--profile '" + *p + "': expected one of " + std::string(io::profile_names()));
     }
   }
-  spec.seed = args.get_size("seed", 1);
+  spec.seed = args.get_unsigned("seed", 1, 0, INT32_MAX);
   engine::SendOptions so = send_options(args);
   const bool json = args.has("json");
   const io::ContentGenerator gen(spec.profile, spec.seed);

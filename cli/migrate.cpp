@@ -1,6 +1,5 @@
 // dstx migrate: the source side of a device migration. Exit 0 only after COMMITTED; on any failure the
 // device is back in RUNNING before dstx exits 1.
-#include <signal.h>
 
 #include <cinttypes>
 #include <cstdio>
@@ -21,12 +20,6 @@ namespace {
 constexpr int kExitOk = 0;
 constexpr int kExitFailed = 1;
 
-engine::Cancel g_migrate_cancel;
-
-void on_signal(int) {
-  g_migrate_cancel.request();
-}
-
 const char* kMigrateHelp =
     "usage: dstx migrate --device SPEC --to HOST:PORT [options]\n"
     "\n"
@@ -38,7 +31,7 @@ const char* kMigrateHelp =
     "                           vfio-group:/dev/vfio/GROUP:DEVICE (PCI address or mdev UUID),\n"
     "                           emu-v1:KEY=VALUE,... or emu-v2:KEY=VALUE,... (emulated devices, see below)\n"
     "  --to HOST:PORT           the receiver\n"
-    "  --streams N              parallel TCP streams (default: one per core)\n"
+    "  --streams N              parallel TCP streams (default: the tune profile's, else one per core)\n"
     "  --precopy-max-rounds N   pre-copy rounds at most (default 8; 0: straight to stop-copy)\n"
     "  --downtime-target MS     leave pre-copy once the rest fits in this many ms (default 300)\n"
     "  --vfio-protocol P        v1, v2 or auto (default: v2 when the device offers it, else v1)\n"
@@ -46,8 +39,9 @@ const char* kMigrateHelp =
     "  --chunk-size SIZE        4K..16M, exactly (default: the tune profile's, else 1M; a v2 device whose\n"
     "                           stop-copy estimate is under 512 of them gets size/512, at least 64K)\n"
     "  --connect-timeout MS, --commit-timeout MS, --idle-timeout MS, --bandwidth RATE,\n"
-    "  --reconnect-attempts N, --replay-buffer SIZE, --no-resume, --tcp-user-timeout MS, and the\n"
-    "  --tls-… options: as for dstx send (dstx send --help)\n"
+    "  --reconnect-attempts N, --replay-buffer SIZE, --no-resume, --tcp-user-timeout MS, --depth N,\n"
+    "  --zstd-level N, --zero-copy-min SIZE, --register-buffers, --no-tune, and the --tls-… options: as for\n"
+    "  dstx send (dstx send --help)\n"
     "  --json                   one JSON object: the send fields plus protocol, downtime_ms, "
     "precopy_rounds,\n"
     "                           precopy_bytes, stopcopy_bytes, device_state, state_digest (emulated "
@@ -115,11 +109,9 @@ int cmd_migrate(const std::vector<std::string>& argv) {
   const bool json = args.has("json");
 
   // Ctrl-C cancels the migration; the device goes back to RUNNING before we exit.
-  struct sigaction sa {};
-  sa.sa_handler = on_signal;
-  sigemptyset(&sa.sa_mask);
-  sigaction(SIGINT, &sa, nullptr);
-  sigaction(SIGTERM, &sa, nullptr);
+  set_signal_note(
+      "dstx migrate: cancelling, the device goes back to RUNNING; a second Ctrl-C ends at once, without "
+      "that\n");
 
   engine::Stats stats;
   std::unique_ptr<engine::MigrationSource> source;
@@ -138,7 +130,7 @@ int cmd_migrate(const std::vector<std::string>& argv) {
     return kExitFailed;
   }
   ProgressLine progress(stats, "migrate", !json && !args.has("quiet"));
-  const engine::MigrateResult r = engine::migrate_to(*source, to, so, &stats, &g_migrate_cancel);
+  const engine::MigrateResult r = engine::migrate_to(*source, to, so, &stats, &signal_cancel());
   progress.stop();
   if (json) {
     print_json(stdout, "migrate", r.transfer, stats, extra_json(r));

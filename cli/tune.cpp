@@ -1,7 +1,6 @@
 // dstx tune: measures this machine and a link (codec speeds and break-even link rates, the best chunk size
 // and stream count, the SEND_ZC break-even frame size) and saves a profile whose chunk size, stream count and
 // zero-copy minimum become the defaults of send, demo and migrate (cli/send_options.cpp reads it).
-#include <signal.h>
 
 #include <algorithm>
 #include <chrono>
@@ -55,12 +54,6 @@ const char* kTuneHelp =
     "  --quick         fewer points and less data (chunk 256K, 1M x streams 1, cores; frames 256K, 1M)\n"
     "  --plan          print how many transfers the run makes (the receiver's --count) and exit\n"
     "  --json          print the profile instead of the table\n";
-
-engine::Cancel g_tune_cancel;
-
-void on_tune_signal(int) {
-  g_tune_cancel.request();
-}
 
 struct TuneError : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -193,14 +186,14 @@ class Runner {
   explicit Runner(std::optional<io::HostPort> to) : to_(std::move(to)) {}
 
   Run run(io::Source& source, const engine::SendOptions& so, const std::string& kind) {
-    if (g_tune_cancel.requested()) throw TuneError("cancelled");
+    if (signal_cancel().requested()) throw TuneError("cancelled");
     engine::Stats send_stats;
     engine::Result sr;
     if (to_) {
       // The receiver's previous transfer keeps accepting (resumed streams) on its listener for a moment after
       // COMMITTED and refuses as "busy" a next transfer that connects then: give it time to close.
       if (runs_++ > 0) std::this_thread::sleep_for(kRemoteGap);
-      sr = engine::send_to(source, *to_, so, &send_stats, &g_tune_cancel);
+      sr = engine::send_to(source, *to_, so, &send_stats, &signal_cancel());
     } else {
       auto sink = io::open_null_sink();
       io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
@@ -210,7 +203,7 @@ class Runner {
       engine::Cancel recv_cancel;
       std::thread receiver(
           [&] { rr = engine::receive(*sink, listener.get(), {}, &recv_stats, &recv_cancel); });
-      sr = engine::send_to(source, io::HostPort{"127.0.0.1", port}, so, &send_stats, &g_tune_cancel);
+      sr = engine::send_to(source, io::HostPort{"127.0.0.1", port}, so, &send_stats, &signal_cancel());
       if (!sr.committed) recv_cancel.request();
       receiver.join();
     }
@@ -372,12 +365,6 @@ int cmd_tune(const std::vector<std::string>& argv) {
   std::string out_path = args.get("out").value_or(engine::tune_profile_path());
   if (out_path.empty()) throw UsageError("no --out, and neither DSTX_TUNE_PROFILE nor HOME is set");
 
-  struct sigaction sa {};
-  sa.sa_handler = on_tune_signal;
-  sigemptyset(&sa.sa_mask);
-  sigaction(SIGINT, &sa, nullptr);
-  sigaction(SIGTERM, &sa, nullptr);
-
   const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
   if (to) {
     std::fprintf(
@@ -393,7 +380,7 @@ int cmd_tune(const std::vector<std::string>& argv) {
     for (const auto& [name, codec, level] :
          {std::tuple{"lz4", compress::Codec::lz4, 1}, std::tuple{"zstd-1", compress::Codec::zstd, 1}}) {
       for (const auto& [pname, profile] : profiles) {
-        if (g_tune_cancel.requested()) throw TuneError("cancelled");
+        if (signal_cancel().requested()) throw TuneError("cancelled");
         CodecPoint p = measure_codec(codec, level, profile, plan.codec_bytes, plan.codec_seconds);
         p.codec = name;
         p.profile = pname;

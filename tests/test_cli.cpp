@@ -59,6 +59,8 @@ TEST_F(CliTest, UsageErrorsExitTwoAndNameWhatWasWrong) {
   EXPECT_NE(err.find("gzip"), std::string::npos) << err;
   EXPECT_EQ(run({"send", "--source", "emu:", "--to", "127.0.0.1:1", "--replay-buffer", "2G"}, nullptr, &err), 2);
   EXPECT_NE(err.find("--replay-buffer 2G: at most 1G"), std::string::npos) << err;
+  EXPECT_EQ(run({"demo", "--seed", "1K"}, nullptr, &err), 2);  // a seed is a number, not a size
+  EXPECT_NE(err.find("--seed '1K'"), std::string::npos) << err;
   EXPECT_EQ(run({"recv", "--listen", "127.0.0.1:0", "--sink", "fd:77"}, nullptr, &err), 2);
   EXPECT_NE(err.find("file descriptor 77 in 'fd:77' is not open"), std::string::npos) << err;
   EXPECT_EQ(run({"recv", "--listen", "127.0.0.1:0", "--sink", "fd:2", "--count", "2"}, nullptr, &err), 2);
@@ -171,6 +173,23 @@ TEST_F(CliTest, CtrlCCancelsBothSidesCleanly) {
 }  // namespace
 
 namespace {
+
+// A receiver blocked writing into a pipe nobody reads (its stdout here) cannot finish a cancel: the first
+// Ctrl-C says a second one forces, and the second ends the process at once.
+TEST_F(CliTest, ASecondCtrlCEndsAReceiverThatCannotFinishItsCancel) {
+  Proc recv({"recv", "--listen", "127.0.0.1:0", "--sink", "stdout:"});
+  const uint16_t port = start_recv(recv);
+  ASSERT_NE(port, 0) << recv.err();
+  Proc send({"send", "--source", "emu:size=64M,profile=random", "--to", "127.0.0.1:" + std::to_string(port)});
+  std::this_thread::sleep_for(500ms);  // the state fills the pipe behind stdout: the sink's writer blocks
+  recv.signal(SIGINT);
+  std::this_thread::sleep_for(300ms);
+  recv.signal(SIGINT);
+  EXPECT_EQ(recv.wait(), 128 + SIGINT) << recv.err();
+  EXPECT_NE(recv.err().find("dstx: cancelling; a second Ctrl-C ends it at once"), std::string::npos)
+      << recv.err();
+  EXPECT_EQ(send.wait(), 1);
+}
 
 TEST_F(CliTest, CtrlCOnTheReceiverCancelsBothSides) {
   const fs::path out = dir_ / "copy.bin";

@@ -22,7 +22,10 @@ TEST(Spec, Sizes) {
   EXPECT_EQ(parse_size("2g"), 2ull << 30);
   EXPECT_EQ(parse_size("1.5G"), 3ull << 29);
   EXPECT_EQ(parse_size("1T"), 1ull << 40);
-  for (const char* bad : {"", "K", "1.5", "12Q", "-1", "1..5G", "99999999999999999999", "20000000000T"}) {
+  EXPECT_EQ(parse_size("16777215.5T"), (16777215ull << 40) + (1ull << 39));
+  // The last: a fraction that rounds up to a whole 2^40 would make exactly 2^64, which wrapped to 0.
+  for (const char* bad : {"", "K", "1.5", "12Q", "-1", "1..5G", "99999999999999999999", "20000000000T",
+                          "16777215.9999999999999T"}) {
     EXPECT_THROW(parse_size(bad), std::invalid_argument) << bad;
   }
   try {
