@@ -321,7 +321,9 @@ size_t MigrationSource::read_v2(io::Ring& ring, std::span<std::byte> out) {
       continue;
     }
     if (n == -EINTR || n == -EAGAIN) {
-      if ((cancel_ && cancel_->requested()) || stop_requested()) fail("gave up waiting for the device (the transfer ended)");
+      if ((cancel_ && cancel_->requested()) || stop_requested()) {
+        fail("gave up waiting for the device (the transfer ended)");
+      }
       k.poll(data_fd_, POLLIN, 100);
       continue;
     }
@@ -401,7 +403,9 @@ size_t MigrationSource::read_v1(io::Ring& ring, std::span<std::byte> out, io::Re
            std::to_string(size) + " outside its " + std::to_string(region.size) + "-byte region");
     }
     if (size == 0) {
-      if ((cancel_ && cancel_->requested()) || stop_requested()) fail("gave up waiting for the device (the transfer ended)");
+      if ((cancel_ && cancel_->requested()) || stop_requested()) {
+        fail("gave up waiting for the device (the transfer ended)");
+      }
       if (++empty_txns_ > kEmptyTransactionsMax) {
         fail("v1: the device reports " + std::to_string(pending) + " pending bytes but hands out no data");
       }

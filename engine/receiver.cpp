@@ -101,6 +101,9 @@ struct Shared {
   std::atomic<unsigned> fixed_file_streams{0};
   std::mutex done_mu;
   std::condition_variable done_cv;
+  // The connection whose handshake the acceptor is reading (-1: none), under accepting_mu.
+  std::mutex accepting_mu;
+  int accepting_fd = -1;
   // Readable once the transfer is over (done or failed): the acceptor's wait for reconnections ends at once.
   io::Fd over_event{::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)};
 
@@ -130,6 +133,10 @@ struct Shared {
     for (Link& l : links) l.cv.notify_all();
     const uint64_t one = 1;
     if (over_event) (void)!::write(over_event.get(), &one, sizeof one);
+    // A connection the acceptor is still reading a handshake from (a silent stray could hold it for the
+    // handshake time-out, and the receive's end with it): its wait ends now.
+    std::lock_guard lock(accepting_mu);
+    if (accepting_fd >= 0) ::shutdown(accepting_fd, SHUT_RDWR);
   }
 
   // Each caller passes its own ring: a ring belongs to the thread that made it.
@@ -643,7 +650,20 @@ void acceptor(Shared& sh, int listen_fd, const std::function<io::Fd(int)>& next_
       continue;
     }
     if (!c) continue;
+    // Registered for wake_links (which shuts it once the transfer is over), and unregistered before `c`
+    // closes it. A transfer that ended before registration is seen by the check that follows.
+    struct Accepting {
+      Shared& sh;
+      Accepting(Shared& s, int fd) : sh(s) { set(fd); }
+      ~Accepting() { set(-1); }
+      void set(int fd) {
+        std::lock_guard lock(sh.accepting_mu);
+        sh.accepting_fd = fd;
+      }
+    } accepting(sh, c.get());
+    if (sh.done || sh.failure.failed()) break;
     if (sh.tls->secure_server(c, sh.options.tls, sh.options.handshake_timeout_ms)) continue;
+    accepting.set(c.get());  // with user-space TLS, the relay's end now
     wire::Hello hello;
     std::optional<Refusal> refusal =
         read_hello(c.get(), sh.options.handshake_timeout_ms, sh.options, &hello);
@@ -696,7 +716,8 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int l
   std::vector<io::Fd> conns;
   wire::Hello first;
   // The first stream defines the session: refusing a sender ends this transfer (but see `stray` below for
-  // connections that never were one), and every stream already accepted is told why, so the sender reports our reason rather than a closed connection.
+  // connections that never were one), and every stream already accepted is told why, so the sender reports
+  // our reason rather than a closed connection.
   // The same for every other failure while streams are being accepted (time-out, cancel, listener error).
   auto abort_accepted = [&](Reason reason, const std::string& text, const char* prefix = "") {
     for (io::Fd& other : conns) {

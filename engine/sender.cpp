@@ -1057,7 +1057,7 @@ class Worker {
         std::vector<io::Fd> one;
         one.push_back(std::move(c));
         const HandshakeError e =
-            sh_.tls->secure_client(one, sh_.options.tls, sh_.options.handshake_timeout_ms, nullptr);
+            sh_.tls->secure_client(one, sh_.options.tls, sh_.options.handshake_timeout_ms, nullptr, index_);
         c = std::move(one[0]);
         if (e) {
           last_error = e.text;

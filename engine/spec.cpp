@@ -67,7 +67,9 @@ uint64_t parse_size(std::string_view text) {
   }
   // The fraction may round up to a whole `mult`: the sum must not wrap around either.
   const uint64_t part = uint64_t(std::llround(frac * double(mult)));
-  if (whole > UINT64_MAX / mult || whole * mult > UINT64_MAX - part) throw bad("size '" + orig + "' is too large");
+  if (whole > UINT64_MAX / mult || whole * mult > UINT64_MAX - part) {
+    throw bad("size '" + orig + "' is too large");
+  }
   return whole * mult + part;
 }
 

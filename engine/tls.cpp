@@ -104,7 +104,17 @@ bool is_ip_address(const std::string& s) {
   return inet_pton(AF_INET, s.c_str(), buf) == 1 || inet_pton(AF_INET6, s.c_str(), buf) == 1;
 }
 
-// "CN=x, DNS:a, IP:1.2.3.4": who a certificate says it is.
+// Text a peer chose (its certificate's names, its PSK identity), made safe to print and to send on as an
+// ABORTED reason: printable ASCII only, at most `max` bytes.
+std::string printable(std::string text, size_t max) {
+  if (text.size() > max) text.resize(max);
+  for (char& ch : text) {
+    if (static_cast<unsigned char>(ch) < 0x20 || static_cast<unsigned char>(ch) > 0x7e) ch = '?';
+  }
+  return text;
+}
+
+// "CN=x, DNS:a, IP:1.2.3.4": who a certificate says it is (printable: the peer chose it).
 std::string describe_cert(X509* cert) {
   if (!cert) return "(no certificate)";
   std::string out;
@@ -136,7 +146,7 @@ std::string describe_cert(X509* cert) {
     out += (out.empty() ? "" : ", ") + sans;
   else
     out += (out.empty() ? "" : ", ") + std::string("no subjectAltName");
-  return out;
+  return printable(std::move(out), 256);
 }
 
 std::string asn1_time_text(const ASN1_TIME* t) {
@@ -512,11 +522,8 @@ std::string ssl_failure(Conn& c, int ssl_err, bool handshake) {
   }
   if (!c.psk_unknown_identity.empty()) {
     ERR_clear_error();
-    std::string id = c.psk_unknown_identity.substr(0, 64);
-    for (char& ch : id) {
-      if (static_cast<unsigned char>(ch) < 0x20 || static_cast<unsigned char>(ch) > 0x7e) ch = '?';
-    }
-    return "the peer's pre-shared key identity '" + id + "' is not ours ('" + c.config->psk.identity + "')";
+    return "the peer's pre-shared key identity '" + printable(c.psk_unknown_identity, 64) +
+           "' is not ours ('" + c.config->psk.identity + "')";
   }
   if (c.first_len >= 4 && std::memcmp(c.first, "DSXF", 4) == 0) {
     ERR_clear_error();
@@ -1246,7 +1253,7 @@ TlsSession::TlsSession() : impl_(std::make_unique<Impl>()) {}
 TlsSession::~TlsSession() = default;
 
 HandshakeError TlsSession::secure_client(std::vector<io::Fd>& conns, const TlsOptions& options,
-                                         int timeout_ms, const wire::Hello* hello) {
+                                         int timeout_ms, const wire::Hello* hello, unsigned first_index) {
   if (!options.enabled()) return {};
   if (HandshakeError e = impl_->configure(options, TlsRole::client)) return e;
   KtlsPolicy policy;
@@ -1289,7 +1296,7 @@ HandshakeError TlsSession::secure_client(std::vector<io::Fd>& conns, const TlsOp
       std::lock_guard lock(mu);
       in_handshake[i] = 0;
     }
-    if (!r.error) r.error = impl_->finish_stream(std::move(c), conns[i], unsigned(i), policy);
+    if (!r.error) r.error = impl_->finish_stream(std::move(c), conns[i], first_index + unsigned(i), policy);
     if (!r.error && hello) {
       wire::Hello h = *hello;
       h.stream_index = uint16_t(i);
@@ -1340,7 +1347,7 @@ HandshakeError TlsSession::secure_client(std::vector<io::Fd>& conns, const TlsOp
   }
   if (pick >= 0) {
     HandshakeError e = results[size_t(pick)].error;
-    e.text = "stream " + std::to_string(pick) + ": " + e.text;
+    e.text = "stream " + std::to_string(first_index + unsigned(pick)) + ": " + e.text;
     // In TLS 1.3 our side of the handshake completes before the receiver has checked our certificate: its
     // verdict (an alert) reaches a stream's relay, and the other streams only see the receiver hang up.
     // Give a stream that got through a moment to read that verdict.

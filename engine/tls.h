@@ -83,8 +83,9 @@ class TlsSession {
   // connection, in whatever order they reach it, so all streams proceed at once, each on its own. Returns no
   // error (every HELLO is sent), or the most telling failure prefixed with its stream ("stream 2: ...").
   // With `hello` null (a reconnection of one stream), no HELLO is sent: the caller sends its own.
+  // `first_index`: the stream conns[0] is (a reconnection's), for its relay's name and the error's prefix.
   HandshakeError secure_client(std::vector<io::Fd>& conns, const TlsOptions& options, int timeout_ms,
-                               const wire::Hello* hello);
+                               const wire::Hello* hello, unsigned first_index = 0);
 
   // Server, for one accepted connection, before its HELLO is read. With TLS: refuses a peer whose first
   // bytes are a plaintext dstx frame (answering with an ABORTED frame that says why), else handshakes and

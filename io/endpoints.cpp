@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <array>
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <stdexcept>
 #include <system_error>
@@ -117,16 +118,24 @@ class FdSource final : public Source {
   bool random_access() const override { return false; }
 
   // A pipe, socket or tty: each read takes what is there once poll says so, and the wait for more is in
-  // slices, so that a writer that stalls without closing cannot hold the transfer past its failure. A slice
-  // that passes with bytes in hand ends the chunk short: a slow writer's bytes go out as they come, not once
-  // a whole chunk has gathered (which could take longer than the idle time-out).
+  // slices, so that a writer that stalls without closing cannot hold the transfer past its failure. A chunk
+  // ends short once its first bytes have waited kWaitSliceMs for the rest: a slow writer's bytes go out as
+  // they come, not once a whole chunk has gathered (which could take longer than the idle time-out).
   size_t read_next(Ring&, std::span<std::byte> out, ReadInfo* /*info*/) override {
     // Once a stream has ended we never read again: a tty would otherwise hand out more bytes after Ctrl-D.
     if (eof_ || out.empty()) return 0;
     size_t done = 0;
+    std::chrono::steady_clock::time_point flush_at;  // set with the chunk's first bytes
     while (done < out.size()) {
+      int wait_ms = kWaitSliceMs;
+      if (done > 0) {
+        const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+            flush_at - std::chrono::steady_clock::now());
+        if (left.count() <= 0) break;
+        wait_ms = int(left.count());
+      }
       pollfd p{.fd = fd_, .events = POLLIN, .revents = 0};
-      const int ready = ::poll(&p, 1, kWaitSliceMs);
+      const int ready = ::poll(&p, 1, wait_ms);
       if (ready == 0 && done > 0) break;
       if (ready == 0 || (ready < 0 && errno == EINTR)) {
         if (stop_requested()) {
@@ -145,6 +154,7 @@ class FdSource final : public Source {
         eof_ = true;
         break;
       }
+      if (done == 0) flush_at = std::chrono::steady_clock::now() + std::chrono::milliseconds(kWaitSliceMs);
       done += size_t(got);
     }
     consumed_ += done;

@@ -65,8 +65,8 @@ class Source : public Stoppable {
   // Random access: fills `out` with the bytes at `offset` (out must lie within size()). Thread-safe.
   virtual void read_at(Ring& ring, uint64_t offset, std::span<std::byte> out);
   // Sequential: reads the next bytes in order into `out` (at most out.size()), filling it unless the stream or
-  // a transaction ends, or a stream's input paused. Returns the byte count; 0 means end of stream. One caller at a time (the engine
-  // serialises). `info` (never null) reports a transaction end or a zero-copy view. kReadAgain: see above.
+  // a transaction ends, or a stream's input paused. Returns the byte count; 0 means end of stream. One caller
+  // at a time (the engine serialises). `info` (never null) reports a transaction end or a zero-copy view. kReadAgain: see above.
   virtual size_t read_next(Ring& ring, std::span<std::byte> out, ReadInfo* info);
   // Releases a view returned through ReadInfo. Thread-safe; called once per view.
   virtual void release_view(uint64_t view_token);

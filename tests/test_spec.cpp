@@ -42,7 +42,8 @@ TEST(Spec, Rates) {
   EXPECT_EQ(parse_rate("500M"), 500u << 20);
   EXPECT_EQ(parse_rate("8bit"), 1u);
   // 7 bit/s would be 0 bytes/s, which the engine reads as "no cap"; and no product may wrap around.
-  for (const char* bad : {"0", "bit", "0gbit", "fastbit", "1.5gbit", "x", "7bit", "18446744073709551615gbit"}) {
+  for (const char* bad :
+       {"0", "bit", "0gbit", "fastbit", "1.5gbit", "x", "7bit", "18446744073709551615gbit"}) {
     EXPECT_THROW(parse_rate(bad), std::invalid_argument) << bad;
   }
 }

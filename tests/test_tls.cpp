@@ -884,8 +884,8 @@ TEST_F(TlsTest, CutConnectionResumesOverTls) {
 }
 
 // A cut stream's reconnection whose TLS handshake takes more than a moment (a path with some latency: here
-// 150 ms before each of a reconnection's first pieces each way). The relay of the broken connection has failed by then; that must
-// not abandon the new handshake as if the transfer had failed.
+// 150 ms before each of a reconnection's first pieces each way). The relay of the broken connection has
+// failed by then; that must not abandon the new handshake as if the transfer had failed.
 TEST_F(TlsTest, ASlowReconnectionHandshakeIsNotAbandonedForTheBrokenStream) {
   auto source = open_source("file:" + src_.string());
   auto sink = open_sink("file:" + sink_.string());
@@ -989,7 +989,8 @@ TEST_F(TlsTest, ReconnectionWhoseTlsHandshakeFailsIsRetriedThenNamed) {
           receive(*stranger_sink_objects[k], strangers[k].get(), stranger_ro, nullptr, nullptr);
     });
   }
-  const test::Fault cut{.kind = test::Fault::cut, .connection = 0, .at = 1 << 20, .down_ms = -1};
+  // Stream 1, after its first chunk: its reconnections' failures name it, not stream 0.
+  const test::Fault cut{.kind = test::Fault::cut, .connection = 1, .at = 300 << 10, .down_ms = -1};
   test::FaultProxy proxy(io::bound_port(listener.get()), cut);
   SendOptions so = resuming_sender(kAttempts);
   std::atomic<int> reconnects{0};
@@ -1008,6 +1009,7 @@ TEST_F(TlsTest, ReconnectionWhoseTlsHandshakeFailsIsRetriedThenNamed) {
   EXPECT_TRUE(contains(send_result.error, "not resumed after " + std::to_string(kAttempts) + " attempts"))
       << send_result.error;
   EXPECT_TRUE(contains(send_result.error, "not issued by the CA we trust")) << send_result.error;
+  EXPECT_TRUE(contains(send_result.error, "attempts: stream 1: TLS handshake failed")) << send_result.error;
   EXPECT_EQ(reconnects.load(), kAttempts);
   EXPECT_EQ(st.resumes.load(), 0u);
   EXPECT_FALSE(recv_result.committed);

@@ -920,6 +920,34 @@ TEST(Resume, StreamsBrokenDuringTheCommitAreResumedForCommitted) {
   EXPECT_GE(recv_stats.resumes.load(), 1u);
 }
 
+// A connection that reaches the receiver's acceptor mid-transfer and says nothing: the transfer completes,
+// and the receive returns then, not at that connection's handshake time-out.
+TEST(Resume, ASilentConnectionAtTheAcceptorDoesNotHoldTheReceive) {
+  const io::ContentGenerator gen(io::Profile::mixed, 31);
+  constexpr uint64_t size = 4 << 20;
+  auto src = io::open_emu_source(gen, size);
+  auto sink = io::open_emu_sink(gen, size);
+  io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
+  const uint16_t port = io::bound_port(listener.get());
+  io::Fd silent;
+  HookSink hooked(*sink, {.before_write = [&] {
+    if (!silent) silent = io::tcp_connect(io::HostPort{"127.0.0.1", port}, {});
+  }});
+  RecvOptions ro;
+  ro.handshake_timeout_ms = 60000;
+  auto receiving =
+      std::async(std::launch::async, [&] { return receive(hooked, listener.get(), ro, nullptr, nullptr); });
+  const Result send =
+      send_to(*src, io::HostPort{"127.0.0.1", port}, SendOptions{.streams = 2}, nullptr, nullptr);
+  EXPECT_TRUE(send.committed) << send.error;
+  const bool returned = receiving.wait_for(std::chrono::seconds(20)) == std::future_status::ready;
+  EXPECT_TRUE(returned) << "the receive waits for the silent connection's handshake";
+  if (!returned) silent = io::Fd();  // its close lets the receive end
+  const Result recv = receiving.get();
+  EXPECT_TRUE(recv.committed) << recv.error;
+  EXPECT_TRUE(silent);
+}
+
 // A stream whose last frames are lost with its connection, after its worker sent its last chunk: the
 // receiver's reorder window then waits for them and holds up the other stream, whose chunks never complete.
 // The worker waiting for them must reconnect instead of waiting too (until the idle time-out failed both).
@@ -1233,8 +1261,8 @@ TEST(Transfer, ConnectionsClosedBeforeTheirFirstByteDoNotEndTheReceive) {
   EXPECT_TRUE(recv.committed) << recv.error;
   std::lock_guard lock(log_mu);
   int refused = 0;  // a reset may read as a close, depending on when it came
-  for (size_t at = log.find("refused a connection that is not this transfer's: peer "); at != std::string::npos;
-       at = log.find("refused a connection that is not this transfer's: peer ", at + 1)) {
+  const std::string line = "refused a connection that is not this transfer's: peer ";
+  for (size_t at = log.find(line); at != std::string::npos; at = log.find(line, at + 1)) {
     ++refused;
   }
   EXPECT_EQ(refused, 3) << log;
@@ -1457,7 +1485,8 @@ TEST(Transfer, ACancelNoticedByTheSourceIsReportedAsACancel) {
     canceller.join();
     EXPECT_FALSE(o.send.committed);
     EXPECT_EQ(o.send.reason, wire::Reason::cancelled) << o.send.error;
-    EXPECT_EQ(o.send.error, "cancelled");
+    // Ours ("cancelled"), or the receiver's, cancelled too, if its ABORTED came first: never the source's.
+    EXPECT_EQ(o.send.error.find("gave up waiting"), std::string::npos) << o.send.error;
   }
 }
 
@@ -1512,9 +1541,9 @@ TEST(Transfer, ASlowStreamSourceIsNotAStall) {
     }
   });
   SendOptions so{.streams = 1, .chunk_bytes = 1 << 20};
-  so.idle_timeout_ms = 700;
+  so.idle_timeout_ms = 1500;  // the whole 64 KiB takes 1.6 s: no chunk of 1 MiB would go out in time
   RecvOptions ro;
-  ro.idle_timeout_ms = 700;
+  ro.idle_timeout_ms = 1500;
   const Outcome o = transfer(*src, *sink, so, ro);
   writer.join();
   EXPECT_TRUE(o.send.committed) << o.send.error;

@@ -120,9 +120,10 @@ def case_good_wire(qemu, dstx, workdir, disk):
 
 
 def case_flipped_byte(qemu, dstx, workdir, disk, name, chunk_offset, dst_gets_bytes):
-    """chunk_offset: the logical offset of the chunk whose frame gets the flipped bit. dst_gets_bytes: whether
-    chunks before the bad one reach the destination QEMU (a bad first chunk leaves it with an empty stream)."""
-    log(f"case {name}: one flipped bit in the chunk at offset {chunk_offset} on its way to dstx recv")
+    """chunk_offset: a logical offset; the frame of the chunk that covers it gets the flipped bit.
+    dst_gets_bytes: whether chunks before the bad one reach the destination QEMU (a bad first chunk leaves it
+    with an empty stream)."""
+    log(f"case {name}: one flipped bit in the chunk covering offset {chunk_offset} on its way to dstx recv")
     src = start_source(qemu, workdir, disk, f"{name}-src")
     dst, port, recv_rc = start_destination(qemu, dstx, workdir, disk, f"{name}-dst")
     proxy = h.FlipProxy("127.0.0.1", port, chunk_offset)

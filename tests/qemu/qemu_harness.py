@@ -282,8 +282,10 @@ def q(s):
 
 class FlipProxy:
     """A TCP proxy from 127.0.0.1:<ephemeral> to a dstx receiver that flips one bit on the way: in the middle of
-    the payload of the DATA frame that carries the chunk at logical offset chunk_offset (docs/wire-format.md:
-    48-byte headers, type at byte 4, offset at 16, payload_len at 28), on whichever stream carries it. Everything
+    the payload of the DATA frame whose chunk covers logical offset chunk_offset (docs/wire-format.md: 48-byte
+    headers, type at byte 4, offset at 16, raw_len at 24, payload_len at 28), on whichever stream carries it;
+    a stream source may cut chunks short where its input paused, so chunks need not start at multiples of the
+    chunk size. Everything
     else, and the receiver-to-sender direction, passes unchanged. Choosing the chunk rather than a byte count
     keeps the outcome independent of how chunks are spread over the streams and how well they compress."""
 
@@ -342,10 +344,12 @@ class FlipProxy:
                             if len(header) == self.HEADER:
                                 ftype = header[4]
                                 offset = int.from_bytes(header[16:24], "little")
+                                raw_len = int.from_bytes(header[24:28], "little")
                                 payload_left = int.from_bytes(header[28:32], "little")
                                 payload_seen = 0
                                 header = bytearray()
-                                if ftype == self.DATA and payload_left > 0 and offset == self.chunk_offset:
+                                covers = offset <= self.chunk_offset < offset + raw_len
+                                if ftype == self.DATA and payload_left > 0 and covers:
                                     with self.lock:
                                         if not self.flipped:
                                             self.flipped = True
