@@ -881,16 +881,28 @@ TEST(Resume, ASmallReplayBufferStillCommitsByteExact) {
   }
 }
 
+// An emulated source and a sink checking against the same generator, and a listener for the receiver: the
+// ends most resume tests start from.
+struct EmuEnds {
+  EmuEnds(io::Profile profile, uint64_t seed, uint64_t size)
+      : gen(profile, seed),
+        src(io::open_emu_source(gen, size)),
+        sink(io::open_emu_sink(gen, size)),
+        listener(io::tcp_listen(io::HostPort{"127.0.0.1", 0})),
+        port(io::bound_port(listener.get())) {}
+  const io::ContentGenerator gen;
+  std::unique_ptr<io::Source> src;
+  std::unique_ptr<io::Sink> sink;
+  io::Fd listener;
+  const uint16_t port;
+};
+
 // Both streams break while the sink commits, and the path stays down a while: the receiver, whose stream 0
 // is known broken, does not send COMMITTED into the dead connection (which would succeed locally and reach
 // no one) but waits for the sender to resume it, and takes the reconnections though it is committing.
 TEST(Resume, StreamsBrokenDuringTheCommitAreResumedForCommitted) {
-  const io::ContentGenerator gen(io::Profile::mixed, 13);
-  constexpr uint64_t size = 4 << 20;
-  auto src = io::open_emu_source(gen, size);
-  auto sink = io::open_emu_sink(gen, size);
-  io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
-  const uint16_t port = io::bound_port(listener.get());
+  EmuEnds e(io::Profile::mixed, 13, 4 << 20);
+  auto& [gen, src, sink, listener, port] = e;
   FaultProxy proxy(port, Fault{.kind = Fault::cut, .connection = -1, .down_ms = 300});
   std::atomic<bool> stream0_lost{false};
   RecvOptions ro;
@@ -923,12 +935,8 @@ TEST(Resume, StreamsBrokenDuringTheCommitAreResumedForCommitted) {
 // A connection that reaches the receiver's acceptor mid-transfer and says nothing: the transfer completes,
 // and the receive returns then, not at that connection's handshake time-out.
 TEST(Resume, ASilentConnectionAtTheAcceptorDoesNotHoldTheReceive) {
-  const io::ContentGenerator gen(io::Profile::mixed, 31);
-  constexpr uint64_t size = 4 << 20;
-  auto src = io::open_emu_source(gen, size);
-  auto sink = io::open_emu_sink(gen, size);
-  io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
-  const uint16_t port = io::bound_port(listener.get());
+  EmuEnds e(io::Profile::mixed, 31, 4 << 20);
+  auto& [gen, src, sink, listener, port] = e;
   io::Fd silent;
   HookSink hooked(*sink, {.before_write = [&] {
     if (!silent) silent = io::tcp_connect(io::HostPort{"127.0.0.1", port}, {});
@@ -989,12 +997,8 @@ TEST(Resume, AStreamBrokenAfterItsLastChunkIsResumedWhileTheOthersWait) {
 // on stream 0: the receiver committed the state, so the sender must report success too (a failure would have
 // the caller roll the source back while the destination runs it).
 TEST(Resume, AStreamLostAfterCommittedCameDoesNotFailTheSender) {
-  const io::ContentGenerator gen(io::Profile::mixed, 21);
-  constexpr uint64_t size = 4 << 20;
-  auto src = io::open_emu_source(gen, size);
-  auto sink = io::open_emu_sink(gen, size);
-  io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
-  const uint16_t port = io::bound_port(listener.get());
+  EmuEnds e(io::Profile::mixed, 21, 4 << 20);
+  auto& [gen, src, sink, listener, port] = e;
   FaultProxy proxy(port, Fault{});  // no fault of its own: the sink's hook cuts stream 1
   std::atomic<bool> cut{false};
   std::atomic<int> reconnects{0};
