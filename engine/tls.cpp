@@ -1417,6 +1417,9 @@ HandshakeError TlsSession::secure_server(io::Fd& conn, const TlsOptions& options
   const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
   HandshakeResult r = handshake(*impl_->config, *c, int(std::max<int64_t>(1, left)));
   ERR_clear_error();
+  // The handshake had what was left of the time-out: its time-out names the whole.
+  if (r.error.reason == Reason::timeout && timeout_ms >= 0)
+    r.error.text = "TLS handshake did not complete within " + std::to_string(timeout_ms) + " ms";
   if (r.error) return r.error;
   unsigned index;
   {

@@ -589,6 +589,21 @@ TEST_F(TlsTest, GarbageInsteadOfClientHelloRefused) {
   expect_nothing_written();
 }
 
+// A peer that starts a ClientHello and falls silent: the time-out names the configured value (3000 ms here),
+// not what was left of it when the handshake proper began (after the TLS set-up and a look at the first
+// bytes).
+TEST_F(TlsTest, APartialClientHelloTimesOutNamingTheTimeOut) {
+  const Result r = receive_from(certs("receiver"), [](int fd) {
+    const unsigned char start[5] = {0x16, 0x03, 0x01, 0x00, 0x40};  // a record header; its body never comes
+    send_all(fd, start, sizeof start);
+    drain(fd);
+  });
+  EXPECT_FALSE(r.committed);
+  EXPECT_EQ(r.reason, wire::Reason::timeout) << r.error;
+  EXPECT_TRUE(contains(r.error, "TLS handshake did not complete within 3000 ms")) << r.error;
+  expect_nothing_written();
+}
+
 TEST_F(TlsTest, GarbageRecordInsideTheHandshakeRefused) {
   const Result r = receive_from(certs("receiver"), [](int fd) {
     // A handshake record header with a body that is no ClientHello.
