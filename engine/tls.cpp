@@ -886,7 +886,13 @@ class Relay {
         who_(std::move(who)) {
     wake_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
     if (!wake_) throw std::system_error(errno, std::generic_category(), "eventfd");
-    thread_ = std::thread([this] { run(); });
+    thread_ = std::thread([this] {
+      try {
+        run();
+      } catch (const std::exception& e) {  // nothing may escape a thread (std::terminate)
+        fail(std::string("relay: ") + e.what());
+      }
+    });
   }
   ~Relay() { finish(Clock::now() + kRelayFlush); }
 
@@ -901,9 +907,12 @@ class Relay {
   }
 
  private:
+  // Both ends hear of it now: the engine (its end closes) and the peer (its connection closes), not when
+  // the session goes.
   void fail(const std::string& text) {
     if (!finishing_.load(std::memory_order_acquire)) errors_->set(who_, text);
     ::shutdown(app_.get(), SHUT_RDWR);
+    ::shutdown(net_.get(), SHUT_RDWR);
   }
 
   // Failure of SSL_write: the peer may have sent an alert (e.g. it refused our certificate after our side of
@@ -1336,7 +1345,19 @@ HandshakeError TlsSession::secure_client(std::vector<io::Fd>& conns, const TlsOp
     results[i] = std::move(r);
   };
   std::vector<std::thread> threads;
-  for (size_t i = 1; i < conns.size(); ++i) threads.emplace_back(one, i);
+  try {
+    for (size_t i = 1; i < conns.size(); ++i) threads.emplace_back(one, i);
+  } catch (const std::system_error& e) {  // no thread to spare (a pids limit): stop those started
+    failed = true;
+    {
+      std::lock_guard lock(mu);
+      for (size_t k = 0; k < sockets.size(); ++k) {
+        if (in_handshake[k]) ::shutdown(sockets[k], SHUT_RDWR);
+      }
+    }
+    for (auto& t : threads) t.join();
+    return {Reason::internal, std::string("starting the streams' TLS handshakes: ") + e.what()};
+  }
   if (!conns.empty()) one(0);
   for (auto& t : threads) t.join();
   // The most telling failure: a refusal with a reason beats a connection closed because of it.
