@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cerrno>
 #include <cstring>
 #include <atomic>
 #include <string>
@@ -34,9 +35,11 @@ std::atomic<const char*> g_force_note{"dstx: cancelling; a second Ctrl-C ends it
 void on_signal(int sig) {
   static std::atomic<int> seen{0};
   if (seen.fetch_add(1) == 0) {
+    const int saved = errno;  // the interrupted thread's
     g_cancel.request();
     const char* note = g_force_note.load();
     (void)!::write(STDERR_FILENO, note, std::strlen(note));
+    errno = saved;
     return;
   }
   ::signal(sig, SIG_DFL);

@@ -741,6 +741,15 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int l
     if (options.log) options.log(LogLevel::warn, "refused a connection that is not this transfer's: " + text);
   };
   const bool strays_allowed = listen_fd >= 0;
+  // A connection closed before its first byte may also be the session's own sender giving up (killed during
+  // the handshake): then the streams it already opened have closed too, and the receive ends at once.
+  auto sender_gone = [&] {
+    for (const io::Fd& f : conns) {
+      pollfd p{.fd = f.get(), .events = POLLRDHUP, .revents = 0};
+      if (f && ::poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR))) return true;
+    }
+    return false;
+  };
   unsigned accepted = 0;
   auto deadline = Clock::now() + std::chrono::milliseconds(options.accept_timeout_ms);
   while (conns.empty() || accepted < first.stream_count) {
@@ -772,7 +781,7 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int l
     // TLS before the HELLO (or, without TLS, the refusal of a TLS client). A connection TLS refused had its
     // answer from secure_server (an alert, or ABORTED to a peer of the other kind): no frame of ours on it.
     if (HandshakeError e = tls.secure_server(c, options.tls, options.handshake_timeout_ms)) {
-      if (strays_allowed && e.silent) {
+      if (strays_allowed && e.silent && !sender_gone()) {
         stray(e.text);
         continue;
       }
@@ -783,7 +792,7 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int l
         read_hello(c.get(), options.handshake_timeout_ms, options, &hello);
     // Over TLS a close here is the relay's, after a handshake: that peer was a sender (secure_server tells
     // a silent one).
-    if (strays_allowed && refusal && refusal->silent && !options.tls.enabled()) {
+    if (strays_allowed && refusal && refusal->silent && !options.tls.enabled() && !sender_gone()) {
       stray(refusal->text);
       continue;
     }

@@ -1022,8 +1022,9 @@ class Worker {
     // No operation may use the old connection any more: let the kernel finish what is in flight.
     ::shutdown(fd(), SHUT_RDWR);
     while (ring_->in_flight() > 0) {
-      if (ring_->submit(1) < 0) break;
-      reap();
+      const int rc = ring_->submit(1);
+      reap();  // also what a failed submit handed back
+      if (rc < 0) break;
     }
     sending_ = false;
     {
@@ -1193,8 +1194,9 @@ class Worker {
   void drain() {
     if (!ring_) return;
     while (ring_->in_flight() > 0) {
-      if (ring_->submit(1) < 0) break;
-      reap();
+      const int rc = ring_->submit(1);
+      reap();  // also what a failed submit handed back
+      if (rc < 0) break;
     }
   }
 
@@ -1687,7 +1689,8 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
 
   result.seconds = std::chrono::duration<double>(Clock::now() - started).count();
   result.wire_bytes = stats.wire_bytes.load();
-  // Checked again: COMMITTED may have been read since, overtaking our ABORTED at the receiver.
+  // Checked again: the control thread may have read COMMITTED in the moment before it stopped. (It stops
+  // reading once our ABORTED is out, so a COMMITTED still on its way then is not seen: the two generals.)
   if (!committed_here()) {
     result.reason = sh.failure.reason();
     result.error = tls.annotate(sh.failure.text());

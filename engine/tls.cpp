@@ -550,8 +550,9 @@ std::string ssl_failure(Conn& c, int ssl_err, bool handshake) {
   if (eof_mid_record || (ssl_err == SSL_ERROR_SYSCALL && queue.empty() && c.eof)) {
     if (handshake && c.first_len == 0)
       return "the peer closed the connection before answering the TLS handshake";
-    return handshake ? "the peer closed the connection during the TLS handshake"
-                     : "the peer closed the connection without a TLS close_notify";
+    return handshake        ? "the peer closed the connection during the TLS handshake"
+           : eof_mid_record ? "the peer closed the connection in the middle of a TLS record"
+                            : "the peer closed the connection";
   }
   if (ssl_err == SSL_ERROR_SYSCALL) {
     return queue.empty() ? (saved_errno ? errno_string(saved_errno) : std::string("connection failed"))

@@ -5,6 +5,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sys/ioctl.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -88,6 +89,11 @@ class Proc {
     return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
   }
   void signal(int sig) { kill(pid_, sig); }
+  // Bytes the child wrote to its stdout pipe that nobody has read yet.
+  int stdout_pending() const {
+    int n = 0;
+    return ::ioctl(out_fd_, FIONREAD, &n) == 0 ? n : -1;
+  }
   const std::string& out() const { return out_; }
   const std::string& err() const { return err_; }
 

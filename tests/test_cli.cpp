@@ -181,7 +181,9 @@ TEST_F(CliTest, ASecondCtrlCEndsAReceiverThatCannotFinishItsCancel) {
   const uint16_t port = start_recv(recv);
   ASSERT_NE(port, 0) << recv.err();
   Proc send({"send", "--source", "emu:size=64M,profile=random", "--to", "127.0.0.1:" + std::to_string(port)});
-  std::this_thread::sleep_for(500ms);  // the state fills the pipe behind stdout: the sink's writer blocks
+  // The state fills the pipe behind stdout (64 KiB): the sink's writer blocks.
+  for (int i = 0; i < 400 && recv.stdout_pending() < (64 << 10); ++i) std::this_thread::sleep_for(25ms);
+  ASSERT_GE(recv.stdout_pending(), 64 << 10);
   recv.signal(SIGINT);
   std::this_thread::sleep_for(300ms);
   recv.signal(SIGINT);

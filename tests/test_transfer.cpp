@@ -1269,7 +1269,35 @@ TEST(Transfer, ConnectionsClosedBeforeTheirFirstByteDoNotEndTheReceive) {
   for (size_t at = log.find(line); at != std::string::npos; at = log.find(line, at + 1)) {
     ++refused;
   }
-  EXPECT_EQ(refused, 3) << log;
+  EXPECT_GE(refused, 2) << log;  // the kernel may drop a connection reset while in the backlog
+}
+
+// ... unless it is the session's own sender giving up (killed during the handshake): the streams it opened
+// have closed too, and the receive ends at once, not at the handshake time-out.
+TEST(Transfer, ASenderThatDiesDuringTheHandshakeEndsTheReceiveAtOnce) {
+  io::Fd listener = io::tcp_listen(io::HostPort{"127.0.0.1", 0});
+  const uint16_t port = io::bound_port(listener.get());
+  auto sink = io::open_null_sink();
+  RecvOptions ro;
+  ro.handshake_timeout_ms = 30000;
+  auto receiving =
+      std::async(std::launch::async, [&] { return receive(*sink, listener.get(), ro, nullptr, nullptr); });
+  io::Fd stream0 = io::tcp_connect(io::HostPort{"127.0.0.1", port}, {});
+  std::array<std::byte, wire::kHeaderBytes + wire::kHelloBytes> hello;
+  wire::encode_header(wire::Header{.type = wire::FrameType::hello, .payload_len = wire::kHelloBytes},
+                      std::span<std::byte, wire::kHeaderBytes>(hello.data(), wire::kHeaderBytes));
+  wire::encode_hello(
+      wire::Hello{.stream_count = 2, .max_chunk_bytes = 1 << 20, .session_id = 5},
+      std::span<std::byte, wire::kHelloBytes>(hello.data() + wire::kHeaderBytes, wire::kHelloBytes));
+  ASSERT_EQ(send(stream0.get(), hello.data(), hello.size(), MSG_NOSIGNAL), ssize_t(hello.size()));
+  io::Fd stream1 = io::tcp_connect(io::HostPort{"127.0.0.1", port}, {});
+  stream0 = io::Fd();  // the sender dies: its streams close, stream 1 before its HELLO
+  stream1 = io::Fd();
+  const bool ended = receiving.wait_for(std::chrono::seconds(15)) == std::future_status::ready;
+  ASSERT_TRUE(ended) << "the receiver waits for the handshake time-out";
+  const Result r = receiving.get();
+  EXPECT_FALSE(r.committed);
+  EXPECT_EQ(r.error, "refused sender: peer closed before HELLO");
 }
 
 // ... but the wait stays bounded: its time-out says what it refused.
@@ -1523,7 +1551,7 @@ TEST(Transfer, AFrameWaitingForTheBandwidthCapIsNotAStall) {
   auto sink = io::open_emu_sink(gen, 4 << 20);
   SendOptions so{.streams = 1, .chunk_bytes = 1 << 20, .codec = CodecMode::none};
   so.bandwidth_bytes_per_second = 2 << 20;  // a frame every 0.5 s
-  so.idle_timeout_ms = 200;
+  so.idle_timeout_ms = 400;
   const Outcome o = transfer(*src, *sink, so);
   EXPECT_TRUE(o.send.committed) << o.send.error;
   EXPECT_TRUE(o.recv.committed) << o.recv.error;
@@ -1539,20 +1567,20 @@ TEST(Transfer, ASlowStreamSourceIsNotAStall) {
   auto sink = io::open_null_sink();
   std::thread writer([w = io::Fd(p[1])] {
     const std::string piece(4096, 'd');
-    for (int i = 0; i < 16; ++i) {
+    for (int i = 0; i < 32; ++i) {
       ASSERT_EQ(::write(w.get(), piece.data(), piece.size()), ssize_t(piece.size()));
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
   });
   SendOptions so{.streams = 1, .chunk_bytes = 1 << 20};
-  so.idle_timeout_ms = 1500;  // the whole 64 KiB takes 1.6 s: no chunk of 1 MiB would go out in time
+  so.idle_timeout_ms = 1500;  // the whole 128 KiB takes 3.2 s: no chunk of 1 MiB would go out in time
   RecvOptions ro;
   ro.idle_timeout_ms = 1500;
   const Outcome o = transfer(*src, *sink, so, ro);
   writer.join();
   EXPECT_TRUE(o.send.committed) << o.send.error;
   EXPECT_TRUE(o.recv.committed) << o.recv.error;
-  EXPECT_EQ(o.recv.bytes, 16u * 4096);
+  EXPECT_EQ(o.recv.bytes, 32u * 4096);
   EXPECT_EQ(o.send.digest, o.recv.digest);
 }
 
