@@ -1228,6 +1228,17 @@ TEST(Transfer, SinkMismatchAbortsBothSidesWithTheSinksReason) {
   EXPECT_NE(o.send.error.find("receiver aborted (sink)"), std::string::npos) << o.send.error;
 }
 
+// A HELLO frame (header and payload) as a sender puts it on the wire.
+using HelloFrame = std::array<std::byte, wire::kHeaderBytes + wire::kHelloBytes>;
+HelloFrame hello_frame(const wire::Hello& h) {
+  HelloFrame f;
+  wire::encode_header(wire::Header{.type = wire::FrameType::hello, .payload_len = wire::kHelloBytes},
+                      std::span<std::byte, wire::kHeaderBytes>(f.data(), wire::kHeaderBytes));
+  wire::encode_hello(h,
+                     std::span<std::byte, wire::kHelloBytes>(f.data() + wire::kHeaderBytes, wire::kHelloBytes));
+  return f;
+}
+
 // Port scans and health checks (connect, then close or reset before a byte) while the receiver waits for its
 // sender, before its first stream and between two: they are refused and logged, and the transfer goes on.
 TEST(Transfer, ConnectionsClosedBeforeTheirFirstByteDoNotEndTheReceive) {
@@ -1283,12 +1294,7 @@ TEST(Transfer, ASenderThatDiesDuringTheHandshakeEndsTheReceiveAtOnce) {
   auto receiving =
       std::async(std::launch::async, [&] { return receive(*sink, listener.get(), ro, nullptr, nullptr); });
   io::Fd stream0 = io::tcp_connect(io::HostPort{"127.0.0.1", port}, {});
-  std::array<std::byte, wire::kHeaderBytes + wire::kHelloBytes> hello;
-  wire::encode_header(wire::Header{.type = wire::FrameType::hello, .payload_len = wire::kHelloBytes},
-                      std::span<std::byte, wire::kHeaderBytes>(hello.data(), wire::kHeaderBytes));
-  wire::encode_hello(
-      wire::Hello{.stream_count = 2, .max_chunk_bytes = 1 << 20, .session_id = 5},
-      std::span<std::byte, wire::kHelloBytes>(hello.data() + wire::kHeaderBytes, wire::kHelloBytes));
+  const auto hello = hello_frame(wire::Hello{.stream_count = 2, .max_chunk_bytes = 1 << 20, .session_id = 5});
   ASSERT_EQ(send(stream0.get(), hello.data(), hello.size(), MSG_NOSIGNAL), ssize_t(hello.size()));
   io::Fd stream1 = io::tcp_connect(io::HostPort{"127.0.0.1", port}, {});
   stream0 = io::Fd();  // the sender dies: its streams close, stream 1 before its HELLO
@@ -1672,12 +1678,7 @@ TEST(Transfer, AStalledSenderIsNoticedByTheIdleTimeOut) {
   Result r;
   std::thread receiver([&] { r = receive(*sink, listener.get(), ro, nullptr, nullptr); });
   io::Fd c = io::tcp_connect(io::HostPort{"127.0.0.1", port}, {});
-  std::array<std::byte, wire::kHeaderBytes + wire::kHelloBytes> hello;
-  wire::encode_header(wire::Header{.type = wire::FrameType::hello, .payload_len = wire::kHelloBytes},
-                      std::span<std::byte, wire::kHeaderBytes>(hello.data(), wire::kHeaderBytes));
-  wire::encode_hello(
-      wire::Hello{.max_chunk_bytes = 1 << 20, .session_id = 9},
-      std::span<std::byte, wire::kHelloBytes>(hello.data() + wire::kHeaderBytes, wire::kHelloBytes));
+  const auto hello = hello_frame(wire::Hello{.max_chunk_bytes = 1 << 20, .session_id = 9});
   ASSERT_EQ(send(c.get(), hello.data(), hello.size(), MSG_NOSIGNAL), ssize_t(hello.size()));
   receiver.join();  // returns only because the idle time-out fired
   EXPECT_FALSE(r.committed);
