@@ -44,6 +44,9 @@ Clock::duration thread_cpu_time() {
 }
 using wire::Reason;
 
+// After a failure, how long stream 0 is read on for a COMMITTED already on its way.
+constexpr auto kVerdictLinger = std::chrono::milliseconds(500);
+
 // A worker's own failure (its ring), not the source's: reported as internal.
 struct InternalError : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -213,10 +216,10 @@ struct Link {
   std::atomic<uint64_t> acked_seq{0};  // STREAM_ACK: the receiver holds every chunk of this stream up to here
   std::atomic<bool> broken{false};     // the control thread saw the return path fail
 
-  // Both directions, from a thread other than the worker's.
-  void shut() {
+  // From a thread other than the worker's: both directions, or `how`.
+  void shut(int how = SHUT_RDWR) {
     std::lock_guard lock(swap_mu);
-    if (const int f = fd.load(); f >= 0) ::shutdown(f, SHUT_RDWR);
+    if (const int f = fd.load(); f >= 0) ::shutdown(f, how);
   }
 };
 
@@ -250,6 +253,7 @@ struct Shared {
   // switches; one stream, unlimited veth: 470 of them per 512 MiB).
   std::atomic<int> ack_waiters{0};
   bool committed = false;
+  bool control_done = false;  // the control thread returned (under control_mu)
   wire::Header committed_header;
   Clock::time_point committed_at;  // when the control thread read COMMITTED
 
@@ -1262,8 +1266,10 @@ void control_loop(Shared& sh, const std::atomic<bool>& stop) {
     control_loop_on(sh, stop, io::make_ring(sh.backend, io::RingOptions{.entries = 4}));
   } catch (const std::exception& e) {
     sh.failure.set(Reason::internal, std::string("reading the receiver's frames: ") + e.what());
-    sh.wake();
   }
+  std::lock_guard lock(sh.control_mu);
+  sh.control_done = true;
+  sh.wake();
 }
 
 void control_loop_on(Shared& sh, const std::atomic<bool>& stop, std::unique_ptr<io::Ring> ring) {
@@ -1318,8 +1324,9 @@ void control_loop_on(Shared& sh, const std::atomic<bool>& stop, std::unique_ptr<
       if (stop.load()) return;
       if (hr.kind == HeaderRead::eof || hr.kind == HeaderRead::io_error) {
         if (link.fd.load() != fd) continue;
-        if (hr.kind == HeaderRead::eof && i != 0 && !sh.finished()) {
-          // A worker still sending on this stream learns of a real break from its own send.
+        if (i != 0 && (hr.kind == HeaderRead::eof || sh.finished())) {
+          // A worker still sending on this stream learns of a real break from its own send; after a failure
+          // only stream 0 matters still (a COMMITTED on its way, see send()). Not read any more.
           closed[i] = Closed{fd, Clock::now()};
           continue;
         }
@@ -1656,7 +1663,6 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
   }
   for (std::thread& w : crew.threads) w.join();
   crew.threads.clear();
-  control_stop = true;
   sh.events.flush();
 
   result.fixed_file_streams = sh.fixed_file_streams.load();
@@ -1675,22 +1681,31 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
     sh.failure.set(Reason::digest, "receiver committed a different stream (digest or counts differ)");
     return false;
   };
-  if (!committed_here() && sh.failure.failed() && !sh.failure.from_peer()) {
-    // Tell the receiver why, on every stream, so whichever it reads first carries our reason rather than a
-    // broken connection. Best effort: the workers are gone, so no frame is interleaved.
-    const std::string text = sh.failure.text();
-    for (Link& l : links) {
-      send_frame(*ring, l.fd.load(), wire::make_aborted(sh.failure.reason(), text.size()),
-                 std::as_bytes(std::span(text.data(), std::min<size_t>(text.size(), wire::kMaxTextBytes))));
+  if (!committed_here() && sh.failure.failed()) {
+    if (!sh.failure.from_peer()) {
+      // Tell the receiver why, on every stream, so whichever it reads first carries our reason rather than a
+      // broken connection. Best effort: the workers are gone, so no frame is interleaved.
+      const std::string text = sh.failure.text();
+      for (Link& l : links) {
+        send_frame(*ring, l.fd.load(), wire::make_aborted(sh.failure.reason(), text.size()),
+                   std::as_bytes(std::span(text.data(), std::min<size_t>(text.size(), wire::kMaxTextBytes))));
+      }
     }
+    // The receiver may have sealed its commit just before our failure (its COMMITTED on the way, our ABORTED
+    // then ignored): stream 0 is read on for a moment, until its verdict, its close, or the bound. Reporting
+    // failure then would have the caller roll the source back while the destination runs the state.
+    for (Link& l : links) l.shut(SHUT_WR);
+    std::unique_lock lock(sh.control_mu);
+    sh.control_cv.wait_for(lock, kVerdictLinger, [&] { return sh.committed || sh.control_done; });
   }
+  control_stop = true;
   for (Link& l : links) l.shut();
   control.join();
 
   result.seconds = std::chrono::duration<double>(Clock::now() - started).count();
   result.wire_bytes = stats.wire_bytes.load();
-  // Checked again: the control thread may have read COMMITTED in the moment before it stopped. (It stops
-  // reading once our ABORTED is out, so a COMMITTED still on its way then is not seen: the two generals.)
+  // Checked again: COMMITTED may have come while stream 0 was read on. One later than the bound is not seen
+  // (the two generals).
   if (!committed_here()) {
     result.reason = sh.failure.reason();
     result.error = tls.annotate(sh.failure.text());

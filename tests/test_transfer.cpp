@@ -489,6 +489,38 @@ TEST(Transfer, OverConnectionsTheCallerOwns) {
   EXPECT_EQ(recv_result.streams, 2u);
 }
 
+// The sender fails (here a cancel) just as the receiver commits: the receiver sealed its success when it sent
+// COMMITTED, and ignores the ABORTED that follows. The sender reads stream 0 on for a moment after its
+// failure, sees the matching COMMITTED, and reports success too: both sides agree, and no caller rolls a
+// source back while the destination runs the state. Over handed-in connections, whose receiver reads
+// nothing after END, so that the ABORTED cannot overtake the commit.
+TEST(Transfer, ACommittedThatCrossesTheSendersFailureStillCounts) {
+  std::vector<io::Fd> send_side, recv_side;
+  for (int i = 0; i < 2; ++i) {
+    int sv[2];
+    ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+    send_side.emplace_back(sv[0]);
+    recv_side.emplace_back(sv[1]);
+  }
+  const io::ContentGenerator gen(io::Profile::mixed, 14);
+  auto src = io::open_emu_source(gen, 4 << 20);
+  auto sink = io::open_emu_sink(gen, 4 << 20);
+  Cancel cancel;
+  HookSink hooked(*sink, {.after_commit = [&] {
+    cancel.request();  // the sender fails now, before COMMITTED goes
+    std::this_thread::sleep_for(std::chrono::milliseconds(150));
+  }});
+  Result recv_result;
+  std::thread receiver(
+      [&] { recv_result = receive_accepted(hooked, std::move(recv_side), RecvOptions{}, nullptr, nullptr); });
+  const Result send_result = send(*src, std::move(send_side), SendOptions{}, nullptr, &cancel);
+  receiver.join();
+  EXPECT_TRUE(cancel.requested());
+  EXPECT_TRUE(recv_result.committed) << recv_result.error;
+  EXPECT_TRUE(send_result.committed) << send_result.error;
+  EXPECT_EQ(send_result.digest, recv_result.digest);
+}
+
 TEST(Transfer, ThroughAnHonestProxy) {
   const io::ContentGenerator gen(io::Profile::mixed, 8);
   auto src = io::open_emu_source(gen, 16 << 20);
