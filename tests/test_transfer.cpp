@@ -466,15 +466,21 @@ INSTANTIATE_TEST_SUITE_P(Backends, BackendTest, ::testing::Values(io::Backend::u
 using test::Fault;
 using test::FaultProxy;
 
+// `n` connected UNIX socket pairs: the sender's ends and the receiver's.
+bool socket_pairs(int n, std::vector<io::Fd>* send_side, std::vector<io::Fd>* recv_side) {
+  for (int i = 0; i < n; ++i) {
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) return false;
+    send_side->emplace_back(sv[0]);
+    recv_side->emplace_back(sv[1]);
+  }
+  return true;
+}
+
 // A VMM hands in connections it made itself: here UNIX socket pairs, two streams, handed in crossed over.
 TEST(Transfer, OverConnectionsTheCallerOwns) {
   std::vector<io::Fd> send_side, recv_side;
-  for (int i = 0; i < 2; ++i) {
-    int sv[2];
-    ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
-    send_side.emplace_back(sv[0]);
-    recv_side.emplace_back(sv[1]);
-  }
+  ASSERT_TRUE(socket_pairs(2, &send_side, &recv_side));
   std::swap(recv_side[0], recv_side[1]);  // the receiver learns each stream's index from its HELLO
   const io::ContentGenerator gen(io::Profile::mixed, 12);
   auto src = io::open_emu_source(gen, 24 << 20);
@@ -496,12 +502,7 @@ TEST(Transfer, OverConnectionsTheCallerOwns) {
 // nothing after END, so that the ABORTED cannot overtake the commit.
 TEST(Transfer, ACommittedThatCrossesTheSendersFailureStillCounts) {
   std::vector<io::Fd> send_side, recv_side;
-  for (int i = 0; i < 2; ++i) {
-    int sv[2];
-    ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
-    send_side.emplace_back(sv[0]);
-    recv_side.emplace_back(sv[1]);
-  }
+  ASSERT_TRUE(socket_pairs(2, &send_side, &recv_side));
   const io::ContentGenerator gen(io::Profile::mixed, 14);
   auto src = io::open_emu_source(gen, 4 << 20);
   auto sink = io::open_emu_sink(gen, 4 << 20);
