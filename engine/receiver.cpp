@@ -554,10 +554,12 @@ struct Refusal {
 };
 
 // Reads one HELLO. Returns the refusal, if any.
-std::optional<Refusal> read_hello(int fd, int timeout_ms, const RecvOptions& o, wire::Hello* out) {
+std::optional<Refusal> read_hello(int fd, int timeout_ms, const RecvOptions& o, wire::Hello* out,
+                                  const Cancel* cancel) {
   const auto deadline = io::deadline_in(timeout_ms);
   const std::string late = "no complete HELLO within " + std::to_string(timeout_ms) + " ms";
-  const int r = wait_readable(fd, timeout_ms);
+  const int r = wait_readable(fd, timeout_ms, cancel);
+  if (r == -ECANCELED) return Refusal{Reason::cancelled, "cancelled while waiting for the sender's HELLO"};
   if (r == 0) return Refusal{Reason::timeout, "no HELLO within " + std::to_string(timeout_ms) + " ms"};
   if (r < 0) return Refusal{Reason::connection, "poll: " + errno_text(r)};
   const HeaderRead hr = recv_header_by(fd, wire::kMaxChunkBytes, deadline);
@@ -662,11 +664,14 @@ void acceptor(Shared& sh, int listen_fd, const std::function<io::Fd(int)>& next_
       }
     } accepting(sh, c.get());
     if (sh.done || sh.failure.failed()) break;
-    if (sh.tls->secure_server(c, sh.options.tls, sh.options.handshake_timeout_ms)) continue;
+    if (sh.tls->secure_server(c, sh.options.tls, sh.options.handshake_timeout_ms,
+                              [&sh] { return sh.done || sh.failure.failed(); })) {
+      continue;
+    }
     accepting.set(c.get());  // with user-space TLS, the relay's end now
     wire::Hello hello;
     std::optional<Refusal> refusal =
-        read_hello(c.get(), sh.options.handshake_timeout_ms, sh.options, &hello);
+        read_hello(c.get(), sh.options.handshake_timeout_ms, sh.options, &hello, sh.cancel);
     if (!refusal && !(hello.flags & wire::kHelloResume)) {
       refusal = Refusal{Reason::session, "busy: this receiver is serving another transfer"};
     }
@@ -780,7 +785,10 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int l
     }
     // TLS before the HELLO (or, without TLS, the refusal of a TLS client). A connection TLS refused had its
     // answer from secure_server (an alert, or ABORTED to a peer of the other kind): no frame of ours on it.
-    if (HandshakeError e = tls.secure_server(c, options.tls, options.handshake_timeout_ms)) {
+    if (HandshakeError e = tls.secure_server(c, options.tls, options.handshake_timeout_ms,
+                                             [cancel] { return cancel && cancel->requested(); })) {
+      if (cancel && cancel->requested())
+        return abort_accepted(Reason::cancelled, "cancelled while waiting for the sender");
       if (strays_allowed && e.silent && !sender_gone()) {
         stray(e.text);
         continue;
@@ -789,7 +797,9 @@ Result receive_impl(io::Sink& sink, const NextConnection& next_connection, int l
     }
     wire::Hello hello;
     std::optional<Refusal> refusal =
-        read_hello(c.get(), options.handshake_timeout_ms, options, &hello);
+        read_hello(c.get(), options.handshake_timeout_ms, options, &hello, cancel);
+    if (refusal && refusal->reason == Reason::cancelled)
+      return abort_accepted(Reason::cancelled, "cancelled while waiting for the sender");
     // Over TLS a close here is the relay's, after a handshake: that peer was a sender (secure_server tells
     // a silent one).
     if (strays_allowed && refusal && refusal->silent && !options.tls.enabled() && !sender_gone()) {

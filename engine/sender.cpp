@@ -125,11 +125,13 @@ std::string send_hello(io::Ring& ring, int fd, const wire::Hello& hello) {
 }
 
 // Handshake, second half: the receiver's HELLO_ACK, or its refusal.
-HandshakeError await_hello_ack(int fd, const wire::Hello& hello, int timeout_ms, wire::Hello* reply_out) {
+HandshakeError await_hello_ack(int fd, const wire::Hello& hello, int timeout_ms, wire::Hello* reply_out,
+                               const Cancel* cancel = nullptr) {
   const auto deadline = io::deadline_in(timeout_ms);
   const HandshakeError late{Reason::timeout,
                             "no complete answer to HELLO within " + std::to_string(timeout_ms) + " ms"};
-  const int rc = wait_readable(fd, timeout_ms);
+  const int rc = wait_readable(fd, timeout_ms, cancel);
+  if (rc == -ECANCELED) return {Reason::cancelled, "cancelled during the handshake"};
   if (rc == 0) return {Reason::timeout, "no answer to HELLO within " + std::to_string(timeout_ms) + " ms"};
   if (rc < 0) return {Reason::connection, "poll: " + errno_text(rc)};
   const HeaderRead hr = recv_header_by(fd, wire::kMaxChunkBytes, deadline);
@@ -1062,7 +1064,8 @@ class Worker {
         std::vector<io::Fd> one;
         one.push_back(std::move(c));
         const HandshakeError e =
-            sh_.tls->secure_client(one, sh_.options.tls, sh_.options.handshake_timeout_ms, nullptr, index_);
+            sh_.tls->secure_client(one, sh_.options.tls, sh_.options.handshake_timeout_ms, nullptr, index_,
+                                   [this] { return stopping(); });
         c = std::move(one[0]);
         if (e) {
           last_error = e.text;
@@ -1076,7 +1079,7 @@ class Worker {
       hello.flags = wire::kHelloResume;
       HandshakeError err{Reason::connection, send_hello(*sync_ring_, c.get(), hello)};
       wire::Hello reply;
-      if (!err) err = await_hello_ack(c.get(), hello, sh_.options.handshake_timeout_ms, &reply);
+      if (!err) err = await_hello_ack(c.get(), hello, sh_.options.handshake_timeout_ms, &reply, sh_.cancel);
       if (err) {
         last_error = err.text;
         refused = err.refused;
@@ -1522,11 +1525,13 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
     sh.tls = &tls;
     std::vector<io::Fd> fds;
     for (Link& l : links) fds.push_back(std::move(l.owner));
-    const HandshakeError e = tls.secure_client(fds, options.tls, options.handshake_timeout_ms, &hello);
+    const HandshakeError e = tls.secure_client(fds, options.tls, options.handshake_timeout_ms, &hello, 0,
+                                               [cancel] { return cancel && cancel->requested(); });
     for (size_t i = 0; i < links.size(); ++i) {
       links[i].owner = std::move(fds[i]);
       links[i].fd.store(links[i].owner.get());
     }
+    if (cancel && cancel->requested()) return fail(Reason::cancelled, "cancelled during the handshake");
     if (e) return fail(e.reason, e.text);
     result.tls = tls.describe();
   }
@@ -1573,7 +1578,9 @@ Result send(io::Source& source, std::vector<io::Fd> conns, const SendOptions& op
   for (size_t i = 0; i < links.size(); ++i) {
     hello.stream_index = uint16_t(i);
     wire::Hello reply;
-    const HandshakeError err = await_hello_ack(links[i].fd, hello, options.handshake_timeout_ms, &reply);
+    const HandshakeError err =
+        await_hello_ack(links[i].fd, hello, options.handshake_timeout_ms, &reply, cancel);
+    if (err.reason == Reason::cancelled) return fail(err.reason, err.text);
     if (err) return fail(err.reason, "stream " + std::to_string(i) + ": " + err.text);
     caps &= reply.capabilities;
   }

@@ -77,16 +77,21 @@ int send_frame(io::Ring& ring, int fd, const wire::Header& header, std::span<con
   return n < 0 ? int(n) : 0;
 }
 
-int wait_readable(int fd, int timeout_ms) {
+int wait_readable(int fd, int timeout_ms, const Cancel* cancel) {
+  constexpr int64_t kSliceMs = 100;  // how soon a cancel is noticed
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
   for (;;) {
+    if (cancel && cancel->requested()) return -ECANCELED;
     pollfd p{.fd = fd, .events = POLLIN, .revents = 0};
     const auto left =
         std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
-    const int r = ::poll(&p, 1, timeout_ms < 0 ? -1 : int(std::max<int64_t>(0, left.count())));
+    const int64_t wait = timeout_ms < 0 ? -1 : std::max<int64_t>(0, left.count());
+    const int slice = int(cancel ? (wait < 0 ? kSliceMs : std::min(wait, kSliceMs)) : wait);
+    const int r = ::poll(&p, 1, slice);
     if (r < 0 && errno == EINTR) continue;
     if (r < 0) return -errno;
-    return r > 0 ? 1 : 0;
+    if (r > 0) return 1;
+    if (slice == wait) return 0;  // the whole time-out passed
   }
 }
 

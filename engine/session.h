@@ -103,8 +103,9 @@ class EventLog {
 // Sends a header (and payload) with send_full. Returns 0 or -errno.
 int send_frame(io::Ring& ring, int fd, const wire::Header& header, std::span<const std::byte> payload = {});
 
-// Waits until fd is readable. Returns 1 readable (or hung up), 0 on time-out, -errno on error.
-int wait_readable(int fd, int timeout_ms);
+// Waits until fd is readable. Returns 1 readable (or hung up), 0 on time-out, -errno on error; -ECANCELED
+// once *cancel is requested (checked every 100 ms).
+int wait_readable(int fd, int timeout_ms, const Cancel* cancel = nullptr);
 
 // Outcome of reading one frame header.
 struct HeaderRead {

@@ -1107,9 +1107,13 @@ HandshakeError read_refusal(int fd, Clock::time_point deadline) {
 
 // Peeks at the first bytes without consuming them: waits until `want` bytes are there, the peer closed, or
 // the deadline. Returns the bytes seen (possibly fewer), or -errno / -ETIMEDOUT.
-int peek(int fd, unsigned char* buf, size_t want, Clock::time_point deadline) {
+int peek(int fd, unsigned char* buf, size_t want, Clock::time_point deadline,
+         const std::function<bool()>& give_up = {}) {
   for (;;) {
-    const int w = wait_fd(fd, POLLIN, deadline);
+    if (give_up && give_up()) return -ECANCELED;
+    // In slices, so that give_up is asked every 100 ms.
+    const int w = wait_fd(fd, POLLIN, std::min(deadline, Clock::now() + std::chrono::milliseconds(100)));
+    if (w == 0 && Clock::now() < deadline) continue;
     if (w == 0) return -ETIMEDOUT;
     if (w < 0) return w;
     ssize_t n = ::recv(fd, buf, want, MSG_PEEK | MSG_DONTWAIT);
@@ -1263,7 +1267,8 @@ TlsSession::TlsSession() : impl_(std::make_unique<Impl>()) {}
 TlsSession::~TlsSession() = default;
 
 HandshakeError TlsSession::secure_client(std::vector<io::Fd>& conns, const TlsOptions& options,
-                                         int timeout_ms, const wire::Hello* hello, unsigned first_index) {
+                                         int timeout_ms, const wire::Hello* hello, unsigned first_index,
+                                         const std::function<bool()>& stop) {
   if (!options.enabled()) return {};
   if (HandshakeError e = impl_->configure(options, TlsRole::client)) return e;
   KtlsPolicy policy;
@@ -1299,7 +1304,7 @@ HandshakeError TlsSession::secure_client(std::vector<io::Fd>& conns, const TlsOp
     // A relay's failure abandons the streams' first handshakes (the transfer is failing), not a
     // reconnection's (hello null): the broken connection's relay has failed by then, as it should.
     HandshakeResult r = handshake(*impl_->config, *c, timeout_ms, [&] {
-      return failed.load() || (hello && impl_->errors.failed()) || receiver_spoke();
+      return failed.load() || (hello && impl_->errors.failed()) || receiver_spoke() || (stop && stop());
     });
     ERR_clear_error();
     {
@@ -1399,13 +1404,15 @@ HandshakeError TlsSession::secure_client(std::vector<io::Fd>& conns, const TlsOp
   return {};
 }
 
-HandshakeError TlsSession::secure_server(io::Fd& conn, const TlsOptions& options, int timeout_ms) {
+HandshakeError TlsSession::secure_server(io::Fd& conn, const TlsOptions& options, int timeout_ms,
+                                         const std::function<bool()>& give_up) {
   const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms < 0 ? 86400000 : timeout_ms);
   unsigned char first[4] = {};
   if (!options.enabled()) {
     // A TLS client at a plaintext receiver: its first byte is a handshake record's type, 22.
-    const int n = peek(conn.get(), first, 1, deadline);
+    const int n = peek(conn.get(), first, 1, deadline, give_up);
     if (n == -ETIMEDOUT) return {Reason::timeout, "no HELLO within " + std::to_string(timeout_ms) + " ms"};
+    if (n == -ECANCELED) return {Reason::cancelled, "cancelled during the handshake"};
     if (n >= 1 && first[0] == 0x16) {
       const std::string text =
           "peer speaks TLS (ClientHello); start this side with --tls-ca/--tls-cert/--tls-key or --psk-file";
@@ -1420,10 +1427,11 @@ HandshakeError TlsSession::secure_server(io::Fd& conn, const TlsOptions& options
   KtlsPolicy policy;
   std::string perr;
   if (!ktls_policy(&policy, &perr)) return {Reason::internal, perr};
-  const int n = peek(conn.get(), first, 4, deadline);
+  const int n = peek(conn.get(), first, 4, deadline, give_up);
   if (n == -ETIMEDOUT) {
     return {Reason::timeout, "no TLS ClientHello within " + std::to_string(timeout_ms) + " ms"};
   }
+  if (n == -ECANCELED) return {Reason::cancelled, "cancelled during the handshake"};
   if (n == 0 || n == -ECONNRESET) {
     return {.reason = Reason::connection, .text = "peer closed before its first byte", .silent = true};
   }
@@ -1437,7 +1445,7 @@ HandshakeError TlsSession::secure_server(io::Fd& conn, const TlsOptions& options
   c->config = impl_->config.get();
   c->fd = conn.get();
   const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
-  HandshakeResult r = handshake(*impl_->config, *c, int(std::max<int64_t>(1, left)));
+  HandshakeResult r = handshake(*impl_->config, *c, int(std::max<int64_t>(1, left)), give_up);
   ERR_clear_error();
   // The handshake had what was left of the time-out: its time-out names the whole.
   if (r.error.reason == Reason::timeout && timeout_ms >= 0)

@@ -22,6 +22,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -84,15 +85,20 @@ class TlsSession {
   // error (every HELLO is sent), or the most telling failure prefixed with its stream ("stream 2: ...").
   // With `hello` null (a reconnection of one stream), no HELLO is sent: the caller sends its own.
   // `first_index`: the stream conns[0] is (a reconnection's), for its relay's name and the error's prefix.
+  // `stop` (asked every 100 ms): the caller gave up (a cancel); the handshakes end at once.
   HandshakeError secure_client(std::vector<io::Fd>& conns, const TlsOptions& options, int timeout_ms,
-                               const wire::Hello* hello, unsigned first_index = 0);
+                               const wire::Hello* hello, unsigned first_index = 0,
+                               const std::function<bool()>& stop = {});
 
   // Server, for one accepted connection, before its HELLO is read. With TLS: refuses a peer whose first
   // bytes are a plaintext dstx frame (answering with an ABORTED frame that says why), else handshakes and
   // secures `conn` as above. Without TLS: refuses a peer whose first byte starts a TLS handshake record
   // (again answering with ABORTED), else leaves the connection untouched. Returns no error or why the
   // connection was refused.
-  HandshakeError secure_server(io::Fd& conn, const TlsOptions& options, int timeout_ms);
+  // `give_up` (asked every 100 ms): stop waiting for the peer (reason cancelled, or the handshake's time-out
+  // text once the TLS handshake proper runs).
+  HandshakeError secure_server(io::Fd& conn, const TlsOptions& options, int timeout_ms,
+                               const std::function<bool()>& give_up = {});
 
   // "none", "kTLS (...)", "user-space TLS (...)": the mode first, then the cipher, the authentication and,
   // for user-space TLS, why kTLS is not in use.

@@ -19,6 +19,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <future>
 #include <optional>
 #include <random>
 #include <string>
@@ -31,6 +32,7 @@
 #include "engine/tls.h"
 #include "engine/transfer.h"
 #include "engine/wire.h"
+#include "cancel_soon.h"
 #include "fault_proxy.h"
 #include "scratch_dir.h"
 
@@ -555,6 +557,34 @@ TEST_F(TlsTest, PskSenderAgainstCertificateReceiverRefused) {
   EXPECT_FALSE(o.send.committed);
   EXPECT_FALSE(o.recv.committed);
   EXPECT_TRUE(contains(o.send.error, "we expect a pre-shared key")) << o.send.error;
+  expect_nothing_written();
+}
+
+// A cancel while a TLS handshake waits for its peer ends it at once on either side, not at the handshake
+// time-out: a receiver that never answers the ClientHello, a client that never sends one.
+TEST_F(TlsTest, ACancelDuringTheTlsHandshakeEndsItAtOnce) {
+  {
+    io::Fd silent = io::tcp_listen(io::HostPort{"127.0.0.1", 0});  // completes connections, never answers
+    auto source = open_source("file:" + src_.string());
+    SendOptions so;
+    so.streams = 2;
+    so.tls = certs("sender");
+    so.handshake_timeout_ms = 60000;
+    const auto r = test::ended_soon_after_cancel([&](const Cancel* cancel) {
+      return send_to(*source, io::HostPort{"127.0.0.1", io::bound_port(silent.get())}, so, nullptr, cancel);
+    });
+    ASSERT_TRUE(r) << "the sender waits on";
+    EXPECT_EQ(r->reason, wire::Reason::cancelled) << r->error;
+  }
+  {
+    auto sink = open_sink("file:" + sink_.string());
+    RecvOptions ro;
+    ro.tls = certs("receiver");
+    ro.handshake_timeout_ms = 60000;
+    const auto r = test::receive_cancelled_at_a_mute_connection(*sink, ro);
+    ASSERT_TRUE(r) << "the receiver waits on";
+    EXPECT_EQ(r->reason, wire::Reason::cancelled) << r->error;
+  }
   expect_nothing_written();
 }
 

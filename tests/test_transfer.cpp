@@ -29,6 +29,7 @@
 #include "engine/session.h"
 #include "engine/spec.h"
 #include "engine/transfer.h"
+#include "cancel_soon.h"
 #include "fault_proxy.h"
 #include "scratch_dir.h"
 #include "io/ring.h"
@@ -1337,6 +1338,31 @@ TEST(Transfer, ASenderThatDiesDuringTheHandshakeEndsTheReceiveAtOnce) {
   const Result r = receiving.get();
   EXPECT_FALSE(r.committed);
   EXPECT_EQ(r.error, "refused sender: peer closed before HELLO");
+}
+
+// A cancel during the handshake is noticed at once on either side, not at the handshake time-out: a receiver
+// that never answers the HELLO, a sender that never sends one.
+TEST(Transfer, ACancelDuringTheHandshakeEndsItAtOnce) {
+  {
+    io::Fd silent = io::tcp_listen(io::HostPort{"127.0.0.1", 0});  // completes connections, never answers
+    auto src = io::open_emu_source(io::ContentGenerator(io::Profile::mixed, 1), 1 << 20);
+    SendOptions so{.streams = 1};
+    so.handshake_timeout_ms = 60000;
+    const auto r = test::ended_soon_after_cancel([&](const Cancel* cancel) {
+      return send_to(*src, io::HostPort{"127.0.0.1", io::bound_port(silent.get())}, so, nullptr, cancel);
+    });
+    ASSERT_TRUE(r) << "the sender waits on";
+    EXPECT_EQ(r->reason, wire::Reason::cancelled) << r->error;
+  }
+  {
+    auto sink = io::open_null_sink();
+    RecvOptions ro;
+    ro.handshake_timeout_ms = 60000;
+    const auto r = test::receive_cancelled_at_a_mute_connection(*sink, ro);
+    ASSERT_TRUE(r) << "the receiver waits on";
+    EXPECT_EQ(r->reason, wire::Reason::cancelled) << r->error;
+    EXPECT_EQ(r->error, "cancelled while waiting for the sender");
+  }
 }
 
 // ... but the wait stays bounded: its time-out says what it refused.
